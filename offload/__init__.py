@@ -1,0 +1,1 @@
+"""offload: run Mixture-of-Experts LLMs with a bounded expert cache."""

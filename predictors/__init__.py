@@ -1,0 +1,1 @@
+"""Predictors: guess which experts the next layers will route to."""
