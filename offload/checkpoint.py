@@ -1,0 +1,195 @@
+"""Reads a checkpoint in Hugging Face layout: resolves where it is, parses config.json and every
+safetensors header, and checks that each expected tensor exists with the expected shape.
+
+Headers are parsed here (they are a documented 8-byte length + JSON) because the disk tier needs
+each tensor's absolute byte offset to read experts on demand; dense tensors are loaded with
+``safetensors.safe_open`` (memory-mapped, never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_DIR = Path(__file__).parent / "models"
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: file, absolute byte range, dtype and shape."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    end: int    # one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A bundled model name, a local directory, or a hub repo id (through huggingface_hub's cache)."""
+    text = str(name_or_path)
+    if text in bundled_models():
+        return BUNDLED_DIR / text
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file, not a checkpoint directory",
+                                  "pass the folder that holds config.json and *.safetensors")
+        return path
+    if _looks_like_repo_id(text) and not path.parent.exists():
+        return _download(text)
+    hint = "give a checkpoint directory, a hub repo id (org/name)"
+    if bundled_models():
+        hint += f" or a bundled model ({', '.join(bundled_models())})"
+    raise CheckpointError(f"no such model directory: {path}", hint)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download  # imported lazily: only needed for hub ids
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as online_error:  # noqa: BLE001 - any hub failure ends in the same user-facing error
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001
+            raise CheckpointError(
+                f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
+                f"({type(online_error).__name__})",
+                "check the repo id and your network, or download it once with `huggingface-cli download`",
+            ) from None
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict; a clear error when it is missing or not JSON."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {model_dir}", "a Hugging Face checkpoint folder needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+
+
+def read_json_if_present(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one file's header: every tensor's range must lie inside the file."""
+    size = path.stat().st_size
+    hint = "the file is truncated or corrupt: re-download it"
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is too short to be a safetensors file", hint)
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len == 0 or header_len > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path} has an invalid safetensors header length ({header_len})", hint)
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} has a corrupt safetensors header", hint) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header", hint)
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry", hint) from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise UnsupportedModelError(
+                f"{path}: tensor {name!r} is stored as {dtype_name}",
+                "offload runs unquantized float32/bfloat16/float16 checkpoints",
+            )
+        dtype = SAFETENSORS_DTYPES[dtype_name]
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has a byte range that does not match its shape", hint)
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}", hint
+            )
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+    return tensors
+
+
+def index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint, across shards, with its file and byte range."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = read_json_if_present(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path} has no weight_map", "re-download the checkpoint")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (model_dir / name).is_file():
+                raise CheckpointError(f"shard {model_dir / name} listed in {index_path.name} is missing",
+                                      "re-download the checkpoint")
+        paths = [model_dir / name for name in files]
+    else:
+        paths = sorted(model_dir.glob("*.safetensors"))
+        if not paths:
+            hint = "offload reads safetensors only (never pickle .bin files)"
+            raise CheckpointError(f"no *.safetensors files in {model_dir}", hint)
+    tensors: dict[str, TensorInfo] = {}
+    for path in paths:
+        tensors.update(read_safetensors_header(path))
+    return tensors
+
+
+def check_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...]) -> TensorInfo:
+    """The tensor's info, or a clear error naming it when it is missing or mis-shaped."""
+    info = tensors.get(name)
+    if info is None:
+        raise CheckpointError(f"tensor {name!r} is missing from the checkpoint",
+                              "the files do not match config.json: re-download or fix the config")
+    if tuple(info.shape) != tuple(shape):
+        raise CheckpointError(
+            f"tensor {name!r} in {info.path.name} has shape {list(info.shape)}, expected {list(shape)} from config.json",
+            "the weights do not match config.json",
+        )
+    return info

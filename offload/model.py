@@ -1,0 +1,243 @@
+"""The forward pass: embeddings, RMSNorm, RoPE, grouped-query attention with a KV cache, and MoE
+blocks whose experts come from the expert cache. Dense weights stay resident; experts do not.
+Family differences live in ModelSpec and families.py, not in branches here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache import ExpertCache
+from .config import ModelSpec
+from .experts import expert_forward
+from .families import Family
+from .stats import Stats
+
+# Called after each MoE layer routes: (layer, expert ids [tokens, k], weights [tokens, k]).
+RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class LayerWeights:
+    """Resident (dense) weights of one decoder layer."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    router: torch.Tensor | None = None                               # [experts, hidden] on MoE layers
+    dense_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # dense layers
+    shared_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # Qwen2-MoE shared expert
+    shared_gate: torch.Tensor | None = None                          # [1, hidden]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [batch, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, spec: ModelSpec, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.length = 0  # tokens already stored
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back, as the reference implementations do."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class MoEModel:
+    """A decoder-only MoE transformer whose experts are served by an ExpertCache."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        family: Family,
+        embed: torch.Tensor,
+        layers: list[LayerWeights],
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        cache: ExpertCache,
+        stats: Stats,
+    ) -> None:
+        self.spec = spec
+        self.family = family
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.cache = cache
+        self.stats = stats
+        self.route_observers: list[RouteObserver] = []
+        self.device = embed.device
+        self.dtype = embed.dtype
+        dim = spec.head_dim
+        self.inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=self.device) / dim))
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: [batch, seq] -> cos, sin: [batch, 1, seq, head_dim]
+        pos = position_ids.float() / self.spec.rope_linear_factor
+        freqs = pos[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
+
+    @staticmethod
+    def _masks(attention_mask: torch.Tensor, seq: int, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
+        """Boolean masks [batch, 1, seq, total]: key is real, not in the future, inside the window.
+
+        Each query may always see itself, so rows of padding never become all-masked (NaN).
+        """
+        total = attention_mask.shape[1]
+        q_pos = torch.arange(total - seq, total, device=attention_mask.device)[:, None]
+        k_pos = torch.arange(total, device=attention_mask.device)[None, :]
+        causal = k_pos <= q_pos
+        base = attention_mask[:, None, None, :].bool() & causal
+        masks = {}
+        for window in windows:
+            allowed = base if window is None else base & (k_pos > q_pos - window)
+            masks[window] = allowed | (k_pos == q_pos)
+        return masks
+
+    def _attention(self, lw: LayerWeights, layer: int, x: torch.Tensor, cos, sin, mask, kv: KVCache | None):
+        spec = self.spec
+        b, t, _ = x.shape
+        q = F.linear(x, lw.q, lw.q_bias)
+        k = F.linear(x, lw.k, lw.k_bias)
+        v = F.linear(x, lw.v, lw.v_bias)
+        if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
+            q, k = rms_norm(q, lw.q_norm, spec.rms_norm_eps), rms_norm(k, lw.k_norm, spec.rms_norm_eps)
+        q = q.view(b, t, -1, spec.head_dim)
+        k = k.view(b, t, -1, spec.head_dim)
+        if spec.qk_norm == "head":  # Qwen3 normalises each head
+            q, k = rms_norm(q, lw.q_norm, spec.rms_norm_eps), rms_norm(k, lw.k_norm, spec.rms_norm_eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)          # [b, heads, t, head_dim]
+        v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if kv is not None:
+            k, v = kv.update(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=spec.head_dim**-0.5, enable_gqa=spec.num_kv_heads != spec.num_heads
+        )
+        return F.linear(out.transpose(1, 2).reshape(b, t, -1), lw.o, lw.o_bias)
+
+    def _route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router softmax (float32) -> top-k -> the family's renormalisation. x: [tokens, hidden]."""
+        logits = F.linear(x, lw.router)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, self.spec.top_k, dim=-1)
+        if self.spec.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.family.router_weights_fp32:
+            weights = weights.to(logits.dtype)
+        return experts, weights
+
+    def _moe(self, layer: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """Route tokens, run each needed expert once over its tokens, sum in a fixed expert order.
+
+        The sum order is ascending expert id whatever order the cache delivers experts in, so the
+        output is bit-identical for every budget and policy.
+        """
+        experts, weights = self._route(lw, x)  # [tokens, k]
+        for observer in self.route_observers:
+            observer(layer, experts, weights)
+        needed = experts.unique(sorted=True).tolist()
+        hits = [e for e in needed if (layer, e) in self.cache]
+        order = hits + [e for e in needed if (layer, e) not in self.cache]
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        held: list[tuple[int, tuple]] = []
+        layer_stats = self.stats.layer(layer)
+        i = 0
+        while i < len(order) or held:
+            # Take every expert the cache can give without evicting one still in use; on CUDA
+            # this queues their loads at once, so they overlap the compute below.
+            while i < len(order) and self.cache.can_acquire((layer, order[i])):
+                held.append((order[i], self.cache.acquire((layer, order[i]))))
+                i += 1
+            e, (gate, up, down) = held.pop(0)
+            start = time.perf_counter()
+            rows, slot = torch.where(experts == e)
+            out = expert_forward(x[rows], gate, up, down) * weights[rows, slot, None]
+            parts[e] = (rows, out.to(x.dtype))
+            layer_stats.compute_time_s += time.perf_counter() - start
+            self.cache.release((layer, e))
+        result = torch.zeros_like(x)
+        for e in needed:
+            rows, out = parts[e]
+            result.index_add_(0, rows, out)
+        if lw.shared_mlp is not None:
+            shared = expert_forward(x, *lw.shared_mlp)
+            result = result + torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+        return result
+
+    def _mlp(self, layer: int, lw: LayerWeights, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # x: [batch, seq, hidden]; valid: [batch, seq] (padding never routes, so never loads experts)
+        if lw.dense_mlp is not None:
+            return expert_forward(x, *lw.dense_mlp)
+        flat = x.reshape(-1, x.shape[-1])
+        mask = valid.reshape(-1)
+        if bool(mask.all()):
+            return self._moe(layer, lw, flat).view_as(x)
+        out = torch.zeros_like(flat)
+        out[mask] = self._moe(layer, lw, flat[mask])
+        return out.view_as(x)
+
+    # -- whole model -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        kv: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids, position_ids: [batch, seq]; attention_mask: [batch, past + seq] -> logits [batch, seq|1, vocab]."""
+        spec = self.spec
+        seq = input_ids.shape[1]
+        h = F.embedding(input_ids, self.embed)
+        cos, sin = self._rope(position_ids)
+        masks = self._masks(attention_mask, seq, set(spec.sliding_windows))
+        valid = attention_mask[:, -seq:].bool()
+        for i, lw in enumerate(self.layers):
+            x = rms_norm(h, lw.input_norm, spec.rms_norm_eps)
+            h = h + self._attention(lw, i, x, cos, sin, masks[spec.sliding_windows[i]], kv)
+            x = rms_norm(h, lw.post_norm, spec.rms_norm_eps)
+            h = h + self._mlp(i, lw, x, valid)
+        if kv is not None:
+            kv.length += seq
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head)
