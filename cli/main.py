@@ -1,0 +1,166 @@
+"""The `offload` command line: thin, polite, one-line errors. All work is done by offload/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+from offload.checkpoint import bundled_models
+from offload.errors import ConfigError, OffloadError
+
+err = Console(stderr=True)
+
+
+class OneLineErrors(TyperGroup):
+    """Every known failure ends as one line on stderr and a non-zero exit, never a traceback or a panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except OffloadError as e:
+            _fail(e.message, e.hint)
+        except typer.Exit as e:
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            _fail("aborted")
+        except typer.TyperException as e:  # typer's (vendored click) usage errors: bad or missing options
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            if not message:  # bare `offload`: help was printed already
+                sys.exit(getattr(e, "exit_code", 2))
+            _fail(message, "see `offload COMMAND --help`", code=getattr(e, "exit_code", 2))
+        except OSError as e:
+            _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e))
+
+
+def _fail(message: str, hint: str = "", code: int = 1):
+    line = f"Error: {message}" + (f" (hint: {hint})" if hint else "")
+    print(line.replace("\n", " "), file=sys.stderr)
+    sys.exit(code)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache.",
+)
+
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id (org/name) or bundled model name.")]
+
+
+def _progress_bar() -> tuple[Progress, callable]:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(f"loading {stage}", total=total)
+        progress.update(tasks[stage], completed=done)
+
+    return progress, update
+
+
+@app.command()
+def run(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")] = "auto",
+    expert_budget: Annotated[str, typer.Option(help='Expert cache size: slots ("16"), share ("25%") or bytes ("6GiB").')] = "100%",
+    offload_to: Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.")] = "disk",
+    policy: Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.")] = "lru",
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    stats_json: Annotated[Optional[Path], typer.Option(help="Write the run's statistics to this JSON file.")] = None,
+) -> None:
+    """Generate a continuation of PROMPT, streamed to stdout; statistics go to stderr."""
+    import offload
+    from offload.generate import TextStreamer
+
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {temperature}", "0 means greedy")
+    if stats_json is not None and stats_json.is_dir():
+        raise ConfigError(f"--stats-json {stats_json} is a directory", "give a file path")
+    progress, update = _progress_bar()
+    with progress:
+        m = offload.from_pretrained(model, device=device, dtype=dtype, expert_budget=expert_budget,
+                                    offload_to=offload_to, policy=policy, progress=update)
+    ids = m.encode(prompt)
+    generator = torch.Generator(device=m.device).manual_seed(seed) if seed is not None else None
+    sys.stdout.write(prompt)
+    m.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+               top_p=top_p, streamer=TextStreamer(m.tokenizer), generator=generator)
+    err.print(f"[dim]{m.cache.num_slots} of {m.spec.total_experts} experts cached ({m.runtime.offload_to} tier, "
+              f"{m.runtime.policy}); {m.stats.summary()}[/dim]")
+    if stats_json is not None:
+        payload = {"model": str(m.plan.path), "expert_slots": m.cache.num_slots,
+                   "total_experts": m.spec.total_experts, **m.stats.to_dict()}
+        stats_json.write_text(json.dumps(payload, indent=2))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@app.command()
+def info(model: ModelArg) -> None:
+    """Describe a checkpoint: family, sizes, and the expert budgets this machine's memory can hold."""
+    from offload.hardware import gpu_memories, host_memory
+    from offload.runtime import plan_checkpoint
+
+    plan = plan_checkpoint(model)
+    spec = plan.spec
+    per_expert = plan.expert_nbytes()
+    experts_total = per_expert * spec.total_experts
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("path", str(plan.path)), ("family", f"{spec.family} ({spec.architecture})"),
+        ("layers", f"{spec.num_layers} ({spec.num_moe_layers} MoE)"),
+        ("experts", f"{spec.num_experts} per MoE layer, top-{spec.top_k}, {spec.total_experts} in all"),
+        ("dtype", str(spec.checkpoint_dtype).removeprefix("torch.")),
+        ("dense bytes", _gib(plan.dense_nbytes)), ("bytes per expert", _gib(per_expert)),
+        ("all experts", _gib(experts_total)), ("total", _gib(experts_total + plan.dense_nbytes)),
+    ]
+    for memory in [host_memory(), *gpu_memories()]:
+        slots = max(0, int((memory.available - plan.dense_nbytes) // per_expert))
+        fit = min(slots, spec.total_experts)
+        rows.append((f"fits in {memory.name}", f"{fit} experts ({fit / spec.total_experts:.0%}) of "
+                                               f"{_gib(memory.available)} free -> --expert-budget {fit}"))
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/bold]", v)
+    Console().print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the models bundled with the package (usable by name, offline)."""
+    names = bundled_models()
+    if not names:
+        err.print("no bundled models in this installation")
+    for name in names:
+        print(name)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
