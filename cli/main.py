@@ -61,7 +61,7 @@ ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id (o
 
 def _progress_bar() -> tuple[Progress, callable]:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, transient=True)
+                        console=err, transient=True, disable=not err.is_terminal)
     tasks: dict[str, int] = {}
 
     def update(stage: str, done: int, total: int) -> None:
@@ -107,7 +107,7 @@ def run(
     m.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                top_p=top_p, streamer=TextStreamer(m.tokenizer), generator=generator)
     err.print(f"[dim]{m.cache.num_slots} of {m.spec.total_experts} experts cached ({m.runtime.offload_to} tier, "
-              f"{m.runtime.policy}); {m.stats.summary()}[/dim]")
+              f"{m.runtime.policy}); {m.stats.summary()}[/dim]", soft_wrap=True)
     if stats_json is not None:
         payload = {"model": str(m.plan.path), "expert_slots": m.cache.num_slots,
                    "total_experts": m.spec.total_experts, **m.stats.to_dict()}

@@ -23,9 +23,9 @@ class Streamer(Protocol):
 class TextStreamer:
     """Writes decoded text as tokens arrive (batch 1), holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, tokenizer, out: TextIO = sys.stdout, skip_prompt: bool = True) -> None:
+    def __init__(self, tokenizer, out: TextIO | None = None, skip_prompt: bool = True) -> None:
         self.tokenizer = tokenizer
-        self.out = out
+        self._out = out
         self.skip_prompt = skip_prompt
         self._prompt_seen = False
         self._ids: list[int] = []
@@ -39,6 +39,10 @@ class TextStreamer:
                 return
         self._ids.extend(ids)
         self._flush(final=False)
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout  # looked up late, so redirected stdout (tests, pipes) is honoured
 
     def _flush(self, final: bool) -> None:
         text = self.tokenizer.decode(self._ids, skip_special_tokens=True)

@@ -49,3 +49,17 @@ def make_tiny_model(family: str, out: Path, dtype: torch.dtype = torch.float32, 
     save_kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
     model.save_pretrained(out, **save_kwargs)
     return out
+
+
+def add_char_tokenizer(out: Path) -> Path:
+    """A character-level tokenizer.json for a tiny model (ids 0-2 special, then printable ASCII)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 3)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.save(str(out / "tokenizer.json"))
+    return out

@@ -1,0 +1,94 @@
+"""The CLI through typer's CliRunner: output on stdout, stats on stderr, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+import offload
+from cli.main import app
+from tests.tiny_models import add_char_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dir, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("cli") / "mixtral"
+    shutil.copytree(tiny_dir("mixtral"), dst)
+    return add_char_tokenizer(dst)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_streams_the_greedy_continuation(model_dir, tmp_path):
+    stats_path = tmp_path / "stats.json"
+    result = invoke("run", model_dir, "def f(x):", "--max-new-tokens", 12, "--device", "cpu", "--expert-budget", "25%",
+                    "--policy", "lfu", "--stats-json", stats_path)
+    assert result.exit_code == 0, result.output
+    expected = offload.from_pretrained(model_dir, device="cpu").generate_text("def f(x):", max_new_tokens=12)
+    assert result.stdout == "def f(x):" + expected + "\n"
+    assert "hit rate" in result.stderr
+    stats = json.loads(stats_path.read_text())
+    assert stats["expert_slots"] == 3 and stats["total"]["accesses"] > 0
+    assert stats["total"]["hits"] + stats["total"]["misses"] == stats["total"]["accesses"]
+
+
+def test_seeded_sampling_is_reproducible(model_dir):
+    args = ("run", model_dir, "abc", "--max-new-tokens", 10, "--temperature", 1.5, "--top-p", 0.9, "--seed", 7)
+    first, second = invoke(*args), invoke(*args)
+    assert first.exit_code == 0 and first.stdout == second.stdout
+
+
+def test_info_reports_sizes_and_fits(model_dir):
+    result = invoke("info", model_dir)
+    assert result.exit_code == 0, result.output
+    for text in ("mixtral", "4 per MoE layer, top-2, 12 in all", "bytes per expert", "fits in RAM"):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("run", "{tmp}/missing", "x"), "no such model directory"),
+        (("run", "{model}", "x", "--expert-budget", "0"), "expert budget '0' must be at least 1 slot"),
+        (("run", "{model}", "x", "--expert-budget", "120%"), "over 100%"),
+        (("run", "{model}", "x", "--expert-budget", "many"), "cannot parse expert budget"),
+        (("run", "{model}", "x", "--policy", "random"), "unknown eviction policy 'random'"),
+        (("run", "{model}", "x", "--offload-to", "tape"), "unknown --offload-to 'tape'"),
+        (("run", "{model}", "x", "--dtype", "int3"), "unknown dtype 'int3'"),
+        (("run", "{model}", "x", "--max-new-tokens", "-2"), "--max-new-tokens must be >= 0"),
+        (("run", "{model}", "x", "--max-new-tokens", "ten"), "Invalid value for '--max-new-tokens'"),
+        (("run", "{model}"), "Missing argument"),
+        (("info", "{tmp}"), "no config.json"),
+    ],
+)
+def test_errors_are_one_line(model_dir, tmp_path, args, message):
+    result = invoke(*(a.format(tmp=tmp_path, model=model_dir) for a in args))
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cuda_absent_is_one_line(model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("run", model_dir, "x", "--device", "cuda")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: device 'cuda'")
+
+
+def test_corrupt_checkpoint_through_cli(model_dir, tmp_path):
+    dst = tmp_path / "bad"
+    shutil.copytree(model_dir, dst)
+    weights = dst / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    result = invoke("run", dst, "x")
+    assert result.exit_code == 1 and "model.safetensors is truncated" in result.stderr
