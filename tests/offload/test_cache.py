@@ -103,3 +103,23 @@ def test_budget_bound_and_accounting(slots, policy, keys):
     assert total.hits + total.misses == len(keys)
     assert total.misses == len(store.fetches)
     assert total.evictions == max(0, total.misses - slots)  # the cache never frees a slot by itself
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+@pytest.mark.parametrize("capacity", [1, 7, 64, 128])
+def test_runtime_cache_counts_equal_the_simulator(policy, capacity):
+    """The runtime cache and the numba simulator implement the same policies: same counts on a real trace."""
+    from pathlib import Path
+
+    from offload.simulate import AccessStream, simulate
+    from offload.trace import read_trace
+
+    trace = read_trace(Path(__file__).parents[1] / "data" / "mixtral-8x7b-humaneval.jsonl.gz")
+    experts = trace.experts[:120]  # [tokens, layers, top_k]: the first 120 tokens, 7,680 accesses
+    cache, _, stats = make_cache(capacity, policy)
+    for token in experts:
+        for layer, chosen in enumerate(token):
+            run(cache, [(layer, int(e)) for e in chosen])
+    sim = simulate(AccessStream.from_experts(experts, trace.header.num_experts), policy, "global", capacity)
+    assert (stats.total.hits, stats.total.misses, stats.total.evictions) == (sim.hits, sim.misses, sim.evictions)
+    assert [stats.layer(i).hits for i in range(32)] == list(sim.hits_per_layer)
