@@ -135,9 +135,14 @@ def _partitions(stream: AccessStream, scope: str) -> tuple[np.ndarray, int, int]
     raise ConfigError(f"unknown cache scope {scope!r}", f"use one of: {', '.join(SCOPES)}")
 
 
-def _check(policy: str, capacity: int, known: Iterable[str]) -> None:
-    if policy not in known:
-        raise PolicyError(f"unknown simulator policy {policy!r}", f"use one of: {', '.join(known)}")
+def check_policy(policy: str) -> None:
+    """Raise PolicyError unless ``policy`` is a simulator policy name."""
+    if policy not in SIM_POLICIES:
+        raise PolicyError(f"unknown simulator policy {policy!r}", f"use one of: {', '.join(SIM_POLICIES)}")
+
+
+def _check(policy: str, capacity: int) -> None:
+    check_policy(policy)
     if capacity < 1:
         raise BudgetError(f"cache capacity must be >= 1 expert, got {capacity}")
 
@@ -259,7 +264,7 @@ def _simulate_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: 
 def simulate(source: Trace | AccessStream, policy: str = "lru", scope: str = "per-layer",
              capacity: int = 4) -> SimResult:
     """Exact hit/miss/eviction counts of ``policy`` with ``capacity`` experts per cache of ``scope``."""
-    _check(policy, capacity, SIM_POLICIES)
+    _check(policy, capacity)
     stream = _source_stream(source)
     part, num_parts, keys_per_part = _partitions(stream, scope)
     nxt = _next_use(stream.keys, stream.num_keys) if policy == "belady" else np.empty(0, dtype=np.int64)
@@ -391,7 +396,7 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
     ``predictor(step)`` proposes keys; each one not resident is inserted, evicting by the policy.
     A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next layer).
     """
-    _check(policy, capacity, SIM_POLICIES)
+    _check(policy, capacity)
     if latency < 0:
         raise ConfigError(f"prefetch latency must be >= 0 layer steps, got {latency}")
     stream = _source_stream(source)
