@@ -148,6 +148,32 @@ def info(model: ModelArg) -> None:
 
 
 @app.command()
+def trace(
+    model: ModelArg,
+    prompts: Annotated[Path, typer.Option(help="Prompts: .txt (one per line) or .jsonl (strings or {\"prompt\": ...}).")],
+    out: Annotated[Path, typer.Option(help="Trace file to write (offload-routing-trace/1; gzip'd if it ends in .gz).")],
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16, float16.")] = "auto",
+    workload: Annotated[str, typer.Option(help="A name for the prompts, stored in the trace header.")] = "",
+) -> None:
+    """Record every token's experts and routing weights at every MoE layer (prefill and decode)."""
+    import offload
+    from offload.tracing import read_prompts, record_trace
+
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory", "give a file path such as trace.jsonl.gz")
+    texts = read_prompts(prompts)
+    progress, update = _progress_bar()
+    with progress:
+        m = offload.from_pretrained(model, device=device, dtype=dtype, progress=update)
+    tokens = record_trace(m, texts, out, max_new_tokens=max_new_tokens, workload=workload or prompts.stem)
+    err.print(f"wrote {tokens} tokens of {len(texts)} prompts to {out}", soft_wrap=True)
+
+
+@app.command()
 def models() -> None:
     """List the models bundled with the package (usable by name, offline)."""
     names = bundled_models()

@@ -92,3 +92,18 @@ def test_corrupt_checkpoint_through_cli(model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-64])
     result = invoke("run", dst, "x")
     assert result.exit_code == 1 and "model.safetensors is truncated" in result.stderr
+
+
+def test_trace_command_writes_a_readable_trace(model_dir, tmp_path):
+    from offload.trace import read_trace
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\nreturn x\n")
+    out = tmp_path / "t.jsonl.gz"
+    result = invoke("trace", model_dir, "--prompts", prompts, "--out", out, "--max-new-tokens", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    trace = read_trace(out)
+    assert len(trace) == (9 + 2) + (8 + 2)  # prompt tokens + fed-back generated tokens, per prompt
+    assert trace.header.extra["workload"] == "prompts"
+    bad = invoke("trace", model_dir, "--prompts", tmp_path / "none.txt", "--out", out)
+    assert bad.exit_code == 1 and bad.stderr.startswith("Error: prompts file")
