@@ -161,7 +161,8 @@ def _result(policy: str, scope: str, capacity: int, stream: AccessStream,
 # victim. One heap serves all four policies, each is only a different priority, unique per key:
 #   lru: time of last use   fifo: time of insertion   lfu: count * n + time of last use
 #   belady: -(index of next use), -(n + key) for "never again" (so the larger such key goes first)
-# The caches' heaps sit side by side in one flat array, cache p at [p * slots, p * slots + size[p]).
+# The caches' heaps sit side by side in flat arrays, cache p at [p * slots, p * slots + size[p]);
+# `heap` holds keys and `hprio` their priorities next to them (sifting reads no other array).
 
 
 @numba.njit(cache=True)
@@ -177,35 +178,41 @@ def _next_use(keys: np.ndarray, num_keys: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, inline="always")
-def _swap(heap: np.ndarray, i: int, j: int, slot: np.ndarray) -> None:
-    a, b = heap[i], heap[j]
-    heap[i], heap[j] = b, a
-    slot[b], slot[a] = i, j
+def _put(heap: np.ndarray, hprio: np.ndarray, slot: np.ndarray, j: int, key: int, prio: int) -> None:
+    heap[j] = key
+    hprio[j] = prio
+    slot[key] = j
 
 
 @numba.njit(cache=True)
-def _sift_up(heap: np.ndarray, base: int, i: int, prio: np.ndarray, slot: np.ndarray) -> None:
+def _sift_up(heap: np.ndarray, hprio: np.ndarray, slot: np.ndarray, base: int, i: int) -> None:
+    """Move the entry at i up to its place, shifting parents down into the hole."""
+    key, prio = heap[i], hprio[i]
     while i > base:
         parent = base + ((i - base - 1) >> 1)
-        if prio[heap[parent]] <= prio[heap[i]]:
-            return
-        _swap(heap, i, parent, slot)
+        if hprio[parent] <= prio:
+            break
+        _put(heap, hprio, slot, i, heap[parent], hprio[parent])
         i = parent
+    _put(heap, hprio, slot, i, key, prio)
 
 
 @numba.njit(cache=True)
-def _sift_down(heap: np.ndarray, base: int, size: int, i: int, prio: np.ndarray, slot: np.ndarray) -> None:
+def _sift_down(heap: np.ndarray, hprio: np.ndarray, slot: np.ndarray, base: int, size: int, i: int) -> None:
+    """Move the entry at i down to its place, shifting smaller children up into the hole."""
     end = base + size
+    key, prio = heap[i], hprio[i]
     while True:
         child = base + 2 * (i - base) + 1
         if child >= end:
-            return
-        if child + 1 < end and prio[heap[child + 1]] < prio[heap[child]]:
+            break
+        if child + 1 < end and hprio[child + 1] < hprio[child]:
             child += 1
-        if prio[heap[i]] <= prio[heap[child]]:
-            return
-        _swap(heap, i, child, slot)
+        if prio <= hprio[child]:
+            break
+        _put(heap, hprio, slot, i, heap[child], hprio[child])
         i = child
+    _put(heap, hprio, slot, i, key, prio)
 
 
 @numba.njit(cache=True)
@@ -215,9 +222,9 @@ def _simulate_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: 
     n = keys.shape[0]
     num_keys = part.shape[0]
     heap = np.empty(num_parts * slots, dtype=np.int64)  # flat [cache, slot] -> key
+    hprio = np.empty(num_parts * slots, dtype=np.int64)  # flat [cache, slot] -> priority of that key
     size = np.zeros(num_parts, dtype=np.int64)
     slot = np.full(num_keys, -1, dtype=np.int64)  # key -> index in heap, -1 if not resident
-    prio = np.zeros(num_keys, dtype=np.int64)
     count = np.zeros(num_keys, dtype=np.int64)
     hits = np.zeros(num_keys, dtype=np.int64)
     misses = np.zeros(num_keys, dtype=np.int64)
@@ -226,38 +233,36 @@ def _simulate_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: 
         k = keys[i]
         p = part[k]
         base = p * slots
-        resident = slot[k] >= 0
+        j = slot[k]
         if policy == _LRU:
-            prio[k] = i
+            prio = i
         elif policy == _LFU:
             count[k] += 1
-            prio[k] = count[k] * n + i
+            prio = count[k] * n + i
         elif policy == _FIFO:
-            if not resident:
-                prio[k] = i
+            prio = hprio[j] if j >= 0 else i
         else:
-            prio[k] = -nxt[i]
-        if resident:
+            prio = -nxt[i]
+        if j >= 0:
             hits[k] += 1
+            hprio[j] = prio
             if policy == _BELADY:  # the next use only moves away: the priority falls
-                _sift_up(heap, base, slot[k], prio, slot)
+                _sift_up(heap, hprio, slot, base, j)
             elif policy != _FIFO:  # lru and lfu priorities only rise
-                _sift_down(heap, base, size[p], slot[k], prio, slot)
+                _sift_down(heap, hprio, slot, base, size[p], j)
         elif size[p] == slots:  # full: the new key takes the victim's place at the root
             misses[k] += 1
             victim = heap[base]
             evictions[victim] += 1
             slot[victim] = -1
-            heap[base] = k
-            slot[k] = base
-            _sift_down(heap, base, slots, base, prio, slot)
+            _put(heap, hprio, slot, base, k, prio)
+            _sift_down(heap, hprio, slot, base, slots, base)
         else:
             misses[k] += 1
             j = base + size[p]
-            heap[j] = k
-            slot[k] = j
             size[p] += 1
-            _sift_up(heap, base, j, prio, slot)
+            _put(heap, hprio, slot, j, k, prio)
+            _sift_up(heap, hprio, slot, base, j)
     return hits, misses, evictions
 
 

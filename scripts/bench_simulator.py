@@ -1,0 +1,125 @@
+"""Speed of the numba cache simulator against the pure-Python oracle of tests/reference.py.
+
+Measures accesses per second (best of ``--repeats``, numba compilation or cache loading excluded
+and reported apart) on the HumanEval trace and on a synthetic Mixtral-shaped trace of
+``--synthetic-accesses`` accesses, for every policy with a per-layer cache (C=4) and a global one
+(50% of the keys); the oracle runs on the HumanEval trace only (it needs minutes for 10M accesses).
+Then times the whole default sweep of the HumanEval trace (40 simulations). Prints a table and
+writes JSON with the machine, the versions and every parameter.
+
+    python scripts/bench_simulator.py --out out/bench_simulator.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from offload.simulate import SIM_POLICIES, AccessStream, simulate, simulate_prefetch
+from offload.sweep import SweepConfig, machine_info, sweep
+from offload.trace import read_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the oracles live in tests/reference.py, shared with the tests
+import reference  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trace", type=Path, default=ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.jsonl.gz")
+    p.add_argument("--synthetic-accesses", type=int, default=10_000_000, help="size of the synthetic trace")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the best counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "bench_simulator.json")
+    return p.parse_args()
+
+
+def synthetic(accesses: int, seed: int, layers: int = 32, experts: int = 8, top_k: int = 2) -> AccessStream:
+    """Mixtral-shaped routing: each layer draws top-k without replacement from its own skewed popularity
+    (Dirichlet(0.5)), so hit rates land near the real trace's instead of a uniform worst case."""
+    rng = np.random.default_rng(seed)
+    tokens = accesses // (layers * top_k)
+    log_pop = np.log(rng.dirichlet(np.full(experts, 0.5), size=layers)).astype(np.float32)  # [layers, experts]
+    chosen = np.empty((tokens, layers, top_k), dtype=np.int16)
+    for start in range(0, tokens, 65536):  # Gumbel top-k in chunks: [chunk, layers, experts] floats at a time
+        stop = min(start + 65536, tokens)
+        noisy = log_pop + rng.gumbel(size=(stop - start, layers, experts)).astype(np.float32)
+        chosen[start:stop] = np.argsort(-noisy, axis=2)[:, :, :top_k]
+    return AccessStream.from_experts(chosen, experts)
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def configs(stream: AccessStream) -> list[tuple[str, str, int]]:
+    return [(p, scope, cap) for p in SIM_POLICIES
+            for scope, cap in (("per-layer", 4), ("global", stream.num_keys // 2))]
+
+
+def main() -> None:
+    args = parse_args()
+    humaneval = AccessStream.from_trace(read_trace(args.trace))
+    t0 = time.perf_counter()
+    for policy, scope, cap in configs(humaneval):  # compile, or load numba's on-disk cache
+        simulate(humaneval, policy, scope, cap)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    big = synthetic(args.synthetic_accesses, args.seed)
+    gen_s = time.perf_counter() - t0
+
+    rows = []
+    for name, stream, with_reference in (("humaneval", humaneval, True), ("synthetic", big, False)):
+        keys = stream.keys.tolist() if with_reference else []
+        for policy, scope, cap in configs(stream):
+            n = stream.keys.size
+            fast = best_seconds(lambda: simulate(stream, policy, scope, cap), args.repeats)
+            row = {"trace": name, "policy": policy, "scope": scope, "capacity": cap, "accesses": n,
+                   "hit_rate": simulate(stream, policy, scope, cap).hit_rate,
+                   "numba_s": fast, "numba_accesses_per_s": n / fast}
+            if with_reference:
+                part = (lambda k: k // stream.num_experts) if scope == "per-layer" else (lambda k: 0)
+                slow = best_seconds(lambda: reference.ref_simulate(keys, policy, cap, part), 1)
+                row |= {"reference_s": slow, "reference_accesses_per_s": n / slow, "speedup": slow / fast}
+            rows.append(row)
+            print(f"  {name:9s} {policy:6s} {scope:9s} C={cap:<4d} {n / fast / 1e6:8.1f} M accesses/s", file=sys.stderr)
+
+    twin = best_seconds(lambda: simulate_prefetch(humaneval, "lru", "per-layer", 4), 1)
+    sweep_s = best_seconds(lambda: list(sweep(args.trace.name, humaneval, SweepConfig())), max(args.repeats, 5))
+    result = {
+        "machine": machine_info(),
+        "params": {"trace": str(args.trace), "synthetic_accesses": big.keys.size, "seed": args.seed,
+                   "repeats": args.repeats, "synthetic_shape": [big.num_tokens, big.num_layers, big.num_experts,
+                                                                big.top_k]},
+        "warmup_s": warmup_s, "synthetic_generation_s": gen_s, "rows": rows,
+        "python_twin_lru_per_layer_accesses_per_s": humaneval.keys.size / twin,
+        "humaneval_default_sweep": {"runs": SweepConfig().runs_per_trace(), "wall_s": sweep_s},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+    print("| trace | policy | scope | C | numba M acc/s | reference M acc/s | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = (f"{r['reference_accesses_per_s'] / 1e6:.3f} | {r['speedup']:,.0f}x" if "speedup" in r else "- | -")
+        print(f"| {r['trace']} | {r['policy']} | {r['scope']} | {r['capacity']} | "
+              f"{r['numba_accesses_per_s'] / 1e6:.1f} | {ref} |")
+    print(f"\nwhole default sweep of {args.trace.name} ({result['humaneval_default_sweep']['runs']} runs): "
+          f"{sweep_s * 1e3:.1f} ms; warm-up (compile or cache load) {warmup_s:.2f} s; "
+          f"Python twin (lru, per-layer): {result['python_twin_lru_per_layer_accesses_per_s'] / 1e6:.2f} M acc/s")
+    print(f"machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
