@@ -20,7 +20,6 @@ counts of :func:`simulate` (tests check this). The slow oracles live in ``tests/
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ import numpy as np
 from .errors import BudgetError, ConfigError, PolicyError
 from .policies import EvictionPolicy, make_policy
 from .trace import Trace
-
-log = logging.getLogger(__name__)
 
 # Policy codes the kernel branches on; the registry below is the only place names meet codes.
 _LRU, _LFU, _FIFO, _BELADY = 0, 1, 2, 3
@@ -51,9 +48,10 @@ class AccessStream:
 
     def __post_init__(self) -> None:
         per_token = self.num_layers * self.top_k
-        if min(self.num_layers, self.num_experts, self.top_k) < 1 or self.keys.ndim != 1:
+        if (min(self.num_layers, self.num_experts, self.top_k) < 1 or self.keys.ndim != 1
+                or not np.issubdtype(self.keys.dtype, np.integer)):
             raise ConfigError(f"bad access stream: {self.num_layers} layers, {self.num_experts} experts, "
-                              f"top-{self.top_k}, keys of shape {self.keys.shape}")
+                              f"top-{self.top_k}, keys of shape {self.keys.shape} and type {self.keys.dtype}")
         if self.keys.size % per_token:
             raise ConfigError(f"{self.keys.size} accesses is not a whole number of tokens of {per_token}")
         if self.keys.size and (self.keys.min() < 0 or self.keys.max() >= self.num_keys):

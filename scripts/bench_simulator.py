@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -68,8 +69,42 @@ def configs(stream: AccessStream) -> list[tuple[str, str, int]]:
             for scope, cap in (("per-layer", 4), ("global", stream.num_keys // 2))]
 
 
+def time_configs(name: str, stream: AccessStream, repeats: int, with_reference: bool) -> list[dict]:
+    """One row per (policy, scope): numba accesses/s and, on small traces, the oracle's and the ratio."""
+    rows = []
+    keys, n = stream.keys.tolist(), stream.keys.size
+    for policy, scope, cap in configs(stream):
+        fast = best_seconds(lambda: simulate(stream, policy, scope, cap), repeats)
+        row = {"trace": name, "policy": policy, "scope": scope, "capacity": cap, "accesses": n,
+               "hit_rate": simulate(stream, policy, scope, cap).hit_rate, "numba_s": fast,
+               "numba_accesses_per_s": n / fast}
+        if with_reference:
+            part = (lambda k: k // stream.num_experts) if scope == "per-layer" else (lambda k: 0)
+            slow = best_seconds(lambda: reference.ref_simulate(keys, policy, cap, part), 1)
+            row |= {"reference_s": slow, "reference_accesses_per_s": n / slow, "speedup": slow / fast}
+        rows.append(row)
+        print(f"  {name} {policy} {scope} C={cap}: {n / fast / 1e6:.1f} M accesses/s", file=sys.stderr)
+    return rows
+
+
+def print_table(result: dict, trace: Path, out: Path) -> None:
+    print("| trace | policy | scope | C | numba M acc/s | reference M acc/s | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        ref = f"{r['reference_accesses_per_s'] / 1e6:.3f} | {r['speedup']:,.0f}x" if "speedup" in r else "- | -"
+        print(f"| {r['trace']} | {r['policy']} | {r['scope']} | {r['capacity']} | "
+              f"{r['numba_accesses_per_s'] / 1e6:.1f} | {ref} |")
+    sweep_run, machine, load = result["humaneval_default_sweep"], result["machine"], result["loadavg_1min"]
+    print(f"\nwhole default sweep of {trace.name} ({sweep_run['runs']} runs): {sweep_run['wall_s'] * 1e3:.1f} ms; "
+          f"warm-up (compile or cache load) {result['warmup_s']:.2f} s; Python twin (lru, per-layer): "
+          f"{result['python_twin_lru_per_layer_accesses_per_s'] / 1e6:.2f} M acc/s")
+    print(f"machine: {machine['cpu_model']}, {machine['cores']} cores, load average {load['before']:.1f} before "
+          f"and {load['after']:.1f} after; wrote {out}")
+
+
 def main() -> None:
     args = parse_args()
+    load_before = os.getloadavg()[0]  # timings are only as quiet as the machine: keep its load with them
     humaneval = AccessStream.from_trace(read_trace(args.trace))
     t0 = time.perf_counter()
     for policy, scope, cap in configs(humaneval):  # compile, or load numba's on-disk cache
@@ -79,46 +114,23 @@ def main() -> None:
     big = synthetic(args.synthetic_accesses, args.seed)
     gen_s = time.perf_counter() - t0
 
-    rows = []
-    for name, stream, with_reference in (("humaneval", humaneval, True), ("synthetic", big, False)):
-        keys = stream.keys.tolist() if with_reference else []
-        for policy, scope, cap in configs(stream):
-            n = stream.keys.size
-            fast = best_seconds(lambda: simulate(stream, policy, scope, cap), args.repeats)
-            row = {"trace": name, "policy": policy, "scope": scope, "capacity": cap, "accesses": n,
-                   "hit_rate": simulate(stream, policy, scope, cap).hit_rate,
-                   "numba_s": fast, "numba_accesses_per_s": n / fast}
-            if with_reference:
-                part = (lambda k: k // stream.num_experts) if scope == "per-layer" else (lambda k: 0)
-                slow = best_seconds(lambda: reference.ref_simulate(keys, policy, cap, part), 1)
-                row |= {"reference_s": slow, "reference_accesses_per_s": n / slow, "speedup": slow / fast}
-            rows.append(row)
-            print(f"  {name:9s} {policy:6s} {scope:9s} C={cap:<4d} {n / fast / 1e6:8.1f} M accesses/s", file=sys.stderr)
-
+    rows = time_configs("humaneval", humaneval, args.repeats, True)
+    rows += time_configs("synthetic", big, args.repeats, False)
     twin = best_seconds(lambda: simulate_prefetch(humaneval, "lru", "per-layer", 4), 1)
     sweep_s = best_seconds(lambda: list(sweep(args.trace.name, humaneval, SweepConfig())), max(args.repeats, 5))
     result = {
         "machine": machine_info(),
-        "params": {"trace": str(args.trace), "synthetic_accesses": big.keys.size, "seed": args.seed,
-                   "repeats": args.repeats, "synthetic_shape": [big.num_tokens, big.num_layers, big.num_experts,
-                                                                big.top_k]},
+        "params": {"trace": str(args.trace), "synthetic_accesses": int(big.keys.size), "seed": args.seed,
+                   "repeats": args.repeats,
+                   "synthetic_shape": [big.num_tokens, big.num_layers, big.num_experts, big.top_k]},
+        "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "warmup_s": warmup_s, "synthetic_generation_s": gen_s, "rows": rows,
         "python_twin_lru_per_layer_accesses_per_s": humaneval.keys.size / twin,
         "humaneval_default_sweep": {"runs": SweepConfig().runs_per_trace(), "wall_s": sweep_s},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-
-    print("| trace | policy | scope | C | numba M acc/s | reference M acc/s | speedup |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        ref = (f"{r['reference_accesses_per_s'] / 1e6:.3f} | {r['speedup']:,.0f}x" if "speedup" in r else "- | -")
-        print(f"| {r['trace']} | {r['policy']} | {r['scope']} | {r['capacity']} | "
-              f"{r['numba_accesses_per_s'] / 1e6:.1f} | {ref} |")
-    print(f"\nwhole default sweep of {args.trace.name} ({result['humaneval_default_sweep']['runs']} runs): "
-          f"{sweep_s * 1e3:.1f} ms; warm-up (compile or cache load) {warmup_s:.2f} s; "
-          f"Python twin (lru, per-layer): {result['python_twin_lru_per_layer_accesses_per_s'] / 1e6:.2f} M acc/s")
-    print(f"machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores; wrote {args.out}")
+    print_table(result, args.trace, args.out)
 
 
 if __name__ == "__main__":
