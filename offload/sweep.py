@@ -67,6 +67,8 @@ class SweepConfig:
     """Host-to-device bandwidth in GB/s (1e9 bytes/s) that bounds a transfer."""
 
     def __post_init__(self) -> None:
+        if not self.policies or not (self.per_layer or self.global_):
+            raise ConfigError("nothing to sweep", "name at least one policy and one per-layer or global capacity")
         for policy in self.policies:
             check_policy(policy)
         if self.expert_bytes is not None and self.expert_bytes <= 0:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from offload.sweep import parse_capacities
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "sweep_cache_policy.py"
 TRACE = ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
@@ -88,10 +90,18 @@ def test_transfer_tables_are_printed(swept) -> None:
     assert ms["1"]["lru"] == f"{19727 / 338 * EXPERT_BYTES / 25e9 * 1e3:,.2f}"  # 19,727 misses at C=1
 
 
+def test_capacity_specs_mix_counts_ranges_and_shares() -> None:
+    specs = parse_capacities("1-3, 64,12.5%")
+    assert [s.text for s in specs] == ["1", "2", "3", "64", "12.5%"]
+    assert [s.resolve(256) for s in specs] == [1, 2, 3, 64, 32] and specs[-1].label(256) == "12.5% (32)"
+    assert parse_capacities("1%")[0].resolve(8) == 1  # a share never rounds down to an empty cache
+
+
 @pytest.mark.parametrize("args, message", [
     (["--policies", "lru,mru"], "Error: unknown simulator policy 'mru'"),
     (["--per-layer", "7-1"], "Error: bad capacity '7-1'"),
     (["--bandwidth", "25"], "Error: --bandwidth needs a value > 0 and --expert-bytes"),
+    (["--per-layer", "", "--global", ""], "Error: nothing to sweep"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(script.app, ["--trace", str(TRACE), "--out", str(tmp_path), *args])
