@@ -89,7 +89,7 @@ class Trace:
     seq: np.ndarray  # [tokens] int32
     pos: np.ndarray  # [tokens] int32
     phase: np.ndarray  # [tokens] int8, index into PHASES
-    experts: np.ndarray  # [tokens, layers, top_k] int16
+    experts: np.ndarray  # [tokens, layers, top_k] int16 (int32 past 32767 experts)
     weights: np.ndarray  # [tokens, layers, top_k] float32
     imputed: np.ndarray  # [tokens, layers] bool
     path: str = ""
@@ -245,7 +245,8 @@ def read_trace(path: str | Path) -> Trace:
         seq=np.array([r[0] for r in rows], dtype=np.int32),
         pos=np.array([r[1] for r in rows], dtype=np.int32),
         phase=np.array([r[2] for r in rows], dtype=np.int8),
-        experts=np.array([r[3] for r in rows], dtype=np.int16).reshape(shape),
+        experts=np.array([r[3] for r in rows], dtype=np.int16 if header.num_experts < 2**15 else np.int32
+                         ).reshape(shape),
         weights=np.array([r[4] for r in rows], dtype=np.float32).reshape(shape),
         imputed=imputed, path=str(path))
     log.debug("read %s: %d tokens x %d layers x top-%d", path, *shape)
