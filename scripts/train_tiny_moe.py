@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
     p.add_argument("--experts", type=int, default=8, help="experts per layer")
     p.add_argument("--top-k", type=int, default=2, help="experts per token")
-    p.add_argument("--aux-loss-coef", type=float, default=0.02, help="router load-balancing loss weight")
+    p.add_argument("--aux-loss-coef", type=float, default=0.02, help="per-layer router load-balancing loss weight")
     p.add_argument("--max-positions", type=int, default=1024, help="max_position_embeddings")
     p.add_argument("--val-percent", type=int, default=5, help="share of modules held out, by name hash")
     p.add_argument("--max-file-bytes", type=int, default=300_000, help="skip larger (generated) files")
@@ -210,15 +210,40 @@ def make_optimizer(model, args: argparse.Namespace):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def balance_loss(router_logits, top_k: int):
+    """Switch-Transformer load-balancing loss per layer, averaged over layers; also each layer's expert shares.
+
+    transformers' own Mixtral aux loss pools the top-k counts of all layers before balancing, so it only
+    balances expert *index* i summed over layers: a first run with it kept experts dead in layers 3 and 4
+    while another layer's expert i carried their share. Balancing each layer on its own fixes that. The
+    scale matches transformers' (counts normalised per token, so a balanced layer scores top_k), so
+    --aux-loss-coef means the same thing as config.router_aux_loss_coef.
+    """
+    import torch
+
+    losses, shares = [], []
+    for logits in router_logits:  # logits: [tokens, experts]
+        probs = logits.float().softmax(-1)
+        n_exp = probs.shape[-1]
+        selected = probs.topk(top_k, dim=-1).indices  # [tokens, k]
+        counts = torch.zeros(n_exp).index_add_(0, selected.reshape(-1), torch.ones(selected.numel()))
+        frac = counts / probs.shape[0]  # sums to top_k
+        losses.append(n_exp * (frac * probs.mean(0)).sum())
+        shares.append(frac / top_k)
+    return torch.stack(losses).mean(), torch.stack(shares)  # scalar, [layers, experts]
+
+
 def train(model, train_windows, args: argparse.Namespace) -> list[dict]:
     """Runs --steps AdamW steps over reshuffled epochs of the training windows; returns the loss curve."""
     import torch
+    import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(args.seed)
     order, cursor, epoch = torch.randperm(len(train_windows), generator=gen), 0, 0
     opt = make_optimizer(model, args)
-    coef = model.config.router_aux_loss_coef
-    curve, t0, acc = [], time.time(), {"loss": 0.0, "aux": 0.0, "n": 0}
+    coef, top_k = args.aux_loss_coef, model.config.num_experts_per_tok
+    curve, t0 = [], time.time()
+    acc = {"loss": 0.0, "aux": 0.0, "n": 0, "shares": 0.0}
     model.train()
     for step in range(args.steps):
         if cursor + args.batch_size > len(order):
@@ -228,17 +253,22 @@ def train(model, train_windows, args: argparse.Namespace) -> list[dict]:
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        # No labels: transformers would add its pooled aux loss; the loss is assembled here instead.
+        out = model(input_ids=batch, output_router_logits=True)
+        logits = out.logits[:, :-1].float()  # [batch, seq-1, vocab]
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        aux_loss, shares = balance_loss(out.router_logits, top_k)
+        (lm_loss + coef * aux_loss).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        aux = float(out.aux_loss.detach())
-        acc["loss"] += float(out.loss.detach()) - coef * aux  # report the language-model loss alone
-        acc["aux"] += aux
+        acc["loss"] += float(lm_loss.detach())
+        acc["aux"] += float(aux_loss.detach())
+        acc["shares"] = acc["shares"] + shares.detach()
         acc["n"] += 1
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.time() - t0
+            shares = acc["shares"] / acc["n"]  # [layers, experts]
             row = {
                 "step": step + 1,
                 "epoch": epoch,
@@ -246,13 +276,14 @@ def train(model, train_windows, args: argparse.Namespace) -> list[dict]:
                 "aux_loss": round(acc["aux"] / acc["n"], 4),
                 "lr": lr,
                 "grad_norm": round(float(grad_norm), 3),
+                "expert_share_min": [round(float(v), 4) for v in shares.min(-1).values],
                 "elapsed_s": round(elapsed, 1),
             }
             curve.append(row)
             tok_s = (step + 1) * args.batch_size * args.seq_len / elapsed
             print(f"step {step + 1:5d}/{args.steps} loss {row['train_loss']:.3f} aux {row['aux_loss']:.3f} "
-                  f"lr {lr:.2e} {tok_s:.0f} tok/s {elapsed / 60:.1f} min", flush=True)
-            acc = {"loss": 0.0, "aux": 0.0, "n": 0}
+                  f"min share {float(shares.min()):.3f} lr {lr:.2e} {tok_s:.0f} tok/s {elapsed / 60:.1f} min", flush=True)
+            acc = {"loss": 0.0, "aux": 0.0, "n": 0, "shares": 0.0}
     return curve
 
 
@@ -495,6 +526,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "wall_time_s": {"total": None, "training": round(train_s, 1),
                         "train_tokens_per_s": round(args.steps * args.batch_size * args.seq_len / train_s, 1)},
+        "objective": "next-token cross-entropy + aux_loss_coef * mean over layers of each layer's "
+                     "Switch load-balancing loss (see balance_loss); loss_curve's train_loss is the cross-entropy",
         "loss_curve": curve,
         "validation": {
             "loss": round(val_loss, 4),
