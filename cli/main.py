@@ -82,6 +82,10 @@ def run(
     expert_budget: Annotated[str, typer.Option(help='Expert cache size: slots ("16"), share ("25%") or bytes ("6GiB").')] = "100%",
     offload_to: Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.")] = "disk",
     policy: Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.")] = "lru",
+    predictor: Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")] = "none",
+    lookahead: Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.")] = 1,
+    prefetch_budget: Annotated[str, typer.Option(help='Most cache slots prefetched experts may hold before use: "4" or "50%".')] = "50%",
+    predictor_weights: Annotated[Optional[Path], typer.Option(help="Weights of the learned predictor (scripts/train_predictor.py).")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
@@ -100,14 +104,17 @@ def run(
     progress, update = _progress_bar()
     with progress:
         m = offload.from_pretrained(model, device=device, dtype=dtype, expert_budget=expert_budget,
-                                    offload_to=offload_to, policy=policy, progress=update)
+                                    offload_to=offload_to, policy=policy, predictor=predictor, lookahead=lookahead,
+                                    prefetch_budget=prefetch_budget, progress=update,
+                                    predictor_options={"weights": predictor_weights} if predictor_weights else None)
     ids = m.encode(prompt)
     generator = torch.Generator(device=m.device).manual_seed(seed) if seed is not None else None
     sys.stdout.write(prompt)
     m.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                top_p=top_p, streamer=TextStreamer(m.tokenizer), generator=generator)
+    m.cache.close()
     err.print(f"[dim]{m.cache.num_slots} of {m.spec.total_experts} experts cached ({m.runtime.offload_to} tier, "
-              f"{m.runtime.policy}); {m.stats.summary()}[/dim]", soft_wrap=True)
+              f"{m.runtime.policy}, predictor {m.runtime.predictor}); {m.stats.summary()}[/dim]", soft_wrap=True)
     if stats_json is not None:
         payload = {"model": str(m.plan.path), "expert_slots": m.cache.num_slots,
                    "total_experts": m.spec.total_experts, **m.stats.to_dict()}

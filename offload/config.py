@@ -118,6 +118,23 @@ def parse_budget(budget: int | str, total_experts: int, expert_nbytes: int) -> i
     return min(slots, total_experts)
 
 
+def parse_prefetch_budget(budget: int | str, num_slots: int) -> int:
+    """Turn a prefetch budget (slots, or a percentage of the cache's slots) into slots; 0 is allowed."""
+    text = str(budget).strip().replace(" ", "")
+    option = f"prefetch budget {budget!r}"
+    hint = 'give slots (e.g. 4) or a share of the expert budget ("50%")'
+    if isinstance(budget, bool):
+        raise BudgetError(f"invalid {option}", hint)
+    if isinstance(budget, int) or re.fullmatch(r"\d+", text):
+        return min(int(text), num_slots)
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
+        pct = float(m.group(1))
+        if pct > 100:
+            raise BudgetError(f"{option} is over 100%", "prefetches cannot hold more than the whole cache")
+        return math.floor(num_slots * pct / 100 + 1e-9)
+    raise BudgetError(f"cannot parse {option}", hint)
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How to run a checkpoint: where experts live, how many fit on the device, what to evict."""
@@ -127,8 +144,13 @@ class RuntimeConfig:
     expert_budget: int | str = "100%"     # slots, "25%", or bytes ("6GiB")
     offload_to: str = "disk"              # slow tier: "disk" (the safetensors files) or "ram" (packed host copy)
     policy: str = "lru"                   # eviction policy registry name
+    predictor: str = "none"               # predictor registry name ("none": load on demand only)
+    lookahead: int = 1                    # the predictor looks this many MoE layers ahead
+    prefetch_budget: int | str = "50%"    # most cache slots prefetched-but-unused experts may hold
 
     def __post_init__(self) -> None:
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
+            raise ConfigError(f"invalid --lookahead {self.lookahead!r}", "give a whole number of layers >= 1")
         if self.offload_to not in OFFLOAD_TIERS:
             raise ConfigError(f"unknown --offload-to {self.offload_to!r}", f"use one of: {', '.join(OFFLOAD_TIERS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

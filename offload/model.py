@@ -6,8 +6,10 @@ Family differences live in ModelSpec and families.py, not in branches here.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ from .config import ModelSpec
 from .experts import expert_forward
 from .families import Family
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .prefetch import Prefetcher
 
 # Called after each MoE layer routes: (layer, expert ids [tokens, k], weights [tokens, k]).
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -100,6 +105,7 @@ class MoEModel:
         self.cache = cache
         self.stats = stats
         self.route_observers: list[RouteObserver] = []
+        self.prefetcher: Prefetcher | None = None  # set by from_pretrained when a predictor is chosen
         self.device = embed.device
         self.dtype = embed.dtype
         dim = spec.head_dim
@@ -164,54 +170,60 @@ class MoEModel:
             weights = weights.to(logits.dtype)
         return experts, weights
 
-    def _moe(self, layer: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """Route tokens, run each needed expert once over its tokens, sum in a fixed expert order.
+    def _moe(self, layer: int, lw: LayerWeights, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Route tokens, run each needed expert once over its tokens, then sum each token's top-k.
 
-        The sum order is ascending expert id whatever order the cache delivers experts in, so the
-        output is bit-identical for every budget and policy.
+        Each weighted expert output lands in its own cell of a [tokens, top_k, hidden] buffer (in
+        the promoted dtype, float32 for float32 routing weights) and the top-k are summed in slot
+        order, as transformers' grouped experts path does. The result is therefore bit-identical
+        whatever order the cache delivers experts in, i.e. for every budget, policy and predictor.
         """
         experts, weights = self._route(lw, x)  # [tokens, k]
         for observer in self.route_observers:
             observer(layer, experts, weights)
         needed = experts.unique(sorted=True).tolist()
         hits = [e for e in needed if (layer, e) in self.cache]
-        order = hits + [e for e in needed if (layer, e) not in self.cache]
-        parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        held: list[tuple[int, tuple]] = []
+        order = deque(hits + [e for e in needed if (layer, e) not in self.cache])
+        buf = x.new_empty((*experts.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype))
+        held: deque[int] = deque()
+
+        def reserve() -> None:
+            # Take every expert the cache can give without evicting one in use; with async loads
+            # (or CUDA) their loads are queued at once and overlap the compute of those already here.
+            while order and self.cache.can_acquire((layer, order[0])):
+                held.append(order.popleft())
+                self.cache.reserve((layer, held[-1]))
+
+        reserve()
+        if self.prefetcher is not None:
+            self.prefetcher.after_route(layer, experts, residual)
         layer_stats = self.stats.layer(layer)
-        i = 0
-        while i < len(order) or held:
-            # Take every expert the cache can give without evicting one still in use; on CUDA
-            # this queues their loads at once, so they overlap the compute below.
-            while i < len(order) and self.cache.can_acquire((layer, order[i])):
-                held.append((order[i], self.cache.acquire((layer, order[i]))))
-                i += 1
-            e, (gate, up, down) = held.pop(0)
+        while held:
+            e = held.popleft()
+            gate, up, down = self.cache.wait((layer, e))
             start = time.perf_counter()
-            rows, slot = torch.where(experts == e)
-            out = expert_forward(x[rows], gate, up, down) * weights[rows, slot, None]
-            parts[e] = (rows, out.to(x.dtype))
+            rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
+            buf[rows, slot] = expert_forward(x[rows], gate, up, down) * weights[rows, slot, None]
             layer_stats.compute_time_s += time.perf_counter() - start
             self.cache.release((layer, e))
-        result = torch.zeros_like(x)
-        for e in needed:
-            rows, out = parts[e]
-            result.index_add_(0, rows, out)
+            reserve()
+        result = buf.sum(dim=1).to(x.dtype)
         if lw.shared_mlp is not None:
             shared = expert_forward(x, *lw.shared_mlp)
             result = result + torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
         return result
 
-    def _mlp(self, layer: int, lw: LayerWeights, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        # x: [batch, seq, hidden]; valid: [batch, seq] (padding never routes, so never loads experts)
+    def _mlp(self, layer: int, lw: LayerWeights, x: torch.Tensor, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # x: [batch, seq, hidden] (normed), h: the residual stream; valid: [batch, seq]
+        # (padding never routes, so never loads experts)
         if lw.dense_mlp is not None:
             return expert_forward(x, *lw.dense_mlp)
-        flat = x.reshape(-1, x.shape[-1])
+        flat, residual = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
         mask = valid.reshape(-1)
         if bool(mask.all()):
-            return self._moe(layer, lw, flat).view_as(x)
+            return self._moe(layer, lw, flat, residual).view_as(x)
         out = torch.zeros_like(flat)
-        out[mask] = self._moe(layer, lw, flat[mask])
+        out[mask] = self._moe(layer, lw, flat[mask], residual[mask])
         return out.view_as(x)
 
     # -- whole model -----------------------------------------------------------------------
@@ -231,11 +243,15 @@ class MoEModel:
         cos, sin = self._rope(position_ids)
         masks = self._masks(attention_mask, seq, set(spec.sliding_windows))
         valid = attention_mask[:, -seq:].bool()
+        if self.prefetcher is not None:
+            self.prefetcher.begin_step(valid, fresh=kv is None or kv.length == 0)
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.input_norm, spec.rms_norm_eps)
             h = h + self._attention(lw, i, x, cos, sin, masks[spec.sliding_windows[i]], kv)
             x = rms_norm(h, lw.post_norm, spec.rms_norm_eps)
-            h = h + self._mlp(i, lw, x, valid)
+            h = h + self._mlp(i, lw, x, h, valid)
+        if self.prefetcher is not None:
+            self.prefetcher.end_step()
         if kv is not None:
             kv.length += seq
         if last_only:

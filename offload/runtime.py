@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from . import checkpoint as ckpt
 from .cache import ExpertCache
-from .config import ModelSpec, RuntimeConfig, parse_budget, parse_dtype
+from .config import ModelSpec, RuntimeConfig, parse_budget, parse_dtype, parse_prefetch_budget
 from .errors import CheckpointError, ConfigError, DeviceError, OffloadError
 from .experts import Key, packed_layout
 from .families import Family, family_for_config
@@ -248,6 +248,10 @@ def from_pretrained(
     expert_budget: int | str = "100%",
     offload_to: str = "disk",
     policy: str = "lru",
+    predictor: str = "none",
+    lookahead: int = 1,
+    prefetch_budget: int | str = "50%",
+    predictor_options: dict | None = None,
     progress: ProgressFn | None = None,
 ) -> OffloadModel:
     """Load a checkpoint with a bounded expert cache.
@@ -255,10 +259,17 @@ def from_pretrained(
     ``expert_budget``: slots across all layers (int), a share of all experts ("25%") or a size
     ("6GiB"). ``offload_to``: where experts live when not cached ("disk": read on demand from the
     safetensors files; "ram": packed in host memory). ``policy``: eviction policy name.
+    ``predictor``: a predictors registry name (or "none") whose guesses for the next ``lookahead``
+    MoE layers are loaded in the background, holding at most ``prefetch_budget`` slots (a number,
+    or a share of the cache) before use; ``predictor_options`` go to its constructor (e.g.
+    ``{"weights": "predictor.safetensors"}``). Prefetching never changes the output tokens.
     """
     runtime = RuntimeConfig(device=device, dtype=parse_dtype(dtype), expert_budget=expert_budget,
-                            offload_to=offload_to, policy=policy)
-    eviction = make_policy(runtime.policy)  # fail on a bad name before reading gigabytes
+                            offload_to=offload_to, policy=policy, predictor=predictor, lookahead=lookahead,
+                            prefetch_budget=prefetch_budget)
+    eviction = make_policy(runtime.policy)  # fail on bad names before reading gigabytes
+    if runtime.predictor != "none":
+        _check_predictor_name(runtime.predictor)
     dev = resolve_device(runtime.device)
     plan = plan_checkpoint(name_or_path)
     spec = plan.spec
@@ -274,8 +285,9 @@ def from_pretrained(
                                progress=(lambda d, t: progress("experts", d, t)) if progress else None)
     slot_nbytes = max(slot_layout.nbytes, store.raw_nbytes)
     num_slots = parse_budget(runtime.expert_budget, spec.total_experts, slot_nbytes)
+    prefetch_slots = parse_prefetch_budget(runtime.prefetch_budget, num_slots)
     stats = Stats()
-    cache = ExpertCache(store, num_slots, slot_layout, dev, eviction, stats)
+    cache = ExpertCache(store, num_slots, slot_layout, dev, eviction, stats, async_loads=runtime.predictor != "none")
 
     dense: dict[str, torch.Tensor] = {}
     for n, (name, info) in enumerate(plan.dense.items()):
@@ -285,6 +297,8 @@ def from_pretrained(
     embed = dense["model.embed_tokens.weight"]
     model = MoEModel(spec, plan.family, embed, _build_layers(plan, dense.__getitem__), dense["model.norm.weight"],
                      dense.get("lm_head.weight", embed), cache, stats)
+    if runtime.predictor != "none":
+        model.prefetcher = _make_prefetcher(model, runtime, prefetch_slots, predictor_options or {})
     tokenizer = None
     if (plan.path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -297,6 +311,29 @@ def from_pretrained(
     log.info("loaded %s: %d of %d experts fit the cache (%s tier, %s)", plan.path, num_slots, spec.total_experts,
              runtime.offload_to, runtime.policy)
     return OffloadModel(plan, model, runtime, tokenizer, generation_config)
+
+
+def _check_predictor_name(name: str) -> None:
+    from predictors import PREDICTORS
+
+    if name.lower() not in PREDICTORS:
+        raise ConfigError(f"unknown predictor {name!r}", f"use one of: none, {', '.join(sorted(PREDICTORS))}")
+
+
+def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, slots: int, options: dict):
+    """The runtime's predictor (pregate gets the routers and the norms in front of them) and its prefetcher."""
+    from predictors import MoEShape, make_predictor
+
+    from .prefetch import PrefetchConfig, Prefetcher
+
+    spec = model.spec
+    moe_layers = [i for i, moe in enumerate(spec.moe_layers) if moe]
+    shape = MoEShape(len(moe_layers), spec.num_experts, spec.top_k)
+    if runtime.predictor.lower() == "pregate":
+        options = {"routers": [model.layers[i].router for i in moe_layers],
+                   "norms": [model.layers[i].post_norm for i in moe_layers], "eps": spec.rms_norm_eps, **options}
+    predictor = make_predictor(runtime.predictor, shape, **options)
+    return Prefetcher(predictor, model.cache, model.stats, moe_layers, PrefetchConfig(runtime.lookahead, slots))
 
 
 def _check_ram_fits(plan: CheckpointPlan, dtype: torch.dtype) -> None:

@@ -15,6 +15,11 @@ class LayerStats:
     bytes_loaded: int = 0
     load_time_s: float = 0.0     # time spent moving expert bytes into slots (host-side wall time)
     compute_time_s: float = 0.0  # time spent in expert matmuls
+    stalls: int = 0              # demand accesses whose bytes were not there yet (misses and late prefetches)
+    stall_time_s: float = 0.0    # time the compute thread waited for them
+    prefetch_issued: int = 0     # loads started ahead of use by the prefetcher
+    prefetch_used: int = 0       # ... demanded while still resident
+    prefetch_wasted: int = 0     # ... evicted before any use
 
     @property
     def accesses(self) -> int:
@@ -33,6 +38,31 @@ class LayerStats:
 
 
 @dataclass
+class PredictionStats:
+    """How well the predictor named the experts of the layer ``lookahead`` steps ahead, per step.
+
+    For each (step, layer) the predicted set is the union of every token's candidates and the
+    actual set the union of experts the layer then used: precision = correct / predicted,
+    recall = correct / actual.
+    """
+
+    predicted: int = 0
+    actual: int = 0
+    correct: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.actual if self.actual else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "precision": round(self.precision, 6), "recall": round(self.recall, 6)}
+
+
+@dataclass
 class Stats:
     """Everything a run measured: per-layer cache counts plus generation totals."""
 
@@ -41,6 +71,8 @@ class Stats:
     decode_tokens: int = 0
     prefill_time_s: float = 0.0
     decode_time_s: float = 0.0
+    predictor_time_s: float = 0.0  # time spent asking the predictor and issuing prefetches
+    prediction: dict[int, PredictionStats] = field(default_factory=dict)  # by lookahead
 
     def layer(self, index: int) -> LayerStats:
         if index not in self.layers:
@@ -61,7 +93,8 @@ class Stats:
     def reset(self) -> None:
         self.layers.clear()
         self.prefill_tokens = self.decode_tokens = 0
-        self.prefill_time_s = self.decode_time_s = 0.0
+        self.prefill_time_s = self.decode_time_s = self.predictor_time_s = 0.0
+        self.prediction.clear()
 
     def to_dict(self) -> dict:
         return {
@@ -72,12 +105,16 @@ class Stats:
             "prefill_time_s": round(self.prefill_time_s, 6),
             "decode_time_s": round(self.decode_time_s, 6),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "predictor_time_s": round(self.predictor_time_s, 6),
+            "prediction": {str(d): p.to_dict() for d, p in sorted(self.prediction.items())},
         }
 
     def summary(self) -> str:
         t = self.total
         return (
             f"experts: {t.hits} hits, {t.misses} misses ({t.hit_rate:.1%} hit rate), {t.evictions} evictions, "
-            f"{t.bytes_loaded / 2**20:.1f} MiB loaded in {t.load_time_s:.2f}s; "
+            f"{t.bytes_loaded / 2**20:.1f} MiB loaded in {t.load_time_s:.2f}s, {t.stalls} stalls ({t.stall_time_s:.2f}s); "
+            + (f"prefetches {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted; "
+               if t.prefetch_issued else "") +
             f"decode {self.decode_tokens} tokens at {self.decode_tokens_per_s:.2f} tokens/s"
         )

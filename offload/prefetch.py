@@ -1,0 +1,127 @@
+"""The prefetcher: after a MoE layer routes, ask the predictor for the next layers and start their loads.
+
+It keeps what the predictors' interface promises them (the route so far of every token in the
+step, the previous token's route of each sequence, the residual stream), turns scores into
+prefetches under a budget, and keeps the prediction counts (precision and recall per lookahead).
+Prefetching only changes when bytes move: the cache's hit/miss accounting and the computed values
+are those of demand accesses, so output tokens never depend on the predictor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from predictors import MoEShape, Predictor, RouteContext, top_candidates
+
+from .cache import ExpertCache
+from .stats import PredictionStats, Stats
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """How far ahead to look and how much of the cache prefetches may hold."""
+
+    lookahead: int = 1         # predict layers l+1 .. l+lookahead
+    budget_slots: int = 1      # most experts prefetched and not yet used at any time
+    candidates: int = 0        # experts per token per predicted layer (0: the model's top-k)
+
+    def __post_init__(self) -> None:
+        if self.lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
+        if self.budget_slots < 0 or self.candidates < 0:
+            raise ValueError("prefetch budget and candidates must be >= 0")
+
+
+class Prefetcher:
+    """Drives one predictor over a model's forward steps and issues prefetches into the cache."""
+
+    def __init__(self, predictor: Predictor, cache: ExpertCache, stats: Stats, moe_layers: list[int],
+                 config: PrefetchConfig) -> None:
+        self.predictor = predictor
+        self.cache = cache
+        self.stats = stats
+        self.moe_layers = moe_layers                       # model layer index of each MoE layer
+        self.moe_index = {layer: m for m, layer in enumerate(moe_layers)}
+        self.shape: MoEShape = predictor.shape
+        self.config = config
+        self.k = config.candidates or self.shape.top_k
+        self._prev_by_row: np.ndarray | None = None        # [batch, layers, top_k] last token's route per sequence
+        self._pending: dict[int, list[set[int]]] = {}      # MoE layer -> predicted sets (one per lookahead)
+
+    # -- step boundaries (called by the model's forward) -----------------------------------
+    def begin_step(self, valid: torch.Tensor, fresh: bool) -> None:
+        """A forward step over ``valid`` [batch, seq] tokens begins; ``fresh``: new sequences."""
+        batch, seq = valid.shape
+        if fresh or self._prev_by_row is None or self._prev_by_row.shape[0] != batch:
+            self._prev_by_row = np.full((batch, self.shape.num_layers, self.shape.top_k), -1, dtype=np.int64)
+        v = valid.cpu().numpy()
+        rows = np.nonzero(v)[0]                             # row of each flat valid token, row-major
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = rows[1:] != rows[:-1]
+        # A token's predecessor is known only if it ran in an earlier step (decode): the first token
+        # of its row in this step. Later prompt tokens' predecessors are routed alongside them.
+        self._prev = np.where(first[:, None, None], self._prev_by_row[rows], -1)
+        self._rows, self._first = rows, first
+        self._path = np.full((len(rows), self.shape.num_layers, self.shape.top_k), -1, dtype=np.int64)
+        self._pending.clear()
+
+    def end_step(self) -> None:
+        """The step's routes are complete: remember each row's last token and let the predictor learn."""
+        if self._path.shape[0] == 0:
+            return
+        start = time.perf_counter()
+        last = np.ones(len(self._rows), dtype=bool)
+        last[:-1] = self._rows[1:] != self._rows[:-1]
+        self._prev_by_row[self._rows[last]] = self._path[last]
+        true_prev = self._prev.copy()  # now every predecessor's route is known
+        true_prev[1:][~self._first[1:]] = self._path[:-1][~self._first[1:]]
+        self.predictor.observe(self._path, true_prev)
+        self.stats.predictor_time_s += time.perf_counter() - start
+
+    # -- after each MoE layer routes -------------------------------------------------------
+    def after_route(self, layer: int, experts: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``experts`` [tokens, top_k] just routed at model layer ``layer``; ``hidden`` [tokens, hidden]."""
+        start = time.perf_counter()
+        m = self.moe_index[layer]
+        routed = experts.numpy(force=True)
+        self._path[:, m] = routed
+        used = set(routed.ravel().tolist())
+        self._score(m, used)
+        if m + 1 == self.shape.num_layers:  # nothing ahead within this token
+            self.stats.predictor_time_s += time.perf_counter() - start
+            return
+        ctx = RouteContext(m, self._path[:, : m + 1], self._prev, hidden if self.predictor.needs_hidden else None)
+        scores = self.predictor.predict(ctx, self.config.lookahead)  # [d, tokens, experts]
+        protect = {(layer, e) for e in used}
+        for j in range(scores.shape[0]):
+            target = m + 1 + j
+            predicted = self._rank(top_candidates(scores[j], self.k), scores[j])
+            self._pending.setdefault(target, []).append(set(predicted))
+            model_layer = self.moe_layers[target]
+            for e in predicted:
+                if self.cache.prefetched >= self.config.budget_slots:
+                    break
+                self.cache.prefetch((model_layer, e), protect)
+        self.stats.predictor_time_s += time.perf_counter() - start
+
+    @staticmethod
+    def _rank(picks: np.ndarray, scores: np.ndarray) -> list[int]:
+        """Distinct candidates ([tokens, k] picks), most-proposed first (ties: higher summed score, then lower id)."""
+        if picks.shape[0] == 1:  # one token (decode at batch 1): its picks are already best first
+            return picks[0].tolist()
+        ids, counts = np.unique(picks, return_counts=True)
+        order = np.lexsort((ids, -scores[:, ids].sum(axis=0), -counts))
+        return ids[order].tolist()
+
+    def _score(self, m: int, actual: set[int]) -> None:
+        """Compare what was predicted for MoE layer ``m`` (at each lookahead) with what it used."""
+        for j, predicted in enumerate(reversed(self._pending.pop(m, []))):
+            # predictions for m were appended nearest-first in time order: the last one is lookahead 1
+            stats = self.stats.prediction.setdefault(j + 1, PredictionStats())
+            stats.predicted += len(predicted)
+            stats.actual += len(actual)
+            stats.correct += len(predicted & actual)

@@ -1,0 +1,87 @@
+"""The predictor interface: after MoE layer ``l`` routes, score the experts of layers l+1 .. l+d.
+
+One interface serves the runtime's prefetcher and offline evaluation on routing traces, so a
+predictor is judged on traces with exactly the code that later moves bytes. Layers here are MoE
+layer indices (0 .. num_layers-1 over the model's MoE layers, as in trace files); the runtime maps
+them to model layers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from offload.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """The routing shape a predictor is built for (a trace header or a model spec gives it)."""
+
+    num_layers: int   # MoE layers
+    num_experts: int  # experts per layer
+    top_k: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_layers, self.num_experts, self.top_k) < 1 or self.top_k > self.num_experts:
+            raise ConfigError(f"bad MoE shape: {self.num_layers} layers, {self.num_experts} experts, top-{self.top_k}")
+
+
+@dataclass(frozen=True, eq=False)
+class RouteContext:
+    """What is known when MoE layer ``layer`` has just routed a step of ``tokens`` tokens.
+
+    ``path[t, j]`` are token t's top-k experts at layers 0..layer of this step (top-1 first).
+    ``prev[t]`` is the full route of the token before t in the same sequence ([layers, top_k]);
+    rows of -1 where there is none (a sequence's first token, or prefill tokens whose predecessor
+    is routed in the same step). ``hidden`` is the residual stream entering layer ``layer``'s
+    MoE block, [tokens, hidden] (runtime only; None on traces).
+    """
+
+    layer: int
+    path: np.ndarray               # [tokens, layer + 1, top_k] int
+    prev: np.ndarray               # [tokens, num_layers, top_k] int, -1 = unknown
+    hidden: object | None = None   # torch.Tensor [tokens, hidden] in the runtime
+
+    @property
+    def tokens(self) -> int:
+        return int(self.path.shape[0])
+
+
+class Predictor(ABC):
+    """Scores experts of the next layers. Subclasses register by ``name`` in PREDICTORS."""
+
+    name: ClassVar[str]
+    needs_hidden: ClassVar[bool] = False  # True: runtime only (traces carry no hidden states)
+
+    def __init__(self, shape: MoEShape) -> None:
+        self.shape = shape
+
+    @abstractmethod
+    def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+        """Scores [min(lookahead, layers left), tokens, num_experts] for layers layer+1 ..; higher = likelier.
+
+        Scores need not be probabilities; only their order within a (layer, token) row matters.
+        """
+
+    def observe(self, experts: np.ndarray, prev: np.ndarray) -> None:
+        """Learn online from completed tokens: ``experts`` [tokens, layers, top_k], ``prev`` as in RouteContext."""
+
+
+PREDICTORS: dict[str, Callable[..., Predictor]] = {}
+
+
+def register(cls: type[Predictor]) -> type[Predictor]:
+    """Class decorator: make a predictor constructible by name."""
+    PREDICTORS[cls.name] = cls
+    return cls
+
+
+def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best experts per row of ``scores`` [..., num_experts], best first (stable on ties)."""
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    return order[..., :k]

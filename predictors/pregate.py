@@ -1,0 +1,48 @@
+"""Speculative pre-gating: the next layers' routers applied to the current hidden state.
+
+Follows Pre-gated MoE (Hwang et al., 2024) and Eliseev & Mazur's speculative expert loading
+(2023): the residual stream changes slowly between layers, so layer l+j's router, fed layer l's
+hidden state through layer l+j's own norm, already ranks most of the experts l+j will pick.
+Needs the model's router and norm weights, so it runs in the runtime only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from offload.errors import ConfigError
+
+from .base import MoEShape, Predictor, RouteContext, register
+
+
+@register
+class PreGate(Predictor):
+    name = "pregate"
+    needs_hidden = True
+
+    def __init__(self, shape: MoEShape, routers: Sequence[torch.Tensor] = (), norms: Sequence[torch.Tensor] = (),
+                 eps: float = 1e-6) -> None:
+        super().__init__(shape)
+        if len(routers) != shape.num_layers or len(norms) != shape.num_layers:
+            raise ConfigError("the pregate predictor needs the router and norm weights of every MoE layer",
+                              "use it through the runtime (offload run --predictor pregate)")
+        # Fold each layer's norm weight into its router: router(norm(h)) = (router * w) @ rms(h),
+        # so one matmul scores every layer ahead. Rows [l * E, (l + 1) * E) are layer l's experts.
+        self.weight = torch.cat([r.float() * n.float()[None, :] for r, n in zip(routers, norms)])
+        self.eps = eps
+
+    def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+        if ctx.hidden is None:
+            raise ConfigError("the pregate predictor needs hidden states, which traces do not hold",
+                              "evaluate prev-token, markov or learned on traces")
+        E = self.shape.num_experts
+        first, last = ctx.layer + 1, min(ctx.layer + 1 + lookahead, self.shape.num_layers)
+        if first >= last:
+            return np.zeros((0, ctx.tokens, E), dtype=np.float32)
+        with torch.inference_mode():
+            h = torch.nn.functional.rms_norm(ctx.hidden.float(), (ctx.hidden.shape[-1],), eps=self.eps)  # [tokens, hidden]
+            logits = torch.nn.functional.linear(h, self.weight[first * E : last * E])  # [tokens, d * E]
+        return logits.numpy(force=True).reshape(ctx.tokens, last - first, E).transpose(1, 0, 2)

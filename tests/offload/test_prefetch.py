@@ -1,0 +1,207 @@
+"""Prefetching: exact prefetch accounting in the cache, asynchronous loads and stalls, prediction
+counts, and output tokens that never depend on the predictor, lookahead or prefetch budget."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import offload
+from offload.cache import ExpertCache
+from offload.config import parse_prefetch_budget
+from offload.errors import BudgetError, ConfigError
+from offload.policies import make_policy
+from offload.stats import Stats
+from predictors import PREDICTORS, MoEShape, Predictor, RouteContext
+from tests.offload.test_cache import LAYOUT, FakeStore, run
+
+PROMPT = torch.tensor([[5, 17, 33, 60, 8]])
+
+
+class GatedStore(FakeStore):
+    """A FakeStore whose fetches wait until the test opens the gate: loads are in flight on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def fetch(self, key, scratch):
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().fetch(key, scratch)
+
+
+def make_cache(slots: int, store=None, async_loads: bool = False) -> tuple[ExpertCache, FakeStore, Stats]:
+    store, stats = store or FakeStore(), Stats()
+    cache = ExpertCache(store, slots, LAYOUT, torch.device("cpu"), make_policy("lru"), stats, async_loads=async_loads)
+    return cache, store, stats
+
+
+@pytest.mark.parametrize("async_loads", [False, True])
+def test_prefetch_counts_on_a_hand_made_sequence(async_loads):
+    # 3 slots, one layer. a b resident; prefetch c (free slot), then d (evicts LRU a); demand c (used),
+    # b (hit), then a (miss: evicts d, a prefetch never used -> wasted).
+    cache, store, stats = make_cache(3, async_loads=async_loads)
+    run(cache, [(0, 0), (0, 1)])
+    assert cache.prefetch((0, 2)) and cache.prefetch((0, 3))
+    assert not cache.prefetch((0, 3))  # already resident: nothing to do
+    assert cache.resident == {(0, 1), (0, 2), (0, 3)}
+    run(cache, [(0, 2), (0, 1), (0, 0)])
+    t = stats.total
+    assert (t.prefetch_issued, t.prefetch_used, t.prefetch_wasted) == (2, 1, 1)
+    assert (t.hits, t.misses, t.evictions) == (2, 3, 2)
+    assert len(store.fetches) == 5  # every miss and every prefetch is exactly one load
+    cache.close()
+
+
+def test_prefetch_never_evicts_pinned_or_protected_experts():
+    cache, _, _ = make_cache(2)
+    cache.acquire((0, 0))                                # pinned: in use by the current layer
+    run(cache, [(0, 1)])                                 # resident, unpinned
+    assert not cache.prefetch((0, 2), protect={(0, 1)})  # the only evictable one is protected
+    assert cache.resident == {(0, 0), (0, 1)}
+    assert cache.prefetch((0, 2))                        # unprotected: (0, 1) goes
+    assert cache.resident == {(0, 0), (0, 2)}
+
+
+def test_demand_on_an_in_flight_prefetch_waits_for_it_once():
+    store = GatedStore()
+    cache, _, stats = make_cache(2, store=store, async_loads=True)
+    assert cache.prefetch((0, 0))
+    assert cache.prefetch((0, 1))
+    cache.reserve((0, 0))
+    threading.Timer(0.05, store.gate.set).start()
+    gate, _, _ = cache.wait((0, 0))                      # blocks until the gate opens: a stall
+    assert float(gate[0, 0]) == 0.0
+    cache.release((0, 0))
+    t = stats.total
+    assert (t.hits, t.misses, t.stalls, t.prefetch_used) == (1, 0, 1, 1)
+    assert t.stall_time_s > 0
+    assert store.fetches.count((0, 0)) == 1             # waited for the prefetch, did not load again
+    cache.drain()
+    run(cache, [(0, 1)])                                 # loaded by now: a hit and no stall
+    assert (stats.total.hits, stats.total.stalls) == (2, 1)
+    cache.close()
+
+
+def test_evicting_an_in_flight_prefetch_waits_for_its_load():
+    store = GatedStore()
+    cache, _, stats = make_cache(1, store=store, async_loads=True)
+    assert cache.prefetch((0, 0))
+    threading.Timer(0.05, store.gate.set).start()
+    assert cache.prefetch((0, 1))  # evicts (0, 0) as soon as its bytes have landed
+    cache.drain()
+    assert cache.resident == {(0, 1)} and store.fetches == [(0, 0), (0, 1)]
+    assert (stats.total.prefetch_wasted, stats.total.evictions) == (1, 1)
+    cache.close()
+
+
+def test_parse_prefetch_budget():
+    assert parse_prefetch_budget("50%", 10) == 5
+    assert parse_prefetch_budget(3, 10) == 3
+    assert parse_prefetch_budget("0", 10) == 0
+    assert parse_prefetch_budget(99, 10) == 10
+    for bad in ("150%", "-1", "lots", True):
+        with pytest.raises(BudgetError):
+            parse_prefetch_budget(bad, 10)
+
+
+# ----------------------------------------------------------------------------- in the model
+
+
+class Fixed(Predictor):
+    """Always predicts experts 0 and 1 (scores 2 and 1) for every layer ahead; records its contexts."""
+
+    name = "fixed-test"
+
+    def __init__(self, shape: MoEShape) -> None:
+        super().__init__(shape)
+        self.contexts: list[RouteContext] = []
+
+    def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+        self.contexts.append(ctx)
+        d = min(lookahead, self.shape.num_layers - 1 - ctx.layer)
+        scores = np.zeros((d, ctx.tokens, self.shape.num_experts), dtype=np.float32)
+        scores[:, :, 0], scores[:, :, 1] = 2, 1
+        return scores
+
+
+@pytest.fixture()
+def fixed_predictor(monkeypatch):
+    monkeypatch.setitem(PREDICTORS, Fixed.name, Fixed)
+
+
+def test_prediction_counts_and_contexts(tiny_dir, fixed_predictor):
+    # qwen2_moe's tiny model has MoE layers 0 and 2 (layer 1 is dense): MoE index 1 is model layer 2.
+    model = offload.from_pretrained(tiny_dir("qwen2_moe"), device="cpu", predictor=Fixed.name, lookahead=2)
+    routes: list[tuple[int, set[int]]] = []
+    model.model.route_observers.append(lambda layer, e, w: routes.append((layer, set(e.unique().tolist()))))
+    model.generate(PROMPT, max_new_tokens=4)
+    predictor = model.model.prefetcher.predictor
+    # Predicted sets are {0, 1} for MoE layer 1 (model layer 2), one per step; layer 0 is never predicted.
+    actual = [used for layer, used in routes if layer == 2]
+    p = model.stats.prediction[1]
+    assert (p.predicted, p.actual, p.correct) == (2 * len(actual), sum(map(len, actual)),
+                                                  sum(len(u & {0, 1}) for u in actual))
+    assert set(model.stats.prediction) == {1}  # two MoE layers: nothing is two layers ahead
+    # Contexts: the prompt step has 5 tokens and no known predecessors; a decode step has one token
+    # whose predecessor's route is the previous step's.
+    prompt_ctx, decode_ctx = predictor.contexts[0], predictor.contexts[-1]
+    assert prompt_ctx.tokens == 5 and (prompt_ctx.prev == -1).all()
+    assert decode_ctx.tokens == 1 and (decode_ctx.prev >= 0).all()
+    assert decode_ctx.path.shape == (1, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def mixtral_reference(tiny_dir):
+    path = tiny_dir("mixtral")
+    ids = torch.tensor([[0, 0, 5, 17, 33], [9, 8, 7, 6, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    ref = offload.from_pretrained(path, device="cpu").generate(ids, attention_mask=mask, max_new_tokens=8)
+    return path, ids, mask, ref
+
+
+@settings(max_examples=14, deadline=None)
+@given(predictor=st.sampled_from(sorted(PREDICTORS)), lookahead=st.integers(1, 3),
+       prefetch_budget=st.sampled_from([0, 1, 3, "50%", "100%"]), budget=st.sampled_from([1, 2, 5, "100%"]),
+       offload_to=st.sampled_from(["disk", "ram"]), policy=st.sampled_from(["lru", "lfu", "fifo"]))
+def test_tokens_do_not_depend_on_the_predictor(mixtral_reference, predictor, lookahead, prefetch_budget, budget,
+                                               offload_to, policy):
+    if predictor == "learned":  # needs trained weights; tested in tests/predictors
+        return
+    path, ids, mask, expected = mixtral_reference
+    model = offload.from_pretrained(path, device="cpu", predictor=predictor, lookahead=lookahead,
+                                    prefetch_budget=prefetch_budget, expert_budget=budget, offload_to=offload_to,
+                                    policy=policy)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8), expected)
+    t = model.stats.total
+    assert t.prefetch_issued == t.prefetch_used + t.prefetch_wasted + model.cache.prefetched
+    assert len(model.cache.resident) <= model.cache.num_slots
+    model.cache.close()
+
+
+def test_pregate_prefetches_what_the_next_layer_uses(tiny_dir):
+    # On the bundled trained model pre-gating names most of the next layer's experts, and the
+    # prefetches turn stalls into hits (the counts are deterministic: same tokens, same routes).
+    plain = offload.from_pretrained("tiny-moe", device="cpu", expert_budget="50%", offload_to="ram")
+    pre = offload.from_pretrained("tiny-moe", device="cpu", expert_budget="50%", offload_to="ram", predictor="pregate")
+    ids = plain.encode("def fibonacci(n):\n    ")
+    assert torch.equal(plain.generate(ids, max_new_tokens=24), pre.generate(ids, max_new_tokens=24))
+    assert pre.stats.prediction[1].recall > 0.5
+    assert pre.stats.total.misses < plain.stats.total.misses
+    assert pre.stats.total.prefetch_used > 0
+    pre.cache.close()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(predictor="bogus"), "unknown predictor 'bogus'"),
+    (dict(predictor="prev-token", lookahead=0), "lookahead"),
+    (dict(predictor="prev-token", prefetch_budget="200%"), "prefetch budget"),
+])
+def test_bad_prefetch_options(tiny_dir, kwargs, match):
+    with pytest.raises((ConfigError, BudgetError), match=match):
+        offload.from_pretrained(tiny_dir("mixtral"), device="cpu", **kwargs)
