@@ -19,6 +19,7 @@ from collections.abc import Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .experts import ExpertLayout, Key
@@ -252,9 +253,16 @@ class ExpertCache:
     def _place(self, src: torch.Tensor, layout: ExpertLayout, dest: torch.Tensor) -> tuple[ExpertLayout, int]:
         """Put fetched bytes into a slot: nothing if they are already there, one copy, or a cast."""
         if layout.dtype == self.compute_dtype:
-            if src.data_ptr() != dest.data_ptr():
-                dest[: layout.nbytes].copy_(src[: layout.nbytes], non_blocking=True)
-            return layout, layout.nbytes
+            n = layout.nbytes
+            if src.data_ptr() == dest.data_ptr():
+                pass
+            elif dest.device.type == "cpu" and src.device.type == "cpu":
+                # One memcpy on this thread: torch's copy_ would split it across OpenMP threads,
+                # whose barrier costs milliseconds per expert when other processes hold the cores.
+                np.copyto(dest[:n].numpy(), src[:n].numpy())
+            else:
+                dest[:n].copy_(src[:n], non_blocking=True)
+            return layout, n
         for have, want in zip(layout.parts, self.packed.parts):
             want.view(dest).copy_(have.view(src), non_blocking=True)
         return self.packed, layout.nbytes

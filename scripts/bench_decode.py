@@ -12,6 +12,14 @@ in the JSON so a reader can see what the page cache still held.
 
     python scripts/bench_decode.py                                   # full default scale (~1.4 GB experts)
     python scripts/bench_decode.py --hidden 256 --intermediate 512 --layers 4 --repeats 1   # quick check
+
+With ``--predictor NAME`` every offload configuration also runs as ``CONFIG+NAME`` (prefetching with
+that predictor), and the summary adds paired ratios against the same configuration without it:
+decode tok/s, stall-causing accesses per token, stall time, plus prefetch precision and the
+predictor's share of decode time (issue 6):
+
+    python scripts/bench_decode.py --model tiny-moe --dtype auto --prompt "def fibonacci(n):" \
+        --configs offload-ram-50,offload-ram-25,offload-disk-50,offload-disk-25 --predictor pregate
 """
 
 from __future__ import annotations
@@ -36,12 +44,18 @@ HF_EAGER = "hf-eager"
 HF_ACCEL = "hf-accelerate-disk"
 CONFIGS = OURS + [HF_EAGER, HF_ACCEL]
 ACCEL_BUDGET = "25%"  # accelerate gets the same host memory as our 25% budget
+DECODE_COUNTS = ("hits", "misses", "evictions", "bytes_loaded", "load_time_s", "compute_time_s", "stalls",
+                 "stall_time_s", "prefetch_issued", "prefetch_used", "prefetch_wasted")
 
 
 # -- arguments ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="an existing Mixtral-shaped checkpoint dir (else one is built)")
+    p.add_argument("--model", help="an existing Mixtral-shaped checkpoint dir or bundled model name (else one is built)")
+    p.add_argument("--dtype", default="bfloat16", help="offload's compute dtype (auto: the checkpoint's)")
+    p.add_argument("--prompt", help="prompt text (with the model's tokenizer) instead of random token ids")
+    p.add_argument("--predictor", default="none", help="also run every offload config with this predictor")
+    p.add_argument("--lookahead", type=int, default=1, help="with --predictor: MoE layers looked ahead")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/offload-bench"), help="built models + offload folders")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=3584)
@@ -72,12 +86,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         p.error(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
+    if args.predictor != "none":
+        args.configs += [f"{c}+{args.predictor}" for c in args.configs if c in OURS]
     return args
+
+
+def base_config(name: str) -> str:
+    """'offload-ram-50+pregate' -> 'offload-ram-50'."""
+    return name.split("+", 1)[0]
 
 
 def model_dir(args: argparse.Namespace) -> Path:
     if args.model:
-        return args.model
+        from offload.checkpoint import resolve_model_dir
+
+        return resolve_model_dir(args.model)
     name = (f"mixtral-h{args.hidden}-i{args.intermediate}-l{args.layers}-e{args.experts}-k{args.top_k}"
             f"-a{args.heads}x{args.kv_heads}-v{args.vocab}-r{args.init_range}-s{args.seed}")
     return args.work_dir / name
@@ -273,9 +296,11 @@ class BusyMeter:
 
 
 # -- workers -------------------------------------------------------------------------------------
-def prompt_ids(args: argparse.Namespace):
+def prompt_ids(args: argparse.Namespace, model=None):
     import torch
 
+    if args.prompt:
+        return model.encode(args.prompt)
     g = torch.Generator().manual_seed(args.seed + 1)
     return torch.randint(3, args.vocab, (1, args.prompt_len), generator=g)
 
@@ -291,11 +316,13 @@ def run_ours(args: argparse.Namespace, name: str, path: Path) -> dict:
     import offload
     from offload.transfer import DirectReader
 
-    _, tier, pct = name.split("-")
+    _, tier, pct = base_config(name).split("-")
+    predictor = name.split("+", 1)[1] if "+" in name else "none"
     t0 = time.perf_counter()
-    m = offload.from_pretrained(path, device="cpu", dtype="bfloat16", expert_budget=f"{pct}%", offload_to=tier, policy="lru")
+    m = offload.from_pretrained(path, device="cpu", dtype=args.dtype, expert_budget=f"{pct}%", offload_to=tier,
+                                policy="lru", predictor=predictor, lookahead=args.lookahead)
     load_s = time.perf_counter() - t0
-    ids = prompt_ids(args)
+    ids = prompt_ids(args, m)
     m.generate(ids, max_new_tokens=args.warmup_tokens, do_sample=False, eos_token_id=[])  # kernels, allocator
     m.cache.clear()
     m.stats.reset()
@@ -309,8 +336,7 @@ def run_ours(args: argparse.Namespace, name: str, path: Path) -> dict:
         out = m.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=[], streamer=clock)
     stats = m.stats.to_dict()
     total = stats["total"]
-    decode_only = {k: total[k] - after_prefill[k] for k in ("hits", "misses", "evictions", "bytes_loaded",
-                                                             "load_time_s", "compute_time_s")}
+    decode_only = {k: total[k] - after_prefill[k] for k in DECODE_COUNTS}
     sample = {**clock.result(), "load_model_s": load_s, "num_slots": m.cache.num_slots,
               "total_experts": m.spec.total_experts, "stats": {k: v for k, v in stats.items() if k != "layers"},
               "decode_cache": decode_only, "busy": busy.result, "new_token_ids": out[0, ids.shape[1]:].tolist()}
@@ -450,10 +476,17 @@ def summarize(samples: list[dict], configs: list[str], repeats: int) -> dict:
     for c, ss in by.items():
         row = {"decode_tokens_per_s": median_range([s["decode_tokens_per_s"] for s in ss]),
                "failed": sum(1 for s in samples if s["config"] == c and "error" in s)}
-        if ss and c in OURS:
-            for k in ("hits", "misses", "evictions", "bytes_loaded", "load_time_s"):
-                row[f"decode_{k}"] = median_range([s["decode_cache"][k] for s in ss])
+        if ss and base_config(c) in OURS:
+            for k in DECODE_COUNTS:
+                row[f"decode_{k}"] = median_range([s["decode_cache"].get(k, 0) for s in ss])
             row["total_load_time_s"] = median_range([s["stats"]["total"]["load_time_s"] for s in ss])
+            row["decode_stalls_per_token"] = median_range([s["decode_cache"].get("stalls", 0) / s["decode_tokens"]
+                                                           for s in ss if s.get("decode_tokens")])
+            if "+" in c:
+                row["precision_lookahead_1"] = median_range([s["stats"]["prediction"]["1"]["precision"] for s in ss])
+                row["recall_lookahead_1"] = median_range([s["stats"]["prediction"]["1"]["recall"] for s in ss])
+                row["predictor_share_of_decode"] = median_range(
+                    [s["stats"]["predictor_time_s"] / s["stats"]["decode_time_s"] for s in ss if s["stats"]["decode_time_s"]])
         if ss:
             row["max_rss_bytes"] = median_range([s["max_rss_bytes"] for s in ss])
             row["other_processes_cores"] = median_range([s["busy"]["other_processes_cores"] for s in ss])
@@ -462,6 +495,12 @@ def summarize(samples: list[dict], configs: list[str], repeats: int) -> dict:
         summary["configs"][c] = row
     for ours, theirs in [("offload-ram-100", HF_EAGER), ("offload-disk-100", HF_EAGER), ("offload-disk-25", HF_ACCEL)]:
         summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by.get(ours, []), by.get(theirs, []), repeats)
+    for c in configs:
+        if "+" in c:
+            plain, pred = by.get(base_config(c), []), by.get(c, [])
+            summary["ratios"][f"{c} / {base_config(c)}"] = paired_ratio(pred, plain, repeats)
+            for key in ("stalls_per_token", "stall_time_s"):
+                summary["ratios"][f"{c} / {base_config(c)}: {key}"] = paired_ratio(pred, plain, repeats, key)
     return summary
 
 
@@ -472,10 +511,17 @@ def _common_prefix(a: list[int], b: list[int]):
         yield x
 
 
-def paired_ratio(ours: list[dict], theirs: list[dict], repeats: int) -> dict:
-    """Ratio of decode speeds within each repeat (the two ran close in time), then median and range."""
-    a = {s["repeat"]: s["decode_tokens_per_s"] for s in ours}
-    b = {s["repeat"]: s["decode_tokens_per_s"] for s in theirs}
+def _measure(sample: dict, key: str) -> float:
+    if key == "decode_tokens_per_s":
+        return sample[key]
+    decode = sample["decode_cache"]
+    return decode["stalls"] / sample["decode_tokens"] if key == "stalls_per_token" else decode[key]
+
+
+def paired_ratio(ours: list[dict], theirs: list[dict], repeats: int, key: str = "decode_tokens_per_s") -> dict:
+    """Ratio of ``key`` (decode speed by default) within each repeat (the two ran close in time), then median and range."""
+    a = {s["repeat"]: _measure(s, key) for s in ours}
+    b = {s["repeat"]: _measure(s, key) for s in theirs}
     ratios = [a[r] / b[r] for r in range(repeats) if r in a and r in b and b[r]]
     out = median_range(ratios)
     if a and b:
@@ -500,13 +546,25 @@ def table(summary: dict) -> str:
         rel = f"{tps['median'] / ref:.2f}x" if tps and ref else "n/a"
         cache = [fmt_range(r.get(f"decode_{k}", {}), s, d) for k, s, d in
                  (("hits", 1, 0), ("misses", 1, 0), ("bytes_loaded", 2**-30, 2), ("load_time_s", 1, 2))]
-        if c not in OURS:
+        if base_config(c) not in OURS:
             cache = ["–"] * 4
         lines.append(f"| {c} | {fmt_range(tps)} | {rel} | " + " | ".join(cache) +
                      f" | {fmt_range(r.get('max_rss_bytes', {}), 2**-30)} | {fmt_range(r.get('other_processes_cores', {}))} |")
+    predicted = [c for c in rows if "+" in c]
+    if predicted:
+        lines += ["", "| configuration | decode stalls/token | decode stall s | prefetches issued / used / wasted "
+                  "| precision@1 | recall@1 | predictor time / decode time |", "|---|---|---|---|---|---|---|"]
+        for c in [base_config(c) for c in predicted if base_config(c) in rows] + predicted:
+            r = rows[c]
+            pf = " / ".join(fmt_range(r.get(f"decode_prefetch_{k}", {}), 1, 0) for k in ("issued", "used", "wasted"))
+            lines.append(f"| {c} | {fmt_range(r.get('decode_stalls_per_token', {}))} | "
+                         f"{fmt_range(r.get('decode_stall_time_s', {}), 1, 3)} | {pf} | "
+                         f"{fmt_range(r.get('precision_lookahead_1', {}))} | {fmt_range(r.get('recall_lookahead_1', {}))} | "
+                         f"{fmt_range(r.get('predictor_share_of_decode', {}), 100, 1)}% |")
     lines += ["", "| ratio (paired per repeat) | median [min–max] | of medians | target |", "|---|---|---|---|"]
     targets = {"offload-ram-100 / hf-eager": ">= 1.0x", "offload-disk-100 / hf-eager": ">= 1.0x",
                "offload-disk-25 / hf-accelerate-disk": ">= 10x"}
+    targets |= {k: "<= 0.5x (50% budget, pregate)" for k in summary["ratios"] if k.endswith("stalls_per_token")}
     for k, v in summary["ratios"].items():
         of = f"{v['of_medians']:.2f}x" if "of_medians" in v else "n/a"
         paired = f"{fmt_range(v)}x" if v else "n/a"
