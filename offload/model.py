@@ -50,7 +50,10 @@ class LayerWeights:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [batch, kv_heads, capacity, head_dim]."""
+    """Preallocated keys and values for every layer: [batch, kv_heads, capacity, head_dim].
+
+    All rows share one length (a left-padded batch); KVPool below gives each row its own.
+    """
 
     def __init__(self, spec: ModelSpec, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
@@ -62,11 +65,80 @@ class KVCache:
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
+    def fresh(self) -> torch.Tensor:
+        """[batch] bool: rows whose sequence starts with this step."""
+        return torch.full((self.k[0].shape[0],), self.length == 0)
+
+    def slots(self) -> torch.Tensor:
+        """Identity of each batch row across steps (the prefetcher keys per-sequence history by it)."""
+        return torch.arange(self.k[0].shape[0])
+
+    def storage_positions(self, seq: int) -> torch.Tensor:
+        """[1, seq] index in storage of this step's tokens (the same for every row)."""
+        return torch.arange(self.length, self.length + seq, device=self.k[0].device)[None]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, seq: int) -> None:
+        self.length += seq
+
+
+class KVPool:
+    """Keys and values of many sequences, one row each with its own length (continuous batching).
+
+    A step runs over a subset of rows (``select``); each row's tokens are stored from its own
+    length on, so requests that joined at different times decode in one batch without padding.
+    """
+
+    def __init__(self, spec: ModelSpec, rows: int, capacity: int, dtype: torch.dtype, device: torch.device):
+        shape = (rows, spec.num_kv_heads, capacity, spec.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.rows = torch.arange(0)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """The next forward step runs over these rows (in this order)."""
+        self.rows = rows.to(self.lengths.device)
+
+    def fresh(self) -> torch.Tensor:
+        return self.lengths[self.rows] == 0
+
+    def reset(self, row: int) -> None:
+        """Row ``row`` starts a new sequence."""
+        self.lengths[row] = 0
+
+    def slots(self) -> torch.Tensor:
+        return self.rows
+
+    def storage_positions(self, seq: int) -> torch.Tensor:
+        """[rows, seq] index in storage of this step's tokens: each row continues at its own length."""
+        return self.lengths[self.rows][:, None] + torch.arange(seq, device=self.lengths.device)
+
+    def attention_mask(self, seq: int) -> torch.Tensor:
+        """[rows, total]: a row sees its own stored tokens and this step's."""
+        ends = self.lengths[self.rows] + seq
+        return (torch.arange(int(ends.max()), device=ends.device)[None] < ends[:, None]).long()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [rows, kv_heads, seq, head_dim] -> stored at each row's positions
+        pos = self.storage_positions(k.shape[2])                      # [rows, seq]
+        rows = self.rows[:, None].expand_as(pos)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)                # indexed view: [rows, seq, heads, dim]
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        end = int(pos.max()) + 1
+        return self.k[layer][self.rows, :, :end], self.v[layer][self.rows, :, :end]
+
+    def advance(self, seq: int) -> None:
+        self.lengths[self.rows] += seq
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -120,20 +192,20 @@ class MoEModel:
         return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
 
     @staticmethod
-    def _masks(attention_mask: torch.Tensor, seq: int, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
+    def _masks(attention_mask: torch.Tensor, q_pos: torch.Tensor, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
         """Boolean masks [batch, 1, seq, total]: key is real, not in the future, inside the window.
 
-        Each query may always see itself, so rows of padding never become all-masked (NaN).
+        ``q_pos`` [batch or 1, seq] is where each query sits in storage. Each query may always see
+        itself, so rows of padding never become all-masked (NaN).
         """
         total = attention_mask.shape[1]
-        q_pos = torch.arange(total - seq, total, device=attention_mask.device)[:, None]
-        k_pos = torch.arange(total, device=attention_mask.device)[None, :]
-        causal = k_pos <= q_pos
-        base = attention_mask[:, None, None, :].bool() & causal
+        q = q_pos[:, None, :, None]                                       # [b, 1, seq, 1]
+        k_pos = torch.arange(total, device=attention_mask.device)
+        base = attention_mask[:, None, None, :].bool() & (k_pos <= q)
         masks = {}
         for window in windows:
-            allowed = base if window is None else base & (k_pos > q_pos - window)
-            masks[window] = allowed | (k_pos == q_pos)
+            allowed = base if window is None else base & (k_pos > q - window)
+            masks[window] = allowed | (k_pos == q)
         return masks
 
     def _attention(self, lw: LayerWeights, layer: int, x: torch.Tensor, cos, sin, mask, kv: KVCache | None):
@@ -198,6 +270,8 @@ class MoEModel:
         if self.prefetcher is not None:
             self.prefetcher.after_route(layer, experts, residual)
         layer_stats = self.stats.layer(layer)
+        layer_stats.steps += 1
+        layer_stats.distinct_experts += len(needed)
         while held:
             e = held.popleft()
             gate, up, down = self.cache.wait((layer, e))
@@ -233,18 +307,25 @@ class MoEModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        kv: KVCache | None = None,
+        kv: KVCache | KVPool | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """input_ids, position_ids: [batch, seq]; attention_mask: [batch, past + seq] -> logits [batch, seq|1, vocab]."""
+        """input_ids, position_ids: [batch, seq]; attention_mask: [batch, past + seq] -> logits [batch, seq|1, vocab].
+
+        With a KVPool, ``attention_mask`` covers each row's stored tokens plus this step's (kv.attention_mask()).
+        """
         spec = self.spec
         seq = input_ids.shape[1]
         h = F.embedding(input_ids, self.embed)
         cos, sin = self._rope(position_ids)
-        masks = self._masks(attention_mask, seq, set(spec.sliding_windows))
-        valid = attention_mask[:, -seq:].bool()
+        q_pos = kv.storage_positions(seq) if kv is not None else torch.arange(seq, device=h.device)[None]
+        masks = self._masks(attention_mask, q_pos, set(spec.sliding_windows))
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if isinstance(kv, KVPool) else attention_mask[:, -seq:].bool()
         if self.prefetcher is not None:
-            self.prefetcher.begin_step(valid, fresh=kv is None or kv.length == 0)
+            if kv is None:
+                self.prefetcher.begin_step(valid, torch.arange(len(valid)), torch.ones(len(valid), dtype=torch.bool))
+            else:
+                self.prefetcher.begin_step(valid, kv.slots(), kv.fresh())
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.input_norm, spec.rms_norm_eps)
             h = h + self._attention(lw, i, x, cos, sin, masks[spec.sliding_windows[i]], kv)
@@ -253,7 +334,7 @@ class MoEModel:
         if self.prefetcher is not None:
             self.prefetcher.end_step()
         if kv is not None:
-            kv.length += seq
+            kv.advance(seq)
         if last_only:
             h = h[:, -1:]
         return F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head)

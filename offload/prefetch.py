@@ -49,22 +49,31 @@ class Prefetcher:
         self.shape: MoEShape = predictor.shape
         self.config = config
         self.k = config.candidates or self.shape.top_k
-        self._prev_by_row: np.ndarray | None = None        # [batch, layers, top_k] last token's route per sequence
+        # [slots, layers, top_k]: the last token's route of the sequence in each KV slot (-1: none yet)
+        self._prev_by_slot = np.full((0, self.shape.num_layers, self.shape.top_k), -1, dtype=np.int64)
         self._pending: dict[int, list[set[int]]] = {}      # MoE layer -> predicted sets (one per lookahead)
 
     # -- step boundaries (called by the model's forward) -----------------------------------
-    def begin_step(self, valid: torch.Tensor, fresh: bool) -> None:
-        """A forward step over ``valid`` [batch, seq] tokens begins; ``fresh``: new sequences."""
-        batch, seq = valid.shape
-        if fresh or self._prev_by_row is None or self._prev_by_row.shape[0] != batch:
-            self._prev_by_row = np.full((batch, self.shape.num_layers, self.shape.top_k), -1, dtype=np.int64)
-        v = valid.cpu().numpy()
-        rows = np.nonzero(v)[0]                             # row of each flat valid token, row-major
+    def begin_step(self, valid: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> None:
+        """A forward step begins over ``valid`` [batch, seq] tokens.
+
+        ``slots`` [batch] names each row's sequence across steps (a KV row), ``fresh`` [batch] marks
+        rows whose sequence starts now, so their history is forgotten.
+        """
+        slot_ids = slots.numpy(force=True)
+        size = int(slot_ids.max()) + 1 if len(slot_ids) else 0
+        if self._prev_by_slot.shape[0] < size:
+            grown = np.full((size, self.shape.num_layers, self.shape.top_k), -1, dtype=np.int64)
+            grown[: self._prev_by_slot.shape[0]] = self._prev_by_slot
+            self._prev_by_slot = grown
+        self._prev_by_slot[slot_ids[fresh.numpy(force=True)]] = -1
+        rows = np.nonzero(valid.numpy(force=True))[0]       # row of each flat valid token, row-major
         first = np.ones(len(rows), dtype=bool)
         first[1:] = rows[1:] != rows[:-1]
         # A token's predecessor is known only if it ran in an earlier step (decode): the first token
         # of its row in this step. Later prompt tokens' predecessors are routed alongside them.
-        self._prev = np.where(first[:, None, None], self._prev_by_row[rows], -1)
+        self._slots = slot_ids[rows]
+        self._prev = np.where(first[:, None, None], self._prev_by_slot[self._slots], -1)
         self._rows, self._first = rows, first
         self._path = np.full((len(rows), self.shape.num_layers, self.shape.top_k), -1, dtype=np.int64)
         self._pending.clear()
@@ -76,7 +85,7 @@ class Prefetcher:
         start = time.perf_counter()
         last = np.ones(len(self._rows), dtype=bool)
         last[:-1] = self._rows[1:] != self._rows[:-1]
-        self._prev_by_row[self._rows[last]] = self._path[last]
+        self._prev_by_slot[self._slots[last]] = self._path[last]
         true_prev = self._prev.copy()  # now every predecessor's route is known
         true_prev[1:][~self._first[1:]] = self._path[:-1][~self._first[1:]]
         self.predictor.observe(self._path, true_prev)

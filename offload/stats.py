@@ -20,6 +20,12 @@ class LayerStats:
     prefetch_issued: int = 0     # loads started ahead of use by the prefetcher
     prefetch_used: int = 0       # ... demanded while still resident
     prefetch_wasted: int = 0     # ... evicted before any use
+    steps: int = 0               # forward steps through this layer's MoE block
+    distinct_experts: int = 0    # sum over steps of the distinct experts a step needed (its batch's union)
+
+    @property
+    def distinct_per_step(self) -> float:
+        return self.distinct_experts / self.steps if self.steps else 0.0
 
     @property
     def accesses(self) -> int:
@@ -34,7 +40,8 @@ class LayerStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "accesses": self.accesses, "hit_rate": round(self.hit_rate, 6)}
+        return {**asdict(self), "accesses": self.accesses, "hit_rate": round(self.hit_rate, 6),
+                "distinct_per_step": round(self.distinct_per_step, 6)}
 
 
 @dataclass
