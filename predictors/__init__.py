@@ -9,7 +9,7 @@ from offload.errors import ConfigError
 
 from .base import PREDICTORS, MoEShape, Predictor, RouteContext, register, top_candidates
 from . import pregate  # noqa: F401  (registers)
-from . import history  # noqa: F401  (registers)
+from . import history, learned  # noqa: F401  (registers)
 
 
 def make_predictor(name: str, shape: MoEShape, **options) -> Predictor:

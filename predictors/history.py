@@ -23,7 +23,7 @@ from .base import MoEShape, Predictor, RouteContext, register
 from .trace import check_shape, prev_routes
 
 
-def _targets(shape: MoEShape, ctx: RouteContext, lookahead: int) -> range:
+def target_layers(shape: MoEShape, ctx: RouteContext, lookahead: int) -> range:
     """The MoE layers a predict call scores: layer+1 .. layer+lookahead, cut at the last layer."""
     if lookahead < 1:
         raise ConfigError(f"lookahead must be >= 1 layer, got {lookahead}")
@@ -51,7 +51,7 @@ class PrevToken(Predictor):
     name = "prev-token"
 
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
-        return prev_token_scores(self.shape, ctx, _targets(self.shape, ctx, lookahead))
+        return prev_token_scores(self.shape, ctx, target_layers(self.shape, ctx, lookahead))
 
 
 def _accumulate(table: np.ndarray, flat_index: np.ndarray) -> None:
@@ -145,7 +145,7 @@ class Markov(Predictor):
 
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
         # One gather per feature kind over all targets at once: this runs after every layer of every token.
-        tg = np.asarray(_targets(self.shape, ctx, lookahead))  # [d] target layers
+        tg = np.asarray(target_layers(self.shape, ctx, lookahead))  # [d] target layers
         src = np.arange(max(0, ctx.layer - self.context + 1), ctx.layer + 1)  # [c] context layers
         path = np.asarray(ctx.path, dtype=np.int64)[:, src]  # [T, c, K]
         prev = np.asarray(ctx.prev, dtype=np.int64)[:, tg].transpose(1, 0, 2)  # [d, T, K]
