@@ -33,7 +33,7 @@ from offload.errors import ConfigError
 from offload.trace import Trace
 
 from .base import MoEShape, Predictor, RouteContext, register
-from .history import target_layers, prev_token_scores
+from .history import prev_token_scores, target_layers
 from .trace import prev_routes, shape_of
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from offload.errors import ConfigError
 from offload.simulate import simulate_prefetch
 from predictors import MoEShape, Predictor, RouteContext
 from predictors.history import PrevToken
-from predictors.trace import (PrefetchAdapter, parse_seqs, prev_routes, read_trace_spec, score_trace, select_seqs)
+from predictors.trace import (PrefetchAdapter, parse_seqs, prev_routes, read_trace_spec, score_trace, select_seqs,
+                              time_predict)
 
 from .synthetic import make_trace, save, with_experts
 
@@ -96,6 +97,10 @@ def test_score_trace_observes_each_token_after_its_predictions_with_its_predeces
         ("predict", 1, 0, unknown), ("observe", 1, [[[1], [0]]], unknown),
         ("predict", 2, 0, [[[0], [1]]]), ("observe", 2, [[[1], [1]]], [[[0], [1]]]),
     ]
+
+
+def test_time_predict_times_batched_contexts() -> None:
+    assert 0 < time_predict(PrevToken(MoEShape(2, 4, 2)), HAND, 1, tokens=2, calls=10, repeats=2) < 1e5
 
 
 def test_oracle_scores_perfectly_and_score_trace_rejects_a_foreign_shape() -> None:
