@@ -96,8 +96,10 @@ class KVPool:
 
     def __init__(self, spec: ModelSpec, rows: int, capacity: int, dtype: torch.dtype, device: torch.device):
         shape = (rows, spec.num_kv_heads, capacity, spec.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        # Zeros, not empty: a short row attends over the batch's longest key range, and its masked
+        # keys must hold finite numbers (uninitialised memory can hold NaN, and NaN * 0 is NaN).
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.rows = torch.arange(0)
 
