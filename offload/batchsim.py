@@ -62,7 +62,8 @@ def decode_sequences(trace: Trace) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 
 def make_workload(trace: Trace, num_requests: int, seed: int = 0, min_tokens: int = 16,
                   relabel: bool = False) -> list[SimRequest]:
-    """``num_requests`` requests cut from the trace's decode sequences, drawn with replacement.
+    """``num_requests`` requests cut from the trace's decode sequences, drawn with replacement
+    (0: every sequence once, whole: distinct prompts, nothing shared but what routing shares).
 
     Each starts at a uniform offset that leaves it at least ``min_tokens`` steps (a shorter
     sequence is taken whole) and runs to the sequence's end; its prefix is the sequence's prefill
@@ -74,18 +75,19 @@ def make_workload(trace: Trace, num_requests: int, seed: int = 0, min_tokens: in
     (shared expert preferences, duplicates) and keeps each request's own reuse from step to step,
     so what a scheduler still gains on it is chance, not locality across requests.
     """
-    if num_requests < 1 or min_tokens < 1:
-        raise ConfigError(f"need >= 1 request of >= 1 token, got {num_requests} and {min_tokens}")
+    if num_requests < 0 or min_tokens < 1:
+        raise ConfigError(f"need >= 0 requests of >= 1 token, got {num_requests} and {min_tokens}")
     sequences = decode_sequences(trace)
     if not sequences:
         raise ConfigError(f"{trace.path or 'trace'} has no decode tokens", "record a trace with generation")
     rng = np.random.default_rng(seed)
     relabel_rng = np.random.default_rng([seed, 1])  # its own stream: the same requests with or without
     seqs = sorted(sequences)
+    whole = num_requests == 0
     out = []
-    for seq in rng.choice(seqs, size=num_requests).tolist():
+    for seq in seqs if whole else rng.choice(seqs, size=num_requests).tolist():
         prefill, decode = sequences[seq]
-        offset = int(rng.integers(0, max(len(decode) - min_tokens, 0) + 1))
+        offset = 0 if whole else int(rng.integers(0, max(len(decode) - min_tokens, 0) + 1))
         routes, prefix = decode[offset:], np.concatenate([prefill, decode[:offset]])
         if relabel:
             layers, experts = trace.header.num_layers, trace.header.num_experts
@@ -149,8 +151,8 @@ class BatchSimResult:
     accesses: int
     loads: int  # cache misses: experts moved into the cache
     distinct_per_layer: float  # distinct experts per layer per step, mean over steps and layers
-    max_wait: int  # the longest run of consecutive ready-but-not-picked steps of any request
-    p99_wait: float  # 99th percentile over requests of each one's longest such run
+    wait_max: int  # the longest run of consecutive ready-but-not-picked steps of any request
+    wait_p99: float  # 99th percentile over requests of each one's longest such run
     mean_latency: float  # arrival to last token, mean over requests
     p99_latency: float
 

@@ -43,7 +43,7 @@ def test_loads_of_one_batch_by_hand() -> None:
     assert keys == [0, 1, 3, 0, 2, 3]
     assert (r.tokens, r.steps, r.accesses, r.loads) == (4, 2, 6, 4)
     assert r.distinct_per_layer == 1.5  # step 0: 2 and 1; step 1: 1 and 2
-    assert (r.loads_per_token, r.tokens_per_step, r.max_wait, r.mean_latency) == (1.0, 2.0, 0, 2.0)
+    assert (r.loads_per_token, r.tokens_per_step, r.wait_max, r.mean_latency) == (1.0, 2.0, 0, 2.0)
 
 
 def test_loads_one_request_at_a_time_by_hand() -> None:
@@ -52,7 +52,7 @@ def test_loads_one_request_at_a_time_by_hand() -> None:
     keys: list[int] = []
     r = simulate_batching(HAND, BatchSimConfig("fifo", batch_size=1, capacity=3), num_experts=2, keys_out=keys)
     assert keys == [0, 3, 0, 2, 1, 3, 0, 3]
-    assert (r.tokens, r.steps, r.accesses, r.loads, r.max_wait) == (4, 4, 8, 6, 2)
+    assert (r.tokens, r.steps, r.accesses, r.loads, r.wait_max) == (4, 4, 8, 6, 2)
     assert r.distinct_per_layer == 1.0 and r.mean_latency == 3.0  # finished at steps 2 and 4
 
 
@@ -75,7 +75,7 @@ def test_expert_aware_keeps_the_max_wait_promise_and_groups(humaneval) -> None:
     fifo = simulate_batching(workload, BatchSimConfig("fifo", batch_size=4, capacity=64), num_experts=8)
     aware = simulate_batching(workload, BatchSimConfig("expert-aware", batch_size=4, max_wait=3, capacity=64),
                               num_experts=8)
-    assert aware.max_wait <= 3 < fifo.max_wait  # the pool of 2 x batch keeps within 4 x (3 + 1)
+    assert aware.wait_max <= 3 < fifo.wait_max  # the pool of 2 x batch keeps within 4 x (3 + 1)
     assert aware.tokens == fifo.tokens
     assert aware.distinct_per_layer < fifo.distinct_per_layer
 
@@ -112,6 +112,7 @@ def test_workload_is_cut_from_the_decode_tokens(tmp_path) -> None:
         assert w.prefix.ravel().tolist() == np.concatenate([prefill, decode[:offset]]).ravel().tolist()
     assert {w.source for w in workload} == {(0, 0), (0, 1), (2, 0)}
     assert [w.prior for w in workload if w.source == (0, 1)][0].tolist() == [[0]]
+    assert [w.source for w in make_workload(trace, 0)] == [(0, 0), (2, 0)]  # every sequence once, whole
 
 
 def test_relabelling_permutes_each_request_per_layer(humaneval) -> None:
