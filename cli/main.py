@@ -75,7 +75,7 @@ def _progress_bar() -> tuple[Progress, callable]:
 @app.command()
 def run(
     model: ModelArg,
-    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (or use --prompts-file).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")] = "auto",
@@ -90,8 +90,17 @@ def run(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     stats_json: Annotated[Optional[Path], typer.Option(help="Write the run's statistics to this JSON file.")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="Many prompts: .txt (one per line) or .jsonl; batched.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="With --prompts-file: JSONL results file (default: stdout).")] = None,
+    batch_size: Annotated[int, typer.Option(help="With --prompts-file: requests per decode step.")] = 8,
+    scheduler: Annotated[str, typer.Option(help="With --prompts-file: fifo or expert-aware.")] = "fifo",
+    max_wait: Annotated[int, typer.Option(help="With --prompts-file: most steps a ready request is skipped.")] = 4,
 ) -> None:
-    """Generate a continuation of PROMPT, streamed to stdout; statistics go to stderr."""
+    """Generate a continuation of PROMPT, streamed to stdout; statistics go to stderr.
+
+    With --prompts-file, every prompt is generated with continuous batching and one JSON object per
+    prompt (id, prompt, completion, token counts) is written, in the file's order, to --out or stdout.
+    """
     import offload
     from offload.generate import TextStreamer
 
@@ -101,17 +110,33 @@ def run(
         raise ConfigError(f"--temperature must be >= 0, got {temperature}", "0 means greedy")
     if stats_json is not None and stats_json.is_dir():
         raise ConfigError(f"--stats-json {stats_json} is a directory", "give a file path")
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError("give either a PROMPT or --prompts-file", "offload run MODEL \"text\" or offload run MODEL --prompts-file FILE")
+    if out is not None and prompts_file is None:
+        raise ConfigError("--out needs --prompts-file", "a single PROMPT streams to stdout")
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory", "give a file path such as results.jsonl")
+    texts = None
+    if prompts_file is not None:
+        from offload.tracing import read_prompts
+
+        texts = read_prompts(prompts_file)
     progress, update = _progress_bar()
     with progress:
         m = offload.from_pretrained(model, device=device, dtype=dtype, expert_budget=expert_budget,
                                     offload_to=offload_to, policy=policy, predictor=predictor, lookahead=lookahead,
                                     prefetch_budget=prefetch_budget, progress=update,
                                     predictor_options={"weights": predictor_weights} if predictor_weights else None)
-    ids = m.encode(prompt)
     generator = torch.Generator(device=m.device).manual_seed(seed) if seed is not None else None
-    sys.stdout.write(prompt)
-    m.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-               top_p=top_p, streamer=TextStreamer(m.tokenizer), generator=generator)
+    if texts is not None:
+        _run_many(m, texts, out, max_new_tokens=max_new_tokens, batch_size=batch_size, scheduler=scheduler,
+                  max_wait=max_wait, do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
+                  generator=generator)
+    else:
+        ids = m.encode(prompt)
+        sys.stdout.write(prompt)
+        m.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                   top_p=top_p, streamer=TextStreamer(m.tokenizer), generator=generator)
     m.cache.close()
     err.print(f"[dim]{m.cache.num_slots} of {m.spec.total_experts} experts cached ({m.runtime.offload_to} tier, "
               f"{m.runtime.policy}, predictor {m.runtime.predictor}); {m.stats.summary()}[/dim]", soft_wrap=True)
@@ -119,6 +144,25 @@ def run(
         payload = {"model": str(m.plan.path), "expert_slots": m.cache.num_slots,
                    "total_experts": m.spec.total_experts, **m.stats.to_dict()}
         stats_json.write_text(json.dumps(payload, indent=2))
+
+
+def _run_many(m, texts: list[str], out: Optional[Path], **kwargs) -> None:
+    """Batched generation of every prompt with a progress bar; JSON lines in the prompts' order."""
+    progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True, disable=not err.is_terminal)
+    with progress:
+        task = progress.add_task("generating", total=len(texts))
+        results = m.generate_many(texts, on_finish=lambda c: progress.advance(task), **kwargs)
+    lines = "".join(json.dumps(c.to_dict()) + "\n" for c in results)
+    if out is None:
+        sys.stdout.write(lines)
+    else:
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_text(lines)
+        tmp.replace(out)  # never leave a half-written results file under the user's name
+    t, tokens = m.stats.total, sum(c.completion_tokens for c in results)
+    err.print(f"[dim]{len(results)} prompts, {tokens} tokens; {t.distinct_per_step:.2f} distinct experts per layer "
+              f"per step, {t.misses / max(tokens, 1):.2f} expert loads per generated token[/dim]", soft_wrap=True)
 
 
 def _gib(n: float) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +232,46 @@ class OffloadModel:
         if not ids:
             raise ConfigError("the prompt encodes to no tokens", "give a non-empty prompt")
         return torch.tensor([ids], dtype=torch.long)
+
+    def generate_many(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int | None = None,
+        batch_size: int = 8,
+        scheduler: str = "fifo",
+        max_wait: int = 4,
+        pool_size: int = 0,
+        prefill_chunk: int = 0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+        on_finish: Callable | None = None,
+    ) -> list:
+        """Continuous batching over many prompts (texts or token ids); Completions in the prompts' order.
+
+        ``scheduler="expert-aware"`` picks each step's batch to need few distinct experts; a
+        request's tokens are the same under every scheduler, batch size and budget.
+        """
+        from .batch import BatchConfig, generate_many
+
+        config = BatchConfig(batch_size=batch_size, scheduler=scheduler, max_wait=max_wait, pool_size=pool_size,
+                             prefill_chunk=prefill_chunk)
+        ids = [self.encode(p)[0].tolist() if isinstance(p, str) else list(p) for p in prompts]
+        eos = self._default(eos_token_id, "eos_token_id", list(self.spec.eos_token_ids))
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        out = generate_many(self.model, ids, config, max_new_tokens=self._default(max_new_tokens, "max_new_tokens", 20),
+                            eos_token_ids=eos, do_sample=bool(self._default(do_sample, "do_sample", False)),
+                            temperature=float(self._default(temperature, "temperature", 1.0)),
+                            top_p=float(self._default(top_p, "top_p", 1.0)), generator=generator,
+                            on_finish=on_finish)
+        for c, p in zip(out, prompts):
+            if isinstance(p, str):
+                c.prompt = p
+            if self.tokenizer is not None:
+                c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        return out
 
     def generate_text(self, prompt: str, **kwargs) -> str:
         """One line from text to text: the continuation of ``prompt`` (without the prompt)."""
