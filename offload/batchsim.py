@@ -92,8 +92,7 @@ def make_workload(trace: Trace, num_requests: int, seed: int = 0, min_tokens: in
         if relabel:
             layers, experts = trace.header.num_layers, trace.header.num_experts
             perm = relabel_rng.permuted(np.tile(np.arange(experts, dtype=routes.dtype), (layers, 1)), axis=1)
-            routes, prefix = (np.take_along_axis(perm[None], a.reshape(len(a), layers, -1).astype(np.intp), 2)
-                              for a in (routes, prefix))
+            routes, prefix = (perm[np.arange(layers)[None, :, None], a] for a in (routes, prefix))
         out.append(SimRequest(routes, prefix, (seq, offset)))
     return out
 

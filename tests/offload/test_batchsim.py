@@ -113,6 +113,8 @@ def test_workload_is_cut_from_the_decode_tokens(tmp_path) -> None:
     assert {w.source for w in workload} == {(0, 0), (0, 1), (2, 0)}
     assert [w.prior for w in workload if w.source == (0, 1)][0].tolist() == [[0]]
     assert [w.source for w in make_workload(trace, 0)] == [(0, 0), (2, 0)]  # every sequence once, whole
+    relabelled = make_workload(trace, 0, relabel=True)  # seq 2 has an empty prefix
+    assert [w.prefix.shape for w in relabelled] == [(1, 1, 1), (0, 1, 1)] and relabelled[1].routes.shape == (2, 1, 1)
 
 
 def test_relabelling_permutes_each_request_per_layer(humaneval) -> None:
