@@ -25,9 +25,10 @@ stall. ``stall-causing accesses per token`` = (demand misses + stalls) / tokens,
 divides it by LRU's misses per token without prediction at the same capacity. Predict-call costs
 are timed separately (best of 5 runs of 300 calls), for one token and for 16-token contexts.
 
-Writes OUT/eval.json (``"accuracy"`` and ``"simulation"`` record lists, the learned predictors'
-training reports, every parameter and the machine) and OUT/eval.md (the accuracy table, a
-``vs LRU`` summary per latency and every simulator run, in Markdown, also printed on stdout).
+Writes OUT/eval.json (``"accuracy"`` and ``"simulation"`` record lists; ``"fitted"``: markov's
+options and the learned predictors' training reports per split; every parameter; the machine) and
+OUT/eval.md (the accuracy table, a ``vs LRU`` summary per latency and every simulator run, in
+Markdown, also printed on stdout).
 
 Regenerating the tiny-moe traces (scripts/results/traces/; greedy decoding, so deterministic)::
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -73,6 +75,7 @@ from train_predictor import train_with_progress  # noqa: E402  (scripts/ is not 
 
 SCHEMA = "offload-predictor-eval/1"
 BATCH_TOKENS = 16  # tokens per context in the batched timing
+MARKOV_OPTIONS = ("horizon", "context", "alpha", "path_weight", "prev_weight")  # recorded in eval.json
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -141,6 +144,8 @@ def factories(split: Split, names: list[str], train_config: TrainConfig, learned
     for name in names:
         if name == "markov":
             fitted = make_predictor("markov", shape).fit(split.train)  # type: ignore[attr-defined]
+            reports.append({"split": split.name, "markov": {k: getattr(fitted, k) for k in MARKOV_OPTIONS},
+                            "train_tokens": fitted.tokens})
             out[name] = lambda fitted=fitted: copy.deepcopy(fitted)  # online updates must not leak between runs
         elif name == "learned":
             if learned_weights is not None:
@@ -283,6 +288,7 @@ def main(
         splits = [Split(f"{_short(a)} → {_short(b)}", read_trace_spec(a), read_trace_spec(b))
                   for a, b in zip(train, test)]
         t0 = time.perf_counter()
+        load_before = os.getloadavg()[0]  # the µs timings are only as quiet as the machine: keep its load with them
         reports: list[dict[str, Any]] = []
         acc: list[AccuracyRecord] = []
         sim: list[SimRecord] = []
@@ -306,8 +312,10 @@ def main(
                        f"latency {lat} layer step{'s' if lat > 1 else ''})\n\n" + summary_table(sim, lat))
         tables += "\n## Every simulator run\n\n" + simulation_table(sim)
         out.mkdir(parents=True, exist_ok=True)
-        result = {"schema": SCHEMA, "params": params, "machine": {**machine_info(), "torch": torch.__version__},
-                  "learned": reports, "accuracy": [dataclasses.asdict(r) for r in acc],
+        machine = {**machine_info(), "torch": torch.__version__,
+                   "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]}}
+        result = {"schema": SCHEMA, "params": params, "machine": machine,
+                  "fitted": reports, "accuracy": [dataclasses.asdict(r) for r in acc],
                   "simulation": [dataclasses.asdict(r) for r in sim]}
         (out / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
         (out / "eval.md").write_text(tables)
