@@ -97,6 +97,41 @@ def make_workload(trace: Trace, num_requests: int, seed: int = 0, min_tokens: in
     return out
 
 
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pair of tokens ([n, layers, top_k] each), the share of experts they have in common, averaged over layers."""
+    return (a[..., :, None] == b[..., None, :]).sum(axis=(-1, -2)).mean(axis=-1) / a.shape[-1]
+
+
+def locality(trace: Trace, pairs: int = 4000, seed: int = 0) -> dict[str, float]:
+    """How alike the trace's decode routes are: what grouping requests can exploit (1: the same experts).
+
+    The share of experts two tokens have in common, averaged over layers, for: a token and the one
+    before it in its sequence (``prev_token``, how good the prev-token prediction is), random pairs
+    within one sequence (``same_seq``) and from two sequences (``other_seq``), against ``chance``
+    (top_k / num_experts, for routes drawn uniformly).
+    """
+    sequences = [d for _, d in decode_sequences(trace).values()]
+    rng = np.random.default_rng(seed)
+    tokens = np.concatenate(sequences)  # [tokens, layers, top_k]
+    lengths = np.array([len(d) for d in sequences])
+    owner = np.repeat(np.arange(len(sequences)), lengths)
+    start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    consecutive = np.concatenate([_overlap(d[1:], d[:-1]) for d in sequences if len(d) > 1] or [np.zeros(0)])
+    a = rng.integers(0, len(tokens), size=pairs)
+    a = a[lengths[owner[a]] > 1]
+    shift = rng.integers(1, lengths[owner[a]])  # another token of the same sequence
+    same = start[owner[a]] + (a - start[owner[a]] + shift) % lengths[owner[a]]
+    b, c = rng.integers(0, len(tokens), size=(2, pairs))
+    keep = owner[b] != owner[c]  # pairs of tokens of two sequences
+    other = _overlap(tokens[b[keep]], tokens[c[keep]])
+
+    def mean(x: np.ndarray) -> float:
+        return float(x.mean()) if x.size else float("nan")
+
+    return {"prev_token": mean(consecutive), "same_seq": mean(_overlap(tokens[a], tokens[same])),
+            "other_seq": mean(other), "chance": trace.header.top_k / trace.header.num_experts}
+
+
 @dataclass(frozen=True)
 class BatchSimConfig:
     """One simulated run: the scheduler, the pool, the cache and how requests arrive."""

@@ -5,11 +5,12 @@
 
 Every decode sequence of a trace is a request (offload/batchsim.py cuts and samples them); each run
 pushes the same requests through a scheduler and one global expert cache. Writes OUT/batching.json
-(``{"schema": "offload-batching-sim/1", "records": [...], "params": ..., "machine": ...}``, one
-record per run) and OUT/batching.md (the table printed on stdout): per trace, batch size, cache and
-pool, each scheduler's distinct experts per layer per step, expert loads per token, steps, tokens per
-step, waits and latencies, with expert-aware's ratios to fifo on the same requests. Progress and
-errors go to stderr; a bad trace or option is one line ``Error: ...`` and exit code 1.
+(``{"schema": "offload-batching-sim/1", "records": [...], "locality": ..., "params": ..., "machine": ...}``,
+one record per run; locality: how alike each trace's routes are) and OUT/batching.md (the table
+printed on stdout): per trace, batch size, cache and pool, each scheduler's distinct experts per
+layer per step, expert loads per token, steps, tokens per step, waits and latencies, with
+expert-aware's ratios to fifo on the same requests. Progress and errors go to stderr; a bad trace or
+option is one line ``Error: ...`` and exit code 1.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from offload.batchsim import BatchSimConfig, make_workload, simulate_batching
+from offload.batchsim import BatchSimConfig, locality, make_workload, simulate_batching
 from offload.errors import ConfigError, OffloadError
 from offload.sweep import CapacitySpec, machine_info, parse_capacities
 from offload.trace import read_trace
@@ -106,7 +107,14 @@ def record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
             "seconds": round(seconds, 2)}
 
 
-def markdown(records: list[dict[str, Any]]) -> str:
+def describe(stats: dict[str, float]) -> str:
+    """One line on how alike the trace's routes are (offload.batchsim.locality) and how many requests repeat."""
+    return (f"experts shared with the previous token {stats['prev_token']:.3f}, with a random token of the same "
+            f"sequence {stats['same_seq']:.3f}, of another sequence {stats['other_seq']:.3f}, by chance "
+            f"{stats['chance']:.3f}; {stats['duplicates']:.0%} of the requests repeat an earlier one")
+
+
+def markdown(records: list[dict[str, Any]], notes: dict[str, str] | None = None) -> str:
     """One table per trace and workload; ratios are to fifo's run on the same requests, batch, cache and pool."""
     lines: list[str] = []
     key = ("trace", "workload", "batch_size", "cache", "pool")
@@ -114,7 +122,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
     for trace, workload in dict.fromkeys((r["trace"], r["workload"]) for r in records):
         rows = [r for r in records if r["trace"] == trace and r["workload"] == workload]
         lines += [f"**{trace}**" + (" (relabelled: no locality across requests)" if workload != "trace" else ""),
-                  f"{rows[0]['requests']} requests, {rows[0]['tokens']} tokens", "",
+                  f"{rows[0]['requests']} requests, {rows[0]['tokens']} tokens"
+                  + (f"; {notes[trace]}" if notes and trace in notes and workload == "trace" else ""), "",
                   "| batch | cache | pool | scheduler | distinct experts/layer/step | ratio | loads/token | ratio "
                   "| steps | tokens/step | max wait | p99 wait | p99 latency |", "|---" * 13 + "|"]
         for r in rows:
@@ -140,11 +149,15 @@ def run(traces: list[Path], out: Path, requests: int, batch_sizes: list[int], sc
     if not caches:
         raise ConfigError("no cache size", "give --cache, e.g. 25%,50%")
     work = []
+    alike: dict[str, dict[str, float]] = {}
     for path in traces:
         trace = read_trace(path)
         h = trace.header
         for workload in ("trace", "relabelled") if relabel else ("trace",):
             requests_ = make_workload(trace, requests, base.seed, min_tokens, relabel=workload == "relabelled")
+            if workload == "trace":
+                repeats = 1 - len({w.source for w in requests_}) / len(requests_)
+                alike[path.name] = {**locality(trace, seed=base.seed), "duplicates": repeats}
             for r in plan(path.name, workload, h.num_layers * h.num_experts, batch_sizes, caches, pools, schedulers,
                           max_waits, predictions, base):
                 work.append((r, requests_, h.num_experts))
@@ -164,9 +177,9 @@ def run(traces: list[Path], out: Path, requests: int, batch_sizes: list[int], sc
               "caches": [c.text for c in caches], "pools": pools, "relabel": relabel, "min_tokens": min_tokens,
               "policy": base.policy, "resident_weight": base.resident_weight, "admission": base.admission,
               "arrival_rate": base.arrival_rate, "seed": base.seed}
-    table = markdown(records)
-    (out / "batching.json").write_text(json.dumps({"schema": SCHEMA, "records": records, "params": params,
-                                                   "machine": machine_info()}, indent=1))
+    table = markdown(records, {name: describe(stats) for name, stats in alike.items()})
+    (out / "batching.json").write_text(json.dumps({"schema": SCHEMA, "records": records, "locality": alike,
+                                                   "params": params, "machine": machine_info()}, indent=1))
     (out / "batching.md").write_text(table)
     err.print(f"wrote {out}/batching.json, batching.md ({len(records)} runs)")
     return table

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offload.batchsim import BatchSimConfig, SimRequest, decode_sequences, make_workload, simulate_batching
+from offload.batchsim import (BatchSimConfig, SimRequest, decode_sequences, locality, make_workload,
+                              simulate_batching)
 from offload.errors import ConfigError, PolicyError
 from offload.simulate import AccessStream, simulate
 from offload.trace import TraceHeader, TraceWriter, read_trace
@@ -135,3 +136,16 @@ def test_relabelling_permutes_each_request_per_layer(humaneval) -> None:
 def test_bad_configs(kwargs, error) -> None:
     with pytest.raises(error):
         BatchSimConfig(**kwargs)
+
+
+def test_locality_by_hand(tmp_path) -> None:
+    trace = read_trace(_write(tmp_path / "t.jsonl"))  # decode experts: seq 0: 0, 1, 2; seq 2: 2, 3 (top-1)
+    stats = locality(trace, pairs=500)
+    assert stats["prev_token"] == 0.0 and stats["same_seq"] == 0.0 and stats["chance"] == 0.25
+    assert 0.0 < stats["other_seq"] < 1.0  # only expert 2 is shared: seq 0's last token and seq 2's first
+
+
+def test_locality_of_humaneval(humaneval) -> None:
+    stats = locality(humaneval)
+    assert stats["chance"] == 0.25
+    assert stats["prev_token"] > stats["same_seq"] > stats["chance"]  # consecutive tokens share the most experts

@@ -42,6 +42,7 @@ def test_writes_json_and_table(trace, tmp_path) -> None:
     data = json.loads((tmp_path / "batching.json").read_text())
     assert data["schema"] == "offload-batching-sim/1" and data["machine"]["cores"] >= 1
     assert data["params"]["requests"] == 30 and data["params"]["max_waits"] == [1, 3]
+    assert set(data["locality"]["synthetic.jsonl.gz"]) == {"prev_token", "same_seq", "other_seq", "chance", "duplicates"}
     records = data["records"]
     # per workload: 2 batch sizes x 2 caches x (fifo + 2 max waits x 2 predictions)
     assert len(records) == 2 * 2 * 2 * 5
@@ -58,6 +59,7 @@ def test_writes_json_and_table(trace, tmp_path) -> None:
     fifo_rows = [line for line in table.splitlines() if "| fifo |" in line]
     assert len(fifo_rows) == 8 and all(line.count("| 1.000 |") == 2 for line in fifo_rows)
     assert "expert-aware (wait<=3, oracle)" in table
+    assert "of the requests repeat an earlier one" in table
 
 
 @pytest.mark.parametrize("extra, message", [
