@@ -215,6 +215,18 @@ def _admission(workload: list[SimRequest], config: BatchSimConfig) -> list[int]:
     return admission_order([w.prefix[:, 0] for w in workload])
 
 
+def _run_step(cache: _PyCaches, batch: np.ndarray, num_experts: int, keys_out: list[int] | None) -> tuple[int, int]:
+    """One decode step through the cache; batch: [picked, layers, top_k] -> (accesses, loads).
+
+    Layer by layer, each distinct expert of the batch is accessed once: it runs once, over its tokens.
+    """
+    keys = [layer * num_experts + e for layer in range(batch.shape[1]) for e in np.unique(batch[:, layer]).tolist()]
+    loads = sum(not cache.access(k)[0] for k in keys)
+    if keys_out is not None:
+        keys_out.extend(keys)
+    return len(keys), loads
+
+
 def simulate_batching(workload: list[SimRequest], config: BatchSimConfig, num_experts: int,
                       keys_out: list[int] | None = None) -> BatchSimResult:
     """Run the workload through the scheduler and the cache; ``keys_out`` collects the access stream."""
@@ -253,16 +265,9 @@ def simulate_batching(workload: list[SimRequest], config: BatchSimConfig, num_ex
             raise RuntimeError(f"scheduler {scheduler.name!r} picked {len(picked)} of {len(ready)} ready")
         scheduler.step_done(ready, picked)
         routes = [workload[r.id].routes[done_steps[r.id]] for r in picked]
-        batch = np.stack(routes)  # [picked, layers, top_k]
         distinct_sum += float(distinct_experts(routes).mean())
-        for layer in range(layers):  # each distinct expert of a layer runs once, over its tokens
-            for expert in np.unique(batch[:, layer]).tolist():
-                key = layer * num_experts + expert
-                hit, _ = cache.access(key)
-                loads += not hit
-                accesses += 1
-                if keys_out is not None:
-                    keys_out.append(key)
+        step_accesses, step_loads = _run_step(cache, np.stack(routes), num_experts, keys_out)
+        accesses, loads = accesses + step_accesses, loads + step_loads
         for r, route in zip(picked, routes):
             r.route = route
             done_steps[r.id] += 1
@@ -276,6 +281,6 @@ def simulate_batching(workload: list[SimRequest], config: BatchSimConfig, num_ex
                 finish[r.id] = step
         ready = [r for r in ready if done_steps[r.id] < workload[r.id].steps]
     latency = finish - arrive
-    return BatchSimResult(len(workload), tokens, decode_steps, accesses, loads, distinct_sum / decode_steps, int(longest_wait.max()),
-                          float(np.percentile(longest_wait, 99)), float(latency.mean()),
+    return BatchSimResult(len(workload), tokens, decode_steps, accesses, loads, distinct_sum / decode_steps,
+                          int(longest_wait.max()), float(np.percentile(longest_wait, 99)), float(latency.mean()),
                           float(np.percentile(latency, 99)))
