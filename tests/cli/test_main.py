@@ -64,7 +64,14 @@ def test_info_reports_sizes_and_fits(model_dir):
         (("run", "{model}", "x", "--dtype", "int3"), "unknown dtype 'int3'"),
         (("run", "{model}", "x", "--max-new-tokens", "-2"), "--max-new-tokens must be >= 0"),
         (("run", "{model}", "x", "--max-new-tokens", "ten"), "Invalid value for '--max-new-tokens'"),
-        (("run", "{model}"), "Missing argument"),
+        (("run", "{model}"), "give either a PROMPT or --prompts-file"),
+        (("run", "{model}", "x", "--predictor", "oracle"), "unknown predictor 'oracle'"),
+        (("run", "{model}", "x", "--predictor", "pregate", "--predictor-file", "{model}/config.json"),
+         "--predictor pregate takes no --predictor-file"),
+        (("run", "{model}", "x", "--predictor", "learned", "--predictor-file", "{tmp}/p.safetensors"),
+         "p.safetensors does not exist"),
+        (("run", "{model}", "x", "--predictor", "learned", "--predictor-file", "{model}/config.json"),
+         "not a learned-predictor safetensors file"),
         (("info", "{tmp}"), "no config.json"),
     ],
 )
@@ -74,6 +81,17 @@ def test_errors_are_one_line(model_dir, tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.output
+
+
+def test_markov_fits_the_trace_given_and_keeps_the_tokens(model_dir, tmp_path):
+    prompts, trace = tmp_path / "prompts.txt", tmp_path / "t.jsonl.gz"
+    prompts.write_text("def f(x):\n")
+    assert invoke("trace", model_dir, "--prompts", prompts, "--out", trace, "--max-new-tokens", 8).exit_code == 0
+    plain = invoke("run", model_dir, "def g(y):", "--max-new-tokens", 8, "--expert-budget", 2)
+    markov = invoke("run", model_dir, "def g(y):", "--max-new-tokens", 8, "--expert-budget", 2,
+                    "--predictor", "markov", "--predictor-file", trace)
+    assert markov.exit_code == 0, markov.output
+    assert markov.stdout == plain.stdout and "predictor markov" in markov.stderr
 
 
 def test_cuda_absent_is_one_line(model_dir):

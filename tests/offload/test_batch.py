@@ -4,6 +4,7 @@ prefill chunking; results keep the prompts' order; the KV pool computes what a p
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -98,8 +99,9 @@ def test_unknown_scheduler(reference):
 
 
 @pytest.fixture(scope="module")
-def text_model(tiny_dir):
-    return add_char_tokenizer(tiny_dir("mixtral"))
+def text_model(tiny_dir, tmp_path_factory):
+    """A copy: the session's shared mixtral folder stays without a tokenizer (test_errors needs that)."""
+    return add_char_tokenizer(shutil.copytree(tiny_dir("mixtral"), tmp_path_factory.mktemp("text") / "m"))
 
 
 def test_cli_prompts_file_writes_results_in_order(text_model, tmp_path):
