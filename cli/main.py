@@ -85,7 +85,7 @@ def run(
     predictor: Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")] = "none",
     lookahead: Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.")] = 1,
     prefetch_budget: Annotated[str, typer.Option(help='Most cache slots prefetched experts may hold before use: "4" or "50%".')] = "50%",
-    predictor_weights: Annotated[Optional[Path], typer.Option(help="Weights of the learned predictor (scripts/train_predictor.py).")] = None,
+    predictor_file: Annotated[Optional[Path], typer.Option(help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
@@ -126,7 +126,7 @@ def run(
         m = offload.from_pretrained(model, device=device, dtype=dtype, expert_budget=expert_budget,
                                     offload_to=offload_to, policy=policy, predictor=predictor, lookahead=lookahead,
                                     prefetch_budget=prefetch_budget, progress=update,
-                                    predictor_options={"weights": predictor_weights} if predictor_weights else None)
+                                    predictor_options=_predictor_options(predictor, predictor_file))
     generator = torch.Generator(device=m.device).manual_seed(seed) if seed is not None else None
     if texts is not None:
         _run_many(m, texts, out, max_new_tokens=max_new_tokens, batch_size=batch_size, scheduler=scheduler,
@@ -144,6 +144,19 @@ def run(
         payload = {"model": str(m.plan.path), "expert_slots": m.cache.num_slots,
                    "total_experts": m.spec.total_experts, **m.stats.to_dict()}
         stats_json.write_text(json.dumps(payload, indent=2))
+
+
+def _predictor_options(predictor: str, path: Optional[Path]) -> dict | None:
+    """--predictor-file is the learned predictor's weights or the trace markov fits its counts on."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"--predictor-file {path} does not exist", "give a .safetensors (learned) or a trace (markov)")
+    if predictor == "learned":
+        return {"weights": path}
+    if predictor == "markov":
+        return {"trace": path}
+    raise ConfigError(f"--predictor {predictor} takes no --predictor-file", "use it with learned or markov")
 
 
 def _run_many(m, texts: list[str], out: Optional[Path], **kwargs) -> None:
