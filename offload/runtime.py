@@ -25,6 +25,8 @@ from .transfer import DirectReader, DiskExpertStore, RamExpertStore
 
 log = logging.getLogger(__name__)
 
+PREDICTOR_FILE = "predictor.safetensors"  # a learned predictor shipped beside the checkpoint
+
 # progress(stage, done, total): stage is "dense" or "experts"
 ProgressFn = Callable[[str, int, int], None]
 
@@ -302,7 +304,8 @@ def from_pretrained(
     ``predictor``: a predictors registry name (or "none") whose guesses for the next ``lookahead``
     MoE layers are loaded in the background, holding at most ``prefetch_budget`` slots (a number,
     or a share of the cache) before use; ``predictor_options`` go to its constructor (e.g.
-    ``{"weights": "predictor.safetensors"}``). Prefetching never changes the output tokens.
+    ``{"weights": "predictor.safetensors"}``; ``learned`` defaults to the checkpoint folder's
+    predictor.safetensors when there is one, as tiny-moe ships). Prefetching never changes the output tokens.
     """
     runtime = RuntimeConfig(device=device, dtype=parse_dtype(dtype), expert_budget=expert_budget,
                             offload_to=offload_to, policy=policy, predictor=predictor, lookahead=lookahead,
@@ -338,7 +341,11 @@ def from_pretrained(
     model = MoEModel(spec, plan.family, embed, _build_layers(plan, dense.__getitem__), dense["model.norm.weight"],
                      dense.get("lm_head.weight", embed), cache, stats)
     if runtime.predictor != "none":
-        model.prefetcher = _make_prefetcher(model, runtime, prefetch_slots, predictor_options or {})
+        options = dict(predictor_options or {})
+        if runtime.predictor.lower() == "learned" and "weights" not in options and "net" not in options \
+                and (plan.path / PREDICTOR_FILE).is_file():
+            options["weights"] = plan.path / PREDICTOR_FILE  # a checkpoint may ship its trained predictor
+        model.prefetcher = _make_prefetcher(model, runtime, prefetch_slots, options)
     tokenizer = None
     if (plan.path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
