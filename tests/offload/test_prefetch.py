@@ -166,7 +166,8 @@ def mixtral_reference(tiny_dir):
 
 
 @settings(max_examples=14, deadline=None)
-@given(predictor=st.sampled_from(sorted(set(PREDICTORS) - {"learned"})),  # learned needs weights: below lookahead=st.integers(1, 3),
+# learned needs trained weights: test_learned_uses_the_predictor_shipped_with_the_model
+@given(predictor=st.sampled_from(sorted(set(PREDICTORS) - {"learned"})), lookahead=st.integers(1, 3),
        prefetch_budget=st.sampled_from([0, 1, 3, "50%", "100%"]), budget=st.sampled_from([1, 2, 5, "100%"]),
        offload_to=st.sampled_from(["disk", "ram"]), policy=st.sampled_from(["lru", "lfu", "fifo"]))
 def test_tokens_do_not_depend_on_the_predictor(mixtral_reference, predictor, lookahead, prefetch_budget, budget,
