@@ -31,7 +31,8 @@ class PreGate(Predictor):
                               "use it through the runtime (offload run --predictor pregate)")
         # Fold each layer's norm weight into its router: router(norm(h)) = (router * w) @ rms(h),
         # so one matmul scores every layer ahead. Rows [l * E, (l + 1) * E) are layer l's experts.
-        self.weight = torch.cat([r.float() * n.float()[None, :] for r, n in zip(routers, norms)])
+        # Held as float32 numpy: for one decode token, torch's per-op dispatch costs more than the math.
+        self.weight = torch.cat([r.float() * n.float()[None, :] for r, n in zip(routers, norms)]).numpy(force=True)
         self.eps = eps
 
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
@@ -42,7 +43,7 @@ class PreGate(Predictor):
         first, last = ctx.layer + 1, min(ctx.layer + 1 + lookahead, self.shape.num_layers)
         if first >= last:
             return np.zeros((0, ctx.tokens, E), dtype=np.float32)
-        with torch.inference_mode():
-            h = torch.nn.functional.rms_norm(ctx.hidden.float(), (ctx.hidden.shape[-1],), eps=self.eps)  # [tokens, hidden]
-            logits = torch.nn.functional.linear(h, self.weight[first * E : last * E])  # [tokens, d * E]
-        return logits.numpy(force=True).reshape(ctx.tokens, last - first, E).transpose(1, 0, 2)
+        h = ctx.hidden.detach().float().numpy(force=True)  # [tokens, hidden]
+        h = h / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + self.eps)  # the RMSNorm before each router
+        logits = h @ self.weight[first * E : last * E].T  # [tokens, d * E]
+        return logits.reshape(ctx.tokens, last - first, E).transpose(1, 0, 2)
