@@ -13,39 +13,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from typer.core import TyperGroup
 
 from offload.checkpoint import bundled_models
-from offload.errors import ConfigError, OffloadError
+from offload.errors import ConfigError
+
+from .errors import OneLineErrors
 
 err = Console(stderr=True)
-
-
-class OneLineErrors(TyperGroup):
-    """Every known failure ends as one line on stderr and a non-zero exit, never a traceback or a panel."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        try:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        except OffloadError as e:
-            _fail(e.message, e.hint)
-        except typer.Exit as e:
-            sys.exit(e.exit_code)
-        except typer.Abort:
-            _fail("aborted")
-        except typer.TyperException as e:  # typer's (vendored click) usage errors: bad or missing options
-            message = e.format_message() if hasattr(e, "format_message") else str(e)
-            if not message:  # bare `offload`: help was printed already
-                sys.exit(getattr(e, "exit_code", 2))
-            _fail(message, "see `offload COMMAND --help`", code=getattr(e, "exit_code", 2))
-        except OSError as e:
-            _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e))
-
-
-def _fail(message: str, hint: str = "", code: int = 1):
-    line = f"Error: {message}" + (f" (hint: {hint})" if hint else "")
-    print(line.replace("\n", " "), file=sys.stderr)
-    sys.exit(code)
 
 
 app = typer.Typer(

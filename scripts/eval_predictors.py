@@ -62,7 +62,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from offload.errors import ConfigError, OffloadError
+from cli.errors import one_line_errors
+from offload.errors import ConfigError
 from offload.simulate import check_policy, simulate_prefetch
 from offload.sweep import machine_info, parse_capacities
 from offload.trace import Trace
@@ -275,7 +276,7 @@ def main(
     seed: Annotated[int, typer.Option(help="Seed for training the learned predictor.")] = 0,
 ) -> None:
     """Precision/recall of each predictor per lookahead, and its effect on a simulated expert cache."""
-    try:
+    with one_line_errors():
         if len(train) != len(test):
             raise ConfigError(f"{len(train)} --train but {len(test)} --test traces", "give one --test per --train")
         names = [n.strip() for n in predictors.split(",") if n.strip()]
@@ -321,12 +322,6 @@ def main(
         (out / "eval.md").write_text(tables)
         err.print(f"wrote {out}/eval.json and eval.md ({len(acc)} accuracy, {len(sim)} simulation records)")
         print(tables, end="")
-    except OffloadError as e:
-        print(f"Error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        print(f"Error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from itertools import product
@@ -29,7 +28,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from offload.batchsim import BatchSimConfig, locality, make_workload, simulate_batching
-from offload.errors import ConfigError, OffloadError
+from cli.errors import one_line_errors
+from offload.errors import ConfigError
 from offload.sweep import CapacitySpec, machine_info, parse_capacities
 from offload.trace import read_trace
 
@@ -209,18 +209,12 @@ def main(
     seed: Annotated[int, typer.Option(help="Seed of the request sampling and arrivals.")] = 0,
 ) -> None:
     """Distinct experts per step and expert loads per token of each request scheduler, on real routing traces."""
-    try:
+    with one_line_errors():
         base = BatchSimConfig(policy=policy, resident_weight=resident_weight, admission=admission,
                               arrival_rate=arrival_rate, seed=seed)
         print(run(trace, out, requests, _ints(batch_size, "batch size", 1), _names(schedulers),
                   _ints(max_wait, "max wait", 0), _names(prediction), parse_capacities(cache), pool, relabel,
                   min_tokens, base), end="")
-    except OffloadError as e:
-        print(f"Error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        print(f"Error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ to stderr; a bad trace or option is one line ``Error: ...`` and exit code 1.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from offload.errors import OffloadError
+from cli.errors import one_line_errors
 from offload.simulate import AccessStream
 from offload.sweep import (SweepConfig, machine_info, markdown_tables, parse_capacities, plot_sweep, sweep,
                            to_json, write_csv)
@@ -67,16 +66,10 @@ def main(
     = None,
 ) -> None:
     """Hit rate of each eviction policy at each cache size, per-layer and global, on real routing traces."""
-    try:
+    with one_line_errors():
         config = SweepConfig(tuple(p.strip() for p in policies.split(",") if p.strip()),
                              parse_capacities(per_layer), parse_capacities(global_), expert_bytes, bandwidth)
         print(run(trace, config, out), end="")
-    except OffloadError as e:
-        print(f"Error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        print(f"Error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

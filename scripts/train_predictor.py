@@ -12,7 +12,6 @@ config and report, the traces and the machine; load it with
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from offload.errors import OffloadError
+from cli.errors import one_line_errors
 from offload.sweep import machine_info
 from offload.trace import Trace
 from predictors.learned import PathMLP, TrainConfig, TrainReport, report_dict, save_weights, train
@@ -55,7 +54,7 @@ def main(
     seed: Annotated[int, typer.Option(help="Seed of the init and the validation split.")] = TrainConfig.seed,
 ) -> None:
     """Fit the learned predictor's per-(layer, lookahead) MLPs with BCE and save them."""
-    try:
+    with one_line_errors():
         config = TrainConfig(lookahead, hidden, steps, lr, weight_decay, val_fraction, seed=seed)
         net, report = train_with_progress([read_trace_spec(s) for s in trace], config)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -65,12 +64,6 @@ def main(
                   f"{report.train_tokens} train / {report.val_tokens} val tokens, best step {report.best_step}, "
                   f"{report.seconds:.1f} s")
         print(f"train loss {report.train_loss:.4f}  val loss {report.val_loss:.4f}")
-    except OffloadError as e:
-        print(f"Error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        print(f"Error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
-        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":
