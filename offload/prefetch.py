@@ -105,16 +105,18 @@ class Prefetcher:
             return
         ctx = RouteContext(m, self._path[:, : m + 1], self._prev, hidden if self.predictor.needs_hidden else None)
         scores = self.predictor.predict(ctx, self.config.lookahead)  # [d, tokens, experts]
-        protect = {(layer, e) for e in used}
+        wanted: list[tuple[int, int]] = []  # (model layer, expert), nearest layer first, best first
         for j in range(scores.shape[0]):
-            target = m + 1 + j
             predicted = self._rank(top_candidates(scores[j], self.k), scores[j])
-            self._pending.setdefault(target, []).append(set(predicted))
-            model_layer = self.moe_layers[target]
-            for e in predicted:
-                if self.cache.prefetched >= self.config.budget_slots:
-                    break
-                self.cache.prefetch((model_layer, e), protect)
+            self._pending.setdefault(m + 1 + j, []).append(set(predicted))
+            wanted += [(self.moe_layers[m + 1 + j], e) for e in predicted]
+        # Room is never made by evicting what this layer uses or another expert predicted here:
+        # a prefetch that evicts a resident predicted expert only trades one load for another.
+        protect = {(layer, e) for e in used}.union(wanted)
+        for key in wanted:
+            if self.cache.prefetched >= self.config.budget_slots:
+                break
+            self.cache.prefetch(key, protect)
         self.stats.predictor_time_s += time.perf_counter() - start
 
     @staticmethod
