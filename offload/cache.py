@@ -168,6 +168,14 @@ class ExpertCache:
         layer_stats.prefetch_issued += 1
         return True
 
+    def expire_prefetches(self, layer: int, used: Iterable[int]) -> None:
+        """``layer`` routed to ``used``: its other prefetched experts were wasted; evict them first."""
+        used = set(used)
+        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in used]:
+            self._prefetched.discard(key)
+            self.stats.layer(layer).prefetch_wasted += 1
+            self.policy.on_demote(key)
+
     def _insert(self, key: Key, slot: int, layer_stats) -> None:
         self._slot_of[key] = slot
         self.policy.on_insert(key)

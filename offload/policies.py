@@ -42,6 +42,12 @@ class EvictionPolicy(ABC):
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
         """Pick the key to evict among ``candidates`` (resident and not pinned, never empty)."""
 
+    def on_demote(self, key: Hashable) -> None:
+        """A resident key proved useless for now (a prefetch its layer did not use): evict it early.
+
+        Recency policies put it first in line; LFU keeps its counts, which already say how useful it is.
+        """
+
 
 class _OrderedPolicy(EvictionPolicy):
     """Evicts the first evictable key of an ordered dict; subclasses decide what moves a key."""
@@ -54,6 +60,9 @@ class _OrderedPolicy(EvictionPolicy):
 
     def on_evict(self, key: Hashable) -> None:
         self._order.pop(key, None)
+
+    def on_demote(self, key: Hashable) -> None:
+        self._order.move_to_end(key, last=False)
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
         allowed = set(candidates)

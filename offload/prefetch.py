@@ -100,6 +100,7 @@ class Prefetcher:
         self._path[:, m] = routed
         used = set(routed.ravel().tolist())
         self._score(m, used)
+        self.cache.expire_prefetches(layer, used)  # what this layer does not use was a wrong guess
         if m + 1 == self.shape.num_layers:  # nothing ahead within this token
             self.stats.predictor_time_s += time.perf_counter() - start
             return

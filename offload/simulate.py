@@ -303,7 +303,8 @@ class PrefetchResult:
     """Counts of a prediction-aware run.
 
     ``issued == used + wasted``: a prefetch is used when demanded before it is evicted, wasted
-    otherwise (also when the trace ends first). A demand access to a prefetch issued fewer than
+    otherwise: when its layer runs without it (it is then first in line for eviction, as in the
+    runtime cache), when it is evicted first, or when the trace ends. A demand access to a prefetch issued fewer than
     ``latency`` layer steps earlier is a hit that waits for its transfer: a stall.
     """
 
@@ -379,6 +380,12 @@ class _PyCaches:
         self.policies[p].on_access(key, False)
         return False, victim
 
+    def demote(self, key: int) -> None:
+        """A prefetch its layer did not use: first in line for eviction (as the runtime cache does)."""
+        p = self.part[key]
+        if key in self.resident[p]:
+            self.policies[p].on_demote(key)
+
     def prefetch(self, key: int, pinned: set[int]) -> tuple[bool, int | None]:
         """Insert ``key`` ahead of use, never evicting ``pinned``; (inserted, evicted key)."""
         p = self.part[key]
@@ -429,6 +436,10 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
                 evicted(victim)
             if predictor is None:
                 continue
+            for k in [k for k in pending if k // stream.num_experts == layer]:  # this layer did not use it
+                del pending[k]
+                wasted += 1
+                caches.demote(k)
             for k in predictor(Step(t, layer, stream.num_experts, experts[:t], experts[t, :layer + 1])):
                 if not 0 <= k < stream.num_keys:
                     raise ConfigError(f"predictor proposed key {k}, outside 0..{stream.num_keys - 1}")

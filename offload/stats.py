@@ -19,7 +19,7 @@ class LayerStats:
     stall_time_s: float = 0.0    # time the compute thread waited for them
     prefetch_issued: int = 0     # loads started ahead of use by the prefetcher
     prefetch_used: int = 0       # ... demanded while still resident
-    prefetch_wasted: int = 0     # ... evicted before any use
+    prefetch_wasted: int = 0     # ... not used by the layer they were fetched for
     steps: int = 0               # forward steps through this layer's MoE block
     distinct_experts: int = 0    # sum over steps of the distinct experts a step needed (its batch's union)
 

@@ -100,6 +100,35 @@ def test_evicting_an_in_flight_prefetch_waits_for_its_load():
     cache.close()
 
 
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu"])
+def test_a_prefetch_its_layer_did_not_use_is_wasted_and_evicted_first(policy):
+    # 3 slots: (0,0), (0,1), (0,0) used, then (1,3) prefetched for layer 1, which routes to expert 2
+    # only. The prefetch is wasted at once (freeing the prefetch budget) and is the next victim:
+    # without that, LRU would evict (0,1) and FIFO (0,0); LFU evicts it anyway (count 0).
+    stats = Stats()
+    cache = ExpertCache(FakeStore(), 3, LAYOUT, torch.device("cpu"), make_policy(policy), stats)
+    run(cache, [(0, 0), (0, 1), (0, 0)])
+    assert cache.prefetch((1, 3))
+    cache.expire_prefetches(1, used={2})
+    assert (stats.total.prefetch_wasted, cache.prefetched) == (1, 0)
+    cache.expire_prefetches(1, used={2})  # nothing left to expire
+    assert stats.total.prefetch_wasted == 1
+    run(cache, [(1, 2)])  # the demand miss of layer 1 evicts one key
+    assert cache.resident == {(0, 0), (0, 1), (1, 2)}
+    cache.close()
+
+
+def test_expiry_keeps_the_prefetches_a_layer_uses_and_those_of_other_layers():
+    cache, _, stats = make_cache(4)
+    assert cache.prefetch((1, 0)) and cache.prefetch((1, 1)) and cache.prefetch((2, 0))
+    cache.expire_prefetches(1, used={0})  # layer 1 routes to 0 (reserved later): 1 wasted; layer 2's stays
+    assert (stats.total.prefetch_wasted, cache.prefetched) == (1, 2)
+    run(cache, [(1, 0), (2, 0)])
+    t = stats.total
+    assert (t.prefetch_used, t.prefetch_wasted, t.hits, t.misses) == (2, 1, 2, 0)
+    cache.close()
+
+
 def test_parse_prefetch_budget():
     assert parse_prefetch_budget("50%", 10) == 5
     assert parse_prefetch_budget(3, 10) == 3

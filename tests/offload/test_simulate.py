@@ -175,6 +175,17 @@ def test_predictor_sees_only_the_past() -> None:
     assert len(seen) == 6
 
 
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu"])
+def test_a_prefetch_its_layer_did_not_use_is_evicted_first(policy: str) -> None:
+    # Keys 0 4 1 4 0 4 (2 layers x 4 experts, top-1), one global cache of 3. After step 0 a guess
+    # prefetches key 5, which layer 1 does not use: wasted, and first in line, so step 2's miss on 1
+    # evicts 5 rather than 0, and step 4's 0 hits (LRU without demotion would evict 0 and miss it).
+    stream = AccessStream.from_experts(np.array([[[0], [0]], [[1], [0]], [[0], [0]]]), 4)
+    r = simulate_prefetch(stream, policy, "global", 3, predictor=lambda step: [5] if step.token == step.layer == 0 else [])
+    assert (r.issued, r.used, r.wasted) == (1, 0, 1)
+    assert (r.sim.misses, r.sim.hits) == (3, 3)
+
+
 def test_bad_arguments_raise_project_errors() -> None:
     s = flat(HAND)
     with pytest.raises(PolicyError, match="unknown simulator policy 'mru'"):
