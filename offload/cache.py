@@ -227,9 +227,10 @@ class ExpertCache:
 
     def _evict(self, key: Hashable) -> int:
         load = self._inflight.pop(key, None)
-        if load is not None and not load.done():
+        if load is not None and not load.done() and not load.cancel():
             # Victims are chosen as if every load were instant, so counts never depend on timing;
-            # a victim still loading (a prefetch nobody used yet) is waited for before its slot is reused.
+            # a victim still queued (a prefetch nobody used) is cancelled, one already loading is
+            # waited for before its slot is reused.
             start = time.perf_counter()
             load.result()
             self.stats.layer(key[0]).stall_time_s += time.perf_counter() - start

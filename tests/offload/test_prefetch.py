@@ -29,8 +29,10 @@ class GatedStore(FakeStore):
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
+        self.started = threading.Event()  # a load is running (blocked at the gate)
 
     def fetch(self, key, scratch):
+        self.started.set()
         assert self.gate.wait(10), "the test never opened the gate"
         return super().fetch(key, scratch)
 
@@ -92,11 +94,32 @@ def test_evicting_an_in_flight_prefetch_waits_for_its_load():
     store = GatedStore()
     cache, _, stats = make_cache(1, store=store, async_loads=True)
     assert cache.prefetch((0, 0))
+    assert store.started.wait(10)  # its load is running: too late to cancel
     threading.Timer(0.05, store.gate.set).start()
     assert cache.prefetch((0, 1))  # evicts (0, 0) as soon as its bytes have landed
     cache.drain()
     assert cache.resident == {(0, 1)} and store.fetches == [(0, 0), (0, 1)]
     assert (stats.total.prefetch_wasted, stats.total.evictions) == (1, 1)
+    cache.close()
+
+
+def test_evicting_a_queued_prefetch_cancels_its_load():
+    # (0,0)'s load runs (blocked at the gate), (1,1)'s waits behind it. Layer 1 routes elsewhere:
+    # (1,1) is wasted and evicted first by the next miss, and its load is cancelled, never read.
+    store = GatedStore()
+    cache, _, stats = make_cache(2, store=store, async_loads=True)
+    assert cache.prefetch((0, 0))
+    assert store.started.wait(10)
+    assert cache.prefetch((1, 1))
+    cache.expire_prefetches(1, used={2})
+    cache.reserve((1, 2))  # a miss: evicts (1,1) without waiting for the gate
+    store.gate.set()
+    gate, _, _ = cache.wait((1, 2))
+    assert float(gate[0, 0]) == 12.0
+    cache.release((1, 2))
+    cache.drain()
+    assert store.fetches == [(0, 0), (1, 2)] and cache.resident == {(0, 0), (1, 2)}
+    assert (stats.total.prefetch_issued, stats.total.prefetch_wasted, stats.total.evictions) == (2, 1, 1)
     cache.close()
 
 
