@@ -80,6 +80,7 @@ class ExpertCache:
         self._pins: dict[Hashable, int] = {}
         self._inflight: dict[Hashable, Future] = {}  # key -> its load, until a wait() sees it done
         self._prefetched: set[Hashable] = set()       # resident (or loading) by prefetch, not yet demanded
+        self.evict_wait_s = 0.0                       # time spent waiting for a victim's load to land
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="offload-loader") if async_loads else None
 
     # -- queries ---------------------------------------------------------------------------
@@ -233,7 +234,9 @@ class ExpertCache:
             # waited for before its slot is reused.
             start = time.perf_counter()
             load.result()
-            self.stats.layer(key[0]).stall_time_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.stats.layer(key[0]).stall_time_s += waited
+            self.evict_wait_s += waited
         slot = self._slot_of.pop(key)
         self.policy.on_evict(key)
         if key in self._prefetched:

@@ -114,11 +114,13 @@ class Prefetcher:
         # Room is never made by evicting what this layer uses or another expert predicted here:
         # a prefetch that evicts a resident predicted expert only trades one load for another.
         protect = {(layer, e) for e in used}.union(wanted)
+        waited = self.cache.evict_wait_s
         for key in wanted:
             if self.cache.prefetched >= self.config.budget_slots:
                 break
             self.cache.prefetch(key, protect)
-        self.stats.predictor_time_s += time.perf_counter() - start
+        # Waiting for a victim's load to land is stall time (the cache counts it), not predictor work.
+        self.stats.predictor_time_s += time.perf_counter() - start - (self.cache.evict_wait_s - waited)
 
     @staticmethod
     def _rank(picks: np.ndarray, scores: np.ndarray) -> list[int]:

@@ -78,7 +78,7 @@ class Stats:
     decode_tokens: int = 0
     prefill_time_s: float = 0.0
     decode_time_s: float = 0.0
-    predictor_time_s: float = 0.0  # time spent asking the predictor and issuing prefetches
+    predictor_time_s: float = 0.0  # asking the predictor and issuing prefetches (waits on loads excluded)
     prediction: dict[int, PredictionStats] = field(default_factory=dict)  # by lookahead
 
     def layer(self, index: int) -> LayerStats:
