@@ -27,8 +27,8 @@ from offload.sweep import SweepConfig, machine_info, sweep
 from offload.trace import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the oracles live in tests/reference.py, shared with the tests
-import reference  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the oracles live in tests/reference.py, shared with the tests
+from tests import reference  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

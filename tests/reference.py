@@ -1,8 +1,8 @@
 """Slow, obviously-correct oracles that the fast code is checked against.
 
 Each section holds the oracles of one part of the project; nothing here imports the project, so
-an oracle cannot share a bug with the code it checks. tests/ is not a package: put it on
-``sys.path`` and ``import reference`` (the tests and scripts/bench_simulator.py do).
+an oracle cannot share a bug with the code it checks. ``from tests import reference`` with the
+repository root on ``sys.path`` (pytest puts it there; scripts/bench_simulator.py does).
 """
 
 from __future__ import annotations

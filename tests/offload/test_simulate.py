@@ -4,7 +4,6 @@ tests/reference.py, Belady's optimality, the HumanEval reference table, and the 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,9 @@ from offload.errors import BudgetError, ConfigError, PolicyError
 from offload.simulate import SIM_POLICIES, AccessStream, Step, simulate, simulate_prefetch
 from offload.trace import read_trace
 
+from tests import reference
+
 TESTS = Path(__file__).parent.parent
-sys.path.insert(0, str(TESTS))  # tests/ is not a package; the oracles live in tests/reference.py
-import reference  # noqa: E402
 
 POLICIES = list(SIM_POLICIES)
 HUMANEVAL = TESTS / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
