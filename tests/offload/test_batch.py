@@ -48,6 +48,18 @@ def test_tokens_do_not_depend_on_batching(reference, scheduler, batch_size, budg
     assert model.stats.decode_tokens == len(PROMPTS) * (NEW - 1)  # the first token comes from prefill
 
 
+@pytest.mark.parametrize("predictor", ["pregate", "prev-token", "markov"])
+def test_tokens_do_not_depend_on_prefetching_while_batching(reference, predictor):
+    # The prefetcher keys each sequence's history by its KV row, which rows reuse as requests finish.
+    path, alone = reference
+    model = offload.from_pretrained(path, device="cpu", expert_budget=5, predictor=predictor, lookahead=2)
+    out = model.generate_many(PROMPTS, max_new_tokens=NEW, batch_size=2, scheduler="expert-aware", eos_token_id=[])
+    assert [c.token_ids for c in out] == alone
+    t = model.stats.total
+    assert t.prefetch_issued > 0 and t.prefetch_issued == t.prefetch_used + t.prefetch_wasted + model.cache.prefetched
+    model.cache.close()
+
+
 def test_eos_ends_a_request_and_frees_its_row(reference):
     path, alone = reference
     model = offload.from_pretrained(path, device="cpu")
