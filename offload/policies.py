@@ -9,6 +9,9 @@ counts on the same access sequence:
 * ``fifo``: evict the oldest insertion; hits do not refresh.
 * ``lfu``:  evict the key with the fewest accesses since the start (counts survive eviction),
   ties broken by least recent use.
+
+A demoted key (a prefetch its layer did not use) goes first in line under lru and fifo; lfu's
+counts already rank it.
 """
 
 from __future__ import annotations
