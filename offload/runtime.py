@@ -341,11 +341,7 @@ def from_pretrained(
     model = MoEModel(spec, plan.family, embed, _build_layers(plan, dense.__getitem__), dense["model.norm.weight"],
                      dense.get("lm_head.weight", embed), cache, stats)
     if runtime.predictor != "none":
-        options = dict(predictor_options or {})
-        if runtime.predictor.lower() == "learned" and "weights" not in options and "net" not in options \
-                and (plan.path / PREDICTOR_FILE).is_file():
-            options["weights"] = plan.path / PREDICTOR_FILE  # a checkpoint may ship its trained predictor
-        model.prefetcher = _make_prefetcher(model, runtime, prefetch_slots, options)
+        model.prefetcher = _make_prefetcher(model, runtime, prefetch_slots, predictor_options or {}, plan.path)
     tokenizer = None
     if (plan.path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -367,8 +363,9 @@ def _check_predictor_name(name: str) -> None:
         raise ConfigError(f"unknown predictor {name!r}", f"use one of: none, {', '.join(sorted(PREDICTORS))}")
 
 
-def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, slots: int, options: dict):
-    """The runtime's predictor (pregate gets the routers and the norms in front of them) and its prefetcher."""
+def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, slots: int, options: dict, folder: Path):
+    """The runtime's predictor and its prefetcher: pregate gets the routers and the norms in front of
+    them, learned the checkpoint folder's predictor.safetensors unless given weights."""
     from predictors import MoEShape, make_predictor
 
     from .prefetch import PrefetchConfig, Prefetcher
@@ -379,6 +376,9 @@ def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, slots: int, option
     if runtime.predictor.lower() == "pregate":
         options = {"routers": [model.layers[i].router for i in moe_layers],
                    "norms": [model.layers[i].post_norm for i in moe_layers], "eps": spec.rms_norm_eps, **options}
+    elif runtime.predictor.lower() == "learned" and not {"weights", "net"} & options.keys() \
+            and (folder / PREDICTOR_FILE).is_file():
+        options = {**options, "weights": folder / PREDICTOR_FILE}
     predictor = make_predictor(runtime.predictor, shape, **options)
     return Prefetcher(predictor, model.cache, model.stats, moe_layers, PrefetchConfig(runtime.lookahead, slots))
 

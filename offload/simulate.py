@@ -364,8 +364,9 @@ class PrefetchResult:
 
     ``issued == used + wasted``: a prefetch is used when demanded before it is evicted, wasted
     otherwise: when its layer runs without it (it is then first in line for eviction, as in the
-    runtime cache), when it is evicted first, or when the trace ends. A demand access to a prefetch issued fewer than
-    ``latency`` layer steps earlier is a hit that waits for its transfer: a stall.
+    runtime cache), when it is evicted first, or when the trace ends. A demand access to a
+    prefetch issued fewer than ``latency`` layer steps earlier is a hit that waits for its
+    transfer: a stall.
     """
 
     sim: SimResult

@@ -43,7 +43,7 @@ class PreGate(Predictor):
         first, last = ctx.layer + 1, min(ctx.layer + 1 + lookahead, self.shape.num_layers)
         if first >= last:
             return np.zeros((0, ctx.tokens, E), dtype=np.float32)
-        h = ctx.hidden.detach().float().numpy(force=True)  # [tokens, hidden]
+        h = ctx.hidden.float().numpy(force=True)  # [tokens, hidden]
         h = h / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + self.eps)  # the RMSNorm before each router
         logits = h @ self.weight[first * E : last * E].T  # [tokens, d * E]
         return logits.reshape(ctx.tokens, last - first, E).transpose(1, 0, 2)
