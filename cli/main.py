@@ -92,7 +92,7 @@ def run(
         raise ConfigError(f"--out {out} is a directory", "give a file path such as results.jsonl")
     texts = None
     if prompts_file is not None:
-        from offload.tracing import read_prompts
+        from offload.files import read_prompts
 
         texts = read_prompts(prompts_file)
     progress, update = _progress_bar()
@@ -197,7 +197,8 @@ def trace(
 ) -> None:
     """Record every token's experts and routing weights at every MoE layer (prefill and decode)."""
     import offload
-    from offload.tracing import read_prompts, record_trace
+    from offload.files import read_prompts
+    from offload.traces.recorder import record_trace
 
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")

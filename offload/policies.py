@@ -2,7 +2,7 @@
 
 A policy only orders keys; the cache owns residency, pinning and the counts. Keys are any
 hashable (the runtime uses ``(layer, expert)`` tuples). The semantics are the ones the trace
-simulator (``offload.simulate``) implements in numba, so that both give identical hit/miss
+simulator (``offload.sim.simulate``) implements in numba, so that both give identical hit/miss
 counts on the same access sequence:
 
 * ``lru``:  evict the least recently used key.

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from offload.errors import ConfigError
-from offload.trace import Trace, read_trace
+from offload.traces.format import Trace, read_trace
 
 from .base import MoEShape, Predictor, RouteContext, register
-from .trace import check_shape, prev_routes
+from .evaluate import check_shape, prev_routes
 
 
 def target_layers(shape: MoEShape, ctx: RouteContext, lookahead: int) -> range:

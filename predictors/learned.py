@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from offload.errors import ConfigError
-from offload.trace import Trace
+from offload.traces.format import Trace
 
 from .base import MoEShape, Predictor, RouteContext, register
 from .history import prev_token_scores, target_layers
-from .trace import prev_routes, shape_of
+from .evaluate import prev_routes, shape_of
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from offload.simulate import SIM_POLICIES, AccessStream, simulate, simulate_prefetch
-from offload.sweep import SweepConfig, machine_info, sweep
-from offload.trace import read_trace
+from offload.sim.simulate import SIM_POLICIES, AccessStream, simulate, simulate_prefetch
+from offload.sim.sweep import SweepConfig, machine_info, sweep
+from offload.traces.format import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the oracles live in tests/reference.py, shared with the tests

@@ -14,7 +14,7 @@
 (``@0-19``), which is how the two-sequence HumanEval trace is split by sequence. Per split, ``markov``
 is fit on the train trace, ``learned`` is trained on it (or loaded from ``--learned-weights``), and
 every predictor then runs over the test trace token by token, observing each finished token (online
-learning) -- see predictors/trace.py for the exact precision/recall definitions.
+learning) -- see predictors/evaluate.py for the exact precision/recall definitions.
 
 The simulator part runs ``simulate_prefetch`` on the test trace with one global cache over all
 layers' experts (--capacity in shares of layers x experts) for every policy, without prediction and
@@ -64,12 +64,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cli.errors import one_line_errors
 from offload.errors import ConfigError
-from offload.simulate import check_policy, simulate_prefetch
-from offload.sweep import machine_info, parse_capacities
-from offload.trace import Trace
+from offload.sim.simulate import check_policy, simulate_prefetch
+from offload.sim.sweep import machine_info, parse_capacities
+from offload.traces.format import Trace
 from predictors import Predictor, make_predictor
 from predictors.learned import Learned, TrainConfig, report_dict
-from predictors.trace import PrefetchAdapter, read_trace_spec, score_trace, shape_of, time_predict
+from predictors.evaluate import PrefetchAdapter, read_trace_spec, score_trace, shape_of, time_predict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_predictor import train_with_progress  # noqa: E402  (scripts/ is not a package)

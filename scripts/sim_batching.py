@@ -3,7 +3,7 @@
     python scripts/sim_batching.py --trace tests/data/mixtral-8x7b-humaneval.jsonl.gz --requests 1000 \\
         --batch-size 8,32 --schedulers fifo,expert-aware --max-wait 4 --cache 25%,50% --out out/batching
 
-Every decode sequence of a trace is a request (offload/batchsim.py cuts and samples them); each run
+Every decode sequence of a trace is a request (offload/sim/batching.py cuts and samples them); each run
 pushes the same requests through a scheduler and one global expert cache. Writes OUT/batching.json
 (``{"schema": "offload-batching-sim/1", "records": [...], "locality": ..., "params": ..., "machine": ...}``,
 one record per run; locality: how alike each trace's routes are) and OUT/batching.md (the table
@@ -27,11 +27,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from offload.batchsim import BatchSimConfig, locality, make_workload, simulate_batching
+from offload.sim.batching import BatchSimConfig, locality, make_workload, simulate_batching
 from cli.errors import one_line_errors
 from offload.errors import ConfigError
-from offload.sweep import CapacitySpec, machine_info, parse_capacities
-from offload.trace import read_trace
+from offload.sim.sweep import CapacitySpec, machine_info, parse_capacities
+from offload.traces.format import read_trace
 
 SCHEMA = "offload-batching-sim/1"
 _POOL = re.compile(r"^(\d+)x$")
@@ -108,7 +108,7 @@ def record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def describe(stats: dict[str, float]) -> str:
-    """One line on how alike the trace's routes are (offload.batchsim.locality) and how many requests repeat."""
+    """One line on how alike the trace's routes are (offload.sim.batching.locality) and how many requests repeat."""
     return (f"experts shared with the previous token {stats['prev_token']:.3f}, with a random token of the same "
             f"sequence {stats['same_seq']:.3f}, of another sequence {stats['other_seq']:.3f}, by chance "
             f"{stats['chance']:.3f}; {stats['duplicates']:.0%} of the requests repeat an earlier one")

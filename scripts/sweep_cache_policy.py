@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.errors import one_line_errors
-from offload.simulate import AccessStream
-from offload.sweep import (SweepConfig, machine_info, markdown_tables, parse_capacities, plot_sweep, sweep,
+from offload.sim.simulate import AccessStream
+from offload.sim.sweep import (SweepConfig, machine_info, markdown_tables, parse_capacities, plot_sweep, sweep,
                            to_json, write_csv)
-from offload.trace import read_trace
+from offload.traces.format import read_trace
 
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)

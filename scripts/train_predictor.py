@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.errors import one_line_errors
-from offload.sweep import machine_info
-from offload.trace import Trace
+from offload.sim.sweep import machine_info
+from offload.traces.format import Trace
 from predictors.learned import PathMLP, TrainConfig, TrainReport, report_dict, save_weights, train
-from predictors.trace import read_trace_spec
+from predictors.evaluate import read_trace_spec
 
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)

@@ -113,7 +113,7 @@ def test_corrupt_checkpoint_through_cli(model_dir, tmp_path):
 
 
 def test_trace_command_writes_a_readable_trace(model_dir, tmp_path):
-    from offload.trace import read_trace
+    from offload.traces.format import read_trace
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def f(x):\nreturn x\n")

@@ -111,8 +111,8 @@ def test_runtime_cache_counts_equal_the_simulator(policy, capacity):
     """The runtime cache and the numba simulator implement the same policies: same counts on a real trace."""
     from pathlib import Path
 
-    from offload.simulate import AccessStream, simulate
-    from offload.trace import read_trace
+    from offload.sim.simulate import AccessStream, simulate
+    from offload.traces.format import read_trace
 
     trace = read_trace(Path(__file__).parents[1] / "data" / "mixtral-8x7b-humaneval.jsonl.gz")
     experts = trace.experts[:120]  # [tokens, layers, top_k]: the first 120 tokens, 7,680 accesses

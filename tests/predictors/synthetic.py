@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offload.trace import Trace, TraceHeader, write_trace
+from offload.traces.format import Trace, TraceHeader, write_trace
 
 
 def make_trace(experts, seq=None, path: str = "hand-made") -> Trace:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from offload.trace import TraceHeader, TraceWriter
+from offload.traces.format import TraceHeader, TraceWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("sim_batching", ROOT / "scripts" / "sim_batching.py")

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from offload.errors import ConfigError
-from offload.trace import Trace, read_trace
+from offload.traces.format import Trace, read_trace
 
 from .base import MoEShape, Predictor, RouteContext, top_candidates
 
 if TYPE_CHECKING:  # the simulator pulls in numba, which the runtime's predictors do not need
-    from offload.simulate import Step
+    from offload.sim.simulate import Step
 
 
 def shape_of(trace: Trace) -> MoEShape:

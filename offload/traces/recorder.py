@@ -1,6 +1,6 @@
 """Recording routing traces from the runtime: which experts each token chose at each MoE layer.
 
-The file format is offload/trace.py's (offload-routing-trace/1). Layers in a trace are the
+The file format is offload/traces/format.py's (offload-routing-trace/1). Layers in a trace are the
 model's MoE layers in order (dense layers of Qwen2-MoE-style models route nothing); their model
 indices are in the header's ``moe_layers`` field. ``pos`` is the token's absolute position in
 its sequence, prompt tokens first (phase "prefill"), then generated ones (phase "decode").
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
-from .trace import TraceHeader, TraceWriter
+from ..errors import ConfigError
+from .format import TraceHeader, TraceWriter
 
 
 class RoutingRecorder:
@@ -47,31 +47,6 @@ class RoutingRecorder:
             self.writer.write(self.seq, self.pos, phase, experts_tlk[t].tolist(), weights_tlk[t].tolist())
             self.pos += 1
         self.tokens += experts_tlk.shape[0]
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a .jsonl file (strings or objects with "prompt"/"text") or a text file, one per line."""
-    import json
-
-    if not path.is_file():
-        raise ConfigError(f"prompts file {path} does not exist", "give a .txt (one prompt per line) or .jsonl file")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{path}:{n} is not valid JSON", "one JSON string or object per line") from None
-            obj = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else obj
-            if not isinstance(obj, str):
-                raise ConfigError(f"{path}:{n} has no prompt string", 'write {"prompt": "..."} or a JSON string')
-            line = obj
-        prompts.append(line)
-    if not prompts:
-        raise ConfigError(f"prompts file {path} holds no prompts")
-    return prompts
 
 
 def record_trace(model, prompts: Iterable[str | torch.Tensor], out: str | Path, max_new_tokens: int = 32,

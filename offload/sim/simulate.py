@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .errors import BudgetError, ConfigError, PolicyError
-from .policies import EvictionPolicy, make_policy
-from .trace import Trace
+from ..errors import BudgetError, ConfigError, PolicyError
+from ..policies import EvictionPolicy, make_policy
+from ..traces.format import Trace
 
 # Policy codes the kernel branches on; the registry below is the only place names meet codes.
 _LRU, _LFU, _FIFO, _BELADY = 0, 1, 2, 3

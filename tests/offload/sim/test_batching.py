@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offload.batchsim import (BatchSimConfig, SimRequest, decode_sequences, locality, make_workload,
+from offload.sim.batching import (BatchSimConfig, SimRequest, decode_sequences, locality, make_workload,
                               simulate_batching)
 from offload.errors import ConfigError, PolicyError
-from offload.simulate import AccessStream, simulate
-from offload.trace import TraceHeader, TraceWriter, read_trace
+from offload.sim.simulate import AccessStream, simulate
+from offload.traces.format import TraceHeader, TraceWriter, read_trace
 
-HUMANEVAL = Path(__file__).parent.parent / "data" / "mixtral-8x7b-humaneval.jsonl.gz"  # 32 layers, 8 experts, top-2
+HUMANEVAL = Path(__file__).parents[2] / "data" / "mixtral-8x7b-humaneval.jsonl.gz"  # 32 layers, 8 experts, top-2
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 
 import offload
 from offload.errors import ConfigError
-from offload.trace import read_trace
-from offload.tracing import read_prompts, record_trace
+from offload.traces.format import read_trace
+from offload.traces.recorder import record_trace
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
@@ -39,13 +39,3 @@ def test_recorded_experts_equal_transformers_routing(tiny_dir, tmp_path, family)
     assert np.all(weights[..., 0] >= weights[..., -1])
 
 
-def test_read_prompts(tmp_path):
-    (tmp_path / "p.txt").write_text("def f(x):\n\nimport os\n")
-    assert read_prompts(tmp_path / "p.txt") == ["def f(x):", "import os"]
-    (tmp_path / "p.jsonl").write_text('{"prompt": "a\\nb"}\n"c"\n')
-    assert read_prompts(tmp_path / "p.jsonl") == ["a\nb", "c"]
-    (tmp_path / "bad.jsonl").write_text('{"prompt": 1}\n')
-    with pytest.raises(ConfigError, match="bad.jsonl:1 has no prompt"):
-        read_prompts(tmp_path / "bad.jsonl")
-    with pytest.raises(ConfigError, match="does not exist"):
-        read_prompts(tmp_path / "none.txt")

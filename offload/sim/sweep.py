@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .simulate import SIM_POLICIES, AccessStream, check_policy, simulate
 
 SCHEMA = "offload-sweep/1"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from offload.errors import ConfigError
-from offload.simulate import simulate_prefetch
+from offload.sim.simulate import simulate_prefetch
 from predictors import MoEShape, Predictor, RouteContext
 from predictors.history import PrevToken
-from predictors.trace import (PrefetchAdapter, parse_seqs, prev_routes, read_trace_spec, score_trace, select_seqs,
+from predictors.evaluate import (PrefetchAdapter, parse_seqs, prev_routes, read_trace_spec, score_trace, select_seqs,
                               time_predict)
 
 from .synthetic import make_trace, save, with_experts

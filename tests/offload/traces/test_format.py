@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from offload.errors import TraceError
-from offload.trace import FORMAT, TraceHeader, TraceRecord, TraceWriter, read_trace, write_trace
+from offload.traces.format import FORMAT, TraceHeader, TraceRecord, TraceWriter, read_trace, write_trace
 
-HUMANEVAL = Path(__file__).parent.parent / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
+HUMANEVAL = Path(__file__).parents[2] / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
 HEADER = TraceHeader("tiny-moe", num_layers=2, num_experts=4, top_k=2, extra={"workload": "unit", "n": [1, 2]})
 RECORDS = [
     TraceRecord(0, 0, "prefill", ((0, 1), (3, 2)), ((0.75, 0.25), (0.5, 0.5)), imputed=(1,)),

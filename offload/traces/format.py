@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import TraceError
+from ..errors import TraceError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _f32_floats(values: np.ndarray) -> list[float]:
 # --------------------------------------------------------------------------------------------- read
 
 
-def _error(where: str, what: str, hint: str = "the format is described in offload/trace.py") -> TraceError:
+def _error(where: str, what: str, hint: str = "the format is described in offload/traces/format.py") -> TraceError:
     return TraceError(f"{where}: {what}", hint)
 
 

@@ -11,7 +11,7 @@ bound, the route it is about to take (``"oracle"``).
 
 A step runs each distinct expert of a layer once over the tokens routed to it, so the step's
 accesses are, layer by layer, the distinct experts of the batch; they go through one global cache of
-(layer, expert) keys, the prediction-aware twin of :mod:`offload.simulate` (same policies, same
+(layer, expert) keys, the prediction-aware twin of :mod:`offload.sim.simulate` (same policies, same
 counts as its numba kernel), whose resident keys the scheduler also sees.
 """
 
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
-from .rearrange import ExpertAware, Request, Scheduler, admission_order, distinct_experts, make_scheduler
+from ..errors import ConfigError
+from ..rearrange import ExpertAware, Request, Scheduler, admission_order, distinct_experts, make_scheduler
 from .simulate import AccessStream, _PyCaches, check_policy
-from .trace import PHASES, Trace
+from ..traces.format import PHASES, Trace
 
 PREDICTIONS = ("prev-token", "oracle")
 ADMISSIONS = ("similar", "arrival")

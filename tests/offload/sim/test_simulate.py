@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload.errors import BudgetError, ConfigError, PolicyError
-from offload.simulate import SIM_POLICIES, AccessStream, Step, simulate, simulate_prefetch
-from offload.trace import read_trace
+from offload.sim.simulate import SIM_POLICIES, AccessStream, Step, simulate, simulate_prefetch
+from offload.traces.format import read_trace
 
 from tests import reference
 
-TESTS = Path(__file__).parent.parent
+TESTS = Path(__file__).parents[2]
 
 POLICIES = list(SIM_POLICIES)
 HUMANEVAL = TESTS / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
