@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,6 +15,7 @@ from rich.table import Table
 
 from offload.checkpoint import bundled_models
 from offload.errors import ConfigError
+from offload.files import write_json_atomic, write_text_atomic
 
 from .errors import OneLineErrors
 
@@ -46,6 +46,22 @@ def _progress_bar() -> tuple[Progress, callable]:
     return progress, update
 
 
+def _check_run_options(prompt: Optional[str], prompts_file: Optional[Path], out: Optional[Path],
+                       stats_json: Optional[Path], max_new_tokens: int, temperature: float) -> None:
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {temperature}", "0 means greedy")
+    if stats_json is not None and stats_json.is_dir():
+        raise ConfigError(f"--stats-json {stats_json} is a directory", "give a file path")
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError("give either a PROMPT or --prompts-file", "offload run MODEL \"text\" or offload run MODEL --prompts-file FILE")
+    if out is not None and prompts_file is None:
+        raise ConfigError("--out needs --prompts-file", "a single PROMPT streams to stdout")
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory", "give a file path such as results.jsonl")
+
+
 @app.command()
 def run(
     model: ModelArg,
@@ -61,6 +77,7 @@ def run(
     prefetch_budget: Annotated[str, typer.Option(help='Most cache slots prefetched experts may hold before use: "4" or "50%".')] = "50%",
     predictor_file: Annotated[Optional[Path], typer.Option(help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     stats_json: Annotated[Optional[Path], typer.Option(help="Write the run's statistics to this JSON file.")] = None,
@@ -75,49 +92,45 @@ def run(
     With --prompts-file, every prompt is generated with continuous batching and one JSON object per
     prompt (id, prompt, completion, token counts) is written, in the file's order, to --out or stdout.
     """
-    import offload
-    from offload.generate import TextStreamer
+    from offload.config import RuntimeConfig
+    from offload.files import read_prompts
 
-    if max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {temperature}", "0 means greedy")
-    if stats_json is not None and stats_json.is_dir():
-        raise ConfigError(f"--stats-json {stats_json} is a directory", "give a file path")
-    if (prompt is None) == (prompts_file is None):
-        raise ConfigError("give either a PROMPT or --prompts-file", "offload run MODEL \"text\" or offload run MODEL --prompts-file FILE")
-    if out is not None and prompts_file is None:
-        raise ConfigError("--out needs --prompts-file", "a single PROMPT streams to stdout")
-    if out is not None and out.is_dir():
-        raise ConfigError(f"--out {out} is a directory", "give a file path such as results.jsonl")
-    texts = None
-    if prompts_file is not None:
-        from offload.files import read_prompts
-
-        texts = read_prompts(prompts_file)
-    progress, update = _progress_bar()
-    with progress:
-        m = offload.from_pretrained(model, device=device, dtype=dtype, expert_budget=expert_budget,
-                                    offload_to=offload_to, policy=policy, predictor=predictor, lookahead=lookahead,
-                                    prefetch_budget=prefetch_budget, progress=update,
-                                    predictor_options=_predictor_options(predictor, predictor_file))
-    generator = torch.Generator(device=m.device).manual_seed(seed) if seed is not None else None
+    _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
+    runtime = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, offload_to=offload_to,
+                            policy=policy, predictor=predictor, lookahead=lookahead, prefetch_budget=prefetch_budget,
+                            predictor_options=_predictor_options(predictor, predictor_file), scheduler=scheduler,
+                            batch_size=batch_size, max_wait=max_wait)
+    texts = read_prompts(prompts_file) if prompts_file is not None else None
+    m = _load(model, runtime)
+    sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                 temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed)
     if texts is not None:
-        _run_many(m, texts, out, max_new_tokens=max_new_tokens, batch_size=batch_size, scheduler=scheduler,
-                  max_wait=max_wait, do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
-                  generator=generator)
+        _run_many(m, texts, out, sampling)
     else:
-        ids = m.encode(prompt)
-        sys.stdout.write(prompt)
-        m.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                   top_p=top_p, streamer=TextStreamer(m.tokenizer), generator=generator)
+        _run_one(m, prompt, sampling)
     m.cache.close()
     err.print(f"[dim]{m.cache.num_slots} of {m.spec.total_experts} experts cached ({m.runtime.offload_to} tier, "
               f"{m.runtime.policy}, predictor {m.runtime.predictor}); {m.stats.summary()}[/dim]", soft_wrap=True)
     if stats_json is not None:
-        payload = {"model": str(m.plan.path), "expert_slots": m.cache.num_slots,
-                   "total_experts": m.spec.total_experts, **m.stats.to_dict()}
-        stats_json.write_text(json.dumps(payload, indent=2))
+        write_json_atomic(stats_json, {"model": str(m.plan.path), "expert_slots": m.cache.num_slots,
+                                       "total_experts": m.spec.total_experts, **m.stats.to_dict()})
+
+
+def _load(model: str, runtime):
+    """from_pretrained with the loading progress bar on stderr."""
+    import offload
+
+    progress, update = _progress_bar()
+    with progress:
+        return offload.from_pretrained(model, runtime, progress=update)
+
+
+def _run_one(m, prompt: str, sampling) -> None:
+    from offload.generate import TextStreamer
+
+    ids = m.encode(prompt)
+    sys.stdout.write(prompt)
+    m.generate(ids, sampling=sampling, streamer=TextStreamer(m.tokenizer))
 
 
 def _predictor_options(predictor: str, path: Optional[Path]) -> dict | None:
@@ -133,20 +146,18 @@ def _predictor_options(predictor: str, path: Optional[Path]) -> dict | None:
     raise ConfigError(f"--predictor {predictor} takes no --predictor-file", "use it with learned or markov")
 
 
-def _run_many(m, texts: list[str], out: Optional[Path], **kwargs) -> None:
+def _run_many(m, texts: list[str], out: Optional[Path], sampling) -> None:
     """Batched generation of every prompt with a progress bar; JSON lines in the prompts' order."""
     progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not err.is_terminal)
     with progress:
         task = progress.add_task("generating", total=len(texts))
-        results = m.generate_many(texts, on_finish=lambda c: progress.advance(task), **kwargs)
+        results = m.generate_many(texts, sampling, on_finish=lambda c: progress.advance(task))
     lines = "".join(json.dumps(c.to_dict()) + "\n" for c in results)
     if out is None:
         sys.stdout.write(lines)
     else:
-        tmp = out.with_name(out.name + ".partial")
-        tmp.write_text(lines)
-        tmp.replace(out)  # never leave a half-written results file under the user's name
+        write_text_atomic(out, lines)  # never leave a half-written results file under the user's name
     t, tokens = m.stats.total, sum(c.completion_tokens for c in results)
     err.print(f"[dim]{len(results)} prompts, {tokens} tokens; {t.distinct_per_step:.2f} distinct experts per layer "
               f"per step, {t.misses / max(tokens, 1):.2f} expert loads per generated token[/dim]", soft_wrap=True)
@@ -159,8 +170,8 @@ def _gib(n: float) -> str:
 @app.command()
 def info(model: ModelArg) -> None:
     """Describe a checkpoint: family, sizes, and the expert budgets this machine's memory can hold."""
+    from offload.checkpoint import plan_checkpoint
     from offload.hardware import gpu_memories, host_memory
-    from offload.runtime import plan_checkpoint
 
     plan = plan_checkpoint(model)
     spec = plan.spec
@@ -196,7 +207,7 @@ def trace(
     workload: Annotated[str, typer.Option(help="A name for the prompts, stored in the trace header.")] = "",
 ) -> None:
     """Record every token's experts and routing weights at every MoE layer (prefill and decode)."""
-    import offload
+    from offload.config import RuntimeConfig
     from offload.files import read_prompts
     from offload.traces.recorder import record_trace
 
@@ -205,9 +216,7 @@ def trace(
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory", "give a file path such as trace.jsonl.gz")
     texts = read_prompts(prompts)
-    progress, update = _progress_bar()
-    with progress:
-        m = offload.from_pretrained(model, device=device, dtype=dtype, progress=update)
+    m = _load(model, RuntimeConfig(device=device, dtype=dtype))
     tokens = record_trace(m, texts, out, max_new_tokens=max_new_tokens, workload=workload or prompts.stem)
     err.print(f"wrote {tokens} tokens of {len(texts)} prompts to {out}", soft_wrap=True)
 

@@ -1,14 +1,15 @@
 """Many prompts through one model: continuous batching, with a scheduler choosing each decode batch.
 
-Requests are prefilled one by one into rows of a KV pool (in chunks of ``prefill_chunk`` prompt
-tokens, so a long prompt never needs more experts at once than a chunk routes to); from then on
-they are "ready". Each decode step the scheduler (offload/rearrange.py) picks up to
-``batch_size`` ready requests; a finished request frees its row and the next prompt joins. A
-request's tokens do not depend on which others share its steps: every row attends only to its
-own keys, and each expert runs over the tokens routed to it.
+A :class:`BatchEngine` owns a KV pool. Submitted requests wait until a row is free, are prefilled
+into it (in chunks of ``prefill_chunk`` prompt tokens, so a long prompt never needs more experts at
+once than a chunk routes to) and are then "ready". Each decode step the scheduler
+(offload/rearrange.py) picks up to ``batch_size`` ready requests; a finished or cancelled request
+frees its row and the next one joins. A request's tokens do not depend on which others share its
+steps: every row attends only to its own keys, each expert runs over the tokens routed to it, and
+each request is sampled with its own config and generator.
 
-The ``expert-aware`` scheduler groups requests whose next routes (their last step's routes, a
-prev-token prediction) overlap, so a step needs fewer distinct experts and the cache loads less.
+``generate_many`` runs a fixed list of prompts to completion; ``offload serve`` drives the same
+engine with requests that arrive while others decode.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import rms_norm
 from .errors import ConfigError
-from .generate import _filter_logits
-from .model import KVPool, MoEModel, rms_norm
-from .rearrange import Request, admission_order, make_scheduler
+from .kv import KVPool
+from .model import MoEModel
+from .rearrange import Request, Scheduler, admission_order, make_scheduler
+from .sampling import SamplingConfig, sample
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class BatchConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
                 raise ConfigError(f"invalid {name.replace('_', '-')} {value!r}",
                                   "give a whole number" + (" >= 1" if name == "batch_size" else " >= 0"))
+        make_scheduler(self.scheduler, self.batch_size, self.max_wait)  # an unknown name fails here
 
     @property
     def pool(self) -> int:
@@ -62,7 +66,7 @@ class Completion:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
-    finish_reason: str = "length"  # "eos" | "length"
+    finish_reason: str = "length"  # "eos" | "length" | "stop" (stop string) | "cancelled"
 
     @property
     def completion_tokens(self) -> int:
@@ -72,6 +76,29 @@ class Completion:
         d = asdict(self)
         d["completion"] = d.pop("text")
         return {**d, "completion_tokens": self.completion_tokens}
+
+
+# on_token(completion, token) -> True to stop the request now (a stop string was reached)
+TokenCallback = Callable[[Completion, int], bool]
+
+
+@dataclass(eq=False)
+class BatchRequest:
+    """A submitted request and its decoding state (the engine's, not the scheduler's)."""
+
+    prompt: list[int]
+    sampling: SamplingConfig
+    completion: Completion
+    generator: torch.Generator | None = None
+    on_token: TokenCallback | None = None
+    sched: Request = field(default_factory=lambda: Request(0))
+    row: int = -1
+    next_token: int = -1
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary and free the KV row (a client went away)."""
+        self.cancelled = True
 
 
 class _RouteCollector:
@@ -90,16 +117,7 @@ class _RouteCollector:
         return out
 
 
-@dataclass
-class _Active:
-    request: Request
-    completion: Completion
-    row: int
-    prompt: list[int]
-    next_token: int = -1
-
-
-def _first_layer_routes(model: MoEModel, prompts: Sequence[list[int]]) -> list[np.ndarray]:
+def first_layer_routes(model: MoEModel, prompts: Sequence[list[int]]) -> list[np.ndarray]:
     """A cheap guess of each prompt's routing: the first MoE layer's router on its token embeddings.
 
     Attention is skipped (its output is unknown before prefill), so this is a prediction only; it
@@ -110,8 +128,124 @@ def _first_layer_routes(model: MoEModel, prompts: Sequence[list[int]]) -> list[n
     for ids in prompts:
         x = rms_norm(F.embedding(torch.tensor(ids, device=model.device), model.embed), layer.post_norm,
                      model.spec.rms_norm_eps)
-        routes.append(torch.topk(F.linear(x, layer.router), model.spec.top_k, dim=-1).indices.numpy(force=True))
+        routes.append(layer.router(x)[0].numpy(force=True))  # the router's own top-k, best first
     return routes
+
+
+class BatchEngine:
+    """Continuous batching over a KV pool of ``rows`` sequences of up to ``capacity`` tokens each."""
+
+    def __init__(self, model: MoEModel, config: BatchConfig, rows: int, capacity: int) -> None:
+        self.model = model
+        self.config = config
+        self.scheduler: Scheduler = make_scheduler(config.scheduler, config.batch_size, config.max_wait)
+        self.kv = KVPool(model.spec, rows, capacity, model.dtype, model.device)
+        self.moe_index = {layer: m for m, layer in enumerate(i for i, moe in enumerate(model.spec.moe_layers) if moe)}
+        self.waiting: deque[BatchRequest] = deque()
+        self.ready: list[BatchRequest] = []  # in admission order
+        self.free_rows = list(range(rows - 1, -1, -1))
+        self.steps = 0  # decode steps run
+        self._collector = _RouteCollector()
+        model.route_observers.append(self._collector)
+
+    def close(self) -> None:
+        if self._collector in self.model.route_observers:
+            self.model.route_observers.remove(self._collector)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.ready)
+
+    def submit(self, request: BatchRequest) -> BatchRequest:
+        """Queue a request; it is prefilled when a row is free. Its prompt must fit the pool's capacity."""
+        if not request.prompt:
+            raise ConfigError("a prompt encodes to no tokens", "remove empty prompts")
+        if len(request.prompt) + request.sampling.max_new_tokens > self.kv.capacity:
+            raise ConfigError(f"prompt of {len(request.prompt)} tokens + {request.sampling.max_new_tokens} new tokens "
+                              f"exceeds the context of {self.kv.capacity}", "shorten the prompt or max_new_tokens")
+        request.sched = Request(request.completion.id)
+        self.waiting.append(request)
+        return request
+
+    def step(self) -> list[BatchRequest]:
+        """Admit what fits, then run one decode step; returns the requests that finished."""
+        done = self._drop_cancelled() + self._admit()
+        if self.ready:
+            done += self._decode()
+        return done
+
+    # -- internals -------------------------------------------------------------------------
+    def _forward(self, rows: list[int], ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        self.kv.select(torch.tensor(rows))
+        logits = self.model.forward(ids, self.kv.attention_mask(ids.shape[1]), positions, self.kv, last_only=True)
+        return logits[:, -1], self._collector.take()
+
+    def _finish(self, r: BatchRequest, reason: str) -> None:
+        r.completion.finish_reason = reason
+        self.free_rows.append(r.row)
+
+    def _emit(self, r: BatchRequest, token: int, route: np.ndarray) -> bool:
+        """Record a generated token; True when the request is done (its row is then free)."""
+        r.completion.token_ids.append(token)
+        r.next_token, r.sched.route = token, route
+        stop = r.on_token(r.completion, token) if r.on_token else False
+        if token in r.sampling.eos_token_ids or stop or r.completion.completion_tokens >= r.sampling.max_new_tokens:
+            self._finish(r, "eos" if token in r.sampling.eos_token_ids else "stop" if stop else "length")
+            return True
+        return False
+
+    def _drop_cancelled(self) -> list[BatchRequest]:
+        gone = [r for r in self.ready if r.cancelled]
+        for r in gone:
+            self._finish(r, "cancelled")
+        self.ready = [r for r in self.ready if not r.cancelled]
+        cancelled_waiting = [r for r in self.waiting if r.cancelled]
+        for r in cancelled_waiting:
+            r.completion.finish_reason = "cancelled"
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        return gone + cancelled_waiting
+
+    def _admit(self) -> list[BatchRequest]:
+        """Prefill waiting requests into free rows (continuous batching: a free row takes the next one)."""
+        done = []
+        while self.waiting and self.free_rows:
+            r = self.waiting.popleft()
+            r.row = self.free_rows.pop()
+            self.kv.reset(r.row)
+            start_time = time.perf_counter()
+            chunk = self.config.prefill_chunk or len(r.prompt)
+            for start in range(0, len(r.prompt), chunk):
+                ids = torch.tensor([r.prompt[start : start + chunk]], device=self.model.device)
+                positions = torch.arange(start, start + ids.shape[1], device=self.model.device)[None]
+                logits, routes = self._forward([r.row], ids, positions)
+            self.model.stats.prefill_tokens += len(r.prompt)
+            self.model.stats.prefill_time_s += time.perf_counter() - start_time
+            if self._emit(r, int(sample(logits, r.sampling, r.generator)[0]), routes[-1]):
+                done.append(r)
+            else:
+                self.ready.append(r)
+        return done
+
+    def _decode(self) -> list[BatchRequest]:
+        start_time = time.perf_counter()
+        resident = [(self.moe_index[layer], e) for layer, e in self.model.cache.resident]
+        picked = self.scheduler.pick([r.sched for r in self.ready], resident)
+        if not picked:
+            raise RuntimeError(f"scheduler {self.config.scheduler!r} picked no request out of {len(self.ready)} ready")
+        chosen = {id(s) for s in picked}
+        batch = [r for r in self.ready if id(r.sched) in chosen]
+        self.scheduler.step_done([r.sched for r in self.ready], picked)
+        rows = [r.row for r in batch]
+        ids = torch.tensor([[r.next_token] for r in batch], device=self.model.device)
+        positions = self.kv.lengths[torch.tensor(rows, device=self.kv.lengths.device)][:, None]
+        logits, routes = self._forward(rows, ids, positions)
+        done = [r for i, r in enumerate(batch)
+                if self._emit(r, int(sample(logits[i : i + 1], r.sampling, r.generator)[0]), routes[i])]
+        self.ready = [r for r in self.ready if r not in done]
+        self.steps += 1
+        self.model.stats.decode_tokens += len(batch)
+        self.model.stats.decode_time_s += time.perf_counter() - start_time
+        return done
 
 
 @torch.inference_mode()
@@ -119,11 +253,7 @@ def generate_many(
     model: MoEModel,
     prompts: Sequence[list[int]],
     config: BatchConfig = BatchConfig(),
-    max_new_tokens: int = 64,
-    eos_token_ids: Sequence[int] = (),
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64),
     generator: torch.Generator | None = None,
     on_finish: Callable[[Completion], None] | None = None,
 ) -> list[Completion]:
@@ -132,80 +262,22 @@ def generate_many(
         return []
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("a prompt encodes to no tokens", "remove empty prompts")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    spec = model.spec
-    scheduler = make_scheduler(config.scheduler, config.batch_size, config.max_wait)
-    moe_index = {layer: m for m, layer in enumerate(i for i, moe in enumerate(spec.moe_layers) if moe)}
-    kv = KVPool(spec, min(config.pool, len(prompts)), max(map(len, prompts)) + max_new_tokens, model.dtype, model.device)
+    if sampling.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+    engine = BatchEngine(model, config, min(config.pool, len(prompts)), max(map(len, prompts)) + sampling.max_new_tokens)
+    generator = generator or sampling.make_generator(model.device)
     order = range(len(prompts))
-    if config.scheduler != "fifo":
-        order = admission_order(_first_layer_routes(model, prompts))
-    pending = deque(order)
-    free_rows = list(range(kv.k[0].shape[0] - 1, -1, -1))
-    ready: list[_Active] = []  # in admission order
+    if engine.scheduler.groups_admission:
+        order = admission_order(first_layer_routes(model, prompts))
+    for i in order:
+        engine.submit(BatchRequest(list(prompts[i]), sampling, Completion(i, None, len(prompts[i])), generator))
     results: list[Completion | None] = [None] * len(prompts)
-    eos = set(eos_token_ids)
-    collector = _RouteCollector()
-    model.route_observers.append(collector)
-
-    def step(rows: list[int], ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        kv.select(torch.tensor(rows))
-        logits = model.forward(ids, kv.attention_mask(ids.shape[1]), positions, kv, last_only=True)[:, -1].float()
-        if do_sample:
-            probs = _filter_logits(logits, temperature, 0, top_p).softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            tokens = logits.argmax(dim=-1)
-        return tokens, collector.take()
-
-    def emit(a: _Active, token: int, route: np.ndarray) -> bool:
-        """Record a generated token; True when the request is done (its row is then free)."""
-        a.completion.token_ids.append(token)
-        a.next_token, a.request.route = token, route
-        done = token in eos or a.completion.completion_tokens >= max_new_tokens
-        if done:
-            a.completion.finish_reason = "eos" if token in eos else "length"
-            results[a.request.id] = a.completion
-            free_rows.append(a.row)
-            if on_finish:
-                on_finish(a.completion)
-        return done
-
     try:
-        while pending or ready:
-            while pending and free_rows:  # continuous batching: a free row takes the next prompt
-                i = pending.popleft()
-                a = _Active(Request(i), Completion(i, None, len(prompts[i])), free_rows.pop(), list(prompts[i]))
-                kv.reset(a.row)
-                start_time = time.perf_counter()
-                chunk = config.prefill_chunk or len(a.prompt)
-                for start in range(0, len(a.prompt), chunk):
-                    ids = torch.tensor([a.prompt[start : start + chunk]], device=model.device)
-                    positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
-                    token, routes = step([a.row], ids, positions)
-                model.stats.prefill_tokens += len(a.prompt)
-                model.stats.prefill_time_s += time.perf_counter() - start_time
-                if not emit(a, int(token[0]), routes[-1]):
-                    ready.append(a)
-            if not ready:
-                continue
-            start_time = time.perf_counter()
-            resident = [(moe_index[layer], e) for layer, e in model.cache.resident]
-            picked = scheduler.pick([a.request for a in ready], resident)
-            if not picked:
-                raise RuntimeError(f"scheduler {config.scheduler!r} picked no request out of {len(ready)} ready")
-            chosen = {id(r) for r in picked}
-            batch = [a for a in ready if id(a.request) in chosen]
-            scheduler.step_done([a.request for a in ready], picked)
-            rows = [a.row for a in batch]
-            ids = torch.tensor([[a.next_token] for a in batch], device=model.device)
-            positions = kv.lengths[torch.tensor(rows, device=kv.lengths.device)][:, None]
-            tokens, routes = step(rows, ids, positions)
-            finished = {id(a) for a, t, r in zip(batch, tokens.tolist(), routes) if emit(a, t, r)}
-            ready = [a for a in ready if id(a) not in finished]
-            model.stats.decode_tokens += len(batch)
-            model.stats.decode_time_s += time.perf_counter() - start_time
+        while engine.busy:
+            for r in engine.step():
+                results[r.completion.id] = r.completion
+                if on_finish:
+                    on_finish(r.completion)
     finally:
-        model.route_observers.remove(collector)
+        engine.close()
     return results  # type: ignore[return-value]

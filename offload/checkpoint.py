@@ -1,5 +1,6 @@
 """Reads a checkpoint in Hugging Face layout: resolves where it is, parses config.json and every
-safetensors header, and checks that each expected tensor exists with the expected shape.
+safetensors header, and checks that each expected tensor exists with the expected shape, giving a
+validated :class:`CheckpointPlan` before any weight is loaded.
 
 Headers are parsed here (they are a documented 8-byte length + JSON) because the disk tier needs
 each tensor's absolute byte offset to read experts on demand; dense tensors are loaded with
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .config import DTYPES, ModelSpec
 from .errors import CheckpointError, UnsupportedModelError
+from .families import Family, family_for_config
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +196,62 @@ def check_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ..
             "the weights do not match config.json",
         )
     return info
+
+
+# -- the validated plan -------------------------------------------------------------------------------
+
+ExpertTensors = tuple[TensorInfo, TensorInfo, TensorInfo]  # gate, up, down
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """A checkpoint read and validated, before any weight is loaded."""
+
+    path: Path
+    spec: ModelSpec
+    family: Family
+    tensors: dict[str, TensorInfo]
+    dense: dict[str, TensorInfo]     # every resident tensor, by name
+    experts: dict[tuple[int, int], ExpertTensors]
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(t.nbytes for t in self.dense.values())
+
+    def expert_nbytes(self, dtype: torch.dtype | None = None) -> int:
+        return self.spec.expert_params * (dtype or self.spec.checkpoint_dtype).itemsize
+
+
+def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if isinstance(name, str) and name.lower() in DTYPES:
+        return DTYPES[name.lower()]
+    return next(iter(tensors.values())).dtype
+
+
+def _read_spec(path: Path, family: Family, cfg: dict, tensors: dict[str, TensorInfo]) -> ModelSpec:
+    config = path / "config.json"
+    try:
+        return family.spec_from_config(cfg, _checkpoint_dtype(cfg, tensors))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config} lacks or mis-types a field ({e})", "fix or re-download config.json") from None
+    except CheckpointError as e:  # ModelSpec's own checks name the field; say which file it is in
+        raise CheckpointError(e.message.replace("config.json", str(config), 1), e.hint) from None
+
+
+def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
+    """Resolve, read and validate a checkpoint: every header, every expected tensor's shape, experts included."""
+    path = resolve_model_dir(name_or_path)
+    cfg = read_config(path)
+    family = family_for_config(cfg)
+    tensors = index_tensors(path)
+    spec = _read_spec(path, family, cfg, tensors)
+    dense = {name: check_tensor(tensors, name, shape) for name, shape in family.dense_tensors(spec).items()}
+    h, i = spec.hidden_size, spec.expert_intermediate_size
+    experts = {}
+    for layer in (n for n, moe in enumerate(spec.moe_layers) if moe):
+        for e in range(spec.num_experts):
+            gate, up, down = family.expert_tensor_names(layer, e)
+            experts[(layer, e)] = (check_tensor(tensors, gate, (i, h)), check_tensor(tensors, up, (i, h)),
+                                   check_tensor(tensors, down, (h, i)))
+    return CheckpointPlan(path, spec, family, tensors, dense, experts)

@@ -1,22 +1,31 @@
-"""Frozen configuration objects: what the checkpoint is (ModelSpec) and how to run it (RuntimeConfig)."""
+"""Frozen configuration objects: what the checkpoint is (ModelSpec) and how to run it (RuntimeConfig).
+
+Both validate themselves in ``__post_init__``: a RuntimeConfig with a bad name or budget fails
+before any weight is read, and a ModelSpec whose fields contradict each other fails at load with
+the config.json field named. (SamplingConfig, how tokens are chosen, lives with sample() in
+sampling.py; BatchConfig with the batching engine in batch.py.)
+"""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
-from .errors import BudgetError, ConfigError
+from .errors import BudgetError, CheckpointError, ConfigError, PolicyError
+from .registry import check_name
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
 }
-OFFLOAD_TIERS = ("disk", "ram")
-DEVICES = ("auto", "cpu", "cuda")
+OFFLOAD_TIERS = {"disk": "disk", "ram": "ram"}
+QK_NORMS = ("none", "head", "full")
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -25,10 +34,20 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
         return value
     if value.lower() == "auto":
         return None
-    try:
-        return DTYPES[value.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {value!r}", "use one of: auto, float32, bfloat16, float16") from None
+    if value.lower() not in DTYPES:
+        raise ConfigError(f"unknown dtype {value!r}", "use one of: auto, float32, bfloat16, float16")
+    return DTYPES[value.lower()]
+
+
+# Config.json spellings of the spec's fields, for errors a user can find in the file.
+_CONFIG_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "num_kv_heads": "num_key_value_heads", "num_experts": "num_local_experts / num_experts",
+                 "top_k": "num_experts_per_tok", "expert_intermediate_size": "moe_intermediate_size",
+                 "dense_intermediate_size": "intermediate_size"}
+
+
+def _field(name: str) -> str:
+    return _CONFIG_NAMES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,38 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    router_fp32_weights: bool = False      # routing weights stay float32 (Mixtral) or follow the compute dtype
+    mlp_only_layers: tuple[int, ...] = ()  # as config.json lists them (checked against num_layers)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "num_experts", "top_k", "expert_intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                self._fail(f"{_field(name)}={getattr(self, name)} must be > 0")
+        if self.num_heads % self.num_kv_heads:
+            self._fail(f"num_key_value_heads={self.num_kv_heads} does not divide num_attention_heads={self.num_heads}")
+        if self.top_k > self.num_experts:
+            self._fail(f"num_experts_per_tok={self.top_k} exceeds the {self.num_experts} experts per layer")
+        if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
+            self._fail(f"per-layer lists (layer_types, ...) have {len(self.sliding_windows)} entries for "
+                       f"num_hidden_layers={self.num_layers}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            self._fail(f"mlp_only_layers names layer {bad[0]}, outside 0..{self.num_layers - 1}")
+        if not any(self.moe_layers):
+            self._fail("no layer is a MoE layer (decoder_sparse_step / mlp_only_layers leave none)")
+        if not all(self.moe_layers) and self.dense_intermediate_size <= 0:
+            self._fail("dense layers need intermediate_size > 0")
+        if any(w is not None and w <= 0 for w in self.sliding_windows):
+            self._fail("sliding_window must be > 0")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0 or self.rope_linear_factor <= 0:
+            self._fail("rms_norm_eps, rope_theta and the rope scaling factor must be > 0")
+        if self.qk_norm not in QK_NORMS:
+            self._fail(f"qk_norm {self.qk_norm!r} is not one of {QK_NORMS}")
+
+    @staticmethod
+    def _fail(what: str) -> None:
+        raise CheckpointError(f"config.json: {what}", "fix config.json or re-download the checkpoint")
 
     @property
     def num_moe_layers(self) -> int:
@@ -77,8 +128,51 @@ class ModelSpec:
         return 3 * self.hidden_size * self.expert_intermediate_size
 
 
+# -- budgets: "N" (a count), "N%" (a share) or a byte size ----------------------------------------------
+
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A count (``16``), a share (``"25%"``) or, where allowed, a byte size (``"6GiB"``), as written by a user."""
+
+    kind: str     # "count" | "share" | "bytes"
+    value: float  # the count, the percentage, or bytes
+
+    @classmethod
+    def parse(cls, text: int | str, what: str, hint: str, sizes: bool = True,
+              over: str = "the cache cannot hold more than every expert") -> Amount:
+        """Parse and check sign and range (a share over 100% is a mistake: ``over`` says why); raises
+        BudgetError naming ``what``."""
+        clean = str(text).strip().lower().replace(" ", "")
+        option = f"{what} {text!r}"
+        if isinstance(text, bool):
+            raise BudgetError(f"invalid {option}", hint)
+        if isinstance(text, int) or re.fullmatch(r"[+-]?\d+", clean):
+            return cls("count", int(clean))
+        if m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)%", clean):
+            pct = float(m.group(1))
+            if pct > 100:
+                raise BudgetError(f"{option} is over 100%", over)
+            if pct <= 0 and what == "expert budget":
+                raise BudgetError(f"{option} must be positive", hint)
+            return cls("share", pct)
+        if sizes and (m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([kmgt]i?b|b)", clean)):
+            nbytes = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+            if nbytes <= 0:
+                raise BudgetError(f"{option} must be positive", hint)
+            return cls("bytes", nbytes)
+        raise BudgetError(f"cannot parse {option}", hint)
+
+    def of(self, total: int) -> int:
+        """The count this amount names out of ``total`` (a share rounds down)."""
+        return math.floor(total * self.value / 100 + 1e-9) if self.kind == "share" else int(self.value)
+
+
+_BUDGET_HINT = 'give slots (e.g. 16), a percentage ("25%") or a size ("6GiB")'
+_PREFETCH_HINT = 'give slots (e.g. 4) or a share of the expert budget ("50%")'
 
 
 def parse_budget(budget: int | str, total_experts: int, expert_nbytes: int) -> int:
@@ -88,70 +182,71 @@ def parse_budget(budget: int | str, total_experts: int, expert_nbytes: int) -> i
     or a byte size ("6GiB", "64MiB", "500MB"). Byte sizes and slot counts larger than the model
     are clamped to all experts; a percentage over 100% is a mistake and raises.
     """
-    text = str(budget).strip().lower().replace(" ", "")
+    amount = Amount.parse(budget, "expert budget", _BUDGET_HINT)
     option = f"expert budget {budget!r}"
-    hint = 'give slots (e.g. 16), a percentage ("25%") or a size ("6GiB")'
-    if isinstance(budget, bool):
-        raise BudgetError(f"invalid {option}", hint)
-    if isinstance(budget, int) or re.fullmatch(r"[+-]?\d+", text):
-        slots = int(text)
-    elif m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)%", text):
-        pct = float(m.group(1))
-        if pct > 100:
-            raise BudgetError(f"{option} is over 100%", "the cache cannot hold more than every expert")
-        if pct <= 0:
-            raise BudgetError(f"{option} must be positive", hint)
-        slots = math.floor(total_experts * pct / 100 + 1e-9)
-        if slots < 1:
-            raise BudgetError(f"{option} is less than one expert of {total_experts}", "raise it to at least one slot")
-    elif m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([kmgt]i?b|b)", text):
-        nbytes = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
-        if nbytes <= 0:
-            raise BudgetError(f"{option} must be positive", hint)
-        slots = int(nbytes // expert_nbytes)
+    if amount.kind == "bytes":
+        slots = int(amount.value // expert_nbytes)
         if slots < 1:
             raise BudgetError(f"{option} is smaller than one expert ({expert_nbytes} bytes)", "raise it to at least one expert")
     else:
-        raise BudgetError(f"cannot parse {option}", hint)
+        slots = amount.of(total_experts)
+        if amount.kind == "share" and slots < 1:
+            raise BudgetError(f"{option} is less than one expert of {total_experts}", "raise it to at least one slot")
     if slots <= 0:
-        raise BudgetError(f"{option} must be at least 1 slot", hint)
+        raise BudgetError(f"{option} must be at least 1 slot", _BUDGET_HINT)
     return min(slots, total_experts)
 
 
 def parse_prefetch_budget(budget: int | str, num_slots: int) -> int:
     """Turn a prefetch budget (slots, or a percentage of the cache's slots) into slots; 0 is allowed."""
-    text = str(budget).strip().replace(" ", "")
-    option = f"prefetch budget {budget!r}"
-    hint = 'give slots (e.g. 4) or a share of the expert budget ("50%")'
-    if isinstance(budget, bool):
-        raise BudgetError(f"invalid {option}", hint)
-    if isinstance(budget, int) or re.fullmatch(r"\d+", text):
-        return min(int(text), num_slots)
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
-        pct = float(m.group(1))
-        if pct > 100:
-            raise BudgetError(f"{option} is over 100%", "prefetches cannot hold more than the whole cache")
-        return math.floor(num_slots * pct / 100 + 1e-9)
-    raise BudgetError(f"cannot parse {option}", hint)
+    amount = Amount.parse(budget, "prefetch budget", _PREFETCH_HINT, sizes=False,
+                          over="prefetches cannot hold more than the whole cache")
+    if amount.value < 0:
+        raise BudgetError(f"cannot parse prefetch budget {budget!r}", _PREFETCH_HINT)
+    return min(amount.of(num_slots), num_slots)
+
+
+# -- how to run -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How to run a checkpoint: where experts live, how many fit on the device, what to evict."""
+    """How to run a checkpoint: device and dtype, where experts live, how many fit, what to evict and prefetch,
+    and how continuous batching picks its steps. Every name and budget is checked here, before any I/O."""
 
     device: str = "auto"                  # "auto" (cuda when present), "cpu" or "cuda[:N]"
-    dtype: torch.dtype | None = None      # compute dtype; None = the checkpoint's
+    dtype: torch.dtype | str | None = None  # compute dtype; None / "auto" = the checkpoint's
     expert_budget: int | str = "100%"     # slots, "25%", or bytes ("6GiB")
     offload_to: str = "disk"              # slow tier: "disk" (the safetensors files) or "ram" (packed host copy)
-    policy: str = "lru"                   # eviction policy registry name
-    predictor: str = "none"               # predictor registry name ("none": load on demand only)
+    policy: str = "lru"                   # policies.POLICIES name
+    predictor: str = "none"               # predictors.PREDICTORS name ("none": load on demand only)
     lookahead: int = 1                    # the predictor looks this many MoE layers ahead
     prefetch_budget: int | str = "50%"    # most cache slots prefetched-but-unused experts may hold
+    predictor_options: Mapping[str, Any] | None = None  # passed to the predictor (e.g. {"weights": PATH})
+    scheduler: str = "fifo"               # rearrange.SCHEDULERS name, for generate_many / serve
+    batch_size: int = 8                   # requests per decode step in continuous batching
+    max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
 
     def __post_init__(self) -> None:
-        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 1:
-            raise ConfigError(f"invalid --lookahead {self.lookahead!r}", "give a whole number of layers >= 1")
-        if self.offload_to not in OFFLOAD_TIERS:
-            raise ConfigError(f"unknown --offload-to {self.offload_to!r}", f"use one of: {', '.join(OFFLOAD_TIERS)}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        from predictors import PREDICTORS
+
+        from .policies import POLICIES
+        from .rearrange import SCHEDULERS
+
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"unknown device {self.device!r}", "use one of: auto, cpu, cuda")
+        check_name(OFFLOAD_TIERS, self.offload_to, "--offload-to")
+        check_name(POLICIES, self.policy, "eviction policy", PolicyError)
+        check_name(PREDICTORS, self.predictor, "predictor", also=("none",))
+        check_name(SCHEDULERS, self.scheduler, "scheduler")
+        for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"invalid --{name.replace('_', '-')} {value!r}", f"give a whole number >= {least}")
+        Amount.parse(self.expert_budget, "expert budget", _BUDGET_HINT)
+        parse_prefetch_budget(self.prefetch_budget, 1)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

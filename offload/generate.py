@@ -1,4 +1,4 @@
-"""generate(): prefill, decode loop, sampling and stopping, in the transformers habit."""
+"""generate(): prefill, decode loop and stopping, in the transformers habit; tokens are chosen by sampling.sample()."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Protocol, TextIO
 import torch
 
 from .errors import ConfigError
-from .model import KVCache, MoEModel
+from .kv import KVCache
+from .model import MoEModel
+from .sampling import SamplingConfig, sample
 
 
 class Streamer(Protocol):
@@ -58,32 +60,27 @@ class TextStreamer:
         self.out.flush()
 
 
-def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p), in transformers' order. logits: [batch, vocab] float32."""
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - top_p)
-        remove[..., -1:] = False  # always keep the most likely token
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    return logits
-
-
-def _check_args(input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and mask as long tensors on ``device``, or a one-line error."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ConfigError("input_ids must be a [batch, length] tensor with at least one token", "pass a 2-D LongTensor")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}", "pass a non-negative number")
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}", "use do_sample=False for greedy decoding")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}", "1.0 disables nucleus sampling")
-    if top_k < 0:
-        raise ConfigError(f"top_k must be >= 0, got {top_k}", "0 disables top-k filtering")
+    ids = input_ids.to(device=device, dtype=torch.long)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+    if mask.shape != ids.shape:
+        raise ConfigError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}",
+                          "pass one mask entry per token")
+    return ids, mask
+
+
+def _record_time(stats, first: bool, tokens: int, elapsed: float) -> None:
+    """The first forward of a generate() call is prefill, the rest decode."""
+    if first:
+        stats.prefill_tokens += tokens
+        stats.prefill_time_s += elapsed
+    else:
+        stats.decode_tokens += tokens
+        stats.decode_time_s += elapsed
 
 
 @torch.inference_mode()
@@ -91,51 +88,27 @@ def generate(
     model: MoEModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
     streamer: Streamer | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Greedy or sampled continuation of a left-padded batch; returns [batch, prompt + new] ids."""
-    _check_args(input_ids, max_new_tokens, temperature, top_p, top_k)
     device = model.device
-    ids = input_ids.to(device=device, dtype=torch.long)
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
-    if mask.shape != ids.shape:
-        raise ConfigError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}",
-                          "pass one mask entry per token")
-    eos = torch.tensor([] if eos_token_id is None else
-                       ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    ids, mask = _check_inputs(input_ids, attention_mask, device)
+    generator = generator or sampling.make_generator(device)
+    eos = torch.tensor(sampling.eos_token_ids, device=device)
     batch, prompt_len = ids.shape
-    kv = KVCache(model.spec, batch, prompt_len + max_new_tokens, model.dtype, device)
+    kv = KVCache(model.spec, batch, prompt_len + sampling.max_new_tokens, model.dtype, device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(ids.cpu())
-    stats = model.stats
     position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     step_ids, step_pos = ids, position
-    for step in range(max_new_tokens):
+    for step in range(sampling.max_new_tokens):
         start = time.perf_counter()
-        logits = model.forward(step_ids, mask, step_pos, kv, last_only=True)[:, -1].float()
-        if do_sample:
-            probs = _filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            next_ids = logits.argmax(dim=-1)
-        next_ids = next_ids.masked_fill(finished, pad)
-        elapsed = time.perf_counter() - start
-        if step == 0:
-            stats.prefill_tokens += int(mask.sum())
-            stats.prefill_time_s += elapsed
-        else:
-            stats.decode_tokens += batch
-            stats.decode_time_s += elapsed
+        logits = model.forward(step_ids, mask, step_pos, kv, last_only=True)[:, -1]
+        next_ids = sample(logits, sampling, generator).masked_fill(finished, sampling.pad)
+        _record_time(model.stats, step == 0, int(mask.sum()) if step == 0 else batch, time.perf_counter() - start)
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
         if streamer is not None:

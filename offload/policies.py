@@ -22,6 +22,7 @@ from collections.abc import Hashable, Iterable
 from typing import ClassVar
 
 from .errors import PolicyError
+from .registry import lookup
 
 
 class EvictionPolicy(ABC):
@@ -117,8 +118,4 @@ POLICIES: dict[str, type[EvictionPolicy]] = {cls.name: cls for cls in (LRU, LFU,
 
 def make_policy(name: str) -> EvictionPolicy:
     """Build a policy by registry name; an unknown name lists the known ones."""
-    try:
-        return POLICIES[name.lower()]()
-    except KeyError:
-        known = ", ".join(sorted(POLICIES))
-        raise PolicyError(f"unknown eviction policy {name!r}", f"use one of: {known}") from None
+    return lookup(POLICIES, name, "eviction policy", PolicyError)()

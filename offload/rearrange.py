@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from .errors import ConfigError
+from .registry import lookup
 
 
 @dataclass(eq=False)  # compared by identity: a route array has no single truth value
@@ -59,13 +60,20 @@ class Scheduler(ABC):
     """Chooses each decode step's batch among the ready requests."""
 
     name: ClassVar[str]
+    groups_admission: ClassVar[bool] = False
+    """True: prompts are admitted in :func:`admission_order` of their predicted routes (so that
+    requests routing alike share the ready pool); False: in arrival order."""
 
-    def __init__(self, batch_size: int, max_wait: int = 4) -> None:
+    def __init__(self, batch_size: int, max_wait: int = 4, resident_weight: float = 0.5) -> None:
         for what, value, least in (("batch size", batch_size, 1), ("max wait", max_wait, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise ConfigError(f"invalid {what} {value!r}", f"give a whole number >= {least}")
+        if not 0.0 <= resident_weight <= 1.0:
+            raise ConfigError(f"invalid resident weight {resident_weight!r}", "give a number in [0, 1]")
         self.batch_size = int(batch_size)
         self.max_wait = int(max_wait)
+        self.resident_weight = float(resident_weight)
+        """Cost of a key already cached against 1 for one to load (schedulers that ignore the cache ignore it)."""
 
     @abstractmethod
     def pick(self, ready: list[Request], resident: Collection[tuple[int, int]] = ()) -> list[Request]:
@@ -154,12 +162,7 @@ class ExpertAware(Scheduler):
     """
 
     name = "expert-aware"
-
-    def __init__(self, batch_size: int, max_wait: int = 4, resident_weight: float = 0.5) -> None:
-        super().__init__(batch_size, max_wait)
-        if not 0.0 <= resident_weight <= 1.0:
-            raise ConfigError(f"invalid resident weight {resident_weight!r}", "give a number in [0, 1]")
-        self.resident_weight = float(resident_weight)
+    groups_admission = True
 
     def pick(self, ready: list[Request], resident: Collection[tuple[int, int]] = ()) -> list[Request]:
         if len(ready) <= self.batch_size:
@@ -199,14 +202,9 @@ class ExpertAware(Scheduler):
 SCHEDULERS: dict[str, type[Scheduler]] = {cls.name: cls for cls in (FIFO, ExpertAware)}
 
 
-def make_scheduler(name: str, batch_size: int, max_wait: int = 4) -> Scheduler:
+def make_scheduler(name: str, batch_size: int, max_wait: int = 4, resident_weight: float = 0.5) -> Scheduler:
     """Build a scheduler by registry name; an unknown name lists the known ones."""
-    try:
-        cls = SCHEDULERS[name.lower()]
-    except KeyError:
-        known = ", ".join(sorted(SCHEDULERS))
-        raise ConfigError(f"unknown scheduler {name!r}", f"use one of: {known}") from None
-    return cls(batch_size, max_wait)
+    return lookup(SCHEDULERS, name, "scheduler")(batch_size, max_wait, resident_weight)
 
 
 # ------------------------------------------------------------------------------------ admission

@@ -5,23 +5,31 @@
   system allows it, else drop the pages after each read with posix_fadvise(DONTNEED), so the
   expert budget bounds the memory the machine really uses and benchmarks measure the disk.
 * RAM tier: every expert packed once into host memory (pinned when the device is CUDA).
-* A store hands the cache an expert's bytes in a host buffer plus their layout; the cache
-  then copies them into a slot (or they already are the slot, for the disk tier on CPU).
+* A store hands over an expert's bytes in a host buffer plus their layout; a mover (one per
+  device type) owns the cache's slot memory and puts those bytes into a slot: nothing when they
+  were read straight into it, one copy when they are already in the slot's format, else a
+  conversion by the slot's layout. The CUDA mover copies through two pinned staging buffers on
+  a copy stream, with an event per slot so that compute waits for its bytes and a slot is
+  overwritten only after the compute that read it has finished.
 """
 
 from __future__ import annotations
 
 import errno
+from abc import ABC, abstractmethod
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from .checkpoint import TensorInfo
 from .experts import ExpertLayout, Key, Part, packed_layout
+from .registry import lookup
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +175,9 @@ class DiskExpertStore:
             sum(align_up(r.end) - align_down(r.start) for r in runs) for runs in self._runs.values()
         )
         self.files = sorted({r.path for runs in self._runs.values() for r in runs})
-        self.dtype = next(iter(experts.values()))[0].dtype
+        gate, up, down = next(iter(experts.values()))
+        # The checkpoint's format (offsets vary per expert): tells a mover whether a read can land in a slot as is.
+        self.native_format = ExpertLayout(*(Part(0, t.dtype, t.shape) for t in (gate, up, down)))
 
     @property
     def tier(self) -> str:
@@ -200,7 +210,7 @@ class RamExpertStore:
         progress: Progress | None = None,
     ) -> None:
         self.layout = packed_layout(hidden, intermediate, dtype)
-        self.dtype = dtype
+        self.native_format = self.layout
         keys = sorted(experts)
         self._row = {key: i for i, key in enumerate(keys)}
         self._packed = torch.empty((len(keys), self.layout.nbytes), dtype=torch.uint8, pin_memory=pin)
@@ -219,3 +229,131 @@ class RamExpertStore:
 
     def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]:
         return self._packed[self._row[key]], self.layout
+
+
+# -- movers: the slot memory of the cache and how bytes get into it --------------------------------------
+
+
+class ExpertStore(Protocol):
+    """A slow tier: produces an expert's bytes in a host buffer (reading into ``scratch`` if it must)."""
+
+    raw_nbytes: int               # scratch bytes fetch() needs (0: it hands over its own buffer)
+    native_format: ExpertLayout   # the format of the bytes it hands over (offsets may differ per expert)
+
+    def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]: ...
+
+
+class Mover(ABC):
+    """Owns ``num_slots`` equal slots of device memory and puts a store's bytes into them.
+
+    ``load`` runs on the cache's loader thread (or the caller's, without one); ``ready`` and
+    ``released`` run on the compute thread around each use of a slot.
+    """
+
+    def __init__(self, store: ExpertStore, num_slots: int, slot_layout: ExpertLayout, device: torch.device) -> None:
+        self.store = store
+        self.slot_layout = slot_layout  # what bytes are converted into when they are not in it already
+        self.device = device
+        # A slot must hold either the raw bytes a store hands over or the slot layout's conversion.
+        self.slot_nbytes = max(slot_layout.nbytes, store.raw_nbytes)
+        self.slots = self._allocate(num_slots)
+
+    @abstractmethod
+    def _allocate(self, num_slots: int) -> torch.Tensor:
+        """The slot memory, [num_slots, slot_nbytes] uint8 on the device."""
+
+    @abstractmethod
+    def load(self, key: Key, slot: int) -> tuple[ExpertLayout, int]:
+        """Bring ``key``'s bytes into ``slot``; returns the layout they have there and the bytes fetched."""
+
+    def ready(self, slot: int) -> None:
+        """The compute about to read ``slot`` must see its bytes (CUDA: wait for the copy's event)."""
+
+    def released(self, slot: int) -> None:
+        """The compute that read ``slot`` is queued; the slot may be refilled after it (CUDA: record an event)."""
+
+    def _place(self, src: torch.Tensor, layout: ExpertLayout, dest: torch.Tensor) -> tuple[ExpertLayout, int]:
+        """Put fetched bytes into a slot: nothing if they are already there, one copy, or a conversion."""
+        if layout.same_format(self.slot_layout):
+            if src.data_ptr() != dest.data_ptr():
+                self._copy(dest[: layout.nbytes], src[: layout.nbytes])
+            return layout, layout.nbytes
+        self.slot_layout.convert_from(layout, src, dest)
+        return self.slot_layout, layout.nbytes
+
+    def _copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
+        dest.copy_(src, non_blocking=True)
+
+
+class CpuMover(Mover):
+    """Slots in aligned host memory; the disk tier reads straight into a slot when no conversion is needed."""
+
+    def _allocate(self, num_slots: int) -> torch.Tensor:
+        self._staging = aligned_empty(self.store.raw_nbytes) if self.store.raw_nbytes else None
+        return aligned_empty(num_slots * self.slot_nbytes).view(num_slots, self.slot_nbytes)
+
+    def load(self, key: Key, slot: int) -> tuple[ExpertLayout, int]:
+        dest = self.slots[slot]
+        direct = self.store.raw_nbytes and self.slot_layout.same_format(self.store.native_format)
+        src, layout = self.store.fetch(key, dest if direct else self._staging)
+        return self._place(src, layout, dest)
+
+    def _copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
+        # One memcpy on this thread: torch's copy_ would split it across OpenMP threads, whose
+        # barrier costs milliseconds per expert when other processes hold the cores.
+        np.copyto(dest.numpy(), src.numpy())
+
+
+class CudaMover(Mover):
+    """Slots in device memory, filled on a copy stream through two pinned staging buffers.
+
+    The disk fills one staging buffer while the other's copy is in flight; the compute stream
+    waits on a slot's ready event, and a copy into a slot waits on the event recorded when the
+    compute that last read it was queued.
+    """
+
+    def _allocate(self, num_slots: int) -> torch.Tensor:
+        raw = self.store.raw_nbytes
+        self._staging = [aligned_empty(raw, pin=True) for _ in range(2)] if raw else []
+        self._staging_done: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self._copy_stream = torch.cuda.Stream(self.device)
+        self._ready: dict[int, torch.cuda.Event] = {}
+        self._freed: dict[int, torch.cuda.Event] = {}
+        return torch.empty((num_slots, self.slot_nbytes), dtype=torch.uint8, device=self.device)
+
+    def load(self, key: Key, slot: int) -> tuple[ExpertLayout, int]:
+        scratch = None
+        if self._staging:
+            self._turn ^= 1
+            if self._staging_done[self._turn] is not None:
+                self._staging_done[self._turn].synchronize()  # its previous copy must have left the buffer
+            scratch = self._staging[self._turn]
+        src, layout = self.store.fetch(key, scratch)
+        with torch.cuda.stream(self._copy_stream):
+            if slot in self._freed:
+                self._copy_stream.wait_event(self._freed.pop(slot))
+            placed = self._place(src, layout, self.slots[slot])
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        self._ready[slot] = ready
+        if scratch is not None:
+            self._staging_done[self._turn] = ready
+        return placed
+
+    def ready(self, slot: int) -> None:
+        if slot in self._ready:
+            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+
+    def released(self, slot: int) -> None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._freed[slot] = event
+
+
+MOVERS: dict[str, type[Mover]] = {"cpu": CpuMover, "cuda": CudaMover}
+
+
+def make_mover(store: ExpertStore, num_slots: int, slot_layout: ExpertLayout, device: torch.device) -> Mover:
+    """The mover for ``device``'s type."""
+    return lookup(MOVERS, device.type, "device type for expert slots")(store, num_slots, slot_layout, device)

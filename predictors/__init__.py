@@ -5,21 +5,15 @@
 
 from __future__ import annotations
 
-from offload.errors import ConfigError
+from offload.registry import lookup
 
+from . import history, learned, pregate  # noqa: F401  (registers)
 from .base import PREDICTORS, MoEShape, Predictor, RouteContext, register, top_candidates
-from . import pregate  # noqa: F401  (registers)
-from . import history, learned  # noqa: F401  (registers)
 
 
 def make_predictor(name: str, shape: MoEShape, **options) -> Predictor:
     """A predictor by registry name; an unknown name lists the known ones."""
-    try:
-        cls = PREDICTORS[name.lower()]
-    except KeyError:
-        known = ", ".join(sorted(PREDICTORS))
-        raise ConfigError(f"unknown predictor {name!r}", f"use one of: none, {known}") from None
-    return cls(shape, **options)
+    return lookup(PREDICTORS, name, "predictor", also=("none",))(shape, **options)
 
 
 __all__ = ["MoEShape", "Predictor", "RouteContext", "PREDICTORS", "make_predictor", "register", "top_candidates"]

@@ -9,9 +9,9 @@ them to model layers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -61,6 +61,15 @@ class Predictor(ABC):
     def __init__(self, shape: MoEShape) -> None:
         self.shape = shape
 
+    @classmethod
+    def from_model(cls, model: Any, shape: MoEShape, checkpoint_dir: Path, **options: Any) -> Predictor:
+        """Build for a loaded model (the runtime's MoEModel, duck-typed: predictors never import it).
+
+        The default ignores the model; predictors that need its weights (pregate) or files beside
+        the checkpoint (learned) override this, so the runtime wires every predictor the same way.
+        """
+        return cls(shape, **options)
+
     @abstractmethod
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
         """Scores [min(lookahead, layers left), tokens, num_experts] for layers layer+1 ..; higher = likelier.
@@ -72,7 +81,7 @@ class Predictor(ABC):
         """Learn online from completed tokens: ``experts`` [tokens, layers, top_k], ``prev`` as in RouteContext."""
 
 
-PREDICTORS: dict[str, Callable[..., Predictor]] = {}
+PREDICTORS: dict[str, type[Predictor]] = {}
 
 
 def register(cls: type[Predictor]) -> type[Predictor]:
@@ -85,3 +94,31 @@ def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k best experts per row of ``scores`` [..., num_experts], best first (stable on ties)."""
     order = np.argsort(-scores, axis=-1, kind="stable")
     return order[..., :k]
+
+
+def prev_routes(seq: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """Each token's predecessor's route in its own sequence, [tokens, layers, top_k]; -1 at a sequence's start.
+
+    ``seq`` [tokens] and ``experts`` [tokens, layers, top_k] are in execution order (as in a trace),
+    so sequences may interleave.
+    """
+    prev = np.full(experts.shape, -1, dtype=np.int64)
+    last: dict[int, int] = {}
+    for t, s in enumerate(seq.tolist()):
+        if s in last:
+            prev[t] = experts[last[s]]
+        last[s] = t
+    return prev
+
+
+def shape_of(trace: Any) -> MoEShape:
+    """The MoE shape a trace's header names (any object with ``header.num_layers/num_experts/top_k``)."""
+    h = trace.header
+    return MoEShape(h.num_layers, h.num_experts, h.top_k)
+
+
+def check_shape(predictor: Predictor, trace: Any) -> None:
+    """A predictor built for one MoE shape cannot score a trace of another."""
+    if predictor.shape != shape_of(trace):
+        raise ConfigError(f"{trace.path or 'trace'} has shape {shape_of(trace)}, the {predictor.name} predictor "
+                          f"was built for {predictor.shape}")

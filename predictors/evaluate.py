@@ -33,31 +33,10 @@ import numpy as np
 from offload.errors import ConfigError
 from offload.traces.format import Trace, read_trace
 
-from .base import MoEShape, Predictor, RouteContext, top_candidates
+from .base import Predictor, RouteContext, check_shape, prev_routes, shape_of, top_candidates
 
 if TYPE_CHECKING:  # the simulator pulls in numba, which the runtime's predictors do not need
     from offload.sim.simulate import Step
-
-
-def shape_of(trace: Trace) -> MoEShape:
-    """The MoE shape a trace's header names."""
-    h = trace.header
-    return MoEShape(h.num_layers, h.num_experts, h.top_k)
-
-
-def prev_routes(seq: np.ndarray, experts: np.ndarray) -> np.ndarray:
-    """Each token's predecessor's route in its own sequence, [tokens, layers, top_k]; -1 at a sequence's start.
-
-    ``seq`` [tokens] and ``experts`` [tokens, layers, top_k] are in execution order (as in a trace),
-    so sequences may interleave.
-    """
-    prev = np.full(experts.shape, -1, dtype=np.int64)
-    last: dict[int, int] = {}
-    for t, s in enumerate(seq.tolist()):
-        if s in last:
-            prev[t] = experts[last[s]]
-        last[s] = t
-    return prev
 
 
 def select_seqs(trace: Trace, seqs: Iterable[int]) -> Trace:
@@ -90,13 +69,6 @@ def read_trace_spec(spec: str) -> Trace:
     if not sep or not re.fullmatch(r"[\d,\-]+", seqs):
         return read_trace(spec)
     return dataclasses.replace(select_seqs(read_trace(path), parse_seqs(seqs)), path=spec)
-
-
-def check_shape(predictor: Predictor, trace: Trace) -> None:
-    """A predictor built for one MoE shape cannot score a trace of another."""
-    if predictor.shape != shape_of(trace):
-        raise ConfigError(f"{trace.path or 'trace'} has shape {shape_of(trace)}, the {predictor.name} predictor "
-                          f"was built for {predictor.shape}")
 
 
 # ------------------------------------------------------------------------------------ scoring

@@ -13,14 +13,16 @@ microseconds per call.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from offload.errors import ConfigError
-from offload.traces.format import Trace, read_trace
 
-from .base import MoEShape, Predictor, RouteContext, register
-from .evaluate import check_shape, prev_routes
+from .base import MoEShape, Predictor, RouteContext, check_shape, prev_routes, register
+
+if TYPE_CHECKING:  # the trace format is analysis code: read only when a trace is given (fit)
+    from offload.traces.format import Trace
 
 
 def target_layers(shape: MoEShape, ctx: RouteContext, lookahead: int) -> range:
@@ -113,7 +115,10 @@ class Markov(Predictor):
     # -- learning -------------------------------------------------------------------------
     def fit(self, trace: str | Path | Trace) -> Markov:
         """Add the counts of every token of a trace (a path or a read :class:`Trace`)."""
-        trace = trace if isinstance(trace, Trace) else read_trace(trace)
+        if isinstance(trace, (str, Path)):
+            from offload.traces.format import read_trace
+
+            trace = read_trace(trace)
         check_shape(self, trace)
         experts = trace.experts.astype(np.int64)
         self.observe(experts, prev_routes(trace.seq, experts))

@@ -24,21 +24,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from offload.errors import ConfigError
-from offload.traces.format import Trace
 
-from .base import MoEShape, Predictor, RouteContext, register
+from .base import MoEShape, Predictor, RouteContext, prev_routes, register, shape_of
 from .history import prev_token_scores, target_layers
-from .evaluate import prev_routes, shape_of
+
+if TYPE_CHECKING:  # training reads traces; inference in the runtime never does
+    from offload.traces.format import Trace
 
 log = logging.getLogger(__name__)
 
 FORMAT = "offload-learned-predictor/1"
+PREDICTOR_FILE = "predictor.safetensors"  # a learned predictor shipped beside a checkpoint
 _TENSORS = ("w_path", "w_prev", "b_hidden", "w_out", "b_out")
 
 
@@ -267,6 +269,13 @@ class Learned(Predictor):
     """
 
     name = "learned"
+
+    @classmethod
+    def from_model(cls, model: Any, shape: MoEShape, checkpoint_dir: Path, **options: Any) -> Learned:
+        """Without ``weights`` or ``net``, the checkpoint folder's predictor.safetensors (tiny-moe ships one)."""
+        if not {"weights", "net"} & options.keys() and (checkpoint_dir / PREDICTOR_FILE).is_file():
+            options = {**options, "weights": checkpoint_dir / PREDICTOR_FILE}
+        return cls(shape, **options)
 
     def __init__(self, shape: MoEShape, weights: str | Path | None = None, net: PathMLP | None = None) -> None:
         super().__init__(shape)

@@ -9,6 +9,8 @@ Needs the model's router and norm weights, so it runs in the runtime only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +24,13 @@ from .base import MoEShape, Predictor, RouteContext, register
 class PreGate(Predictor):
     name = "pregate"
     needs_hidden = True
+
+    @classmethod
+    def from_model(cls, model: Any, shape: MoEShape, checkpoint_dir: Path, **options: Any) -> PreGate:
+        """The routers of the model's MoE layers and the norms in front of them."""
+        layers = [model.layers[i] for i in model.moe_layers]
+        return cls(shape, routers=[lw.router.weight for lw in layers], norms=[lw.post_norm for lw in layers],
+                   eps=model.spec.rms_norm_eps, **options)
 
     def __init__(self, shape: MoEShape, routers: Sequence[torch.Tensor] = (), norms: Sequence[torch.Tensor] = (),
                  eps: float = 1e-6) -> None:

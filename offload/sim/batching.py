@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from ..rearrange import ExpertAware, Request, Scheduler, admission_order, distinct_experts, make_scheduler
+from ..rearrange import Request, Scheduler, admission_order, distinct_experts, make_scheduler
 from .simulate import AccessStream, _PyCaches, check_policy
 from ..traces.format import PHASES, Trace
 
@@ -170,9 +170,7 @@ class BatchSimConfig:
         return max(self.pool_size or 2 * self.batch_size, self.batch_size)
 
     def make_scheduler(self) -> Scheduler:
-        if self.scheduler == ExpertAware.name:
-            return ExpertAware(self.batch_size, self.max_wait, self.resident_weight)
-        return make_scheduler(self.scheduler, self.batch_size, self.max_wait)
+        return make_scheduler(self.scheduler, self.batch_size, self.max_wait, self.resident_weight)
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,7 @@ def _arrivals(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _admission(workload: list[SimRequest], config: BatchSimConfig) -> list[int]:
-    if config.scheduler == "fifo" or config.admission == "arrival" or config.arrival_rate > 0:
+    if not config.make_scheduler().groups_admission or config.admission == "arrival" or config.arrival_rate > 0:
         return list(range(len(workload)))
     return admission_order([w.prefix[:, 0] for w in workload])
 

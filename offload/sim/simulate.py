@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import BudgetError, ConfigError, PolicyError
 from ..policies import EvictionPolicy, make_policy
+from ..registry import check_name
 from ..traces.format import Trace
 
 # Policy codes the kernel branches on; the registry below is the only place names meet codes.
@@ -133,16 +134,17 @@ def _partitions(stream: AccessStream, scope: str) -> tuple[np.ndarray, int, int]
     raise ConfigError(f"unknown cache scope {scope!r}", f"use one of: {', '.join(SCOPES)}")
 
 
-def check_policy(policy: str) -> None:
-    """Raise PolicyError unless ``policy`` is a simulator policy name."""
-    if policy not in SIM_POLICIES:
-        raise PolicyError(f"unknown simulator policy {policy!r}", f"use one of: {', '.join(SIM_POLICIES)}")
+def check_policy(policy: str) -> str:
+    """``policy``'s registry name (lower case), or PolicyError when it is not a simulator policy."""
+    check_name(SIM_POLICIES, policy, "simulator policy", PolicyError, ordered=True)
+    return policy.lower()
 
 
-def _check(policy: str, capacity: int) -> None:
-    check_policy(policy)
+def _check(policy: str, capacity: int) -> str:
+    policy = check_policy(policy)
     if capacity < 1:
         raise BudgetError(f"cache capacity must be >= 1 expert, got {capacity}")
+    return policy
 
 
 def _result(policy: str, scope: str, capacity: int, stream: AccessStream,
@@ -324,7 +326,7 @@ def _lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: int) 
 def simulate(source: Trace | AccessStream, policy: str = "lru", scope: str = "per-layer",
              capacity: int = 4) -> SimResult:
     """Exact hit/miss/eviction counts of ``policy`` with ``capacity`` experts per cache of ``scope``."""
-    _check(policy, capacity)
+    policy = _check(policy, capacity)
     stream = _source_stream(source)
     part, num_parts, keys_per_part = _partitions(stream, scope)
     nxt = _next_use(stream.keys, stream.num_keys) if policy == "belady" else np.empty(0, dtype=np.int64)
@@ -467,7 +469,7 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
     ``predictor(step)`` proposes keys; each one not resident is inserted, evicting by the policy.
     A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next layer).
     """
-    _check(policy, capacity)
+    policy = _check(policy, capacity)
     if latency < 0:
         raise ConfigError(f"prefetch latency must be >= 0 layer steps, got {latency}")
     stream = _source_stream(source)

@@ -19,12 +19,14 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import IO, Any
 
 import numpy as np
 
 from ..errors import TraceError
+from ..files import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -260,19 +262,24 @@ class TraceWriter:
     """Streams a trace to disk token by token (gzip'd when the name ends in .gz).
 
     Each record is checked with the reader's own rules before it is written, so the runtime can
-    never produce a file that :func:`read_trace` rejects.
+    never produce a file that :func:`read_trace` rejects. The records go to ``PATH.partial``,
+    renamed to ``PATH`` when the ``with`` block ends normally; if it raises (an interrupted
+    recording) the partial file is removed and an existing ``PATH`` is left as it was.
     """
 
     def __init__(self, path: str | Path, header: TraceHeader) -> None:
         self.path = Path(path)
         self.header = header
         self._file: IO[str] | None = None
+        self._atomic: AbstractContextManager[Path] | None = None
         self._count = 0
 
     def __enter__(self) -> TraceWriter:
+        self._atomic = atomic_output(self.path)
+        tmp = self._atomic.__enter__()
         # mtime=0: the same records always give the same bytes
-        raw: IO[bytes] = (gzip.GzipFile(self.path, "wb", compresslevel=6, mtime=0)
-                          if self.path.suffix == ".gz" else open(self.path, "wb"))
+        raw: IO[bytes] = (gzip.GzipFile(tmp, "wb", compresslevel=6, mtime=0)
+                          if self.path.suffix == ".gz" else open(tmp, "wb"))
         self._file = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
         self._file.write(json.dumps(self.header.to_json()) + "\n")
         return self
@@ -298,6 +305,9 @@ class TraceWriter:
         if self._file is not None:
             self._file.close()  # closes the gzip stream and the file beneath it
             self._file = None
+        if self._atomic is not None:
+            atomic, self._atomic = self._atomic, None
+            atomic.__exit__(exc_type, exc, tb)  # rename on success, remove the partial file on an error
 
 
 def write_trace(path: str | Path, header: TraceHeader, records: Iterable[TraceRecord]) -> None:

@@ -14,7 +14,7 @@ import offload
 from cli.main import app
 from offload.batch import BatchConfig
 from offload.errors import ConfigError
-from offload.model import KVCache, KVPool
+from offload.kv import KVCache, KVPool
 from tests.tiny_models import add_char_tokenizer
 
 PROMPTS = [[5, 17, 33, 60, 8], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46], [3], [60, 5, 17], [21, 22, 23, 24]]

@@ -21,7 +21,7 @@ class FakeStore:
     """A RAM-like store whose expert (l, e) is filled with the value 10*l + e, so loads are checkable."""
 
     raw_nbytes = 0
-    dtype = torch.float32
+    native_format = LAYOUT
 
     def __init__(self) -> None:
         self.fetches: list = []
@@ -39,7 +39,7 @@ def make_cache(slots: int, policy: str) -> tuple[ExpertCache, FakeStore, Stats]:
 
 def run(cache: ExpertCache, keys) -> None:
     for key in keys:
-        gate, _, _ = cache.acquire(key)
+        gate = cache.acquire(key).w_gate
         assert float(gate[0, 0]) == 10 * key[0] + key[1]  # the slot holds this expert's bytes
         cache.release(key)
 
