@@ -14,7 +14,6 @@ import offload
 from cli.main import app
 from offload.batch import BatchConfig
 from offload.errors import ConfigError
-from offload.kv import KVCache, KVPool
 from tests.tiny_models import add_char_tokenizer
 
 PROMPTS = [[5, 17, 33, 60, 8], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46], [3], [60, 5, 17], [21, 22, 23, 24]]
@@ -69,30 +68,6 @@ def test_eos_ends_a_request_and_frees_its_row(reference):
         expected = full[: full.index(eos) + 1] if eos in full else full
         assert c.token_ids == expected
         assert c.finish_reason == ("eos" if eos in full else "length")
-
-
-def test_kv_pool_rows_match_separate_kv_caches(tiny_dir):
-    # Two sequences of different lengths decode in one step of the pool; each row's logits equal
-    # those of its own KV cache. Tolerance 1e-5 in float32: only the matmul blocking differs
-    # (the pooled step multiplies 2 rows at once, and attends over a longer, masked key range).
-    model = offload.from_pretrained(tiny_dir("mixtral"), device="cpu").model
-    spec, a, b = model.spec, [5, 17, 33, 60, 8], [9, 8]
-    pool = KVPool(spec, 3, 16, torch.float32, torch.device("cpu"))
-    separate = []
-    for row, prompt in ((2, a), (0, b)):
-        ids = torch.tensor([prompt])
-        pool.select(torch.tensor([row]))
-        model.forward(ids, pool.attention_mask(len(prompt)), torch.arange(len(prompt))[None], pool)
-        kv = KVCache(spec, 1, 16, torch.float32, torch.device("cpu"))
-        model.forward(ids, torch.ones_like(ids), torch.arange(len(prompt))[None], kv)
-        nxt = torch.tensor([[7]])
-        separate.append(model.forward(nxt, torch.ones(1, len(prompt) + 1, dtype=torch.long),
-                                      torch.tensor([[len(prompt)]]), kv))
-    pool.select(torch.tensor([2, 0]))
-    pooled = model.forward(torch.tensor([[7], [7]]), pool.attention_mask(1), torch.tensor([[len(a)], [len(b)]]), pool)
-    torch.testing.assert_close(pooled[0], separate[0][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(pooled[1], separate[1][0], atol=1e-5, rtol=0)
-    assert pool.lengths.tolist() == [len(b) + 1, 0, len(a) + 1]
 
 
 @pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(max_wait=-1), dict(pool_size=1.5)])

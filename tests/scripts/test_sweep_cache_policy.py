@@ -90,13 +90,6 @@ def test_transfer_tables_are_printed(swept) -> None:
     assert ms["1"]["lru"] == f"{19727 / 338 * EXPERT_BYTES / 25e9 * 1e3:,.2f}"  # 19,727 misses at C=1
 
 
-def test_capacity_specs_mix_counts_ranges_and_shares() -> None:
-    specs = parse_capacities("1-3, 64,12.5%")
-    assert [s.text for s in specs] == ["1", "2", "3", "64", "12.5%"]
-    assert [s.resolve(256) for s in specs] == [1, 2, 3, 64, 32] and specs[-1].label(256) == "12.5% (32)"
-    assert parse_capacities("1%")[0].resolve(8) == 1  # a share never rounds down to an empty cache
-
-
 @pytest.mark.parametrize("args, message", [
     (["--policies", "lru,mru"], "Error: unknown simulator policy 'mru'"),
     (["--per-layer", "7-1"], "Error: bad capacity '7-1'"),
