@@ -81,7 +81,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download  # imported lazily: only needed for hub ids
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "additional_chat_templates/*"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as online_error:  # noqa: BLE001 - any hub failure ends in the same user-facing error

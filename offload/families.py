@@ -123,7 +123,7 @@ class Family:
             family=self.name, architecture=(cfg.get("architectures") or [self.architectures[0]])[0],
             vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=layers, num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            head_dim=int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0)),
             num_experts=num_experts, top_k=int(first(cfg, "num_experts_per_tok", "moe_topk", default=2)),
             expert_intermediate_size=int(first(cfg, "moe_intermediate_size", "intermediate_size")),
             dense_intermediate_size=int(cfg.get("intermediate_size") or 0),

@@ -1,8 +1,14 @@
-"""What memory this machine has: psutil for RAM, pynvml for GPU memory when a GPU is there."""
+"""What this machine is: memory (psutil for RAM, pynvml for GPUs when there are any), and the
+description every benchmark and sweep stores beside its numbers so they can be reproduced."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import platform
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -37,3 +43,28 @@ def gpu_memories() -> list[Memory]:
         return out
     finally:
         pynvml.nvmlShutdown()
+
+
+def _cpu_model() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                platform.processor())
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(packages: tuple[str, ...] = ("offload", "torch", "numpy", "numba", "safetensors",
+                                              "transformers")) -> dict[str, Any]:
+    """CPU model, cores, RAM, GPUs, platform, Python and library versions (None where not installed)."""
+    ram = host_memory()
+    return {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "ram_bytes": ram.total,
+            "gpus": [asdict(g) for g in gpu_memories()], "platform": platform.platform(),
+            "python": platform.python_version(), "versions": {p: _version(p) for p in packages}}

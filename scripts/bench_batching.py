@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import offload
-from offload.sim.sweep import machine_info
+from offload.hardware import machine_info
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_trace_prompts import code_snippets  # noqa: E402

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from offload.sim.simulate import SIM_POLICIES, AccessStream, simulate, simulate_prefetch
-from offload.sim.sweep import SweepConfig, machine_info, sweep
+from offload.hardware import machine_info
+from offload.sim.sweep import SweepConfig, sweep
 from offload.traces.format import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -65,7 +65,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cli.errors import one_line_errors
 from offload.errors import ConfigError
 from offload.sim.simulate import check_policy, simulate_prefetch
-from offload.sim.sweep import machine_info, parse_capacities
+from offload.hardware import machine_info
+from offload.sim.sweep import parse_capacities
 from offload.traces.format import Trace
 from predictors import Predictor, make_predictor
 from predictors.learned import Learned, TrainConfig, report_dict

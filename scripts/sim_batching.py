@@ -30,7 +30,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from offload.sim.batching import BatchSimConfig, locality, make_workload, simulate_batching
 from cli.errors import one_line_errors
 from offload.errors import ConfigError
-from offload.sim.sweep import CapacitySpec, machine_info, parse_capacities
+from offload.hardware import machine_info
+from offload.sim.sweep import CapacitySpec, parse_capacities
 from offload.traces.format import read_trace
 
 SCHEMA = "offload-batching-sim/1"

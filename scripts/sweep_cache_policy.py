@@ -21,8 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cli.errors import one_line_errors
 from offload.sim.simulate import AccessStream
-from offload.sim.sweep import (SweepConfig, machine_info, markdown_tables, parse_capacities, plot_sweep, sweep,
-                           to_json, write_csv)
+from offload.hardware import machine_info
+from offload.sim.sweep import (SweepConfig, markdown_tables, parse_capacities, plot_sweep, sweep,
+                               to_json, write_csv)
 from offload.traces.format import read_trace
 
 err = Console(stderr=True)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.errors import one_line_errors
-from offload.sim.sweep import machine_info
+from offload.hardware import machine_info
 from offload.traces.format import Trace
 from predictors.learned import PathMLP, TrainConfig, TrainReport, report_dict, save_weights, train
 from predictors.evaluate import read_trace_spec

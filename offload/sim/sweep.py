@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
-import platform
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..config import Amount
+from ..errors import BudgetError, ConfigError
 from .simulate import SIM_POLICIES, AccessStream, check_policy, simulate
 
 SCHEMA = "offload-sweep/1"
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
-_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 
 
 @dataclass(frozen=True)
@@ -32,12 +29,18 @@ class CapacitySpec:
     text: str
 
     def resolve(self, keys: int) -> int:
-        """Experts for a cache that could hold ``keys`` (8 per layer for Mixtral, 256 globally)."""
-        percent = _PERCENT.match(self.text)
-        return max(1, round(float(percent.group(1)) / 100 * keys)) if percent else int(self.text)
+        """Experts for a cache that could hold ``keys`` (8 per layer for Mixtral, 256 globally).
+
+        A share rounds to the nearest count and never to an empty cache (what the reference table uses).
+        """
+        amount = Amount.parse(self.text, "capacity", _HINT, sizes=False)
+        return max(1, round(amount.value / 100 * keys)) if amount.kind == "share" else int(amount.value)
 
     def label(self, keys: int) -> str:
         return f"{self.text} ({self.resolve(keys)})" if self.text.endswith("%") else self.text
+
+
+_HINT = "write counts, ranges or shares: 1-7, 64,128, 25%"
 
 
 def parse_capacities(spec: str) -> tuple[CapacitySpec, ...]:
@@ -47,10 +50,14 @@ def parse_capacities(spec: str) -> tuple[CapacitySpec, ...]:
         span = _RANGE.match(part)
         if span and 1 <= int(span.group(1)) <= int(span.group(2)):
             out += [CapacitySpec(str(c)) for c in range(int(span.group(1)), int(span.group(2)) + 1)]
-        elif (part.isdigit() and int(part) >= 1) or (_PERCENT.match(part) and float(part[:-1]) > 0):
-            out.append(CapacitySpec(part))
-        else:
-            raise ConfigError(f"bad capacity {part!r} in {spec!r}", "write counts, ranges or shares: 1-7, 64,128, 25%")
+            continue
+        try:
+            amount = Amount.parse(part, "capacity", _HINT, sizes=False)
+        except BudgetError:
+            amount = Amount("count", 0)
+        if amount.value <= 0 or (amount.kind == "count" and not part.isdigit()):
+            raise ConfigError(f"bad capacity {part!r} in {spec!r}", _HINT)
+        out.append(CapacitySpec(part))
     return tuple(out)
 
 
@@ -114,26 +121,6 @@ def sweep(name: str, stream: AccessStream, config: SweepConfig) -> Iterator[Swee
 
 
 # ------------------------------------------------------------------------------------------ outputs
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine and library versions, stored with every result so a number can be reproduced."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
-
-    def version(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"cpu_model": model, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "versions": {p: version(p) for p in ("offload", "numba", "numpy", "matplotlib")}}
 
 
 def to_json(records: Sequence[SweepRecord], **meta: Any) -> dict[str, Any]:

@@ -39,10 +39,14 @@ def test_run_streams_the_greedy_continuation(model_dir, tmp_path):
     assert stats["total"]["hits"] + stats["total"]["misses"] == stats["total"]["accesses"]
 
 
-def test_seeded_sampling_is_reproducible(model_dir):
-    args = ("run", model_dir, "abc", "--max-new-tokens", 10, "--temperature", 1.5, "--top-p", 0.9, "--seed", 7)
-    first, second = invoke(*args), invoke(*args)
+def test_seeded_sampling_is_reproducible_and_really_samples(model_dir):
+    args = ("run", model_dir, "abc", "--max-new-tokens", 10, "--temperature", 1.5, "--top-p", 0.9)
+    first, second = invoke(*args, "--seed", 7), invoke(*args, "--seed", 7)
     assert first.exit_code == 0 and first.stdout == second.stdout
+    greedy = invoke("run", model_dir, "abc", "--max-new-tokens", 10).stdout
+    others = {invoke(*args, "--seed", seed).stdout for seed in (1, 2, 3)}
+    # Were the options ignored, every seed would print the greedy text.
+    assert len(others | {first.stdout}) > 1 and (others | {first.stdout}) != {greedy}
 
 
 def test_info_reports_sizes_and_fits(model_dir):
