@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -46,8 +46,8 @@ def _progress_bar() -> tuple[Progress, callable]:
     return progress, update
 
 
-def _check_run_options(prompt: Optional[str], prompts_file: Optional[Path], out: Optional[Path],
-                       stats_json: Optional[Path], max_new_tokens: int, temperature: float) -> None:
+def _check_run_options(prompt: str | None, prompts_file: Path | None, out: Path | None,
+                       stats_json: Path | None, max_new_tokens: int, temperature: float) -> None:
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -55,7 +55,8 @@ def _check_run_options(prompt: Optional[str], prompts_file: Optional[Path], out:
     if stats_json is not None and stats_json.is_dir():
         raise ConfigError(f"--stats-json {stats_json} is a directory", "give a file path")
     if (prompt is None) == (prompts_file is None):
-        raise ConfigError("give either a PROMPT or --prompts-file", "offload run MODEL \"text\" or offload run MODEL --prompts-file FILE")
+        raise ConfigError("give either a PROMPT or --prompts-file",
+                          'offload run MODEL "text" or offload run MODEL --prompts-file FILE')
     if out is not None and prompts_file is None:
         raise ConfigError("--out needs --prompts-file", "a single PROMPT streams to stdout")
     if out is not None and out.is_dir():
@@ -65,24 +66,32 @@ def _check_run_options(prompt: Optional[str], prompts_file: Optional[Path], out:
 @app.command()
 def run(
     model: ModelArg,
-    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (or use --prompts-file).")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompts-file).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")] = "auto",
-    expert_budget: Annotated[str, typer.Option(help='Expert cache size: slots ("16"), share ("25%") or bytes ("6GiB").')] = "100%",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")
+                     ] = "auto",
+    expert_budget: Annotated[str, typer.Option(
+        help='Expert cache size: slots ("16"), share ("25%") or bytes ("6GiB").')] = "100%",
     offload_to: Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.")] = "disk",
     policy: Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.")] = "lru",
-    predictor: Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")] = "none",
+    predictor: Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")
+                         ] = "none",
     lookahead: Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.")] = 1,
-    prefetch_budget: Annotated[str, typer.Option(help='Most cache slots prefetched experts may hold before use: "4" or "50%".')] = "50%",
-    predictor_file: Annotated[Optional[Path], typer.Option(help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")] = None,
+    prefetch_budget: Annotated[str, typer.Option(
+        help='Most cache slots prefetched experts may hold before use: "4" or "50%".')] = "50%",
+    predictor_file: Annotated[Path | None, typer.Option(
+        help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")
+    ] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
-    stats_json: Annotated[Optional[Path], typer.Option(help="Write the run's statistics to this JSON file.")] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option(help="Many prompts: .txt (one per line) or .jsonl; batched.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="With --prompts-file: JSONL results file (default: stdout).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    stats_json: Annotated[Path | None, typer.Option(help="Write the run's statistics to this JSON file.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        help="Many prompts: .txt (one per line) or .jsonl; batched.")] = None,
+    out: Annotated[Path | None, typer.Option(help="With --prompts-file: JSONL results file (default: stdout).")] = None,
     batch_size: Annotated[int, typer.Option(help="With --prompts-file: requests per decode step.")] = 8,
     scheduler: Annotated[str, typer.Option(help="With --prompts-file: fifo or expert-aware.")] = "fifo",
     max_wait: Annotated[int, typer.Option(help="With --prompts-file: most steps a ready request is skipped.")] = 4,
@@ -133,12 +142,13 @@ def _run_one(m, prompt: str, sampling) -> None:
     m.generate(ids, sampling=sampling, streamer=TextStreamer(m.tokenizer))
 
 
-def _predictor_options(predictor: str, path: Optional[Path]) -> dict | None:
+def _predictor_options(predictor: str, path: Path | None) -> dict | None:
     """--predictor-file is the learned predictor's weights or the trace markov fits its counts on."""
     if path is None:
         return None
     if not path.is_file():
-        raise ConfigError(f"--predictor-file {path} does not exist", "give a .safetensors (learned) or a trace (markov)")
+        raise ConfigError(f"--predictor-file {path} does not exist",
+                          "give a .safetensors (learned) or a trace (markov)")
     if predictor == "learned":
         return {"weights": path}
     if predictor == "markov":
@@ -146,7 +156,7 @@ def _predictor_options(predictor: str, path: Optional[Path]) -> dict | None:
     raise ConfigError(f"--predictor {predictor} takes no --predictor-file", "use it with learned or markov")
 
 
-def _run_many(m, texts: list[str], out: Optional[Path], sampling) -> None:
+def _run_many(m, texts: list[str], out: Path | None, sampling) -> None:
     """Batched generation of every prompt with a progress bar; JSON lines in the prompts' order."""
     progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not err.is_terminal)
@@ -199,7 +209,8 @@ def info(model: ModelArg) -> None:
 @app.command()
 def trace(
     model: ModelArg,
-    prompts: Annotated[Path, typer.Option(help="Prompts: .txt (one per line) or .jsonl (strings or {\"prompt\": ...}).")],
+    prompts: Annotated[Path, typer.Option(
+        help='Prompts: .txt (one per line) or .jsonl (strings or {"prompt": ...}).')],
     out: Annotated[Path, typer.Option(help="Trace file to write (offload-routing-trace/1; gzip'd if it ends in .gz).")],
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",

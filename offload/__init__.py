@@ -6,8 +6,16 @@
 """
 
 from .config import ModelSpec, RuntimeConfig
-from .errors import (BudgetError, CheckpointError, ConfigError, DeviceError, OffloadError, PolicyError,
-                     TraceError, UnsupportedModelError)
+from .errors import (
+                     BudgetError,
+                     CheckpointError,
+                     ConfigError,
+                     DeviceError,
+                     OffloadError,
+                     PolicyError,
+                     TraceError,
+                     UnsupportedModelError,
+)
 from .policies import POLICIES
 from .runtime import OffloadModel, from_pretrained, plan_checkpoint
 

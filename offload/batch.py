@@ -253,18 +253,20 @@ def generate_many(
     model: MoEModel,
     prompts: Sequence[list[int]],
     config: BatchConfig = BatchConfig(),
-    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64),
+    sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     on_finish: Callable[[Completion], None] | None = None,
 ) -> list[Completion]:
     """Generate for every prompt (token-id lists); results come back in the prompts' order."""
+    sampling = sampling or SamplingConfig(max_new_tokens=64)
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("a prompt encodes to no tokens", "remove empty prompts")
     if sampling.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
-    engine = BatchEngine(model, config, min(config.pool, len(prompts)), max(map(len, prompts)) + sampling.max_new_tokens)
+    capacity = max(map(len, prompts)) + sampling.max_new_tokens
+    engine = BatchEngine(model, config, min(config.pool, len(prompts)), capacity)
     generator = generator or sampling.make_generator(model.device)
     order = range(len(prompts))
     if engine.scheduler.groups_admission:

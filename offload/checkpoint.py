@@ -192,7 +192,8 @@ def check_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ..
                               "the files do not match config.json: re-download or fix the config")
     if tuple(info.shape) != tuple(shape):
         raise CheckpointError(
-            f"tensor {name!r} in {info.path.name} has shape {list(info.shape)}, expected {list(shape)} from config.json",
+            f"tensor {name!r} in {info.path.name} has shape {list(info.shape)}, "
+            f"expected {list(shape)} from config.json",
             "the weights do not match config.json",
         )
     return info

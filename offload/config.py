@@ -187,7 +187,8 @@ def parse_budget(budget: int | str, total_experts: int, expert_nbytes: int) -> i
     if amount.kind == "bytes":
         slots = int(amount.value // expert_nbytes)
         if slots < 1:
-            raise BudgetError(f"{option} is smaller than one expert ({expert_nbytes} bytes)", "raise it to at least one expert")
+            raise BudgetError(f"{option} is smaller than one expert ({expert_nbytes} bytes)",
+                              "raise it to at least one expert")
     else:
         slots = amount.of(total_experts)
         if amount.kind == "share" and slots < 1:

@@ -48,7 +48,8 @@ def _rope(cfg: dict) -> tuple[float, float]:
     scaling = cfg.get("rope_scaling") or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if rope_type not in ("default", "linear"):
-        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported yet", "offload supports default and linear RoPE")
+        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported yet",
+                                    "offload supports default and linear RoPE")
     theta = float(first(cfg, "rope_theta", default=None) or rope.get("rope_theta", 10000.0))
     return theta, float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0
 
@@ -79,7 +80,8 @@ class Family:
         return tuple(f"{base}.{n}.weight" for n in self.expert_names)  # type: ignore[return-value]
 
     def global_tensors(self, spec: ModelSpec) -> Shapes:
-        shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size), "model.norm.weight": (spec.hidden_size,)}
+        shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
+                  "model.norm.weight": (spec.hidden_size,)}
         if not spec.tie_word_embeddings:
             shapes["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
         return shapes
@@ -131,7 +133,8 @@ class Family:
             if self.shared_expert else 0,
             moe_layers=tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(layers)),
             sliding_windows=self.sliding_windows(cfg, layers),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) if self.norm_topk_prob is None else self.norm_topk_prob,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) if self.norm_topk_prob is None
+            else self.norm_topk_prob,
             router_fp32_weights=self.router_fp32_weights,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_linear_factor=linear_factor,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
@@ -190,5 +193,6 @@ def family_for_config(cfg: dict) -> Family:
             return fam
     name = archs[0] if archs else (model_type or "unknown")
     supported = ", ".join(a for f in FAMILIES.values() for a in f.architectures)
-    kind = "a dense or unsupported architecture" if not first(cfg, "num_local_experts", "num_experts") else "not supported yet"
+    has_experts = first(cfg, "num_local_experts", "num_experts")
+    kind = "not supported yet" if has_experts else "a dense or unsupported architecture"
     raise UnsupportedModelError(f"{name} is {kind}", f"offload runs these MoE families: {supported}")

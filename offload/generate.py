@@ -88,11 +88,12 @@ def generate(
     model: MoEModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | None = None,
     streamer: Streamer | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Greedy or sampled continuation of a left-padded batch; returns [batch, prompt + new] ids."""
+    sampling = sampling or SamplingConfig()
     device = model.device
     ids, mask = _check_inputs(input_ids, attention_mask, device)
     generator = generator or sampling.make_generator(device)

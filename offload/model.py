@@ -50,7 +50,8 @@ def _mlp(group: Mapping[str, torch.Tensor]) -> DenseExpert:
 
 def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str], torch.Tensor]) -> DecoderLayer:
     """Layer ``layer``'s pieces from its tensors, named once in ``Family.layer_tensors``."""
-    groups = {piece: {name: get(name) for name in shapes} for piece, shapes in family.layer_tensors(spec, layer).items()}
+    groups = {piece: {name: get(name) for name in shapes}
+              for piece, shapes in family.layer_tensors(spec, layer).items()}
     prefix = f"model.layers.{layer}"
 
     def relative(piece: str, to: str) -> dict[str, torch.Tensor]:

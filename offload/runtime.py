@@ -60,13 +60,15 @@ class _TensorLoader:
         try:
             return self._handles[info.path].get_tensor(info.name)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"cannot read tensor {info.name!r} from {info.path} ({e})", "re-download the file") from None
+            raise CheckpointError(f"cannot read tensor {info.name!r} from {info.path} ({e})",
+                                  "re-download the file") from None
 
 
 class OffloadModel:
     """A loaded checkpoint: generate() in the transformers habit, plus tokenizer, stats and the cache."""
 
-    def __init__(self, plan: CheckpointPlan, model: MoEModel, runtime: RuntimeConfig, tokenizer, generation_config: dict):
+    def __init__(self, plan: CheckpointPlan, model: MoEModel, runtime: RuntimeConfig, tokenizer,
+                 generation_config: dict) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.model = model
@@ -160,7 +162,8 @@ class OffloadModel:
 def _runtime_config(runtime: RuntimeConfig | None, overrides: dict[str, Any]) -> RuntimeConfig:
     unknown = sorted(set(overrides) - set(RuntimeConfig.field_names()))
     if unknown:
-        raise ConfigError(f"unknown runtime option {unknown[0]!r}", f"use one of: {', '.join(RuntimeConfig.field_names())}")
+        raise ConfigError(f"unknown runtime option {unknown[0]!r}",
+                          f"use one of: {', '.join(RuntimeConfig.field_names())}")
     return dataclasses.replace(runtime or RuntimeConfig(), **overrides)
 
 
@@ -199,8 +202,9 @@ def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, dtype: torch.dtype
     if runtime.offload_to == "disk":
         return DiskExpertStore(plan.experts, DirectReader())
     _check_ram_fits(plan, dtype)
+    report = (lambda d, t: progress("experts", d, t)) if progress else None
     return RamExpertStore(plan.experts, loader, plan.spec.hidden_size, plan.spec.expert_intermediate_size, dtype,
-                          pin=device.type == "cuda", progress=(lambda d, t: progress("experts", d, t)) if progress else None)
+                          pin=device.type == "cuda", progress=report)
 
 
 def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, dtype: torch.dtype,
@@ -235,7 +239,8 @@ def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, folder: Path):
 
     spec = model.spec
     shape = MoEShape(spec.num_moe_layers, spec.num_experts, spec.top_k)
-    predictor = PREDICTORS[runtime.predictor.lower()].from_model(model, shape, folder, **(runtime.predictor_options or {}))
+    options = dict(runtime.predictor_options or {})
+    predictor = PREDICTORS[runtime.predictor.lower()].from_model(model, shape, folder, **options)
     slots = parse_prefetch_budget(runtime.prefetch_budget, model.cache.num_slots)
     return Prefetcher(predictor, model.cache, model.stats, model.moe_layers, PrefetchConfig(runtime.lookahead, slots))
 
@@ -255,8 +260,8 @@ def _check_ram_fits(plan: CheckpointPlan, dtype: torch.dtype) -> None:
     need = plan.spec.total_experts * plan.expert_nbytes(dtype)
     have = host_memory().available
     if need > have:
-        raise OffloadError(f"--offload-to ram needs {need / 2**30:.1f} GiB for the experts but {have / 2**30:.1f} GiB is free",
-                           "use --offload-to disk")
+        raise OffloadError(f"--offload-to ram needs {need / 2**30:.1f} GiB for the experts but "
+                           f"{have / 2**30:.1f} GiB is free", "use --offload-to disk")
 
 
 __all__ = ["OffloadModel", "from_pretrained", "plan_checkpoint", "resolve_device", "gpu_memories", "host_memory"]

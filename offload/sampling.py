@@ -41,7 +41,8 @@ class SamplingConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}",
                                   "0 disables top-k filtering" if name == "top_k" else "pass a non-negative number")
         if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}", "use do_sample=False for greedy decoding")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}",
+                              "use do_sample=False for greedy decoding")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "1.0 disables nucleus sampling")
         object.__setattr__(self, "eos_token_ids", _eos_tuple(self.eos_token_ids))
@@ -65,7 +66,8 @@ class SamplingConfig:
                   "pad_token_id": gen.get("pad_token_id", model_pad)}
         unknown = sorted(set(given) - set(fields) - {"seed"})
         if unknown:
-            raise ConfigError(f"unknown sampling option {unknown[0]!r}", f"use one of: {', '.join(sorted(fields))}, seed")
+            raise ConfigError(f"unknown sampling option {unknown[0]!r}",
+                              f"use one of: {', '.join(sorted(fields))}, seed")
         return cls(**{**fields, **given})
 
     @property

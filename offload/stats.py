@@ -120,7 +120,8 @@ class Stats:
         t = self.total
         return (
             f"experts: {t.hits} hits, {t.misses} misses ({t.hit_rate:.1%} hit rate), {t.evictions} evictions, "
-            f"{t.bytes_loaded / 2**20:.1f} MiB loaded in {t.load_time_s:.2f}s, {t.stalls} stalls ({t.stall_time_s:.2f}s); "
+            f"{t.bytes_loaded / 2**20:.1f} MiB loaded in {t.load_time_s:.2f}s, "
+            f"{t.stalls} stalls ({t.stall_time_s:.2f}s); "
             + (f"prefetches {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted; "
                if t.prefetch_issued else "") +
             f"decode {self.decode_tokens} tokens at {self.decode_tokens_per_s:.2f} tokens/s"

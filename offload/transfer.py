@@ -16,9 +16,9 @@
 from __future__ import annotations
 
 import errno
-from abc import ABC, abstractmethod
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path

@@ -249,3 +249,7 @@ class PrefetchAdapter:
         elif self.online:
             self.predictor.observe(path, self._prev)
         return keys
+
+
+__all__ = ["HitCounts", "PrefetchAdapter", "TraceScore", "check_shape", "parse_seqs", "prev_routes", "read_trace_spec",
+           "score_trace", "select_seqs", "shape_of", "time_predict"]

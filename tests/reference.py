@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 # ================================================================================================
 # Simulator oracles (checked against offload/simulate.py)
@@ -131,7 +131,7 @@ def ref_simulate(stream: Sequence[int], policy: str, capacity: int,
 def optimal_misses(stream: Sequence[int], capacity: int) -> int:
     """Fewest misses of any demand-paging cache (a miss inserts, any resident may go), by exhaustive search."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def best(i: int, resident: frozenset[int]) -> int:
         if i == len(stream):
             return 0

@@ -23,8 +23,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..rearrange import Request, Scheduler, admission_order, distinct_experts, make_scheduler
-from .simulate import AccessStream, _PyCaches, check_policy
 from ..traces.format import PHASES, Trace
+from .simulate import AccessStream, _PyCaches, check_policy
 
 PREDICTIONS = ("prev-token", "oracle")
 ADMISSIONS = ("similar", "arrival")

@@ -267,7 +267,8 @@ def _simulate_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: 
 
 
 @numba.njit(cache=True)
-def _lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int,
+                slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LRU in O(1) per access: one doubly linked recency list per cache (head = least recent).
 
     Same counts as the heap kernel with priority = time of last use, without its log(slots) sift

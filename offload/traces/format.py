@@ -17,9 +17,9 @@ import logging
 import math
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import IO, Any
 

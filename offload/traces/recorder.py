@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
 from .format import TraceHeader, TraceWriter
 
 

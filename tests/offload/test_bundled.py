@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 import offload
 from cli.main import app
 from offload.checkpoint import BUNDLED_DIR, bundled_models, resolve_model_dir
-from offload.traces.format import read_trace
 from offload.files import read_prompts
+from offload.traces.format import read_trace
 
 MODEL = "tiny-moe"
 PROMPTS = (

@@ -89,7 +89,8 @@ def family_dir(tmp_path_factory):
 
     def get(name: str) -> Path:
         if name not in made:
-            made[name] = make_folder(tmp_path_factory.mktemp(name), CONFIGS[name], (TEMPLATES / FILES[name]).read_text())
+            template = (TEMPLATES / FILES[name]).read_text()
+            made[name] = make_folder(tmp_path_factory.mktemp(name), CONFIGS[name], template)
         return made[name]
 
     return get
@@ -171,7 +172,8 @@ def test_llama3_tools_and_today_render_as_transformers(family_dir):
 def test_content_parts_are_flattened_to_text(family_dir):
     """OpenAI-style text parts become one string (joined by newlines), so templates that test `content is string`
     (Qwen3) see the text; transformers given the joined string renders the same."""
-    parts = [{"role": "user", "content": [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second."}]}]
+    text_parts = [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second."}]
+    parts = [{"role": "user", "content": text_parts}]
     joined = [{"role": "user", "content": "First line.\nSecond."}]
     folder = family_dir("qwen3")
     assert load_chat_template(folder).render(parts) == hf_render(folder, joined, add_generation_prompt=True)

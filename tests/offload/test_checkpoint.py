@@ -9,7 +9,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 
 import offload
 from offload.errors import BudgetError, CheckpointError, UnsupportedModelError
@@ -112,7 +111,8 @@ def test_missing_shard(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("budget, match", [(0, "at least 1 slot"), (-3, "at least 1 slot"), ("0%", "must be positive"),
-                                           ("150%", "over 100%"), ("lots", "cannot parse"), ("1KB", "smaller than one expert"),
+                                           ("150%", "over 100%"), ("lots", "cannot parse"),
+                                           ("1KB", "smaller than one expert"),
                                            ("-5GiB", "must be positive")])
 def test_bad_budgets(tiny_dir, budget, match):
     expect(BudgetError, match, tiny_dir("mixtral"), expert_budget=budget)

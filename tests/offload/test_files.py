@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from offload.errors import ConfigError
-from offload.files import read_prompts
+from offload.files import atomic_output, read_prompts, write_json_atomic, write_text_atomic
 
 
 def test_read_prompts(tmp_path):
@@ -18,3 +20,30 @@ def test_read_prompts(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(ConfigError, match="does not exist"):
         read_prompts(tmp_path / "none.txt")
+
+
+def test_atomic_output_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "stats.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    write_json_atomic(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [target]
+    write_text_atomic(tmp_path / "new.txt", "x")
+    assert (tmp_path / "new.txt").read_text() == "x"
+
+
+def test_atomic_directory_never_overwrites_a_non_empty_one(tmp_path):
+    out = tmp_path / "ckpt"
+    with atomic_output(out, directory=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+        assert not out.exists()
+    assert (out / "config.json").is_file()
+    with pytest.raises(ConfigError, match="not an empty directory"), atomic_output(out, directory=True):
+        pass
+    with pytest.raises(ValueError), atomic_output(tmp_path / "other", directory=True) as tmp:
+        (tmp / "x").write_text("partial")
+        raise ValueError
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()

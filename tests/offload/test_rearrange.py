@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload.errors import ConfigError
-from offload.rearrange import (SCHEDULERS, ExpertAware, Request, admission_order, distinct_experts,
-                               make_scheduler)
+from offload.rearrange import SCHEDULERS, ExpertAware, Request, admission_order, distinct_experts, make_scheduler
 
 
 def one_layer(*experts: tuple[int, ...] | None) -> list[Request]:

@@ -16,8 +16,7 @@ from offload.sampling import SamplingConfig, filter_logits, sample
 @given(seed=st.integers(0, 2**16), temperature=st.floats(0.3, 2.0), top_k=st.integers(0, 40),
        top_p=st.floats(0.05, 1.0), vocab=st.integers(2, 64))
 def test_filters_equal_transformers_warpers(seed, temperature, top_k, top_p, vocab):
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(seed)) * 3
     expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
@@ -44,7 +43,8 @@ def test_greedy_is_argmax_and_sampling_follows_the_filtered_distribution():
 
 
 def test_generation_config_gives_the_defaults_and_options_win():
-    gen = {"do_sample": True, "temperature": 0.7, "top_k": 10, "top_p": 0.9, "eos_token_id": [2, 7], "max_new_tokens": 5}
+    gen = {"do_sample": True, "temperature": 0.7, "top_k": 10, "top_p": 0.9, "eos_token_id": [2, 7],
+           "max_new_tokens": 5}
     config = SamplingConfig.from_generation_config(gen, model_eos=(1,), model_pad=0)
     assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 10, 0.9)
     assert config.eos_token_ids == (2, 7) and config.max_new_tokens == 5 and config.pad == 0

@@ -9,9 +9,8 @@ import pytest
 from offload.errors import ConfigError
 from offload.sim.simulate import simulate_prefetch
 from predictors import MoEShape, Predictor, RouteContext
+from predictors.evaluate import PrefetchAdapter, parse_seqs, read_trace_spec, score_trace, select_seqs, time_predict
 from predictors.history import PrevToken
-from predictors.evaluate import (PrefetchAdapter, parse_seqs, prev_routes, read_trace_spec, score_trace, select_seqs,
-                              time_predict)
 
 from .synthetic import make_trace, save, with_experts
 
@@ -49,12 +48,6 @@ class Oracle(Predictor):
     def observe(self, experts: np.ndarray, prev: np.ndarray) -> None:
         self.log.append(("observe", self.token, experts.tolist(), prev.tolist()))
         self.token += 1
-
-
-def test_prev_routes_follow_each_sequence_through_interleaving() -> None:
-    experts = np.arange(5)[:, None, None] * np.ones((5, 2, 1), int)  # token t routes to t everywhere
-    prev = prev_routes(np.array([0, 1, 0, 0, 1]), experts)
-    assert prev[:, 0, 0].tolist() == [-1, -1, 0, 2, 1]
 
 
 # 2 layers, 4 experts, top-2; the layer-1 routes are {0,1}, {0,2}, {3,2}

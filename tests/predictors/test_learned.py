@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from offload.errors import ConfigError
 from predictors import MoEShape, RouteContext, make_predictor
-from predictors.learned import Learned, PathMLP, TrainConfig, load_weights, path_data, save_weights, train
 from predictors.evaluate import score_trace, shape_of
+from predictors.learned import Learned, PathMLP, TrainConfig, load_weights, path_data, save_weights, train
 
 from .synthetic import copy_chain
 

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from offload.sim.sweep import parse_capacities
-
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "sweep_cache_policy.py"
 TRACE = ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.jsonl.gz"

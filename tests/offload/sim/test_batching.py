@@ -9,9 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offload.sim.batching import (BatchSimConfig, SimRequest, decode_sequences, locality, make_workload,
-                              simulate_batching)
 from offload.errors import ConfigError, PolicyError
+from offload.sim.batching import (
+    BatchSimConfig,
+    SimRequest,
+    decode_sequences,
+    locality,
+    make_workload,
+    simulate_batching,
+)
 from offload.sim.simulate import AccessStream, simulate
 from offload.traces.format import TraceHeader, TraceWriter, read_trace
 

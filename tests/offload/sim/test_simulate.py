@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from offload.errors import BudgetError, ConfigError, PolicyError
 from offload.sim.simulate import SIM_POLICIES, AccessStream, Step, simulate, simulate_prefetch
 from offload.traces.format import read_trace
-
 from tests import reference
 
 TESTS = Path(__file__).parents[2]
@@ -180,7 +179,8 @@ def test_a_prefetch_its_layer_did_not_use_is_evicted_first(policy: str) -> None:
     # prefetches key 5, which layer 1 does not use: wasted, and first in line, so step 2's miss on 1
     # evicts 5 rather than 0, and step 4's 0 hits (LRU without demotion would evict 0 and miss it).
     stream = AccessStream.from_experts(np.array([[[0], [0]], [[1], [0]], [[0], [0]]]), 4)
-    r = simulate_prefetch(stream, policy, "global", 3, predictor=lambda step: [5] if step.token == step.layer == 0 else [])
+    r = simulate_prefetch(stream, policy, "global", 3,
+                          predictor=lambda step: [5] if step.token == step.layer == 0 else [])
     assert (r.issued, r.used, r.wasted) == (1, 0, 1)
     assert (r.sim.misses, r.sim.hits) == (3, 3)
 

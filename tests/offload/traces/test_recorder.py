@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import offload
-from offload.errors import ConfigError
 from offload.traces.format import read_trace
 from offload.traces.recorder import record_trace
 
@@ -39,3 +38,28 @@ def test_recorded_experts_equal_transformers_routing(tiny_dir, tmp_path, family)
     assert np.all(weights[..., 0] >= weights[..., -1])
 
 
+
+
+def test_an_interrupted_recording_leaves_no_file_and_keeps_an_old_one(tiny_dir, tmp_path):
+    model = offload.from_pretrained(tiny_dir("mixtral"), device="cpu")
+    out = tmp_path / "trace.jsonl.gz"
+    calls = 0
+
+    def explode(layer, experts, weights):  # the model fails mid-run, after some tokens were written
+        nonlocal calls
+        calls += 1
+        if calls == 20:
+            raise KeyboardInterrupt
+
+    model.model.route_observers.append(explode)
+    with pytest.raises(KeyboardInterrupt):
+        record_trace(model, [torch.tensor([[5, 17, 33, 60]])], out, max_new_tokens=8)
+    assert not out.exists() and not (tmp_path / "trace.jsonl.gz.partial").exists()
+    out.write_bytes(b"an earlier trace")
+    calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        record_trace(model, [torch.tensor([[5, 17, 33, 60]])], out, max_new_tokens=8)
+    assert out.read_bytes() == b"an earlier trace" and list(tmp_path.iterdir()) == [out]
+    model.model.route_observers.remove(explode)
+    record_trace(model, [torch.tensor([[5, 17, 33, 60]])], out, max_new_tokens=3)
+    assert len(read_trace(out)) == 4 + 2  # replaced only when complete

@@ -1,0 +1,47 @@
+"""predictors/base.py: shapes are validated, candidates are stable on ties, predecessors follow their
+own sequence, and from_model is the one way the runtime builds a predictor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from offload.errors import ConfigError
+from predictors import PREDICTORS, MoEShape, make_predictor, top_candidates
+from predictors.base import check_shape, prev_routes, shape_of
+
+
+def test_shapes_are_validated():
+    with pytest.raises(ConfigError, match="bad MoE shape"):
+        MoEShape(2, 4, 5)
+    assert shape_of(SimpleNamespace(header=SimpleNamespace(num_layers=3, num_experts=8, top_k=2))) == MoEShape(3, 8, 2)
+
+
+def test_top_candidates_best_first_stable_on_ties():
+    scores = np.array([[0.1, 0.9, 0.9, 0.3], [5.0, 1.0, 2.0, 2.0]])
+    assert top_candidates(scores, 3).tolist() == [[1, 2, 3], [0, 2, 3]]
+
+
+def test_prev_routes_interleaved_sequences():
+    experts = np.arange(5 * 2 * 1).reshape(5, 2, 1)
+    prev = prev_routes(np.array([0, 1, 0, 0, 1]), experts)
+    assert prev[:, 0, 0].tolist() == [-1, -1, 0, 4, 2]
+
+
+def test_check_shape_names_both_shapes():
+    p = make_predictor("prev-token", MoEShape(2, 4, 2))
+    trace = SimpleNamespace(header=SimpleNamespace(num_layers=3, num_experts=4, top_k=2), path="t.jsonl")
+    with pytest.raises(ConfigError, match="t.jsonl has shape"):
+        check_shape(p, trace)
+
+
+def test_from_model_defaults_to_the_constructor_and_every_registered_predictor_has_it():
+    shape = MoEShape(2, 4, 2)
+    p = PREDICTORS["markov"].from_model(object(), shape, Path("/nonexistent"), horizon=1)
+    assert p.shape == shape and p.horizon == 1
+    assert all(callable(getattr(cls, "from_model", None)) for cls in PREDICTORS.values())
+    with pytest.raises(ConfigError, match="unknown predictor 'oracle'"):
+        make_predictor("oracle", shape)
