@@ -5,8 +5,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, 0.0 for an empty denominator (a rate over no events)."""
+    return numerator / denominator if denominator else 0.0
+
+
+class HitRate:
+    """Accesses and hit rate of anything that counts ``hits`` and ``misses`` (the runtime cache, the simulator)."""
+
+    hits: int
+    misses: int
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return ratio(self.hits, self.accesses)
+
+
 @dataclass
-class LayerStats:
+class LayerStats(HitRate):
     """Expert-cache accounting for one MoE layer (or the total over layers)."""
 
     hits: int = 0
@@ -25,15 +45,7 @@ class LayerStats:
 
     @property
     def distinct_per_step(self) -> float:
-        return self.distinct_experts / self.steps if self.steps else 0.0
-
-    @property
-    def accesses(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.accesses if self.accesses else 0.0
+        return ratio(self.distinct_experts, self.steps)
 
     def add(self, other: LayerStats) -> None:
         for f in fields(self):
@@ -59,11 +71,11 @@ class PredictionStats:
 
     @property
     def precision(self) -> float:
-        return self.correct / self.predicted if self.predicted else 0.0
+        return ratio(self.correct, self.predicted)
 
     @property
     def recall(self) -> float:
-        return self.correct / self.actual if self.actual else 0.0
+        return ratio(self.correct, self.actual)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "precision": round(self.precision, 6), "recall": round(self.recall, 6)}
@@ -95,7 +107,7 @@ class Stats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_time_s if self.decode_time_s else 0.0
+        return ratio(self.decode_tokens, self.decode_time_s)
 
     def reset(self) -> None:
         self.layers.clear()

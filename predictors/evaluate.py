@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from offload.errors import ConfigError
+from offload.stats import ratio
 from offload.traces.format import Trace, read_trace
 
 from .base import Predictor, RouteContext, check_shape, prev_routes, shape_of, top_candidates
@@ -86,11 +87,11 @@ class HitCounts:
 
     @property
     def precision(self) -> float:
-        return self.hits / (self.k * self.predictions) if self.predictions else 0.0
+        return ratio(self.hits, self.k * self.predictions)
 
     @property
     def recall(self) -> float:
-        return self.hits / (self.top_k * self.predictions) if self.predictions else 0.0
+        return ratio(self.hits, self.top_k * self.predictions)
 
 
 @dataclass
@@ -110,11 +111,11 @@ class TraceScore:
     @property
     def predict_us(self) -> float:
         """Mean wall time of one ``predict`` call (one token, all lookaheads), microseconds."""
-        return 1e6 * self.predict_s / self.predict_calls if self.predict_calls else 0.0
+        return ratio(1e6 * self.predict_s, self.predict_calls)
 
     @property
     def observe_us(self) -> float:
-        return 1e6 * self.observe_s / self.observe_calls if self.observe_calls else 0.0
+        return ratio(1e6 * self.observe_s, self.observe_calls)
 
     def at(self, lookahead: int, k: int) -> HitCounts:
         return next(c for c in self.counts if c.lookahead == lookahead and c.k == k)

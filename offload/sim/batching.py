@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..rearrange import Request, Scheduler, admission_order, distinct_experts, make_scheduler
+from ..stats import ratio
 from ..traces.format import PHASES, Trace
 from .simulate import AccessStream, _PyCaches, check_policy
 
@@ -190,11 +191,11 @@ class BatchSimResult:
 
     @property
     def loads_per_token(self) -> float:
-        return self.loads / self.tokens if self.tokens else 0.0
+        return ratio(self.loads, self.tokens)
 
     @property
     def tokens_per_step(self) -> float:
-        return self.tokens / self.steps if self.steps else 0.0
+        return ratio(self.tokens, self.steps)
 
     def to_dict(self) -> dict[str, float]:
         return {**self.__dict__, "loads_per_token": self.loads_per_token, "tokens_per_step": self.tokens_per_step}

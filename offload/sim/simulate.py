@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import BudgetError, ConfigError, PolicyError
 from ..policies import EvictionPolicy, make_policy
 from ..registry import check_name
+from ..stats import HitRate, ratio
 from ..traces.format import Trace
 
 # Policy codes the kernel branches on; the registry below is the only place names meet codes.
@@ -80,7 +81,7 @@ class AccessStream:
 
 
 @dataclass(frozen=True)
-class SimResult:
+class SimResult(HitRate):
     """Exact counts of one simulation; per-layer tuples are indexed by layer.
 
     Hits and misses belong to the layer of the accessed key, evictions to the layer of the evicted one.
@@ -107,17 +108,9 @@ class SimResult:
         return sum(self.evictions_per_layer)
 
     @property
-    def accesses(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.accesses if self.accesses else 0.0
-
-    @property
     def misses_per_token(self) -> float:
         """Expert loads per token, the figure that sets transfer time."""
-        return self.misses / self.num_tokens if self.num_tokens else 0.0
+        return ratio(self.misses, self.num_tokens)
 
 
 def _source_stream(source: Trace | AccessStream) -> AccessStream:
