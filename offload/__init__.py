@@ -5,6 +5,7 @@
     print(model.generate_text("def fibonacci(n):", max_new_tokens=40))
 """
 
+from .batch import BatchConfig
 from .config import ModelSpec, RuntimeConfig
 from .errors import (
                      BudgetError,
@@ -18,9 +19,11 @@ from .errors import (
 )
 from .policies import POLICIES
 from .runtime import OffloadModel, from_pretrained, plan_checkpoint
+from .sampling import SamplingConfig
 
 __all__ = [
-    "from_pretrained", "plan_checkpoint", "OffloadModel", "ModelSpec", "RuntimeConfig", "POLICIES",
+    "from_pretrained", "plan_checkpoint", "OffloadModel", "ModelSpec", "RuntimeConfig", "SamplingConfig", "BatchConfig",
+    "POLICIES",
     "OffloadError", "CheckpointError", "UnsupportedModelError", "BudgetError", "PolicyError", "DeviceError",
     "ConfigError", "TraceError",
 ]
