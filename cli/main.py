@@ -18,6 +18,19 @@ from offload.errors import ConfigError
 from offload.files import write_json_atomic, write_text_atomic
 
 from .errors import OneLineErrors
+from .options import (
+    Device,
+    Dtype,
+    ExpertBudget,
+    Lookahead,
+    ModelArg,
+    OffloadTo,
+    Policy,
+    Predictor,
+    PredictorFile,
+    PrefetchBudget,
+    runtime_config,
+)
 
 err = Console(stderr=True)
 
@@ -30,7 +43,6 @@ app = typer.Typer(
     help="Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache.",
 )
 
-ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id (org/name) or bundled model name.")]
 
 
 def _progress_bar() -> tuple[Progress, callable]:
@@ -68,20 +80,15 @@ def run(
     model: ModelArg,
     prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompts-file).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")
-                     ] = "auto",
-    expert_budget: Annotated[str, typer.Option(
-        help='Expert cache size: slots ("16"), share ("25%") or bytes ("6GiB").')] = "100%",
-    offload_to: Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.")] = "disk",
-    policy: Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.")] = "lru",
-    predictor: Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")
-                         ] = "none",
-    lookahead: Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.")] = 1,
-    prefetch_budget: Annotated[str, typer.Option(
-        help='Most cache slots prefetched experts may hold before use: "4" or "50%".')] = "50%",
-    predictor_file: Annotated[Path | None, typer.Option(
-        help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    expert_budget: ExpertBudget = "100%",
+    offload_to: OffloadTo = "disk",
+    policy: Policy = "lru",
+    predictor: Predictor = "none",
+    lookahead: Lookahead = 1,
+    prefetch_budget: PrefetchBudget = "50%",
+    predictor_file: PredictorFile = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(
         help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")
@@ -101,14 +108,11 @@ def run(
     With --prompts-file, every prompt is generated with continuous batching and one JSON object per
     prompt (id, prompt, completion, token counts) is written, in the file's order, to --out or stdout.
     """
-    from offload.config import RuntimeConfig
     from offload.files import read_prompts
 
     _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
-    runtime = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, offload_to=offload_to,
-                            policy=policy, predictor=predictor, lookahead=lookahead, prefetch_budget=prefetch_budget,
-                            predictor_options=_predictor_options(predictor, predictor_file), scheduler=scheduler,
-                            batch_size=batch_size, max_wait=max_wait)
+    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
+                             predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait)
     texts = read_prompts(prompts_file) if prompts_file is not None else None
     m = _load(model, runtime)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
@@ -140,20 +144,6 @@ def _run_one(m, prompt: str, sampling) -> None:
     ids = m.encode(prompt)
     sys.stdout.write(prompt)
     m.generate(ids, sampling=sampling, streamer=TextStreamer(m.tokenizer))
-
-
-def _predictor_options(predictor: str, path: Path | None) -> dict | None:
-    """--predictor-file is the learned predictor's weights or the trace markov fits its counts on."""
-    if path is None:
-        return None
-    if not path.is_file():
-        raise ConfigError(f"--predictor-file {path} does not exist",
-                          "give a .safetensors (learned) or a trace (markov)")
-    if predictor == "learned":
-        return {"weights": path}
-    if predictor == "markov":
-        return {"trace": path}
-    raise ConfigError(f"--predictor {predictor} takes no --predictor-file", "use it with learned or markov")
 
 
 def _run_many(m, texts: list[str], out: Path | None, sampling) -> None:
@@ -213,12 +203,11 @@ def trace(
         help='Prompts: .txt (one per line) or .jsonl (strings or {"prompt": ...}).')],
     out: Annotated[Path, typer.Option(help="Trace file to write (offload-routing-trace/1; gzip'd if it ends in .gz).")],
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 32,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16, float16.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     workload: Annotated[str, typer.Option(help="A name for the prompts, stored in the trace header.")] = "",
 ) -> None:
     """Record every token's experts and routing weights at every MoE layer (prefill and decode)."""
-    from offload.config import RuntimeConfig
     from offload.files import read_prompts
     from offload.traces.recorder import record_trace
 
@@ -227,9 +216,43 @@ def trace(
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory", "give a file path such as trace.jsonl.gz")
     texts = read_prompts(prompts)
-    m = _load(model, RuntimeConfig(device=device, dtype=dtype))
+    m = _load(model, runtime_config(device, dtype))
     tokens = record_trace(m, texts, out, max_new_tokens=max_new_tokens, workload=workload or prompts.stem)
     err.print(f"wrote {tokens} tokens of {len(texts)} prompts to {out}", soft_wrap=True)
+
+
+@app.command()
+def perplexity(
+    model: ModelArg,
+    text: Annotated[Path, typer.Option(help="A UTF-8 text file to score.")],
+    context: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    stride: Annotated[int, typer.Option(help="Tokens each window moves on (= context: no overlap).")] = 512,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write {perplexity, tokens, nll, ...} here.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    expert_budget: ExpertBudget = "100%",
+    offload_to: OffloadTo = "disk",
+    policy: Policy = "lru",
+) -> None:
+    """Token-level perplexity of a text file (sliding windows, as llama-perplexity and transformers' recipe)."""
+    from offload.perplexity import perplexity as score
+
+    if not text.is_file():
+        raise ConfigError(f"--text {text} does not exist", "give a UTF-8 text file")
+    try:
+        body = text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--text {text} is not UTF-8 ({e.reason} at byte {e.start})", "convert it to UTF-8") from None
+    m = _load(model, runtime_config(device, dtype, expert_budget, offload_to, policy))
+    ids = m.encode(body)[0].tolist()
+    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True, disable=not err.is_terminal)
+    with progress:
+        task = progress.add_task("scoring", total=None)
+        result = score(m, ids, context, stride, progress=lambda d, t: progress.update(task, completed=d, total=t))
+    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens")
+    if json_out is not None:
+        write_json_atomic(json_out, {**result.to_dict(), "model": str(m.plan.path)})
 
 
 @app.command()

@@ -129,3 +129,16 @@ def test_trace_command_writes_a_readable_trace(model_dir, tmp_path):
     assert trace.header.extra["workload"] == "prompts"
     bad = invoke("trace", model_dir, "--prompts", tmp_path / "none.txt", "--out", out)
     assert bad.exit_code == 1 and bad.stderr.startswith("Error: prompts file")
+
+
+def test_perplexity_prints_one_line_and_writes_json(model_dir, tmp_path):
+    text, out = tmp_path / "t.txt", tmp_path / "p.json"
+    text.write_text("def f(x):\n    return x + 1\n" * 4)
+    result = invoke("perplexity", model_dir, "--text", text, "--context", 16, "--stride", 8, "--json", out,
+                    "--expert-budget", 2)
+    assert result.exit_code == 0, result.output
+    ppl = json.loads(out.read_text())
+    assert result.stdout == f"perplexity {ppl['perplexity']:.4f} over {ppl['tokens']} tokens\n"
+    assert ppl["tokens"] == len(text.read_text()) - 1 and ppl["context"] == 16  # one token per character
+    missing = invoke("perplexity", model_dir, "--text", tmp_path / "none.txt")
+    assert missing.exit_code == 1 and missing.stderr.startswith("Error: --text")
