@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from .config import DTYPES, ModelSpec
 from .errors import CheckpointError, UnsupportedModelError
+from .experts import DenseFormat, ExpertFormat, ExpertLayout, Part
 from .families import Family, family_for_config
 
 log = logging.getLogger(__name__)
@@ -201,7 +203,7 @@ def check_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ..
 
 # -- the validated plan -------------------------------------------------------------------------------
 
-ExpertTensors = tuple[TensorInfo, TensorInfo, TensorInfo]  # gate, up, down
+ExpertTensors = tuple[TensorInfo, ...]  # gate's, up's, down's tensors, in the expert format's order
 
 
 @dataclass(frozen=True)
@@ -214,13 +216,27 @@ class CheckpointPlan:
     tensors: dict[str, TensorInfo]
     dense: dict[str, TensorInfo]     # every resident tensor, by name
     experts: dict[tuple[int, int], ExpertTensors]
+    expert_format: ExpertFormat
 
     @property
     def dense_nbytes(self) -> int:
         return sum(t.nbytes for t in self.dense.values())
 
     def expert_nbytes(self, dtype: torch.dtype | None = None) -> int:
-        return self.spec.expert_params * (dtype or self.spec.checkpoint_dtype).itemsize
+        """One expert's bytes as stored, or in ``dtype`` (a float format cast on load)."""
+        return self.spec.expert_params * dtype.itemsize if dtype else self.expert_format.nbytes(self.spec)
+
+    def source_layout(self, parts: Sequence[Part]) -> ExpertLayout:
+        """An expert's layout in the checkpoint's format from the places of its tensors (gate's, up's, down's)."""
+        n = len(self.expert_format.tensor_suffixes())
+        shapes = _projection_shapes(self.spec)
+        return ExpertLayout(*(self.expert_format.source_matrix(parts[i * n:(i + 1) * n], *shapes[i]) for i in range(3)))
+
+
+def _projection_shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """(out, in) of gate, up and down."""
+    h, i = spec.hidden_size, spec.expert_intermediate_size
+    return ((i, h), (i, h), (h, i))
 
 
 def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
@@ -248,11 +264,18 @@ def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
     tensors = index_tensors(path)
     spec = _read_spec(path, family, cfg, tensors)
     dense = {name: check_tensor(tensors, name, shape) for name, shape in family.dense_tensors(spec).items()}
-    h, i = spec.hidden_size, spec.expert_intermediate_size
+    fmt = expert_format(family, spec, tensors)
     experts = {}
     for layer in (n for n, moe in enumerate(spec.moe_layers) if moe):
         for e in range(spec.num_experts):
-            gate, up, down = family.expert_tensor_names(layer, e)
-            experts[(layer, e)] = (check_tensor(tensors, gate, (i, h)), check_tensor(tensors, up, (i, h)),
-                                   check_tensor(tensors, down, (h, i)))
-    return CheckpointPlan(path, spec, family, tensors, dense, experts)
+            experts[(layer, e)] = tuple(
+                check_tensor(tensors, f"{module}.{suffix}", shape)
+                for module, (out, inn) in zip(family.expert_modules(layer, e), _projection_shapes(spec), strict=True)
+                for suffix, shape in fmt.shapes(out, inn).items())
+    return CheckpointPlan(path, spec, family, tensors, dense, experts, fmt)
+
+
+def expert_format(family: Family, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> ExpertFormat:
+    """The format the checkpoint stores its experts in (float: the dtype of the first expert's weight)."""
+    first = f"{family.expert_modules(spec.moe_layers.index(True), 0)[0]}.weight"
+    return DenseFormat(tensors[first].dtype if first in tensors else spec.checkpoint_dtype)

@@ -1,26 +1,34 @@
-"""Expert layouts and the expert's forward.
+"""Expert layouts, expert formats and the expert's forward.
 
-One expert = one contiguous byte buffer (mixtral-offloading's idea: a move is one copy); a layout
-says where each of its tensors sits in that buffer and in what format, binds a buffer to an
-:class:`Expert` that computes its projections, and converts bytes from another layout into its own
-(a cast today; a repack for quantized formats). The cache and the movers only see bytes and
-layouts, so a new storage format is a new layout, never a new cache or a branch in the model.
+One expert = one contiguous byte buffer (mixtral-offloading's idea: a move is one copy). A layout
+says where each of the expert's matrices (gate, up, down) sits in that buffer and in what format;
+it binds a buffer to an :class:`Expert` whose projections compute from those bytes, and converts
+bytes from another layout into its own (a cast for dense formats, a repack for quantized ones).
+An :class:`ExpertFormat` is what a checkpoint stores: which tensors make an expert, what shapes
+they must have, their layout once read, and the layout a cache slot holds them in. The cache and
+the movers only see bytes and layouts, so a new storage format is a new format and its matrices,
+never a new cache or a branch in the model.
 
 The activation (how the projections combine) is the family's, picked from ``ACTIVATIONS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .registry import lookup
 
+if TYPE_CHECKING:
+    from .config import ModelSpec
+
 Key = tuple[int, int]  # (layer, expert)
+Linear = Callable[[torch.Tensor], torch.Tensor]  # x [tokens, in] -> [tokens, out]
 
 
 @dataclass(frozen=True)
@@ -38,77 +46,178 @@ class Part:
             n *= d
         return n
 
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
     def view(self, buf: torch.Tensor) -> torch.Tensor:
-        return buf[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        return buf[self.offset : self.end].view(self.dtype).view(self.shape)
 
-
-class Expert(Protocol):
-    """An expert bound to its bytes: the projections an activation combines. x: [tokens, hidden]."""
-
-    def gate(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def up(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def down(self, x: torch.Tensor) -> torch.Tensor: ...
+    def at(self, offset: int) -> Part:
+        return Part(offset, self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
-class DenseExpert:
-    """Plain matrices in the compute dtype: gate, up [I, H] and down [H, I]."""
+class DenseLinear:
+    """A plain weight (and optional bias) in the compute dtype."""
 
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
-    w_down: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w_gate)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
-    def up(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w_up)
 
-    def down(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w_down)
+@dataclass(frozen=True)
+class Expert:
+    """An expert's three projections, whatever their format (resident MLPs and shared experts too)."""
+
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
+
+    @classmethod
+    def dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> Expert:
+        return cls(DenseLinear(gate), DenseLinear(up), DenseLinear(down))
+
+
+class Matrix(Protocol):
+    """One projection's tensors inside an expert buffer, in one format."""
+
+    parts: tuple[Part, ...]
+
+    def signature(self) -> tuple: ...  # equal signatures: the same format, so bytes can be used as they are
+
+    def bind(self, buf: torch.Tensor) -> Linear: ...
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class DenseMatrix:
+    """A plain [out, in] weight in some float dtype."""
+
+    w: Part
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w,)
+
+    def signature(self) -> tuple:
+        return ("dense", self.w.dtype, self.w.shape)
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        return DenseLinear(self.w.view(buf))
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        if not isinstance(src, DenseMatrix):
+            raise TypeError(f"a dense slot cannot hold {type(src).__name__} bytes")
+        self.w.view(buf).copy_(src.w.view(src_buf), non_blocking=True)  # a cast when the dtypes differ
 
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Where gate [I, H], up [I, H] and down [H, I] sit inside an expert's buffer (dense formats)."""
+    """Where gate [I, H], up [I, H] and down [H, I] sit inside an expert's buffer, each in its format."""
 
-    gate: Part
-    up: Part
-    down: Part
+    gate: Matrix
+    up: Matrix
+    down: Matrix
+
+    @property
+    def matrices(self) -> tuple[Matrix, Matrix, Matrix]:
+        return (self.gate, self.up, self.down)
 
     @property
     def parts(self) -> tuple[Part, ...]:
-        return (self.gate, self.up, self.down)
+        return tuple(p for m in self.matrices for p in m.parts)
 
     @property
     def nbytes(self) -> int:
         """Bytes from the buffer's start to the end of the last part (what a copy must move)."""
-        return max(p.offset + p.nbytes for p in self.parts)
+        return max(p.end for p in self.parts)
 
     def same_format(self, other: ExpertLayout) -> bool:
         """True when ``other``'s bytes can be used as they are (a raw copy keeps their own offsets)."""
-        return type(other) is type(self) and [(p.dtype, p.shape) for p in self.parts] == \
-            [(p.dtype, p.shape) for p in other.parts]
+        return [m.signature() for m in self.matrices] == [m.signature() for m in other.matrices]
 
     def convert_from(self, src_layout: ExpertLayout, src: torch.Tensor, dest: torch.Tensor) -> None:
-        """Fill ``dest`` in this layout from bytes ``src`` in ``src_layout`` (a cast per part)."""
-        for have, want in zip(src_layout.parts, self.parts, strict=True):
-            want.view(dest).copy_(have.view(src), non_blocking=True)
+        """Fill ``dest`` in this layout from bytes ``src`` in ``src_layout``, matrix by matrix."""
+        for have, want in zip(src_layout.matrices, self.matrices, strict=True):
+            want.convert_from(have, src, dest)
 
     def bind(self, buf: torch.Tensor) -> Expert:
-        return DenseExpert(self.gate.view(buf), self.up.view(buf), self.down.view(buf))
+        return Expert(*(m.bind(buf) for m in self.matrices))
+
+
+def pack_matrices(matrices: Sequence[Matrix], align: int = 64) -> ExpertLayout:
+    """The same matrices with their parts back to back (each ``align``-aligned) in one buffer: the
+    layout of a cache slot and of the RAM tier for formats whose parts differ in size."""
+    placed, offset = [], 0
+    for m in matrices:
+        moved = {}
+        for f in dataclasses.fields(m):  # type: ignore[arg-type]
+            part = getattr(m, f.name)
+            if isinstance(part, Part):
+                offset = -(-offset // align) * align
+                moved[f.name] = part.at(offset)
+                offset += part.nbytes
+        placed.append(dataclasses.replace(m, **moved))  # type: ignore[type-var]
+    return ExpertLayout(*placed)
 
 
 def packed_layout(hidden: int, intermediate: int, dtype: torch.dtype) -> ExpertLayout:
-    """The canonical packing [gate | up | down] in the compute dtype (RAM tier and cast copies)."""
+    """The canonical packing [gate | up | down] in a float dtype (RAM tier and cast copies)."""
     n = hidden * intermediate * dtype.itemsize
     return ExpertLayout(
-        Part(0, dtype, (intermediate, hidden)),
-        Part(n, dtype, (intermediate, hidden)),
-        Part(2 * n, dtype, (hidden, intermediate)),
+        DenseMatrix(Part(0, dtype, (intermediate, hidden))),
+        DenseMatrix(Part(n, dtype, (intermediate, hidden))),
+        DenseMatrix(Part(2 * n, dtype, (hidden, intermediate))),
     )
+
+
+# -- formats: what a checkpoint stores per expert ---------------------------------------------------------
+
+
+class ExpertFormat(Protocol):
+    """The storage format of a checkpoint's experts."""
+
+    name: str  # what `offload info` shows: "bfloat16", "int4 g128 asym (gptq)", ...
+
+    def tensor_suffixes(self) -> tuple[str, ...]: ...  # per projection, after "<proj>."
+
+    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]: ...
+
+    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix: ...
+
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ExpertLayout: ...
+
+    def nbytes(self, spec: ModelSpec) -> int: ...  # one expert as stored
+
+
+@dataclass(frozen=True)
+class DenseFormat:
+    """Float experts, one ``.weight`` per projection, computed in the compute dtype."""
+
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def tensor_suffixes(self) -> tuple[str, ...]:
+        return ("weight",)
+
+    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        return {"weight": (out_features, in_features)}
+
+    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
+        return DenseMatrix(parts[0])
+
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ExpertLayout:
+        return packed_layout(spec.hidden_size, spec.expert_intermediate_size, dtype)
+
+    def nbytes(self, spec: ModelSpec) -> int:
+        return spec.expert_params * self.dtype.itemsize
 
 
 # -- activations: how an expert's projections combine ------------------------------------------------
@@ -118,7 +227,7 @@ Activation = Callable[[Expert, torch.Tensor], torch.Tensor]
 
 def swiglu(expert: Expert, x: torch.Tensor) -> torch.Tensor:
     """SwiGLU (Shazeer 2020): down(silu(gate x) * up x). x: [tokens, hidden] -> [tokens, hidden]."""
-    return expert.down(F.silu(expert.gate(x)) * expert.up(x))
+    return expert.down_proj(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
 
 
 ACTIVATIONS: dict[str, Activation] = {"swiglu": swiglu}

@@ -75,9 +75,10 @@ class Family:
     activation: str = "swiglu"           # experts.ACTIVATIONS
 
     # -- tensor names --------------------------------------------------------------------------
-    def expert_tensor_names(self, layer: int, expert: int) -> tuple[str, str, str]:
+    def expert_modules(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """The gate, up and down projections' module names (their tensors are ``<module>.<suffix>``)."""
         base = f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}"
-        return tuple(f"{base}.{n}.weight" for n in self.expert_names)  # type: ignore[return-value]
+        return tuple(f"{base}.{n}" for n in self.expert_names)  # type: ignore[return-value]
 
     def global_tensors(self, spec: ModelSpec) -> Shapes:
         shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),

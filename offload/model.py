@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .attention import Attention, RotaryEmbedding, attention_class, attention_masks, rms_norm
 from .cache import ExpertCache
 from .config import ModelSpec
-from .experts import Activation, DenseExpert, make_activation
+from .experts import Activation, Expert, make_activation
 from .families import Family
 from .kv import KVCache, KVPool
 from .routers import SoftmaxTopK, router_class
@@ -38,14 +38,14 @@ class DecoderLayer:
     post_norm: torch.Tensor
     attention: Attention
     router: SoftmaxTopK | None = None            # MoE layers
-    dense_mlp: DenseExpert | None = None         # dense layers (mlp_only_layers, sparse step)
-    shared_mlp: DenseExpert | None = None        # Qwen2-MoE's shared expert ...
+    dense_mlp: Expert | None = None         # dense layers (mlp_only_layers, sparse step)
+    shared_mlp: Expert | None = None        # Qwen2-MoE's shared expert ...
     shared_gate: torch.Tensor | None = None      # ... and its sigmoid gate [1, hidden]
 
 
-def _mlp(group: Mapping[str, torch.Tensor]) -> DenseExpert:
+def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
     gate, up, down = group.values()  # gate, up, down in the order families.py lists them
-    return DenseExpert(gate, up, down)
+    return Expert.dense(gate, up, down)
 
 
 def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str], torch.Tensor]) -> DecoderLayer:

@@ -24,7 +24,7 @@ from .cache import ExpertCache
 from .checkpoint import CheckpointPlan, plan_checkpoint
 from .config import RuntimeConfig, parse_budget, parse_prefetch_budget
 from .errors import CheckpointError, ConfigError, DeviceError, OffloadError
-from .experts import packed_layout
+from .experts import ExpertLayout
 from .generate import generate as _generate
 from .hardware import gpu_memories, host_memory
 from .model import MoEModel, build_layer
@@ -184,9 +184,10 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     device = resolve_device(runtime.device)
     plan = plan_checkpoint(name_or_path)
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
+    slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device)
     loader, stats = _TensorLoader(), Stats()
-    cache = _make_cache(plan, runtime, _make_store(plan, runtime, compute_dtype, device, loader, progress),
-                        compute_dtype, device, stats)
+    store = _make_store(plan, runtime, slot_layout, device, progress)
+    cache = _make_cache(plan, runtime, store, slot_layout, device, stats)
     model = _build_model(plan, cache, stats, loader, compute_dtype, device, progress)
     if runtime.predictor != "none":
         model.prefetcher = _make_prefetcher(model, runtime, plan.path)
@@ -197,20 +198,19 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     return OffloadModel(plan, model, runtime, tokenizer, generation_config)
 
 
-def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, dtype: torch.dtype, device: torch.device,
-                loader: _TensorLoader, progress: ProgressFn | None) -> ExpertStore:
+def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, slot_layout: ExpertLayout, device: torch.device,
+                progress: ProgressFn | None) -> ExpertStore:
+    disk = DiskExpertStore(plan.experts, DirectReader(), plan.source_layout)
     if runtime.offload_to == "disk":
-        return DiskExpertStore(plan.experts, DirectReader())
-    _check_ram_fits(plan, dtype)
+        return disk
+    _check_ram_fits(plan, slot_layout.nbytes)
     report = (lambda d, t: progress("experts", d, t)) if progress else None
-    return RamExpertStore(plan.experts, loader, plan.spec.hidden_size, plan.spec.expert_intermediate_size, dtype,
-                          pin=device.type == "cuda", progress=report)
+    return RamExpertStore(disk, list(plan.experts), slot_layout, pin=device.type == "cuda", progress=report)
 
 
-def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, dtype: torch.dtype,
+def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, slot_layout: ExpertLayout,
                 device: torch.device, stats: Stats) -> ExpertCache:
     spec = plan.spec
-    slot_layout = packed_layout(spec.hidden_size, spec.expert_intermediate_size, dtype)
     num_slots = parse_budget(runtime.expert_budget, spec.total_experts, max(slot_layout.nbytes, store.raw_nbytes))
     return ExpertCache(store, num_slots, slot_layout, device, make_policy(runtime.policy), stats,
                        async_loads=runtime.predictor != "none")
@@ -256,8 +256,8 @@ def _load_tokenizer(path: Path):
         raise CheckpointError(f"{path / 'tokenizer.json'} cannot be read ({e})", "re-download it") from None
 
 
-def _check_ram_fits(plan: CheckpointPlan, dtype: torch.dtype) -> None:
-    need = plan.spec.total_experts * plan.expert_nbytes(dtype)
+def _check_ram_fits(plan: CheckpointPlan, expert_nbytes: int) -> None:
+    need = plan.spec.total_experts * expert_nbytes
     have = host_memory().available
     if need > have:
         raise OffloadError(f"--offload-to ram needs {need / 2**30:.1f} GiB for the experts but "

@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import TensorInfo
-from .experts import ExpertLayout, Key, Part, packed_layout
+from .experts import ExpertLayout, Key, Part
 from .registry import lookup
 
 log = logging.getLogger(__name__)
@@ -149,11 +149,11 @@ class _Run:
     path: Path
     start: int
     end: int
-    tensors: tuple[tuple[int, TensorInfo], ...]  # (part index: 0 gate, 1 up, 2 down; info)
+    tensors: tuple[tuple[int, TensorInfo], ...]  # (index in the expert's tensor list; info)
 
 
-def _runs(parts: tuple[TensorInfo, TensorInfo, TensorInfo]) -> list[_Run]:
-    order = sorted(enumerate(parts), key=lambda it: (str(it[1].path), it[1].start))
+def _runs(tensors: Sequence[TensorInfo]) -> list[_Run]:
+    order = sorted(enumerate(tensors), key=lambda it: (str(it[1].path), it[1].start))
     runs: list[list[tuple[int, TensorInfo]]] = []
     for idx, info in order:
         last = runs[-1][-1][1] if runs else None
@@ -164,20 +164,31 @@ def _runs(parts: tuple[TensorInfo, TensorInfo, TensorInfo]) -> list[_Run]:
     return [_Run(r[0][1].path, r[0][1].start, r[-1][1].end, tuple(r)) for r in runs]
 
 
-class DiskExpertStore:
-    """Experts left in the checkpoint files, read on demand with page-cache-bypassing reads."""
+# parts of an expert's tensors (in the checkpoint format's order) -> its layout
+LayoutOf = Callable[[Sequence[Part]], ExpertLayout]
 
-    def __init__(self, experts: Mapping[Key, tuple[TensorInfo, TensorInfo, TensorInfo]], reader: DirectReader) -> None:
+
+class DiskExpertStore:
+    """Experts left in the checkpoint files, read on demand with page-cache-bypassing reads.
+
+    An expert is its checkpoint tensors, in the order its format lists them; tensors that lie
+    (nearly) back to back are read in one go, and ``layout_of`` turns their places in the buffer
+    into the expert's layout in the checkpoint's format.
+    """
+
+    def __init__(self, experts: Mapping[Key, Sequence[TensorInfo]], reader: DirectReader, layout_of: LayoutOf) -> None:
         self.reader = reader
-        self._runs = {key: _runs(parts) for key, parts in experts.items()}
+        self.layout_of = layout_of
+        self._runs = {key: _runs(tensors) for key, tensors in experts.items()}
         # Every run is read as an aligned span placed at an aligned offset of the destination buffer.
         self.raw_nbytes = max(
             sum(align_up(r.end) - align_down(r.start) for r in runs) for runs in self._runs.values()
         )
         self.files = sorted({r.path for runs in self._runs.values() for r in runs})
-        gate, up, down = next(iter(experts.values()))
+        first = next(iter(experts.values()))
         # The checkpoint's format (offsets vary per expert): tells a mover whether a read can land in a slot as is.
-        self.native_format = ExpertLayout(*(Part(0, t.dtype, t.shape) for t in (gate, up, down)))
+        self.native_format = layout_of([Part(0, t.dtype, t.shape) for t in first])
+        self._count = len(first)
 
     @property
     def tier(self) -> str:
@@ -185,7 +196,7 @@ class DiskExpertStore:
 
     def fetch(self, key: Key, scratch: torch.Tensor) -> tuple[torch.Tensor, ExpertLayout]:
         """Read the expert's bytes into ``scratch`` (aligned, >= raw_nbytes); return it with the layout."""
-        parts: list[Part | None] = [None, None, None]
+        parts: list[Part | None] = [None] * self._count
         cursor = 0
         for run in self._runs[key]:
             span = align_up(run.end) - align_down(run.start)
@@ -193,39 +204,34 @@ class DiskExpertStore:
             for idx, info in run.tensors:
                 parts[idx] = Part(cursor + skip + info.start - run.start, info.dtype, info.shape)
             cursor += span
-        return scratch, ExpertLayout(*parts)  # type: ignore[arg-type]
+        return scratch, self.layout_of(parts)  # type: ignore[arg-type]
 
 
 class RamExpertStore:
-    """Every expert packed once into host RAM in the compute dtype (pinned for fast CUDA copies)."""
+    """Every expert held in host RAM in the cache slots' layout (pinned for fast CUDA copies).
 
-    def __init__(
-        self,
-        experts: Mapping[Key, tuple[TensorInfo, TensorInfo, TensorInfo]],
-        load: Callable[[TensorInfo], torch.Tensor],
-        hidden: int,
-        intermediate: int,
-        dtype: torch.dtype,
-        pin: bool,
-        progress: Progress | None = None,
-    ) -> None:
-        self.layout = packed_layout(hidden, intermediate, dtype)
-        self.native_format = self.layout
-        keys = sorted(experts)
-        self._row = {key: i for i, key in enumerate(keys)}
-        self._packed = torch.empty((len(keys), self.layout.nbytes), dtype=torch.uint8, pin_memory=pin)
-        for i, key in enumerate(keys):
-            row = self._packed[i]
-            for part, info in zip(self.layout.parts, experts[key]):
-                part.view(row).copy_(load(info))
+    Filled once from a source store (the checkpoint on disk): each expert is read and converted
+    into ``layout`` (cast to the compute dtype, or repacked for a quantized kernel), so a miss is
+    one memcpy and the hot path never converts.
+    """
+
+    raw_nbytes = 0  # never needs a scratch buffer
+
+    def __init__(self, source: DiskExpertStore, keys: Sequence[Key], layout: ExpertLayout, pin: bool,
+                 progress: Progress | None = None) -> None:
+        self.layout = self.native_format = layout
+        self._row = {key: i for i, key in enumerate(sorted(keys))}
+        self._packed = torch.empty((len(keys), layout.nbytes), dtype=torch.uint8, pin_memory=pin)
+        scratch = aligned_empty(source.raw_nbytes)
+        for i, key in enumerate(sorted(keys)):
+            src, src_layout = source.fetch(key, scratch)
+            layout.convert_from(src_layout, src, self._packed[i])
             if progress:
                 progress(i + 1, len(keys))
 
     @property
     def tier(self) -> str:
         return "ram"
-
-    raw_nbytes = 0  # never needs a scratch buffer
 
     def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]:
         return self._packed[self._row[key]], self.layout

@@ -39,7 +39,7 @@ def make_cache(slots: int, policy: str) -> tuple[ExpertCache, FakeStore, Stats]:
 
 def run(cache: ExpertCache, keys) -> None:
     for key in keys:
-        gate = cache.acquire(key).w_gate
+        gate = cache.acquire(key).gate_proj.weight
         assert float(gate[0, 0]) == 10 * key[0] + key[1]  # the slot holds this expert's bytes
         cache.release(key)
 

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from offload.errors import ConfigError
-from offload.experts import DenseExpert, ExpertLayout, Part, make_activation, packed_layout, swiglu
+from offload.experts import (
+    DenseMatrix,
+    Expert,
+    ExpertLayout,
+    Part,
+    make_activation,
+    pack_matrices,
+    packed_layout,
+    swiglu,
+)
 
 H, I = 8, 12
 
@@ -16,20 +25,22 @@ def test_packed_layout_places_gate_up_down_back_to_back():
     layout = packed_layout(H, I, torch.bfloat16)
     n = H * I * 2
     assert [p.offset for p in layout.parts] == [0, n, 2 * n] and layout.nbytes == 3 * n
-    assert layout.down.shape == (H, I) and layout.gate.nbytes == n
+    assert layout.down.w.shape == (H, I) and layout.gate.w.nbytes == n
 
 
 def test_bind_views_the_buffer_without_copying():
     layout = packed_layout(H, I, torch.float32)
     buf = torch.arange(layout.nbytes // 4, dtype=torch.float32).view(torch.uint8)
     expert = layout.bind(buf)
-    assert expert.w_up.data_ptr() == buf.data_ptr() + layout.up.offset
-    assert float(expert.w_up[0, 0]) == H * I  # the first float of the second matrix
+    assert expert.up_proj.weight.data_ptr() == buf.data_ptr() + layout.up.w.offset
+    assert float(expert.up_proj.weight[0, 0]) == H * I  # the first float of the second matrix
 
 
 def test_convert_from_casts_every_part_into_the_slot_layout():
-    src_layout = ExpertLayout(Part(64, torch.float32, (I, H)), Part(1024, torch.float32, (I, H)),
-                              Part(4096, torch.float32, (H, I)))  # a disk layout: gaps, other order of bytes
+    # a disk layout: gaps between the tensors
+    src_layout = ExpertLayout(DenseMatrix(Part(64, torch.float32, (I, H))),
+                              DenseMatrix(Part(1024, torch.float32, (I, H))),
+                              DenseMatrix(Part(4096, torch.float32, (H, I))))
     src = torch.zeros(src_layout.nbytes, dtype=torch.uint8)
     weights = [torch.randn(p.shape) for p in src_layout.parts]
     for part, w in zip(src_layout.parts, weights, strict=True):
@@ -45,7 +56,15 @@ def test_convert_from_casts_every_part_into_the_slot_layout():
 def test_swiglu_is_down_of_silu_gate_times_up():
     g, u, d, x = torch.randn(I, H), torch.randn(I, H), torch.randn(H, I), torch.randn(5, H)
     expected = (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
-    torch.testing.assert_close(swiglu(DenseExpert(g, u, d), x), expected)
+    torch.testing.assert_close(swiglu(Expert.dense(g, u, d), x), expected)
     assert make_activation("SwiGLU") is swiglu
     with pytest.raises(ConfigError, match="unknown expert activation 'gelu'"):
         make_activation("gelu")
+
+
+def test_pack_matrices_aligns_each_part_and_keeps_the_formats():
+    odd = [DenseMatrix(Part(7, torch.float32, (3, 5))), DenseMatrix(Part(999, torch.float16, (5, 3))),
+           DenseMatrix(Part(0, torch.float32, (2, 2)))]
+    layout = pack_matrices(odd)
+    assert [p.offset for p in layout.parts] == [0, 64, 128] and layout.nbytes == 128 + 16
+    assert [m.signature() for m in layout.matrices] == [m.signature() for m in odd]

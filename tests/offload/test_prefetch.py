@@ -77,7 +77,7 @@ def test_demand_on_an_in_flight_prefetch_waits_for_it_once():
     assert cache.prefetch((0, 1))
     cache.reserve((0, 0))
     threading.Timer(0.05, store.gate.set).start()
-    gate = cache.wait((0, 0)).w_gate                    # blocks until the gate opens: a stall
+    gate = cache.wait((0, 0)).gate_proj.weight                    # blocks until the gate opens: a stall
     assert float(gate[0, 0]) == 0.0
     cache.release((0, 0))
     t = stats.total
@@ -114,7 +114,7 @@ def test_evicting_a_queued_prefetch_cancels_its_load():
     cache.expire_prefetches(1, used={2})
     cache.reserve((1, 2))  # a miss: evicts (1,1) without waiting for the gate
     store.gate.set()
-    gate = cache.wait((1, 2)).w_gate
+    gate = cache.wait((1, 2)).gate_proj.weight
     assert float(gate[0, 0]) == 12.0
     cache.release((1, 2))
     cache.drain()

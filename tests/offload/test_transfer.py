@@ -13,13 +13,13 @@ from offload.transfer import ALIGN, DirectReader, DiskExpertStore, aligned_empty
 @pytest.mark.parametrize("mode", ["auto", "fadvise", "plain"])
 def test_disk_store_reads_exact_expert_bytes(tiny_dir, mode):
     plan = offload.plan_checkpoint(tiny_dir("qwen2_moe", sharded=True))
-    store = DiskExpertStore(plan.experts, DirectReader(mode))
+    store = DiskExpertStore(plan.experts, DirectReader(mode), plan.source_layout)
     scratch = aligned_empty(store.raw_nbytes)
     assert scratch.data_ptr() % ALIGN == 0
     for key, infos in list(plan.experts.items())[:6]:
         buf, layout = store.fetch(key, scratch)
         expert = layout.bind(buf)
-        for view, info in zip((expert.w_gate, expert.w_up, expert.w_down), infos):
+        for view, info in zip((expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight), infos):
             with safe_open(str(info.path), "pt") as f:
                 assert torch.equal(view, f.get_tensor(info.name))
 
