@@ -205,8 +205,8 @@ def accuracy_table(records: list[AccuracyRecord]) -> str:
     rows: dict[tuple[str, str, int], list[AccuracyRecord]] = {}
     for r in records:
         rows.setdefault((r.split, r.predictor, r.lookahead), []).append(r)
-    lines = [f"| train → test | predictor | d | P=R@k | P@2k | R@2k | µs/predict | µs/predict ({BATCH_TOKENS} tokens) |",
-             "|---" * 8 + "|"]
+    head = f"| train → test | predictor | d | P=R@k | P@2k | R@2k | µs/predict | µs/predict ({BATCH_TOKENS} tokens) |"
+    lines = [head, "|---" * 8 + "|"]
     for (split, name, d), rs in rows.items():
         small, big = min(rs, key=lambda r: r.k), max(rs, key=lambda r: r.k)
         lines.append(f"| {split} | {name} | {d} | {small.precision:.3f} | {big.precision:.3f} | {big.recall:.3f} "

@@ -80,7 +80,8 @@ def sweep_policies(
     trace: Annotated[list[Path], typer.Option(help="Routing trace (.jsonl.gz or .jsonl); repeat for several.")],
     out: Annotated[Path, typer.Option(help="Folder for sweep.json, sweep.csv and sweep.png.")],
     policies: Annotated[str, typer.Option(help="Comma-separated: lru, lfu, fifo, belady.")] = "lru,lfu,fifo,belady",
-    per_layer: Annotated[str, typer.Option(help="Experts per layer: counts, ranges or shares (1-7, 2,4, 50%).")] = "1-7",
+    per_layer: Annotated[str, typer.Option(help="Experts per layer: counts, ranges or shares (1-7, 2,4, 50%).")]
+    = "1-7",
     global_: Annotated[str, typer.Option("--global", help="Global cache sizes: shares of all keys or counts.")]
     = "25%,50%,75%",
     expert_bytes: Annotated[str | None, typer.Option(help="Bytes of one expert (or a size: 336MiB): adds MB moved "
