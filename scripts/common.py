@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,12 +46,19 @@ class OneLineCommand(TyperCommand):
 
 
 class ScriptApp(typer.Typer):
-    """A Typer app whose commands are OneLineCommands unless a script asks for another class."""
+    """A Typer app whose commands are OneLineCommands, shown with the app's help when they have no docstring
+    (a one-command app prints its command's help, not the app's) and help when run bare as the app says."""
 
-    def command(self, *args: Any, **kwargs: Any):
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
         kwargs.setdefault("cls", OneLineCommand)
         kwargs.setdefault("no_args_is_help", self.info.no_args_is_help)
-        return super().command(*args, **kwargs)
+
+        def register(function: Callable) -> Callable:
+            if function.__doc__ is None:
+                kwargs.setdefault("help", self.info.help)
+            return super(ScriptApp, self).command(*args, **kwargs)(function)
+
+        return register
 
 
 def make_app(help: str, no_args_is_help: bool = True) -> ScriptApp:
