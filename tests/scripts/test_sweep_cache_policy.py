@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from offload.errors import ConfigError
 from tests.scripts import ROOT, SCRIPTS, load_script, script_env
 
 SCRIPT = SCRIPTS / "sweep_cache_policy.py"
@@ -105,3 +106,14 @@ def test_bad_trace_path_exits_non_zero_with_one_line_and_no_traceback(tmp_path: 
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == f"Error: {missing}: no such trace file\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_expert_bytes_and_bandwidth_take_sizes_as_the_readme_writes_them() -> None:
+    assert script.expert_nbytes(str(EXPERT_BYTES)) == script.expert_nbytes("336MiB") == EXPERT_BYTES
+    assert script.expert_nbytes(None) is None and script.bandwidth_gbps(None) is None
+    assert script.bandwidth_gbps("25") == script.bandwidth_gbps("25GB/s") == 25.0
+    assert script.bandwidth_gbps("1GiB/s") == pytest.approx(2**30 / 1e9)
+    with pytest.raises(ConfigError, match="is a share"):
+        script.expert_nbytes("25%")
+    with pytest.raises(ConfigError, match="cannot parse --bandwidth"):
+        script.bandwidth_gbps("50%")
