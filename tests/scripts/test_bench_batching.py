@@ -1,4 +1,4 @@
-"""scripts/bench_batching.py: its help, its table on hand-made runs, and one tiny run end to end (no timing asserted)."""
+"""scripts/bench_batching.py: its help, its table on hand-made runs, one tiny run end to end (no timing asserted)."""
 
 from __future__ import annotations
 
