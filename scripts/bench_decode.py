@@ -13,30 +13,40 @@ in the JSON so a reader can see what the page cache still held.
     python scripts/bench_decode.py                                   # full default scale (~1.4 GB experts)
     python scripts/bench_decode.py --hidden 256 --intermediate 512 --layers 4 --repeats 1   # quick check
 
+``--device cuda`` (or ``auto``) runs offload and transformers eager on the GPU (the model moved with
+``.to(device)``, CUDA synchronised before every timestamp); accelerate's disk-offload baseline is a
+host-memory experiment and runs on the CPU only, so it is skipped there with a message.
+
 With ``--predictor NAME`` every offload configuration also runs as ``CONFIG+NAME`` (prefetching with
 that predictor), and the summary adds paired ratios against the same configuration without it:
 decode tok/s, stall-causing accesses per token, stall time, plus prefetch precision and the
 predictor's share of decode time (issue 6):
 
-    python scripts/bench_decode.py --model tiny-moe --dtype auto --prompt "def fibonacci(n):" \
+    python scripts/bench_decode.py --model tiny-moe --dtype auto --prompt "def fibonacci(n):" \\
         --configs offload-ram-50,offload-ram-25,offload-disk-50,offload-disk-25 --predictor pregate
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import mmap
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
+
+import typer
+from common import machine_info, main, make_app, write_json
+
+from offload.errors import CheckpointError, ConfigError
+from offload.files import atomic_output
 
 BUDGETS = ("100%", "50%", "25%")
 OURS = [f"offload-{tier}-{b[:-1]}" for tier in ("ram", "disk") for b in BUDGETS]
@@ -46,49 +56,76 @@ CONFIGS = OURS + [HF_EAGER, HF_ACCEL]
 ACCEL_BUDGET = "25%"  # accelerate gets the same host memory as our 25% budget
 DECODE_COUNTS = ("hits", "misses", "evictions", "bytes_loaded", "load_time_s", "compute_time_s", "stalls",
                  "stall_time_s", "prefetch_issued", "prefetch_used", "prefetch_wasted")
+INTERNAL = ("worker", "worker_model", "build")  # the worker protocol's options: not parameters of the run
+
+app = make_app(__doc__.splitlines()[0], no_args_is_help=False)  # bare: the benchmark at its default scale
 
 
-# -- arguments ---------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="an existing Mixtral-shaped checkpoint dir or bundled model name (else one is built)")
-    p.add_argument("--dtype", default="bfloat16", help="offload's compute dtype (auto: the checkpoint's)")
-    p.add_argument("--prompt", help="prompt text (with the model's tokenizer) instead of random token ids")
-    p.add_argument("--predictor", default="none", help="also run every offload config with this predictor")
-    p.add_argument("--lookahead", type=int, default=1, help="with --predictor: MoE layers looked ahead")
-    p.add_argument("--work-dir", type=Path, default=Path("/tmp/offload-bench"), help="built models + offload folders")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=3584)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--init-range", type=float, default=0.1, help="initializer_range (0.02 gives near-tied logits)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens; decode = all but the first")
-    p.add_argument("--warmup-tokens", type=int, default=4, help="untimed generate before the timed one")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
-    p.add_argument("--drop-ms", type=float, default=50.0, help="period of the page-cache dropper while timing")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list out of {','.join(CONFIGS)}")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds one worker may take")
-    p.add_argument("--out", type=Path, default=Path("bench_decode.json"))
-    p.add_argument("--summarize", type=Path, help="re-print the table of an existing JSON (and add --note lines to it)")
-    p.add_argument("--note", action="append", default=[], help="with --summarize: a note to append to the JSON")
-    p.add_argument("--worker", help=argparse.SUPPRESS)          # internal: time one configuration
-    p.add_argument("--worker-model", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # internal: build the model
-    args = p.parse_args(argv)
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = set(args.configs) - set(CONFIGS)
+# -- options -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """Every option of a run, in the order the JSON's ``params`` lists them; ``configs`` is expanded
+    (``CONFIG+PREDICTOR`` runs added, accelerate dropped on CUDA)."""
+
+    model: str | None
+    dtype: str
+    device: str
+    prompt: str | None
+    predictor: str
+    lookahead: int
+    work_dir: Path
+    hidden: int
+    intermediate: int
+    layers: int
+    experts: int
+    top_k: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    init_range: float
+    seed: int
+    prompt_len: int
+    new_tokens: int
+    warmup_tokens: int
+    repeats: int
+    threads: int
+    drop_ms: float
+    configs: list[str]
+    timeout: float
+    out: Path
+    summarize: Path | None
+    note: list[str]
+    worker: str | None = None
+    worker_model: Path | None = None
+    build: bool = False
+
+    def params(self) -> dict:
+        """The run's parameters for the JSON: every option but the worker protocol's, paths as strings."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in INTERNAL}
+
+
+def parse_configs(text: str, predictor: str, device: str) -> tuple[list[str], list[str]]:
+    """(configurations to run, configurations skipped on this device) from ``--configs``."""
+    configs = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = set(configs) - set(CONFIGS)
     if unknown:
-        p.error(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
-    if args.predictor != "none":
-        args.configs += [f"{c}+{args.predictor}" for c in args.configs if c in OURS]
-    return args
+        raise ConfigError(f"unknown configurations {sorted(unknown)}", f"choose from {','.join(CONFIGS)}")
+    skipped = [c for c in configs if c == HF_ACCEL and device != "cpu"]
+    configs = [c for c in configs if c not in skipped]
+    if not configs:
+        raise ConfigError(f"nothing to run on {device}", f"{HF_ACCEL} runs with --device cpu only")
+    if predictor != "none":
+        configs += [f"{c}+{predictor}" for c in configs if c in OURS]
+    return configs, skipped
+
+
+def resolved_device(name: str) -> str:
+    """``cpu`` or ``cuda`` for ``--device`` (auto: cuda when there is one); a DeviceError when cuda is absent."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"unknown device {name!r}", "use one of: cpu, cuda, auto")
+    from offload.runtime import resolve_device
+
+    return resolve_device(name).type
 
 
 def base_config(name: str) -> str:
@@ -96,46 +133,47 @@ def base_config(name: str) -> str:
     return name.split("+", 1)[0]
 
 
-def model_dir(args: argparse.Namespace) -> Path:
-    if args.model:
+def model_dir(opts: Options) -> Path:
+    if opts.model:
         from offload.checkpoint import resolve_model_dir
 
-        return resolve_model_dir(args.model)
-    name = (f"mixtral-h{args.hidden}-i{args.intermediate}-l{args.layers}-e{args.experts}-k{args.top_k}"
-            f"-a{args.heads}x{args.kv_heads}-v{args.vocab}-r{args.init_range}-s{args.seed}")
-    return args.work_dir / name
+        return resolve_model_dir(opts.model)
+    name = (f"mixtral-h{opts.hidden}-i{opts.intermediate}-l{opts.layers}-e{opts.experts}-k{opts.top_k}"
+            f"-a{opts.heads}x{opts.kv_heads}-v{opts.vocab}-r{opts.init_range}-s{opts.seed}")
+    return opts.work_dir / name
 
 
 # -- model ---------------------------------------------------------------------------------------
-def build_model(args: argparse.Namespace, out: Path) -> None:
+def build_model(opts: Options, out: Path) -> None:
     """Random Mixtral in bf16, saved with save_pretrained (per-expert tensors, as the hub has them)."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+    torch.manual_seed(opts.seed)
+    torch.set_num_threads(opts.threads)
     config = MixtralConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        num_local_experts=args.experts, num_experts_per_tok=args.top_k, initializer_range=args.init_range,
+        vocab_size=opts.vocab, hidden_size=opts.hidden, intermediate_size=opts.intermediate,
+        num_hidden_layers=opts.layers, num_attention_heads=opts.heads, num_key_value_heads=opts.kv_heads,
+        num_local_experts=opts.experts, num_experts_per_tok=opts.top_k, initializer_range=opts.init_range,
         max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     model = MixtralForCausalLM._from_config(config, dtype=torch.bfloat16)
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    tmp.rename(out)  # a half-written model is never mistaken for a cached one
+    with atomic_output(out, directory=True) as tmp:  # a half-written model is never mistaken for a cached one
+        model.save_pretrained(tmp)
 
 
-def ensure_model(args: argparse.Namespace) -> Path:
-    path = model_dir(args)
+def ensure_model(opts: Options) -> Path:
+    path = model_dir(opts)
     if (path / "config.json").is_file():
         return path
-    if args.model:
-        sys.exit(f"Error: {path} holds no config.json")
+    if opts.model:
+        raise CheckpointError(f"{path} holds no config.json", "give a Mixtral-shaped checkpoint folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"building {path.name} (cached for later runs) ...")
     t0 = time.time()
-    subprocess.run([sys.executable, __file__, "--build", *sys.argv[1:]], check=True, env=worker_env(args))
+    proc = subprocess.run([sys.executable, __file__, "--build", *sys.argv[1:]], env=worker_env(opts), check=False)
+    if proc.returncode != 0:
+        raise CheckpointError(f"building {path} failed (exit {proc.returncode})", "see the messages above")
     log(f"built in {time.time() - t0:.0f}s")
     return path
 
@@ -206,7 +244,7 @@ class PageDropper:
             for fd in fds:
                 os.close(fd)
 
-    def __enter__(self) -> PageDropper:
+    def __enter__(self) -> PageDropper:  # noqa: PYI034 - typing.Self needs Python 3.11; 3.10 is supported
         self._thread.start()
         return self
 
@@ -238,16 +276,19 @@ class TokenClock:
 
     put() gets the prompt first, then one call per generated token; decode time runs from the first
     new token (the end of prefill) to the last, over new_tokens - 1 tokens, for both runtimes.
-    ``on_first`` runs once at the first new token (to snapshot cache counters after prefill).
+    ``on_first`` runs once at the first new token (to snapshot cache counters after prefill); ``sync``
+    waits for the device before each timestamp.
     """
 
-    def __init__(self, on_first=None) -> None:
+    def __init__(self, on_first: Callable[[], None] | None = None, sync: Callable[[], None] = lambda: None) -> None:
         self.times: list[float] = []
         self.tokens: list[int] = []
         self._prompt_seen = False
         self._on_first = on_first
+        self._sync = sync
 
     def put(self, value) -> None:
+        self._sync()  # on CUDA the token's kernels may still be running: its time is when they are done
         now = time.perf_counter()
         if not self._prompt_seen:
             self._prompt_seen = True
@@ -278,7 +319,7 @@ def cpu_ticks() -> tuple[int, int]:
 class BusyMeter:
     """How much of the machine was busy while timing, and how much of that was this process."""
 
-    def __enter__(self) -> BusyMeter:
+    def __enter__(self) -> BusyMeter:  # noqa: PYI034
         self.t0, self.ticks0, self.self0 = time.perf_counter(), cpu_ticks(), os.times()
         return self
 
@@ -295,14 +336,32 @@ class BusyMeter:
                        "other_processes_cores": round(max(machine_cores - mine / wall, 0.0), 2) if wall else 0.0}
 
 
-# -- workers -------------------------------------------------------------------------------------
-def prompt_ids(args: argparse.Namespace, model=None):
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for ``device`` before a timestamp: torch.cuda.synchronize on CUDA (kernels run
+    asynchronously, so a clock read after a launch would time the launch), nothing on the CPU."""
+    if device == "cpu":
+        return lambda: None
     import torch
 
-    if args.prompt:
-        return model.encode(args.prompt)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    return torch.randint(3, args.vocab, (1, args.prompt_len), generator=g)
+    return torch.cuda.synchronize
+
+
+# -- workers -------------------------------------------------------------------------------------
+def prompt_ids(opts: Options, path: Path):
+    """[1, tokens] ids: ``--prompt`` with the checkpoint's tokenizer.json (the call offload's encode makes,
+    so every runtime gets the same ids), else ``--prompt-len`` seeded random ids."""
+    import torch
+
+    if opts.prompt:
+        from tokenizers import Tokenizer
+
+        if not (path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{path} has no tokenizer.json", "drop --prompt to time random token ids")
+        return torch.tensor([Tokenizer.from_file(str(path / "tokenizer.json")).encode(opts.prompt).ids])
+    g = torch.Generator().manual_seed(opts.seed + 1)
+    return torch.randint(3, opts.vocab, (1, opts.prompt_len), generator=g)
 
 
 def expert_bytes_of(path: Path) -> tuple[int, int]:
@@ -312,28 +371,31 @@ def expert_bytes_of(path: Path) -> tuple[int, int]:
     return plan.dense_nbytes, plan.spec.total_experts * plan.expert_nbytes()
 
 
-def run_ours(args: argparse.Namespace, name: str, path: Path) -> dict:
+def run_ours(opts: Options, name: str, path: Path) -> dict:
     import offload
     from offload.transfer import DirectReader
 
     _, tier, pct = base_config(name).split("-")
     predictor = name.split("+", 1)[1] if "+" in name else "none"
+    sync = synchronizer(opts.device)
     t0 = time.perf_counter()
-    m = offload.from_pretrained(path, device="cpu", dtype=args.dtype, expert_budget=f"{pct}%", offload_to=tier,
-                                policy="lru", predictor=predictor, lookahead=args.lookahead)
+    m = offload.from_pretrained(path, device=opts.device, dtype=opts.dtype, expert_budget=f"{pct}%",
+                                offload_to=tier, policy="lru", predictor=predictor, lookahead=opts.lookahead)
+    sync()
     load_s = time.perf_counter() - t0
-    ids = prompt_ids(args, m)
-    m.generate(ids, max_new_tokens=args.warmup_tokens, do_sample=False, eos_token_id=[])  # kernels, allocator
+    ids = prompt_ids(opts, path)
+    m.generate(ids, max_new_tokens=opts.warmup_tokens, do_sample=False, eos_token_id=[])  # kernels, allocator
     m.cache.clear()
     m.stats.reset()
     files = list(m.cache.store.files) if tier == "disk" else []
     if files:
         DirectReader().drop_cache(files)
-    dropper = PageDropper({"checkpoint": files}, args.drop_ms / 1000) if files else NullDropper()
+    dropper = PageDropper({"checkpoint": files}, opts.drop_ms / 1000) if files else NullDropper()
     after_prefill = {}
-    clock = TokenClock(on_first=lambda: after_prefill.update(m.stats.total.to_dict()))
+    clock = TokenClock(on_first=lambda: after_prefill.update(m.stats.total.to_dict()), sync=sync)
     with BusyMeter() as busy, dropper:
-        out = m.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=[], streamer=clock)
+        out = m.generate(ids, max_new_tokens=opts.new_tokens, do_sample=False, eos_token_id=[], streamer=clock)
+        sync()
     stats = m.stats.to_dict()
     total = stats["total"]
     decode_only = {k: total[k] - after_prefill[k] for k in DECODE_COUNTS}
@@ -345,44 +407,67 @@ def run_ours(args: argparse.Namespace, name: str, path: Path) -> dict:
     return sample
 
 
-def run_hf(args: argparse.Namespace, name: str, path: Path) -> dict:
+def accelerate_setup(opts: Options, path: Path) -> tuple[dict, dict, Path]:
+    """from_pretrained's extra arguments for accelerate's disk offload (host memory = dense bytes + our 25%
+    budget of expert bytes, the rest in a fresh offload folder), what to record about it, and the folder."""
+    dense, experts = expert_bytes_of(path)
+    budget = dense + int(experts * float(ACCEL_BUDGET[:-1]) / 100)
+    folder = opts.work_dir / f"accelerate-offload-{path.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():  # each run writes its own; stale files would only confuse the dropper
+        old.unlink()
+    kwargs = {"device_map": "auto", "max_memory": {"cpu": budget}, "offload_folder": str(folder)}
+    extra = {"max_memory_cpu_bytes": budget, "dense_bytes": dense, "expert_bytes": experts,
+             "offload_folder": str(folder)}
+    return kwargs, extra, folder
+
+
+def accelerate_placement(model, path: Path, folder: Path) -> tuple[dict, dict[str, list[Path]]]:
+    """Where accelerate put each module, and the files whose pages the dropper must drop."""
+    dmap = getattr(model, "hf_device_map", {})
+    extra = {"device_map_counts": {str(d): sum(1 for v in dmap.values() if v == d) for d in set(dmap.values())},
+             "layers_on_disk": sorted(k for k, v in dmap.items() if v == "disk")}
+    # Offloaded weights may be read from the checkpoint's own safetensors or from the folder: drop both.
+    # (the checkpoint's pages that transformers keeps memory-mapped for resident weights stay cached)
+    files = {"offload_folder": sorted(p for p in folder.rglob("*") if p.is_file()),
+             "checkpoint": sorted(path.glob("*.safetensors"))}
+    return extra, files
+
+
+def run_hf(opts: Options, name: str, path: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    if name == HF_ACCEL and opts.device != "cpu":
+        raise ConfigError(f"{HF_ACCEL} runs on the CPU only", "use --device cpu for the accelerate baseline")
+    sync = synchronizer(opts.device)
     kwargs: dict = {"dtype": torch.bfloat16}
     files: dict[str, list[Path]] = {}
     extra: dict = {}
     if name == HF_ACCEL:
-        dense, experts = expert_bytes_of(path)
-        budget = dense + int(experts * float(ACCEL_BUDGET[:-1]) / 100)
-        folder = args.work_dir / f"accelerate-offload-{path.name}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.iterdir():  # each run writes its own; stale files would only confuse the dropper
-            old.unlink()
-        kwargs |= {"device_map": "auto", "max_memory": {"cpu": budget}, "offload_folder": str(folder)}
-        extra = {"max_memory_cpu_bytes": budget, "dense_bytes": dense, "expert_bytes": experts,
-                 "offload_folder": str(folder)}
+        accel_kwargs, extra, folder = accelerate_setup(opts, path)
+        kwargs |= accel_kwargs
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if name != HF_ACCEL:
+        model = model.to(opts.device)
+    sync()
     load_s = time.perf_counter() - t0
     if name == HF_ACCEL:
-        dmap = getattr(model, "hf_device_map", {})
-        extra["device_map_counts"] = {str(d): sum(1 for v in dmap.values() if v == d) for d in set(dmap.values())}
-        extra["layers_on_disk"] = sorted(k for k, v in dmap.items() if v == "disk")
-        # Offloaded weights may be read from the checkpoint's own safetensors or from the folder: drop both.
-        # (the checkpoint's pages that transformers keeps memory-mapped for resident weights stay cached)
-        files = {"offload_folder": sorted(p for p in folder.rglob("*") if p.is_file()),
-                 "checkpoint": sorted(path.glob("*.safetensors"))}
-    ids = prompt_ids(args)
+        placement, files = accelerate_placement(model, path, folder)
+        extra |= placement
+    ids = prompt_ids(opts, path).to(opts.device)
     gen = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=args.warmup_tokens, min_new_tokens=args.warmup_tokens, **gen)
+        model.generate(ids, max_new_tokens=opts.warmup_tokens, min_new_tokens=opts.warmup_tokens, **gen)
         if files:
             PageDropper(files, 0).drop_now()
-        dropper = PageDropper(files, args.drop_ms / 1000) if files else NullDropper()
-        clock = TokenClock()
+        dropper = PageDropper(files, opts.drop_ms / 1000) if files else NullDropper()
+        clock = TokenClock(sync=sync)
         with BusyMeter() as busy, dropper:
-            out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, streamer=clock, **gen)
+            out = model.generate(ids, max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, streamer=clock,
+                                 **gen)
+            sync()
     sample = {**clock.result(), "load_model_s": load_s, "busy": busy.result, **extra,
               "attn_implementation": getattr(model.config, "_attn_implementation", None),
               "experts_implementation": getattr(model.config, "_experts_implementation", None),
@@ -392,18 +477,21 @@ def run_hf(args: argparse.Namespace, name: str, path: Path) -> dict:
     return sample
 
 
-def worker(args: argparse.Namespace) -> None:
+def worker_main(opts: Options) -> None:
+    """Time one configuration (``--worker NAME``) and print its sample as one JSON line on stdout."""
     import resource
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(opts.threads)
     load_before = os.getloadavg()
-    run = run_ours if args.worker.startswith("offload-") else run_hf
-    sample = run(args, args.worker, args.worker_model)
-    sample |= {"config": args.worker, "threads": torch.get_num_threads(), "loadavg_before": load_before,
-               "loadavg_after": os.getloadavg(),
+    run = run_ours if opts.worker.startswith("offload-") else run_hf
+    sample = run(opts, opts.worker, opts.worker_model)
+    sample |= {"config": opts.worker, "device": opts.device, "threads": torch.get_num_threads(),
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if opts.device == "cuda":
+        sample["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(sample), flush=True)
 
 
@@ -412,15 +500,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def worker_env(args: argparse.Namespace) -> dict:
-    threads = str(args.threads)
+def worker_env(opts: Options) -> dict:
+    threads = str(opts.threads)
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_worker(args: argparse.Namespace, name: str, path: Path) -> dict:
+def run_worker(opts: Options, name: str, path: Path) -> dict:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--worker-model", str(path)]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args), timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(opts), timeout=opts.timeout,
+                          check=False)
     if proc.returncode != 0:
         log(proc.stderr[-4000:])
         return {"config": name, "error": f"worker exited {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
@@ -429,27 +518,13 @@ def run_worker(args: argparse.Namespace, name: str, path: Path) -> dict:
     return sample
 
 
-def machine_info() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), platform.processor())
-    mem = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
-
-    def version(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"cpu_model": model, "cores": os.cpu_count(), "ram_bytes": mem, "platform": platform.platform(),
-            "python": platform.python_version(), "gpu": None,
-            "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "safetensors", "offload")}}
-
-
 def busy_snapshot() -> dict:
     """Load average, whether the training job runs, and the busiest other processes."""
-    train = subprocess.run(["pgrep", "-f", "train_tiny_moe"], capture_output=True, text=True).stdout.split()
-    top = subprocess.run(["ps", "-eo", "pcpu,etimes,args", "--sort=-pcpu", "--no-headers"], capture_output=True, text=True)
-    lines = [l.strip()[:160] for l in top.stdout.splitlines()[:6]]
+    train = subprocess.run(["pgrep", "-f", "train_tiny_moe"], capture_output=True, text=True,
+                           check=False).stdout.split()
+    top = subprocess.run(["ps", "-eo", "pcpu,etimes,args", "--sort=-pcpu", "--no-headers"], capture_output=True,
+                         text=True, check=False)
+    lines = [line.strip()[:160] for line in top.stdout.splitlines()[:6]]
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "loadavg": os.getloadavg(), "train_tiny_moe_pids": train,
             "top_processes_pcpu_etimes_args": lines}
 
@@ -464,35 +539,98 @@ def schedule(configs: list[str], repeats: int) -> list[tuple[int, str]]:
     return order
 
 
+def drive(opts: Options) -> None:
+    """Time every configuration ``--repeats`` times, each in a fresh worker; write the JSON after each sample."""
+    t_start = time.time()
+    path = ensure_model(opts)
+    before = busy_snapshot()
+    log(f"model {path}; configs {opts.configs} on {opts.device}; {opts.repeats} repeats; "
+        f"load average {before['loadavg']}")
+    samples = []
+    plan = schedule(opts.configs, opts.repeats)
+    for rep, name in plan:
+        s = run_worker(opts, name, path)
+        s["repeat"] = rep
+        samples.append(s)
+        msg = s.get("error") or (f"{s['decode_tokens_per_s']:.2f} tok/s "
+                                 f"(other procs {s['busy']['other_processes_cores']} cores)")
+        log(f"  repeat {rep} {name:22s} {msg}")
+        # Written after every sample, so an interrupted run still leaves what it measured.
+        result = report(opts, path, samples, before, t_start, complete=len(samples) == len(plan))
+    print(table(result["summary"]))
+    log(f"wrote {opts.out} in {result['wall_time_s']:.0f}s")
+
+
+def report(opts: Options, path: Path, samples: list[dict], before: dict, t_start: float, complete: bool) -> dict:
+    """The JSON of the run so far (written to ``--out``, atomically): machine, parameters, samples, summary."""
+    summary = summarize(samples, opts.configs, opts.repeats)
+    cfg = json.loads((path / "config.json").read_text())
+    result = {
+        "benchmark": "bench_decode", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "complete": complete, "wall_time_s": round(time.time() - t_start, 1),
+        "machine": machine_info("transformers", "accelerate"), "device": opts.device,
+        "busy_before": before, "busy_after": busy_snapshot(), "params": opts.params(),
+        "model": {"path": str(path), "config": {k: cfg.get(k) for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
+            "num_attention_heads", "num_key_value_heads", "vocab_size", "initializer_range", "dtype", "torch_dtype")},
+            "checkpoint_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors"))},
+        "method": ("each sample is one fresh worker process: load, untimed warm-up generate, cache cleared and "
+                   "stats reset (ours), page cache of the disk files dropped, then one timed greedy generate; "
+                   "decode tok/s = (new_tokens - 1) / (time of last new token - time of first new token) from a "
+                   "streamer, for every runtime; hits/misses/bytes/load stall count decode steps only"),
+        "notes": [f"{HF_ACCEL} gets max_memory cpu = dense bytes + {ACCEL_BUDGET} of expert bytes (our 25% budget)",
+                  ("page_cache.resident_bytes_* are mincore() samples taken just before a drop: what the page cache "
+                   "held of the disk files; pages a process keeps memory-mapped cannot be dropped")],
+        "samples": samples, "summary": summary,
+    }
+    write_json(opts.out, result)
+    return result
+
+
 def median_range(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)} if values else {}
+    if not values:
+        return {}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _cache_row(config: str, ss: list[dict]) -> dict:
+    """An offload configuration's decode-only cache counts, and with a predictor its accuracy and cost."""
+    row = {f"decode_{k}": median_range([s["decode_cache"].get(k, 0) for s in ss]) for k in DECODE_COUNTS}
+    row["total_load_time_s"] = median_range([s["stats"]["total"]["load_time_s"] for s in ss])
+    row["decode_stalls_per_token"] = median_range([s["decode_cache"].get("stalls", 0) / s["decode_tokens"]
+                                                   for s in ss if s.get("decode_tokens")])
+    if "+" in config:
+        row["precision_lookahead_1"] = median_range([s["stats"]["prediction"]["1"]["precision"] for s in ss])
+        row["recall_lookahead_1"] = median_range([s["stats"]["prediction"]["1"]["recall"] for s in ss])
+        row["predictor_share_of_decode"] = median_range(
+            [s["stats"]["predictor_time_s"] / s["stats"]["decode_time_s"] for s in ss if s["stats"]["decode_time_s"]])
+    return row
+
+
+def _config_row(config: str, ss: list[dict], failed: int, reference: list[int] | None) -> dict:
+    """One configuration's medians [min-max] over its successful samples ``ss``."""
+    row = {"decode_tokens_per_s": median_range([s["decode_tokens_per_s"] for s in ss]), "failed": failed}
+    if ss and base_config(config) in OURS:
+        row |= _cache_row(config, ss)
+    if ss:
+        row["max_rss_bytes"] = median_range([s["max_rss_bytes"] for s in ss])
+        row["other_processes_cores"] = median_range([s["busy"]["other_processes_cores"] for s in ss])
+        if reference:
+            row["tokens_match_hf_eager"] = [sum(1 for _ in _common_prefix(s["new_token_ids"], reference))
+                                            for s in ss]
+    return row
 
 
 def summarize(samples: list[dict], configs: list[str], repeats: int) -> dict:
+    """Per configuration medians and ranges, and the ratios paired per repeat (ours / theirs, with / without
+    a predictor)."""
     ok = [s for s in samples if "error" not in s]
     by = {c: [s for s in ok if s["config"] == c] for c in configs}
     summary: dict = {"configs": {}, "ratios": {}}
     reference = next((s["new_token_ids"] for s in by.get(HF_EAGER, [])), None)
     for c, ss in by.items():
-        row = {"decode_tokens_per_s": median_range([s["decode_tokens_per_s"] for s in ss]),
-               "failed": sum(1 for s in samples if s["config"] == c and "error" in s)}
-        if ss and base_config(c) in OURS:
-            for k in DECODE_COUNTS:
-                row[f"decode_{k}"] = median_range([s["decode_cache"].get(k, 0) for s in ss])
-            row["total_load_time_s"] = median_range([s["stats"]["total"]["load_time_s"] for s in ss])
-            row["decode_stalls_per_token"] = median_range([s["decode_cache"].get("stalls", 0) / s["decode_tokens"]
-                                                           for s in ss if s.get("decode_tokens")])
-            if "+" in c:
-                row["precision_lookahead_1"] = median_range([s["stats"]["prediction"]["1"]["precision"] for s in ss])
-                row["recall_lookahead_1"] = median_range([s["stats"]["prediction"]["1"]["recall"] for s in ss])
-                row["predictor_share_of_decode"] = median_range(
-                    [s["stats"]["predictor_time_s"] / s["stats"]["decode_time_s"] for s in ss if s["stats"]["decode_time_s"]])
-        if ss:
-            row["max_rss_bytes"] = median_range([s["max_rss_bytes"] for s in ss])
-            row["other_processes_cores"] = median_range([s["busy"]["other_processes_cores"] for s in ss])
-            if reference:
-                row["tokens_match_hf_eager"] = [sum(1 for _ in _common_prefix(s["new_token_ids"], reference)) for s in ss]
-        summary["configs"][c] = row
+        failed = sum(1 for s in samples if s["config"] == c and "error" in s)
+        summary["configs"][c] = _config_row(c, ss, failed, reference)
     for ours, theirs in [("offload-ram-100", HF_EAGER), ("offload-disk-100", HF_EAGER), ("offload-disk-25", HF_ACCEL)]:
         summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by.get(ours, []), by.get(theirs, []), repeats)
     for c in configs:
@@ -519,7 +657,8 @@ def _measure(sample: dict, key: str) -> float:
 
 
 def paired_ratio(ours: list[dict], theirs: list[dict], repeats: int, key: str = "decode_tokens_per_s") -> dict:
-    """Ratio of ``key`` (decode speed by default) within each repeat (the two ran close in time), then median and range."""
+    """Ratio of ``key`` (decode speed by default) within each repeat (the two ran close in time), then median
+    and range."""
     a = {s["repeat"]: _measure(s, key) for s in ours}
     b = {s["repeat"]: _measure(s, key) for s in theirs}
     ratios = [a[r] / b[r] for r in range(repeats) if r in a and r in b and b[r]]
@@ -535,11 +674,10 @@ def fmt_range(d: dict, scale: float = 1.0, digits: int = 2) -> str:
     return f"{d['median'] * scale:.{digits}f} [{d['min'] * scale:.{digits}f}–{d['max'] * scale:.{digits}f}]"
 
 
-def table(summary: dict) -> str:
-    rows = summary["configs"]
+def _config_lines(rows: dict) -> list[str]:
     ref = rows.get(HF_EAGER, {}).get("decode_tokens_per_s", {}).get("median")
-    lines = ["| configuration | decode tok/s median [min–max] | vs HF eager | decode hits | decode misses "
-             "| decode GiB loaded | decode load stall s | peak RSS GiB | other procs' cores |",
+    lines = [("| configuration | decode tok/s median [min–max] | vs HF eager | decode hits | decode misses "
+              "| decode GiB loaded | decode load stall s | peak RSS GiB | other procs' cores |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for c, r in rows.items():
         tps = r["decode_tokens_per_s"]
@@ -549,27 +687,44 @@ def table(summary: dict) -> str:
         if base_config(c) not in OURS:
             cache = ["–"] * 4
         lines.append(f"| {c} | {fmt_range(tps)} | {rel} | " + " | ".join(cache) +
-                     f" | {fmt_range(r.get('max_rss_bytes', {}), 2**-30)} | {fmt_range(r.get('other_processes_cores', {}))} |")
+                     f" | {fmt_range(r.get('max_rss_bytes', {}), 2**-30)} | "
+                     f"{fmt_range(r.get('other_processes_cores', {}))} |")
+    return lines
+
+
+def _prefetch_lines(rows: dict) -> list[str]:
     predicted = [c for c in rows if "+" in c]
-    if predicted:
-        lines += ["", "| configuration | decode stalls/token | decode stall s | prefetches issued / used / wasted "
-                  "| precision@1 | recall@1 | predictor time / decode time |", "|---|---|---|---|---|---|---|"]
-        for c in [base_config(c) for c in predicted if base_config(c) in rows] + predicted:
-            r = rows[c]
-            pf = " / ".join(fmt_range(r.get(f"decode_prefetch_{k}", {}), 1, 0) for k in ("issued", "used", "wasted"))
-            lines.append(f"| {c} | {fmt_range(r.get('decode_stalls_per_token', {}))} | "
-                         f"{fmt_range(r.get('decode_stall_time_s', {}), 1, 3)} | {pf} | "
-                         f"{fmt_range(r.get('precision_lookahead_1', {}))} | {fmt_range(r.get('recall_lookahead_1', {}))} | "
-                         f"{fmt_range(r.get('predictor_share_of_decode', {}), 100, 1)}% |")
-    lines += ["", "| ratio (paired per repeat) | median [min–max] | of medians | target |", "|---|---|---|---|"]
+    if not predicted:
+        return []
+    lines = ["", ("| configuration | decode stalls/token | decode stall s | prefetches issued / used / wasted "
+                  "| precision@1 | recall@1 | predictor time / decode time |"), "|---|---|---|---|---|---|---|"]
+    for c in [base_config(c) for c in predicted if base_config(c) in rows] + predicted:
+        r = rows[c]
+        pf = " / ".join(fmt_range(r.get(f"decode_prefetch_{k}", {}), 1, 0) for k in ("issued", "used", "wasted"))
+        lines.append(f"| {c} | {fmt_range(r.get('decode_stalls_per_token', {}))} | "
+                     f"{fmt_range(r.get('decode_stall_time_s', {}), 1, 3)} | {pf} | "
+                     f"{fmt_range(r.get('precision_lookahead_1', {}))} | "
+                     f"{fmt_range(r.get('recall_lookahead_1', {}))} | "
+                     f"{fmt_range(r.get('predictor_share_of_decode', {}), 100, 1)}% |")
+    return lines
+
+
+def _ratio_lines(ratios: dict) -> list[str]:
+    lines = ["", "| ratio (paired per repeat) | median [min–max] | of medians | target |", "|---|---|---|---|"]
     targets = {"offload-ram-100 / hf-eager": ">= 1.0x", "offload-disk-100 / hf-eager": ">= 1.0x",
                "offload-disk-25 / hf-accelerate-disk": ">= 10x"}
-    targets |= {k: "<= 0.5x (50% budget, pregate)" for k in summary["ratios"] if k.endswith("stalls_per_token")}
-    for k, v in summary["ratios"].items():
+    targets |= {k: "<= 0.5x (50% budget, pregate)" for k in ratios if k.endswith("stalls_per_token")}
+    for k, v in ratios.items():
         of = f"{v['of_medians']:.2f}x" if "of_medians" in v else "n/a"
         paired = f"{fmt_range(v)}x" if v else "n/a"
         lines.append(f"| {k} | {paired} | {of} | {targets.get(k, '')} |")
-    return "\n".join(lines)
+    return lines
+
+
+def table(summary: dict) -> str:
+    """Markdown: every configuration, then (with a predictor) the prefetch table, then the paired ratios."""
+    rows = summary["configs"]
+    return "\n".join(_config_lines(rows) + _prefetch_lines(rows) + _ratio_lines(summary["ratios"]))
 
 
 def resummarize(path: Path, notes: list[str]) -> None:
@@ -578,65 +733,69 @@ def resummarize(path: Path, notes: list[str]) -> None:
     params = result["params"]
     result["summary"] = summarize(result["samples"], params["configs"], params["repeats"])
     result["notes"] = result.get("notes", []) + notes
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)
     print(table(result["summary"]))
 
 
-def main() -> None:
-    args = parse_args()
-    if args.build:
-        build_model(args, model_dir(args))
+# -- command -------------------------------------------------------------------------------------
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Option(help="An existing Mixtral-shaped checkpoint dir or bundled model "
+                                                   "name (else one is built).")] = None,
+    dtype: Annotated[str, typer.Option(help="offload's compute dtype (auto: the checkpoint's).")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (cuda when there is one): where offload and "
+                                             f"transformers eager run. {HF_ACCEL} (a host-memory baseline) runs "
+                                             "on cpu only and is skipped on cuda.")] = "cpu",
+    prompt: Annotated[str | None, typer.Option(help="Prompt text (with the model's tokenizer) instead of random "
+                                                    "token ids.")] = None,
+    predictor: Annotated[str, typer.Option(help="Also run every offload config with this predictor.")] = "none",
+    lookahead: Annotated[int, typer.Option(help="With --predictor: MoE layers looked ahead.")] = 1,
+    work_dir: Annotated[Path, typer.Option(help="Built models + offload folders.")] = Path("/tmp/offload-bench"),
+    hidden: Annotated[int, typer.Option(help="Built model: hidden size.")] = 1024,
+    intermediate: Annotated[int, typer.Option(help="Built model: expert intermediate size.")] = 3584,
+    layers: Annotated[int, typer.Option(help="Built model: decoder layers.")] = 8,
+    experts: Annotated[int, typer.Option(help="Built model: experts per layer.")] = 8,
+    top_k: Annotated[int, typer.Option(help="Built model: experts per token.")] = 2,
+    heads: Annotated[int, typer.Option(help="Built model: attention heads.")] = 16,
+    kv_heads: Annotated[int, typer.Option(help="Built model: key/value heads.")] = 4,
+    vocab: Annotated[int, typer.Option(help="Built model: vocabulary size.")] = 32000,
+    init_range: Annotated[float, typer.Option(help="initializer_range (0.02 gives near-tied logits).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the built model and the random prompt.")] = 0,
+    prompt_len: Annotated[int, typer.Option(help="Random prompt's tokens (without --prompt).")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens; decode = all but the first.")] = 64,
+    warmup_tokens: Annotated[int, typer.Option(help="Untimed generate before the timed one.")] = 4,
+    repeats: Annotated[int, typer.Option(help="Samples per configuration, in alternating order.")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads in every worker.")] = 2,
+    drop_ms: Annotated[float, typer.Option(help="Period of the page-cache dropper while timing.")] = 50.0,
+    configs: Annotated[str, typer.Option(help=f"Comma list out of {','.join(CONFIGS)}.")] = ",".join(CONFIGS),
+    timeout: Annotated[float, typer.Option(help="Seconds one worker may take.")] = 1800.0,
+    out: Annotated[Path, typer.Option(help="JSON file to write (after every sample).")] = Path("bench_decode.json"),
+    summarize: Annotated[Path | None, typer.Option(help="Re-print the table of an existing JSON (and add --note "
+                                                        "lines to it).")] = None,
+    note: Annotated[list[str] | None, typer.Option(help="With --summarize: a note to append to the JSON.")] = None,
+    worker: Annotated[str | None, typer.Option(hidden=True)] = None,  # internal: time one configuration
+    worker_model: Annotated[Path | None, typer.Option(hidden=True)] = None,
+    build: Annotated[bool, typer.Option("--build", hidden=True)] = False,  # internal: build the model
+) -> None:
+    """Time greedy decoding of offload's configurations, transformers eager and accelerate disk offload."""
+    given = dict(locals())  # first: exactly the options above
+    if summarize:
+        resummarize(summarize, note or [])
         return
-    if args.worker:
-        worker(args)
-        return
-    if args.summarize:
-        resummarize(args.summarize, args.note)
-        return
-    t_start = time.time()
-    path = ensure_model(args)
-    before = busy_snapshot()
-    log(f"model {path}; configs {args.configs}; {args.repeats} repeats; load average {before['loadavg']}")
-    samples = []
-    plan = schedule(args.configs, args.repeats)
-    for rep, name in plan:
-        s = run_worker(args, name, path)
-        s["repeat"] = rep
-        samples.append(s)
-        msg = s.get("error") or f"{s['decode_tokens_per_s']:.2f} tok/s (other procs {s['busy']['other_processes_cores']} cores)"
-        log(f"  repeat {rep} {name:22s} {msg}")
-        # Written after every sample, so an interrupted run still leaves what it measured.
-        result = report(args, path, samples, before, t_start, complete=len(samples) == len(plan))
-    print(table(result["summary"]))
-    log(f"wrote {args.out} in {result['wall_time_s']:.0f}s")
-
-
-def report(args: argparse.Namespace, path: Path, samples: list[dict], before: dict, t_start: float, complete: bool) -> dict:
-    summary = summarize(samples, args.configs, args.repeats)
-    cfg = json.loads((path / "config.json").read_text())
-    result = {
-        "benchmark": "bench_decode", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "complete": complete, "wall_time_s": round(time.time() - t_start, 1), "machine": machine_info(),
-        "busy_before": before, "busy_after": busy_snapshot(),
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                   if k not in ("worker", "worker_model", "build")},
-        "model": {"path": str(path), "config": {k: cfg.get(k) for k in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
-            "num_attention_heads", "num_key_value_heads", "vocab_size", "initializer_range", "dtype", "torch_dtype")},
-            "checkpoint_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors"))},
-        "method": ("each sample is one fresh worker process: load, untimed warm-up generate, cache cleared and "
-                   "stats reset (ours), page cache of the disk files dropped, then one timed greedy generate; "
-                   "decode tok/s = (new_tokens - 1) / (time of last new token - time of first new token) from a "
-                   "streamer, for every runtime; hits/misses/bytes/load stall count decode steps only"),
-        "notes": [f"{HF_ACCEL} gets max_memory cpu = dense bytes + {ACCEL_BUDGET} of expert bytes (our 25% budget)",
-                  "page_cache.resident_bytes_* are mincore() samples taken just before a drop: what the page cache "
-                  "held of the disk files; pages a process keeps memory-mapped cannot be dropped"],
-        "samples": samples, "summary": summary,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    return result
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    on = resolved_device(device)
+    to_run, skipped = parse_configs(configs, predictor, on)
+    opts = Options(**{**given, "device": on, "configs": to_run, "note": note or []})
+    if build:
+        build_model(opts, model_dir(opts))
+    elif worker:
+        worker_main(opts)
+    else:
+        for c in skipped:
+            log(f"skipping {c}: accelerate's disk-offload baseline runs on the CPU only (run it with --device cpu)")
+        drive(opts)
 
 
 if __name__ == "__main__":
-    main()
+    main(app)

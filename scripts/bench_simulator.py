@@ -12,34 +12,23 @@ writes JSON with the machine, the versions and every parameter.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import typer
+from common import ROOT, machine_info, main, make_app, write_json
 
 from offload.sim.simulate import SIM_POLICIES, AccessStream, simulate, simulate_prefetch
-from offload.hardware import machine_info
 from offload.sim.sweep import SweepConfig, sweep
 from offload.traces.format import read_trace
+from tests import reference  # the oracles, shared with the tests (common.py puts the checkout on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the oracles live in tests/reference.py, shared with the tests
-from tests import reference  # noqa: E402
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trace", type=Path, default=ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.jsonl.gz")
-    p.add_argument("--synthetic-accesses", type=int, default=10_000_000, help="size of the synthetic trace")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the best counts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "out" / "bench_simulator.json")
-    return p.parse_args()
+app = make_app(__doc__.splitlines()[0], no_args_is_help=False)  # bare: the benchmark at its default scale
 
 
 def synthetic(accesses: int, seed: int, layers: int = 32, experts: int = 8, top_k: int = 2) -> AccessStream:
@@ -75,13 +64,13 @@ def time_configs(name: str, stream: AccessStream, repeats: int, with_reference: 
     rows = []
     keys, n = stream.keys.tolist(), stream.keys.size
     for policy, scope, cap in configs(stream):
-        fast = best_seconds(lambda: simulate(stream, policy, scope, cap), repeats)
+        fast = best_seconds(lambda p=policy, s=scope, c=cap: simulate(stream, p, s, c), repeats)
         row = {"trace": name, "policy": policy, "scope": scope, "capacity": cap, "accesses": n,
                "hit_rate": simulate(stream, policy, scope, cap).hit_rate, "numba_s": fast,
                "numba_accesses_per_s": n / fast}
         if with_reference:
             part = (lambda k: k // stream.num_experts) if scope == "per-layer" else (lambda k: 0)
-            slow = best_seconds(lambda: reference.ref_simulate(keys, policy, cap, part), 1)
+            slow = best_seconds(lambda p=policy, c=cap, f=part: reference.ref_simulate(keys, p, c, f), 1)
             row |= {"reference_s": slow, "reference_accesses_per_s": n / slow, "speedup": slow / fast}
         rows.append(row)
         print(f"  {name} {policy} {scope} C={cap}: {n / fast / 1e6:.1f} M accesses/s", file=sys.stderr)
@@ -103,36 +92,43 @@ def print_table(result: dict, trace: Path, out: Path) -> None:
           f"and {load['after']:.1f} after; wrote {out}")
 
 
-def main() -> None:
-    args = parse_args()
+@app.command()
+def bench(
+    trace: Annotated[Path, typer.Option(help="Routing trace timed with every policy and by the oracle.")]
+    = ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.jsonl.gz",
+    synthetic_accesses: Annotated[int, typer.Option(help="Size of the synthetic trace.")] = 10_000_000,
+    repeats: Annotated[int, typer.Option(help="Timed runs per configuration; the best counts.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic trace.")] = 0,
+    out: Annotated[Path, typer.Option(help="JSON file to write.")] = ROOT / "out" / "bench_simulator.json",
+) -> None:
+    """Accesses per second of the numba simulator, the pure-Python oracle and a whole default sweep."""
     load_before = os.getloadavg()[0]  # timings are only as quiet as the machine: keep its load with them
-    humaneval = AccessStream.from_trace(read_trace(args.trace))
+    humaneval = AccessStream.from_trace(read_trace(trace))
     t0 = time.perf_counter()
     for policy, scope, cap in configs(humaneval):  # compile, or load numba's on-disk cache
         simulate(humaneval, policy, scope, cap)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    big = synthetic(args.synthetic_accesses, args.seed)
+    big = synthetic(synthetic_accesses, seed)
     gen_s = time.perf_counter() - t0
 
-    rows = time_configs("humaneval", humaneval, args.repeats, True)
-    rows += time_configs("synthetic", big, args.repeats, False)
+    rows = time_configs("humaneval", humaneval, repeats, True)
+    rows += time_configs("synthetic", big, repeats, False)
     twin = best_seconds(lambda: simulate_prefetch(humaneval, "lru", "per-layer", 4), 1)
-    sweep_s = best_seconds(lambda: list(sweep(args.trace.name, humaneval, SweepConfig())), max(args.repeats, 5))
+    sweep_s = best_seconds(lambda: list(sweep(trace.name, humaneval, SweepConfig())), max(repeats, 5))
     result = {
         "machine": machine_info(),
-        "params": {"trace": str(args.trace), "synthetic_accesses": int(big.keys.size), "seed": args.seed,
-                   "repeats": args.repeats,
+        "params": {"trace": str(trace), "synthetic_accesses": int(big.keys.size), "seed": seed,
+                   "repeats": repeats,
                    "synthetic_shape": [big.num_tokens, big.num_layers, big.num_experts, big.top_k]},
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "warmup_s": warmup_s, "synthetic_generation_s": gen_s, "rows": rows,
         "python_twin_lru_per_layer_accesses_per_s": humaneval.keys.size / twin,
         "humaneval_default_sweep": {"runs": SweepConfig().runs_per_trace(), "wall_s": sweep_s},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print_table(result, args.trace, args.out)
+    write_json(out, result)
+    print_table(result, trace, out)
 
 
 if __name__ == "__main__":
-    main()
+    main(app)

@@ -48,38 +48,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from common import err, machine_info, main, make_app, progress_bar, write_json, write_text
+from train_predictor import train_with_progress  # a sibling script: scripts/ is on sys.path, as common is
 
-from cli.errors import one_line_errors
 from offload.errors import ConfigError
 from offload.sim.simulate import check_policy, simulate_prefetch
-from offload.hardware import machine_info
 from offload.sim.sweep import parse_capacities
 from offload.traces.format import Trace
 from predictors import Predictor, make_predictor
-from predictors.learned import Learned, TrainConfig, report_dict
 from predictors.evaluate import PrefetchAdapter, read_trace_spec, score_trace, shape_of, time_predict
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_predictor import train_with_progress  # noqa: E402  (scripts/ is not a package)
+from predictors.learned import Learned, TrainConfig, report_dict
 
 SCHEMA = "offload-predictor-eval/1"
 BATCH_TOKENS = 16  # tokens per context in the batched timing
 MARKOV_OPTIONS = ("horizon", "context", "alpha", "path_weight", "prev_weight")  # recorded in eval.json
-err = Console(stderr=True)
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+app = make_app(__doc__.splitlines()[0])
 
 
 @dataclass(frozen=True)
@@ -213,8 +205,8 @@ def accuracy_table(records: list[AccuracyRecord]) -> str:
     rows: dict[tuple[str, str, int], list[AccuracyRecord]] = {}
     for r in records:
         rows.setdefault((r.split, r.predictor, r.lookahead), []).append(r)
-    lines = ["| train → test | predictor | d | P=R@k | P@2k | R@2k | µs/predict "
-             f"| µs/predict ({BATCH_TOKENS} tokens) |", "|---" * 8 + "|"]
+    head = f"| train → test | predictor | d | P=R@k | P@2k | R@2k | µs/predict | µs/predict ({BATCH_TOKENS} tokens) |"
+    lines = [head, "|---" * 8 + "|"]
     for (split, name, d), rs in rows.items():
         small, big = min(rs, key=lambda r: r.k), max(rs, key=lambda r: r.k)
         lines.append(f"| {split} | {name} | {d} | {small.precision:.3f} | {big.precision:.3f} | {big.recall:.3f} "
@@ -224,8 +216,8 @@ def accuracy_table(records: list[AccuracyRecord]) -> str:
 
 def simulation_table(records: list[SimRecord]) -> str:
     """Every run; ``latency`` and ``d`` are "-" without a predictor."""
-    lines = ["| train → test | policy | capacity | predictor | latency | d | misses | stalls | stall-acc/token "
-             "| vs LRU | issued | used | wasted |", "|---" * 13 + "|"]
+    lines = [("| train → test | policy | capacity | predictor | latency | d | misses | stalls | stall-acc/token "
+              "| vs LRU | issued | used | wasted |"), "|---" * 13 + "|"]
     for r in records:
         d, lat = (str(r.lookahead), str(r.latency)) if r.lookahead else ("-", "-")
         lines.append(f"| {r.split} | {r.policy} | {r.capacity_label} | {r.predictor} | {lat} | {d} | {r.misses} "
@@ -259,8 +251,36 @@ def _ints(spec: str, what: str) -> list[int]:
     return sorted(set(values))
 
 
+def markdown(acc: list[AccuracyRecord], sim: list[SimRecord], latencies: list[int]) -> str:
+    """eval.md: the accuracy table, a ``vs LRU`` summary per latency, then every simulator run."""
+    tables = "## Prediction accuracy (k = top_k, 2k = 2 * top_k)\n\n" + accuracy_table(acc)
+    for lat in latencies:
+        tables += (f"\n## Stall-causing accesses per token vs LRU without prediction (global cache, prefetch "
+                   f"latency {lat} layer step{'s' if lat > 1 else ''})\n\n" + summary_table(sim, lat))
+    return tables + "\n## Every simulator run\n\n" + simulation_table(sim)
+
+
+def evaluate_splits(splits: list[Split], names: list[str], lookaheads: list[int], policies: list[str],
+                    capacity: str, candidates: int | None, latencies: list[int], train_config: TrainConfig,
+                    learned_weights: Path | None) -> tuple[list[AccuracyRecord], list[SimRecord], list[dict]]:
+    """Accuracy and simulator records of every split, with a progress bar; also the fitted predictors' reports."""
+    reports: list[dict[str, Any]] = []
+    acc: list[AccuracyRecord] = []
+    sim: list[SimRecord] = []
+    runs = len(parse_capacities(capacity)) * len(policies) * (1 + len(names) * len(lookaheads) * len(latencies))
+    for split in splits:
+        build = factories(split, names, train_config, learned_weights, reports)
+        with progress_bar() as progress:
+            progress.add_task(f"scoring {split.name}", total=None)
+            acc += accuracy(split, build, lookaheads)
+            task = progress.add_task(f"simulating {split.name}", total=runs)
+            sim += simulation(split, build, lookaheads, policies, capacity, candidates, latencies,
+                              lambda task=task, progress=progress: progress.advance(task))
+    return acc, sim, reports
+
+
 @app.command()
-def main(
+def evaluate(
     train: Annotated[list[str], typer.Option(help="Train trace (PATH or PATH@SEQS); one per split.")],
     test: Annotated[list[str], typer.Option(help="Test trace (PATH or PATH@SEQS); pairs with --train in order.")],
     out: Annotated[Path, typer.Option(help="Folder for eval.json and eval.md.")],
@@ -269,61 +289,44 @@ def main(
     policies: Annotated[str, typer.Option(help="Simulator eviction policies (comma-separated).")] = "lru,lfu",
     capacity: Annotated[str, typer.Option(help="Global cache sizes: shares of layers x experts, or counts.")]
     = "25%,50%",
-    candidates: Annotated[Optional[int], typer.Option(help="Experts prefetched per predicted layer (default top_k).")]
+    candidates: Annotated[int | None, typer.Option(help="Experts prefetched per predicted layer (default top_k).")]
     = None,
     latency: Annotated[str, typer.Option(help="Layer steps a prefetch takes to arrive (comma-separated).")] = "1,2",
-    learned_weights: Annotated[Optional[Path], typer.Option(help="Use these learned weights instead of training.")]
+    learned_weights: Annotated[Path | None, typer.Option(help="Use these learned weights instead of training.")]
     = None,
     seed: Annotated[int, typer.Option(help="Seed for training the learned predictor.")] = 0,
 ) -> None:
     """Precision/recall of each predictor per lookahead, and its effect on a simulated expert cache."""
-    with one_line_errors():
-        if len(train) != len(test):
-            raise ConfigError(f"{len(train)} --train but {len(test)} --test traces", "give one --test per --train")
-        names = [n.strip() for n in predictors.split(",") if n.strip()]
-        lookaheads = _ints(lookahead, "--lookahead")
-        policy_list = [p.strip() for p in policies.split(",") if p.strip()]
-        for p in policy_list:
-            check_policy(p)
-        latencies = _ints(latency, "--latency")
-        train_config = TrainConfig(lookahead=max(lookaheads), seed=seed)
-        splits = [Split(f"{_short(a)} → {_short(b)}", read_trace_spec(a), read_trace_spec(b))
-                  for a, b in zip(train, test)]
-        t0 = time.perf_counter()
-        load_before = os.getloadavg()[0]  # the µs timings are only as quiet as the machine: keep its load with them
-        reports: list[dict[str, Any]] = []
-        acc: list[AccuracyRecord] = []
-        sim: list[SimRecord] = []
-        runs = len(parse_capacities(capacity)) * len(policy_list) * (1 + len(names) * len(lookaheads) * len(latencies))
-        for split in splits:
-            build = factories(split, names, train_config, learned_weights, reports)
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err, transient=True) as progress:
-                progress.add_task(f"scoring {split.name}", total=None)
-                acc += accuracy(split, build, lookaheads)
-                task = progress.add_task(f"simulating {split.name}", total=runs)
-                sim += simulation(split, build, lookaheads, policy_list, capacity, candidates, latencies,
-                                  lambda: progress.advance(task))
-        params = {"train": train, "test": test, "predictors": names, "lookahead": lookaheads,
-                  "policies": policy_list, "capacity": capacity, "scope": "global", "candidates": candidates,
-                  "latency": latencies, "learned_weights": str(learned_weights) if learned_weights else None,
-                  "seed": seed, "online": True, "seconds": round(time.perf_counter() - t0, 2)}
-        tables = "## Prediction accuracy (k = top_k, 2k = 2 * top_k)\n\n" + accuracy_table(acc)
-        for lat in latencies:
-            tables += (f"\n## Stall-causing accesses per token vs LRU without prediction (global cache, prefetch "
-                       f"latency {lat} layer step{'s' if lat > 1 else ''})\n\n" + summary_table(sim, lat))
-        tables += "\n## Every simulator run\n\n" + simulation_table(sim)
-        out.mkdir(parents=True, exist_ok=True)
-        machine = {**machine_info(), "torch": torch.__version__,
-                   "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]}}
-        result = {"schema": SCHEMA, "params": params, "machine": machine,
-                  "fitted": reports, "accuracy": [dataclasses.asdict(r) for r in acc],
-                  "simulation": [dataclasses.asdict(r) for r in sim]}
-        (out / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-        (out / "eval.md").write_text(tables)
-        err.print(f"wrote {out}/eval.json and eval.md ({len(acc)} accuracy, {len(sim)} simulation records)")
-        print(tables, end="")
+    if len(train) != len(test):
+        raise ConfigError(f"{len(train)} --train but {len(test)} --test traces", "give one --test per --train")
+    names = [n.strip() for n in predictors.split(",") if n.strip()]
+    lookaheads = _ints(lookahead, "--lookahead")
+    policy_list = [p.strip() for p in policies.split(",") if p.strip()]
+    for p in policy_list:
+        check_policy(p)
+    latencies = _ints(latency, "--latency")
+    train_config = TrainConfig(lookahead=max(lookaheads), seed=seed)
+    splits = [Split(f"{_short(a)} → {_short(b)}", read_trace_spec(a), read_trace_spec(b))
+              for a, b in zip(train, test)]
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]  # the µs timings are only as quiet as the machine: keep its load with them
+    acc, sim, reports = evaluate_splits(splits, names, lookaheads, policy_list, capacity, candidates, latencies,
+                                        train_config, learned_weights)
+    params = {"train": train, "test": test, "predictors": names, "lookahead": lookaheads,
+              "policies": policy_list, "capacity": capacity, "scope": "global", "candidates": candidates,
+              "latency": latencies, "learned_weights": str(learned_weights) if learned_weights else None,
+              "seed": seed, "online": True, "seconds": round(time.perf_counter() - t0, 2)}
+    tables = markdown(acc, sim, latencies)
+    machine = {**machine_info(), "torch": torch.__version__,
+               "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]}}
+    result = {"schema": SCHEMA, "params": params, "machine": machine,
+              "fitted": reports, "accuracy": [dataclasses.asdict(r) for r in acc],
+              "simulation": [dataclasses.asdict(r) for r in sim]}
+    write_json(out / "eval.json", result)
+    write_text(out / "eval.md", tables)
+    err.print(f"wrote {out}/eval.json and eval.md ({len(acc)} accuracy, {len(sim)} simulation records)")
+    print(tables, end="")
 
 
 if __name__ == "__main__":
-    app()
+    main(app)

@@ -14,14 +14,17 @@ Both are deterministic for a given Python version (they read this interpreter's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sysconfig
 from pathlib import Path
+from typing import Annotated
 
-from train_tiny_moe import collect_sources, is_held_out  # scripts/ is on sys.path when run as a script
+import typer
+from common import main, make_app, write_text
+from train_tiny_moe import collect_sources, is_held_out  # a sibling script: scripts/ is on sys.path, as common is
 
+app = make_app(__doc__.split("\n\n")[0])
 PROSE_FILES = ("idlelib/NEWS.txt", "idlelib/NEWS2x.txt", "idlelib/HISTORY.txt", "idlelib/README.txt",
                "idlelib/extend.txt", "idlelib/CREDITS.txt", "idlelib/TODO.txt", "email/architecture.rst",
                "LICENSE.txt")
@@ -68,20 +71,20 @@ def prose_snippets(stdlib: Path, n: int, chars: int) -> list[str]:
     return [p[:chars].rsplit(" ", 1)[0] if len(p) > chars else p for p in spread(paragraphs, n)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for the two .prompts.jsonl files")
-    p.add_argument("--prompts", type=int, default=40, help="prompts per set")
-    p.add_argument("--chars", type=int, default=200, help="characters per prompt (at most)")
-    args = p.parse_args()
+@app.command()
+def write_prompts(
+    out: Annotated[Path, typer.Option(help="Folder for the two .prompts.jsonl files.")],
+    prompts: Annotated[int, typer.Option(help="Prompts per set.")] = 40,
+    chars: Annotated[int, typer.Option(help="Characters per prompt (at most).")] = 200,
+) -> None:
+    """Write stdlib-heldout.prompts.jsonl (held-out stdlib code) and stdlib-prose.prompts.jsonl (stdlib prose)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, prompts in (("stdlib-heldout", code_snippets(stdlib, args.prompts, args.chars)),
-                          ("stdlib-prose", prose_snippets(stdlib, args.prompts, args.chars))):
-        path = args.out / f"{name}.prompts.jsonl"
-        path.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in prompts))
-        print(f"wrote {path}: {len(prompts)} prompts")
+    for name, texts in (("stdlib-heldout", code_snippets(stdlib, prompts, chars)),
+                        ("stdlib-prose", prose_snippets(stdlib, prompts, chars))):
+        path = out / f"{name}.prompts.jsonl"
+        write_text(path, "".join(json.dumps({"prompt": text}) + "\n" for text in texts))
+        print(f"wrote {path}: {len(texts)} prompts")
 
 
 if __name__ == "__main__":
-    main()
+    main(app)

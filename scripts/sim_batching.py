@@ -15,7 +15,6 @@ option is one line ``Error: ...`` and exit code 1.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -24,20 +23,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from common import err, machine_info, main, make_app, progress_bar, write_json, write_text
 
-from offload.sim.batching import BatchSimConfig, locality, make_workload, simulate_batching
-from cli.errors import one_line_errors
 from offload.errors import ConfigError
-from offload.hardware import machine_info
+from offload.sim.batching import BatchSimConfig, locality, make_workload, simulate_batching
 from offload.sim.sweep import CapacitySpec, parse_capacities
 from offload.traces.format import read_trace
 
 SCHEMA = "offload-batching-sim/1"
 _POOL = re.compile(r"^(\d+)x$")
-err = Console(stderr=True)
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+app = make_app(__doc__.splitlines()[0])
 
 
 @dataclass(frozen=True)
@@ -125,22 +120,23 @@ def markdown(records: list[dict[str, Any]], notes: dict[str, str] | None = None)
         lines += [f"**{trace}**" + (" (relabelled: no locality across requests)" if workload != "trace" else ""),
                   f"{rows[0]['requests']} requests, {rows[0]['tokens']} tokens"
                   + (f"; {notes[trace]}" if notes and trace in notes and workload == "trace" else ""), "",
-                  "| batch | cache | pool | scheduler | distinct experts/layer/step | ratio | loads/token | ratio "
-                  "| steps | tokens/step | max wait | p99 wait | p99 latency |", "|---" * 13 + "|"]
+                  ("| batch | cache | pool | scheduler | distinct experts/layer/step | ratio | loads/token | ratio "
+                   "| steps | tokens/step | max wait | p99 wait | p99 latency |"), "|---" * 13 + "|"]
         for r in rows:
             base = fifo.get(tuple(r[k] for k in key))
             name = r["scheduler"] if r["scheduler"] == "fifo" else (
                 f"{r['scheduler']} (wait<={r['max_wait']}" + (", oracle" if r["prediction"] == "oracle" else "") + ")")
-
-            def ratio(field: str) -> str:
-                return f"{r[field] / base[field]:.3f}" if base and base[field] else ""
-
+            distinct, loads = (_ratio(r, base, f) for f in ("distinct_per_layer", "loads_per_token"))
             lines.append(f"| {r['batch_size']} | {r['cache']} | {r['pool']} | {name} | {r['distinct_per_layer']:.2f} "
-                         f"| {ratio('distinct_per_layer')} | {r['loads_per_token']:.2f} | {ratio('loads_per_token')} "
+                         f"| {distinct} | {r['loads_per_token']:.2f} | {loads} "
                          f"| {r['steps']} | {r['tokens_per_step']:.2f} | {r['wait_max']} | {r['wait_p99']:.0f} "
                          f"| {r['p99_latency']:.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(record: dict[str, Any], base: dict[str, Any] | None, field: str) -> str:
+    return f"{record[field] / base[field]:.3f}" if base and base[field] else ""
 
 
 def run(traces: list[Path], out: Path, requests: int, batch_sizes: list[int], schedulers: list[str],
@@ -162,10 +158,8 @@ def run(traces: list[Path], out: Path, requests: int, batch_sizes: list[int], sc
             for r in plan(path.name, workload, h.num_layers * h.num_experts, batch_sizes, caches, pools, schedulers,
                           max_waits, predictions, base):
                 work.append((r, requests_, h.num_experts))
-    out.mkdir(parents=True, exist_ok=True)
     records = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("simulating", total=len(work))
         for r, requests_, num_experts in work:
             progress.update(task, description=f"{r.trace} b{r.batch_size} {r.cache} {r.scheduler}")
@@ -179,15 +173,15 @@ def run(traces: list[Path], out: Path, requests: int, batch_sizes: list[int], sc
               "policy": base.policy, "resident_weight": base.resident_weight, "admission": base.admission,
               "arrival_rate": base.arrival_rate, "seed": base.seed}
     table = markdown(records, {name: describe(stats) for name, stats in alike.items()})
-    (out / "batching.json").write_text(json.dumps({"schema": SCHEMA, "records": records, "locality": alike,
-                                                   "params": params, "machine": machine_info()}, indent=1))
-    (out / "batching.md").write_text(table)
+    write_json(out / "batching.json", {"schema": SCHEMA, "records": records, "locality": alike, "params": params,
+                                       "machine": machine_info()})
+    write_text(out / "batching.md", table)
     err.print(f"wrote {out}/batching.json, batching.md ({len(records)} runs)")
     return table
 
 
 @app.command()
-def main(
+def simulate(
     trace: Annotated[list[Path], typer.Option(help="Routing trace (.jsonl.gz or .jsonl); repeat for several.")],
     out: Annotated[Path, typer.Option(help="Folder for batching.json and batching.md.")],
     requests: Annotated[int, typer.Option(help="Requests per trace, sampled from its decode sequences; 0: each "
@@ -210,13 +204,12 @@ def main(
     seed: Annotated[int, typer.Option(help="Seed of the request sampling and arrivals.")] = 0,
 ) -> None:
     """Distinct experts per step and expert loads per token of each request scheduler, on real routing traces."""
-    with one_line_errors():
-        base = BatchSimConfig(policy=policy, resident_weight=resident_weight, admission=admission,
-                              arrival_rate=arrival_rate, seed=seed)
-        print(run(trace, out, requests, _ints(batch_size, "batch size", 1), _names(schedulers),
-                  _ints(max_wait, "max wait", 0), _names(prediction), parse_capacities(cache), pool, relabel,
-                  min_tokens, base), end="")
+    base = BatchSimConfig(policy=policy, resident_weight=resident_weight, admission=admission,
+                          arrival_rate=arrival_rate, seed=seed)
+    print(run(trace, out, requests, _ints(batch_size, "batch size", 1), _names(schedulers),
+              _ints(max_wait, "max wait", 0), _names(prediction), parse_capacities(cache), pool, relabel,
+              min_tokens, base), end="")
 
 
 if __name__ == "__main__":
-    app()
+    main(app)

@@ -17,31 +17,26 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from common import atomic_path, err, machine_info, main, make_app, progress_bar
+from rich.progress import TextColumn
 
-from cli.errors import one_line_errors
-from offload.hardware import machine_info
 from offload.traces.format import Trace
-from predictors.learned import PathMLP, TrainConfig, TrainReport, report_dict, save_weights, train
 from predictors.evaluate import read_trace_spec
+from predictors.learned import PathMLP, TrainConfig, TrainReport, report_dict, save_weights, train
 
-err = Console(stderr=True)
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+app = make_app(__doc__.splitlines()[0])
 
 
 def train_with_progress(traces: list[Trace], config: TrainConfig,
                         label: str = "training") -> tuple[PathMLP, TrainReport]:
     """Train with a rich progress bar on stderr (shared with eval_predictors.py)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"))
-    with Progress(*columns, console=err, transient=True) as progress:
+    with progress_bar(TextColumn("loss {task.fields[loss]:.4f}")) as progress:
         task = progress.add_task(label, total=config.steps, loss=float("nan"))
         return train(traces, config, on_step=lambda step, loss: progress.update(task, completed=step, loss=loss))
 
 
 @app.command()
-def main(
+def train_predictor(
     trace: Annotated[list[str], typer.Option(help="Routing trace, PATH or PATH@SEQS (0-9,12); repeat for several.")],
     out: Annotated[Path, typer.Option(help="Weights file to write (.safetensors).")],
     lookahead: Annotated[int, typer.Option(help="Predict layers l+1 .. l+LOOKAHEAD.")] = 2,
@@ -54,17 +49,16 @@ def main(
     seed: Annotated[int, typer.Option(help="Seed of the init and the validation split.")] = TrainConfig.seed,
 ) -> None:
     """Fit the learned predictor's per-(layer, lookahead) MLPs with BCE and save them."""
-    with one_line_errors():
-        config = TrainConfig(lookahead, hidden, steps, lr, weight_decay, val_fraction, seed=seed)
-        net, report = train_with_progress([read_trace_spec(s) for s in trace], config)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        extra = {**report_dict(report, config), "traces": trace, "machine": machine_info(), "torch": torch.__version__}
-        save_weights(net, out, extra)
-        err.print(f"wrote {out}: {report.params:,} parameters in {net.shape.num_layers} x {lookahead} MLPs, "
-                  f"{report.train_tokens} train / {report.val_tokens} val tokens, best step {report.best_step}, "
-                  f"{report.seconds:.1f} s")
-        print(f"train loss {report.train_loss:.4f}  val loss {report.val_loss:.4f}")
+    config = TrainConfig(lookahead, hidden, steps, lr, weight_decay, val_fraction, seed=seed)
+    net, report = train_with_progress([read_trace_spec(s) for s in trace], config)
+    extra = {**report_dict(report, config), "traces": trace, "machine": machine_info(), "torch": torch.__version__}
+    with atomic_path(out) as tmp:
+        save_weights(net, tmp, extra)
+    err.print(f"wrote {out}: {report.params:,} parameters in {net.shape.num_layers} x {lookahead} MLPs, "
+              f"{report.train_tokens} train / {report.val_tokens} val tokens, best step {report.best_step}, "
+              f"{report.seconds:.1f} s")
+    print(f"train loss {report.train_loss:.4f}  val loss {report.val_loss:.4f}")
 
 
 if __name__ == "__main__":
-    app()
+    main(app)

@@ -2,7 +2,7 @@
 
 Each section holds the oracles of one part of the project; nothing here imports the project, so
 an oracle cannot share a bug with the code it checks. ``from tests import reference`` with the
-repository root on ``sys.path`` (pytest puts it there; scripts/bench_simulator.py does).
+repository root on ``sys.path`` (pytest puts it there; scripts/common.py does for the scripts).
 """
 
 from __future__ import annotations

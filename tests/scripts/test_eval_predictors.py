@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from tests.predictors.synthetic import copy_chain, save
+from tests.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    sys.path.insert(0, str(ROOT / "scripts"))  # eval_predictors imports train_predictor as a sibling
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load("train_predictor")
-eval_script = _load("eval_predictors")
+train_script = load_script("train_predictor")
+eval_script = load_script("eval_predictors")
 
 
 @pytest.fixture(scope="module")

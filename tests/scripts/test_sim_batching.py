@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from offload.traces.format import TraceHeader, TraceWriter
+from tests.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("sim_batching", ROOT / "scripts" / "sim_batching.py")
-script = importlib.util.module_from_spec(_spec)
-sys.modules["sim_batching"] = script  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(script)
+script = load_script("sim_batching")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,15 +11,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "sweep_cache_policy.py"
+from offload.errors import ConfigError
+from tests.scripts import ROOT, SCRIPTS, load_script, script_env
+
+SCRIPT = SCRIPTS / "sweep_cache_policy.py"
 TRACE = ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
 BASELINES = json.loads((ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.baselines.json").read_text())
 EXPERT_BYTES = 3 * 4096 * 14336 * 2  # one bf16 Mixtral-8x7B expert: w1, w2, w3 of 4096 x 14336
 
-_spec = importlib.util.spec_from_file_location("sweep_cache_policy", SCRIPT)
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
+script = load_script("sweep_cache_policy")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,18 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], messag
 def test_bad_trace_path_exits_non_zero_with_one_line_and_no_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "missing.jsonl.gz"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--trace", str(missing), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=script_env(), check=False)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == f"Error: {missing}: no such trace file\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_expert_bytes_and_bandwidth_take_sizes_as_the_readme_writes_them() -> None:
+    assert script.expert_nbytes(str(EXPERT_BYTES)) == script.expert_nbytes("336MiB") == EXPERT_BYTES
+    assert script.expert_nbytes(None) is None and script.bandwidth_gbps(None) is None
+    assert script.bandwidth_gbps("25") == script.bandwidth_gbps("25GB/s") == 25.0
+    assert script.bandwidth_gbps("1GiB/s") == pytest.approx(2**30 / 1e9)
+    with pytest.raises(ConfigError, match="is a share"):
+        script.expert_nbytes("25%")
+    with pytest.raises(ConfigError, match="cannot parse --bandwidth"):
+        script.bandwidth_gbps("50%")
