@@ -1,0 +1,29 @@
+"""cli/options.py: the shared options build the same validated RuntimeConfig for every command."""
+
+from __future__ import annotations
+
+import pytest
+
+from cli.options import predictor_options, runtime_config
+from offload.errors import ConfigError, PolicyError
+
+
+def test_runtime_config_from_the_shared_options(tmp_path):
+    trace = tmp_path / "t.jsonl.gz"
+    trace.write_bytes(b"")
+    config = runtime_config("cpu", "bf16", "25%", "ram", "lfu", "markov", 2, "4", trace, scheduler="expert-aware")
+    assert (config.device, config.offload_to, config.policy, config.lookahead, config.scheduler) == \
+        ("cpu", "ram", "lfu", 2, "expert-aware")
+    assert config.predictor_options == {"trace": trace}
+    with pytest.raises(PolicyError):
+        runtime_config(policy="mru")
+
+
+def test_predictor_file_goes_to_the_predictor_that_takes_one(tmp_path):
+    weights = tmp_path / "p.safetensors"
+    weights.write_bytes(b"")
+    assert predictor_options("learned", weights) == {"weights": weights} and predictor_options("none", None) is None
+    with pytest.raises(ConfigError, match="takes no --predictor-file"):
+        predictor_options("pregate", weights)
+    with pytest.raises(ConfigError, match="does not exist"):
+        predictor_options("learned", tmp_path / "missing")
