@@ -396,15 +396,18 @@ def int4_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, group_size:
     return pair.repeat_interleave(group_size // kernel_group, dim=0).contiguous()  # [K/G, N, 2]
 
 
-def int4_kernel_pack(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """-> (packed uint8 [N, K/2] in the CPU layout, scales_and_zeros bf16 [K/G, N, 2], kernel group G)."""
+def int4_kernel_pack(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (packed uint8 [N, K/2] in the CPU layout, scales_and_zeros bf16 [K/G, N, 2]).
+
+    The kernel group G is int4_kernel_group(N, K, q.scheme.group_size), also K // scales_and_zeros.shape[0].
+    """
     n, k = q.shape
     group = int4_kernel_group(n, k, q.scheme.group_size) if q.scheme.bits == 4 else None
     if group is None:
         raise ConfigError(f"the CPU int4 kernel cannot run a [{n}, {k}] {q.scheme} matrix",
                           "it needs int4, out % 16 == 0 and a group that is a multiple of 32: use dequant_linear")
     sz = int4_scales_and_zeros(q.scales, q.zeros, q.group_size, group)
-    return plain_to_cpu_int4(pack_nibbles(q.codes)), sz, group
+    return plain_to_cpu_int4(pack_nibbles(q.codes)), sz
 
 
 def int8_kernel_pack(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
