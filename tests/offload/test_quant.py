@@ -437,3 +437,19 @@ def test_transformers_loads_compressed_tensors_fixture(tiny_dir, tmp_path, famil
             logits.append(model(ids).logits)
     # the same float32 weights through the same modules: equal up to a few ulps (0 or 2.4e-7 observed)
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_formats_and_portable_path_on_cuda():
+    q = Q.quantize(_w(64, 256), Q.QuantScheme(4, 32, False), scale_dtype=torch.float16)
+    x = _w(3, 256, seed=1)
+    want = Q.dequant_linear(x, q)
+    ct = {k: v.cuda() for k, v in Q.compressed_tensors_pack(q, torch.float16).items()}
+    back = Q.compressed_tensors_unpack(ct["weight_packed"], ct["weight_scale"], ct["weight_shape"],
+                                       ct["weight_zero_point"], bits=4, group_size=32, symmetric=False)
+    gptq = {k: v.cuda() for k, v in Q.gptq_pack(q).items()}
+    back_gptq = Q.gptq_unpack(gptq["qweight"], gptq["qzeros"], gptq["scales"], gptq["g_idx"], 4, 32)
+    for b in (back, back_gptq):
+        assert b.codes.is_cuda and torch.equal(b.codes.cpu(), q.codes) and torch.equal(b.zeros.cpu(), q.zeros)
+        # float32 matmuls on two devices: a few ulps apart (TF32 is off by default for matmuls)
+        torch.testing.assert_close(Q.dequant_linear(x.cuda(), b).cpu(), want, rtol=1e-5, atol=1e-5)
