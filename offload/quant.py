@@ -312,7 +312,7 @@ def _odd(lo, hi):  # bytes of k = 2j + 1: high nibbles of both rows
     return ((lo >> _S4) & _LOW) | (hi & _HIGH)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # nogil: a loader thread can shuffle while the main thread computes
 def _shuffle_int4(plain, out, block_n, paired):
     """plain: uint64 [N, K/16] (16 codes of one row per word); out: uint64 [N * K/16] in the kernel's layout.
 
