@@ -143,3 +143,100 @@ def optimal_misses(stream: Sequence[int], capacity: int) -> int:
         return 1 + min(best(i + 1, (resident - {v}) | {key}) for v in resident)
 
     return best(0, frozenset())
+
+
+# ================================================================================================
+# Quantization oracles (checked against offload/quant.py)
+#
+# Plain-Python loops over words and bits, written from the formats' descriptions (AutoGPTQ's pack and
+# dequantization, compressed-tensors' pack_to_int32), not from offload's code. W[o, i] is the weight of
+# output o and input i; codes are unsigned and W = scale * (code - zero).
+# ================================================================================================
+
+
+def ref_gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int):
+    """GPTQ v1 tensors -> float32 [out, in], one weight at a time. g_idx may be any assignment of groups."""
+    import torch
+
+    per, mask = 32 // bits, (1 << bits) - 1
+    qw, qz, sc, gi = qweight.tolist(), qzeros.tolist(), scales.float().tolist(), g_idx.tolist()
+    rows, out = len(qw), len(qw[0])
+    w = [[0.0] * (rows * per) for _ in range(out)]
+    for r in range(rows):
+        for o in range(out):
+            word = qw[r][o] & 0xFFFFFFFF  # int32 -> its 32 bits
+            for j in range(per):
+                i = r * per + j
+                g = gi[i]
+                q = (word >> (bits * j)) & mask
+                zword = qz[g][o // per] & 0xFFFFFFFF
+                zero = (((zword >> (bits * (o % per))) & mask) + 1) & mask  # stored zero - 1 (AutoGPTQ)
+                w[o][i] = sc[g][o] * (q - zero)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _ref_field(word_rows, index: int, bits: int, row: int) -> int:
+    """The ``index``-th bits-wide field of a row of int32 words, low bits first, as an unsigned int."""
+    bit = index * bits
+    word = word_rows[row][bit // 32] & 0xFFFFFFFF
+    return (word >> (bit % 32)) & ((1 << bits) - 1)
+
+
+def ref_compressed_tensors_dequantize(weight_packed, weight_scale, weight_shape, weight_zero_point, bits: int,
+                                      group_size: int | None):
+    """compressed-tensors pack-quantized tensors -> float32 [out, in]; weight_zero_point None when symmetric."""
+    import torch
+
+    out, in_ = (int(v) for v in weight_shape.tolist())
+    group = group_size or in_
+    offset = 1 << (bits - 1)  # stored = signed + offset
+    packed, scale = weight_packed.tolist(), weight_scale.float().tolist()
+    zp = None if weight_zero_point is None else weight_zero_point.t().tolist()  # packed along out: [groups, words]
+    w = [[0.0] * in_ for _ in range(out)]
+    for o in range(out):
+        for i in range(in_):
+            g = i // group
+            q = _ref_field(packed, i, bits, o) - offset
+            z = 0 if zp is None else _ref_field(zp, o, bits, g) - offset
+            w[o][i] = scale[o][g] * (q - z)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def ref_rtn(w, bits: int, group_size: int | None, symmetric: bool):
+    """Round-to-nearest, one group of columns at a time -> (codes uint8, scales float32, zeros float32).
+
+    Symmetric: scale = 2 * absmax / (2^bits - 1), zero = 2^(bits-1) (GPTQ's and compressed-tensors' grid);
+    asymmetric: scale = (max - min) / (2^bits - 1) over a range that includes 0, zero = round(-min / scale).
+    """
+    import torch
+
+    w = w.float()
+    in_ = w.shape[1]
+    group, maxq = group_size or in_, (1 << bits) - 1
+    codes, scales, zeros = [], [], []
+    for c in range(0, in_, group):
+        x = w[:, c : c + group]
+        if symmetric:
+            scale = (2 * x.abs().amax(1) / maxq).clamp_min(torch.finfo(torch.float32).tiny)
+            zero = torch.full_like(scale, 1 << (bits - 1))
+        else:
+            lo, hi = x.amin(1).clamp_max(0), x.amax(1).clamp_min(0)
+            scale = ((hi - lo) / maxq).clamp_min(torch.finfo(torch.float32).tiny)
+            zero = (-lo / scale).round().clamp(0, maxq)
+        codes.append((x / scale[:, None]).round().add(zero[:, None]).clamp(0, maxq))
+        scales.append(scale)
+        zeros.append(zero)
+    return torch.cat(codes, 1).to(torch.uint8), torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def ref_dequantize(codes, scales, zeros, group_size: int | None):
+    """W = scale * (code - zero), weight by weight through repeat_interleave (no reshapes to get wrong)."""
+    group = group_size or codes.shape[1]
+    s = scales.float().repeat_interleave(group, dim=1)
+    z = zeros.float().repeat_interleave(group, dim=1)
+    return s * (codes.float() - z)
+
+
+def ref_linear(x, w):
+    """x [tokens, in] @ w [out, in].T in float32: what every quantized matmul is checked against."""
+    return x.float() @ w.float().t()

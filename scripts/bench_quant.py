@@ -1,0 +1,194 @@
+"""Weight-only quantized matmuls and int4 repacking on this CPU, and quantization error (issue 12).
+
+Times one token (x [1, in]) through an expert-sized matrix, [3584, 1024] (gate / up) and [1024, 3584] (down):
+bf16 and float32 F.linear, offload.quant's int8_linear / int4_linear (bf16 activations inside) and the portable
+dequant_linear; and per matrix, torch's _convert_weight_to_int4pack_for_cpu against plain_to_cpu_int4 (from
+plain nibbles, as compressed-tensors stores them) and gptq_plain + plain_to_cpu_int4 (from a GPTQ qweight).
+Each thread count runs in its own processes (this script re-invoked with --worker), alternating; inside a
+process the methods take turns round by round, so a busy neighbour slows them alike. Reported: the median of
+the per-round medians, with the range. Then the relative Frobenius error of RTN and of the clip search on
+gaussian weights and on the bundled tiny-moe's trained experts.
+
+    python scripts/bench_quant.py --out scripts/results/bench_quant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from offload import quant as Q
+from offload.sim.sweep import machine_info
+
+SHAPES = [(3584, 1024), (1024, 3584)]
+SCHEMES = ["int8", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="1,2", help="torch thread counts, each in its own processes")
+    p.add_argument("--processes", type=int, default=2, help="processes per thread count (alternating)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per process; methods take turns in each")
+    p.add_argument("--calls", type=int, default=100, help="matmul calls per method per round (converters: 1/5)")
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("scripts/results/bench_quant.json"))
+    return p.parse_args()
+
+
+def _median_us(fn, calls: int) -> float:
+    samples = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples) * 1e6
+
+
+def _methods(out: int, in_: int) -> dict[str, tuple]:
+    """name -> (callable, calls multiplier): every method for one shape, weights prepared once."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out, in_, generator=g) * 0.02
+    x = torch.randn(1, in_, generator=g)
+    xb = x.bfloat16()
+    wb = w.bfloat16()
+    q8 = Q.quantize(w, Q.parse_scheme("int8"))
+    w8, s8 = Q.int8_kernel_pack(q8)
+    q4 = Q.quantize(w, Q.parse_scheme("int4-g128"))
+    p4, sz4 = Q.int4_kernel_pack(q4)
+    q32 = Q.quantize(w, Q.parse_scheme("int4-g32"))
+    p32, sz32 = Q.int4_kernel_pack(q32)
+    codes32 = q4.codes.to(torch.int32)
+    plain = Q.pack_nibbles(q4.codes)
+    qweight = Q.gptq_pack(q4)["qweight"]
+    return {
+        "bf16 F.linear": (lambda: F.linear(xb, wb), 1),
+        "fp32 F.linear": (lambda: F.linear(x, w), 1),
+        "int8_linear (bf16 x)": (lambda: Q.int8_linear(xb, w8, s8), 1),
+        "int4_linear g128 (bf16 x)": (lambda: Q.int4_linear(xb, p4, 128, sz4), 1),
+        "int4_linear g32 (bf16 x)": (lambda: Q.int4_linear(xb, p32, 32, sz32), 1),
+        "int4_linear g128 (fp32 x, cast in/out)": (lambda: Q.int4_linear(x, p4, 128, sz4), 1),
+        "dequant_linear int4 g128 (bf16 x)": (lambda: Q.dequant_linear(xb, q4), 0.1),
+        "convert: torch _convert_weight_to_int4pack_for_cpu": (
+            lambda: torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes32, 1), 0.2),
+        "convert: plain_to_cpu_int4 (numba)": (lambda: Q.plain_to_cpu_int4(plain), 0.2),
+        "convert: gptq_plain + plain_to_cpu_int4": (lambda: Q.plain_to_cpu_int4(Q.gptq_plain(qweight, 4)), 0.2),
+    }
+
+
+def worker(threads: int, rounds: int, calls: int) -> dict:
+    torch.set_num_threads(threads)
+    results: dict[str, dict[str, list[float]]] = {}
+    for out, in_ in SHAPES:
+        methods = _methods(out, in_)
+        for fn, _ in methods.values():  # warm-up: numba compile, allocator, kernels' first calls
+            fn()
+        per = results.setdefault(f"{out}x{in_}", {name: [] for name in methods})
+        for _ in range(rounds):
+            for name, (fn, mult) in methods.items():
+                per[name].append(_median_us(fn, max(5, int(calls * mult))))
+    return {"threads": threads, "loadavg": os.getloadavg(), "rounds_us": results}
+
+
+def run_workers(args: argparse.Namespace) -> list[dict]:
+    runs = []
+    threads = [int(t) for t in args.threads.split(",")]
+    for _ in range(args.processes):
+        for t in threads:  # alternate thread counts so drift in the machine's load hits both
+            cmd = [sys.executable, __file__, "--worker", str(t), "--rounds", str(args.rounds),
+                   "--calls", str(args.calls)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS=str(t)))
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  worker threads={t} done, load {runs[-1]['loadavg'][0]:.2f}", file=sys.stderr)
+    return runs
+
+
+def summarize(runs: list[dict]) -> dict:
+    """threads -> shape -> method -> {median, min, max} over every round of every process."""
+    summary: dict = {}
+    for run in runs:
+        for shape, methods in run["rounds_us"].items():
+            for name, samples in methods.items():
+                summary.setdefault(str(run["threads"]), {}).setdefault(shape, {}).setdefault(name, []).extend(samples)
+    for shapes in summary.values():
+        for methods in shapes.values():
+            for name, samples in methods.items():
+                methods[name] = {"median_us": round(statistics.median(samples), 1), "min_us": round(min(samples), 1),
+                                 "max_us": round(max(samples), 1)}
+    return summary
+
+
+def _tiny_moe_experts() -> torch.Tensor | None:
+    path = Path(Q.__file__).parent / "models" / "tiny-moe" / "model.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    mats = [t.float() for name, t in load_file(path).items() if ".experts." in name and name.endswith("w1.weight")]
+    return torch.cat(mats) if mats else None  # [experts * 256, 128]: gate matrices, in = 128
+
+
+def errors() -> dict:
+    """Relative Frobenius error of RTN and of the clip search, per scheme, on gaussian and trained weights."""
+    torch.set_num_threads(1)
+    weights = {"gaussian 3584x1024": torch.randn(3584, 1024, generator=torch.Generator().manual_seed(0))}
+    tiny = _tiny_moe_experts()
+    if tiny is not None:
+        weights[f"tiny-moe w1 experts {list(tiny.shape)}"] = tiny
+    table: dict = {}
+    for label, w in weights.items():
+        for text in SCHEMES:
+            scheme = Q.parse_scheme(text)
+            if scheme.group_size and w.shape[1] % scheme.group_size:
+                continue
+            rtn = Q.reconstruction_error(w, Q.quantize(w, scheme))
+            searched = Q.reconstruction_error(w, Q.quantize(w, scheme, clip_search=True))
+            table.setdefault(label, {})[str(scheme)] = {"rtn": round(rtn, 5), "clip_search": round(searched, 5),
+                                                        "search_vs_rtn": round(searched / rtn, 4)}
+    return table
+
+
+def print_table(summary: dict, err: dict) -> None:
+    for threads, shapes in summary.items():
+        for shape, methods in shapes.items():
+            print(f"\n{shape}, one token, {threads} thread(s): median us [min-max]")
+            for name, s in methods.items():
+                print(f"  {name:52s} {s['median_us']:9.1f}  [{s['min_us']:.0f}-{s['max_us']:.0f}]")
+    for label, rows in err.items():
+        print(f"\nrelative Frobenius error, {label}: RTN -> clip search")
+        for scheme, e in rows.items():
+            print(f"  {scheme:16s} {e['rtn']:.5f} -> {e['clip_search']:.5f} ({e['search_vs_rtn']:.3f}x)")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.rounds, args.calls)))
+        return
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()[:20]
+    before = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "loadavg": os.getloadavg()}
+    runs = run_workers(args)
+    summary = summarize(runs)
+    err = errors()
+    result = {"machine": machine_info() | {"lscpu": lscpu, "torch": torch.__version__,
+                                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                           "int4_layout": str(Q.cpu_int4_layout())},
+              "load_before": before, "load_after": os.getloadavg(), "params": vars(args) | {"out": str(args.out)},
+              "shapes": SHAPES, "summary": summary, "errors": err, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print_table(summary, err)
+    print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

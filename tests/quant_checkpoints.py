@@ -1,0 +1,189 @@
+"""Quantized tiny checkpoints for tests: GPTQ v1 as AutoGPTQ packs it, compressed-tensors pack-quantized as
+llm-compressor writes it, each with the dequantized float32 weights that a correct reader must reproduce.
+
+Written from the formats' descriptions with tests/reference.py's round-to-nearest and packers of their own
+(numpy loops after AutoGPTQ's ``pack``, and compressed-tensors' ``pack_to_int32``); nothing here imports
+offload, so a reader under test cannot share a bug with the writer.
+
+The tiny models' matrices are 24..64 wide, so the fixtures use small groups (8 divides every one); torch's
+CPU kernels need groups of 32+ and int4 rows in multiples of 16, so a runtime meets these matrices on its
+portable path (dequantize, then F.linear) and the kernels are tested on real sizes in test_quant.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.reference import ref_dequantize, ref_rtn
+
+EXPERT = re.compile(r"model\.layers\.\d+\..*\.experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+ATTENTION = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight")
+DENSE_MLP = re.compile(r"model\.layers\.\d+\.mlp\.(shared_expert\.)?(gate|up|down)_proj\.weight")
+
+# the ignore list of Kimi-K2's config (shared/configs/kimi-k2.6.json) plus the routers, which it has as non-Linear
+CT_IGNORE = ["re:.*self_attn.*", "re:.*shared_expert.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*", "re:.*lm_head.*",
+             r"re:.*mlp\.gate$", r"re:.*block_sparse_moe\.gate$"]
+
+
+def load_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and not path.name.endswith(".index.json"):
+            shutil.copy(path, out / path.name)
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], quantization_config: dict | None) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_dequantized(src: Path, out: Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    """A plain float32 checkpoint of the dequantized weights: transformers on it is the oracle."""
+    _copy_side_files(src, out)
+    _write(out, state_dict, None)
+    return out
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int | None, sym: bool,
+        scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tests/reference.ref_rtn with the scales rounded to the dtype the format stores, and codes (and an
+    asymmetric zero point) chosen for the rounded scales, so the file holds exactly what was dequantized."""
+    group, maxq = group_size or w.shape[1], (1 << bits) - 1
+    _, scales, zeros = ref_rtn(w, bits, group_size, sym)
+    scales = scales.to(scale_dtype).float()
+    x = w.float()
+    if not sym:
+        lo = torch.stack([x[:, c : c + group].amin(1).clamp_max(0) for c in range(0, x.shape[1], group)], 1)
+        zeros = (-lo / scales).round().clamp(0, maxq)
+    s, z = scales.repeat_interleave(group, 1), zeros.repeat_interleave(group, 1)
+    return (x / s).round().add(z).clamp(0, maxq).to(torch.uint8), scales, zeros
+
+
+# ------------------------------------------------------------------------------------------------ GPTQ
+
+
+def autogptq_pack(codes: torch.Tensor, zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoGPTQ's pack loops: qweight [in*bits/32, out] (input rows into words), qzeros [groups, out*bits/32].
+
+    codes: [out, in], zeros: [out, groups]. Zeros are stored minus one; AutoGPTQ ORs -1 as 0xFFFFFFFF into the
+    word (corrupting its neighbours for a zero of 0), so the field is masked here, as its dequantization masks.
+    """
+    per = 32 // bits
+    intweight = codes.t().numpy().astype(np.uint32)  # [in, out]
+    qweight = np.zeros((intweight.shape[0] // per, intweight.shape[1]), dtype=np.uint32)
+    for row in range(qweight.shape[0]):
+        for j in range(per):
+            qweight[row] |= intweight[row * per + j] << (bits * j)
+    stored = ((zeros.t().numpy().astype(np.int64) - 1) & ((1 << bits) - 1)).astype(np.uint32)  # [groups, out]
+    qzeros = np.zeros((stored.shape[0], stored.shape[1] // per), dtype=np.uint32)
+    for col in range(qzeros.shape[1]):
+        for j in range(per):
+            qzeros[:, col] |= stored[:, col * per + j] << (bits * j)
+    return torch.from_numpy(qweight.view(np.int32).copy()), torch.from_numpy(qzeros.view(np.int32).copy())
+
+
+def gptq_config(bits: int, group_size: int | None, sym: bool) -> dict:
+    """quantization_config as AutoGPTQ writes it (cf. shared/configs/qwen3-30b-a3b-gptq-int4.json)."""
+    return {"bits": bits, "checkpoint_format": "gptq", "damp_percent": 0.01, "desc_act": False,
+            "group_size": -1 if group_size is None else group_size, "model_file_base_name": None,
+            "model_name_or_path": None, "quant_method": "gptq", "static_groups": False, "sym": sym,
+            "true_sequential": True}
+
+
+def gptq_targets(name: str) -> bool:
+    """Experts, attention projections, shared experts and dense MLPs; routers, norms, embeddings, lm_head stay."""
+    return any(p.fullmatch(name) for p in (EXPERT, ATTENTION, DENSE_MLP))
+
+
+def write_gptq(src: Path, out: Path, bits: int = 4, group_size: int | None = 8, sym: bool = True,
+               targets=gptq_targets) -> dict[str, torch.Tensor]:
+    """Quantize ``src``'s chosen linear weights (RTN, fp16 scales) into a GPTQ checkpoint at ``out``.
+
+    -> the dequantized float32 state dict of the whole model (unquantized tensors as they were).
+    """
+    _copy_side_files(src, out)
+    tensors, dequantized = {}, {}
+    for name, w in load_state_dict(src).items():
+        if not targets(name):
+            tensors[name] = dequantized[name] = w
+            continue
+        codes, scales, zeros = rtn(w, bits, group_size, sym, torch.float16)  # GPTQ stores fp16 scales
+        prefix = name.removesuffix(".weight")
+        qweight, qzeros = autogptq_pack(codes, zeros, bits)
+        in_ = w.shape[1]
+        group = group_size or in_
+        tensors |= {f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": scales.t().half(),
+                    f"{prefix}.g_idx": (torch.arange(in_) // group).to(torch.int32)}
+        dequantized[name] = ref_dequantize(codes, scales, zeros, group_size)
+    _write(out, tensors, gptq_config(bits, group_size, sym))
+    return dequantized
+
+
+# ------------------------------------------------------------------------------------------------ compressed-tensors
+
+
+def ct_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [R, C] (unsigned: signed + 2^(bits-1)) -> int32 [R, ceil(C*bits/32)], element i at bit i*bits."""
+    per = 32 // bits
+    rows, cols = codes.shape
+    words = -(-cols // per)
+    padded = np.zeros((rows, words * per), dtype=np.uint32)
+    padded[:, :cols] = codes.numpy()
+    out = np.zeros((rows, words), dtype=np.uint32)
+    for j in range(per):
+        out |= padded[:, j::per] << (bits * j)
+    return torch.from_numpy(out.view(np.int32).copy())
+
+
+def ct_config(bits: int, group_size: int | None, sym: bool, ignore: list[str]) -> dict:
+    """quantization_config of a pack-quantized checkpoint (cf. shared/configs/kimi-k2.6.json)."""
+    weights = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": group_size,
+               "num_bits": bits, "observer": "minmax", "observer_kwargs": {},
+               "strategy": "channel" if group_size is None else "group", "symmetric": sym, "type": "int"}
+    return {"config_groups": {"group_0": {"input_activations": None, "output_activations": None,
+                                          "targets": ["Linear"], "weights": weights}},
+            "format": "pack-quantized", "ignore": ignore, "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+
+
+def write_compressed_tensors(src: Path, out: Path, bits: int = 4, group_size: int | None = 8, sym: bool = True,
+                             scale_dtype: torch.dtype = torch.bfloat16,
+                             targets=EXPERT.fullmatch) -> dict[str, torch.Tensor]:
+    """Quantize ``src``'s routed experts (RTN) into a pack-quantized checkpoint at ``out``, the rest left as is.
+
+    -> the dequantized float32 state dict of the whole model.
+    """
+    _copy_side_files(src, out)
+    tensors, dequantized = {}, {}
+    for name, w in load_state_dict(src).items():
+        if not targets(name):
+            tensors[name] = dequantized[name] = w
+            continue
+        codes, scales, zeros = rtn(w, bits, group_size, sym, scale_dtype)
+        prefix = name.removesuffix(".weight")
+        tensors |= {f"{prefix}.weight_packed": ct_pack(codes, bits),
+                    f"{prefix}.weight_scale": scales.to(scale_dtype),
+                    f"{prefix}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+        if not sym:  # the zero point is packed along the output dimension
+            tensors[f"{prefix}.weight_zero_point"] = ct_pack(zeros.t().to(torch.uint8), bits).t().contiguous()
+        dequantized[name] = ref_dequantize(codes, scales, zeros, group_size)
+    _write(out, tensors, ct_config(bits, group_size, sym, CT_IGNORE))
+    return dequantized
