@@ -20,17 +20,22 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .config import DTYPES, ModelSpec
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .experts import DenseFormat, ExpertFormat, ExpertLayout, Part
 from .families import Family, family_for_config
+from .quant_experts import QuantFormat
 
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).parent / "models"
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    # integer tensors hold quantized weights (GPTQ qweight/qzeros/g_idx, compressed-tensors weight_packed/shape)
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
 }
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_HEADER = 100 * 2**20
 
 
@@ -146,7 +151,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if dtype_name not in SAFETENSORS_DTYPES:
             raise UnsupportedModelError(
                 f"{path}: tensor {name!r} is stored as {dtype_name}",
-                "offload runs unquantized float32/bfloat16/float16 checkpoints",
+                "offload reads float32/bfloat16/float16 weights and GPTQ or compressed-tensors int4/int8 ones",
             )
         dtype = SAFETENSORS_DTYPES[dtype_name]
         numel = 1
@@ -186,8 +191,9 @@ def index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def check_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...]) -> TensorInfo:
-    """The tensor's info, or a clear error naming it when it is missing or mis-shaped."""
+def check_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...],
+                 dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> TensorInfo:
+    """The tensor's info, or a clear error naming it when it is missing, mis-shaped or of the wrong dtype."""
     info = tensors.get(name)
     if info is None:
         raise CheckpointError(f"tensor {name!r} is missing from the checkpoint",
@@ -198,12 +204,30 @@ def check_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ..
             f"expected {list(shape)} from config.json",
             "the weights do not match config.json",
         )
+    if info.dtype not in dtypes:
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise CheckpointError(f"tensor {name!r} in {info.path.name} is {str(info.dtype).removeprefix('torch.')}, "
+                              f"expected {want}", "the weights do not match config.json's quantization_config")
     return info
 
 
 # -- the validated plan -------------------------------------------------------------------------------
 
 ExpertTensors = tuple[TensorInfo, ...]  # gate's, up's, down's tensors, in the expert format's order
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A resident projection stored quantized (GPTQ checkpoints quantize attention too): dequantized at load."""
+
+    name: str                      # the ``.weight`` it stands for
+    parts: dict[str, TensorInfo]   # by suffix (qweight, qzeros, ...)
+    fmt: QuantFormat
+    shape: tuple[int, int]         # (out, in)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.parts.values())
 
 
 @dataclass(frozen=True)
@@ -214,7 +238,7 @@ class CheckpointPlan:
     spec: ModelSpec
     family: Family
     tensors: dict[str, TensorInfo]
-    dense: dict[str, TensorInfo]     # every resident tensor, by name
+    dense: dict[str, TensorInfo | QuantizedTensor]  # every resident tensor, by name
     experts: dict[tuple[int, int], ExpertTensors]
     expert_format: ExpertFormat
 
@@ -224,7 +248,9 @@ class CheckpointPlan:
 
     def expert_nbytes(self, dtype: torch.dtype | None = None) -> int:
         """One expert's bytes as stored, or in ``dtype`` (a float format cast on load)."""
-        return self.spec.expert_params * dtype.itemsize if dtype else self.expert_format.nbytes(self.spec)
+        if dtype is not None:
+            return self.spec.expert_params * dtype.itemsize
+        return sum(t.nbytes for t in next(iter(self.experts.values())))
 
     def source_layout(self, parts: Sequence[Part]) -> ExpertLayout:
         """An expert's layout in the checkpoint's format from the places of its tensors (gate's, up's, down's)."""
@@ -243,17 +269,24 @@ def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
     name = cfg.get("dtype") or cfg.get("torch_dtype")
     if isinstance(name, str) and name.lower() in DTYPES:
         return DTYPES[name.lower()]
-    return next(iter(tensors.values())).dtype
+    return next(t.dtype for t in tensors.values() if t.dtype in FLOAT_DTYPES)
 
 
 def _read_spec(path: Path, family: Family, cfg: dict, tensors: dict[str, TensorInfo]) -> ModelSpec:
     config = path / "config.json"
     try:
         return family.spec_from_config(cfg, _checkpoint_dtype(cfg, tensors))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{config} lacks or mis-types a field ({e})", "fix or re-download config.json") from None
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        raise CheckpointError(f"{config} lacks or mis-types a field ({e})",
+                              "fix or re-download config.json") from None
     except CheckpointError as e:  # ModelSpec's own checks name the field; say which file it is in
         raise CheckpointError(e.message.replace("config.json", str(config), 1), e.hint) from None
+
+
+def quantization_config(cfg: dict) -> dict | None:
+    """config.json's quantization_config, at the top level or nested in text_config (Kimi-K2.6)."""
+    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    return qc if isinstance(qc, dict) else None
 
 
 def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
@@ -263,19 +296,63 @@ def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
     family = family_for_config(cfg)
     tensors = index_tensors(path)
     spec = _read_spec(path, family, cfg, tensors)
-    dense = {name: check_tensor(tensors, name, shape) for name, shape in family.dense_tensors(spec).items()}
-    fmt = expert_format(family, spec, tensors)
+    fmt = expert_format(family, spec, tensors, quantization_config(cfg), path)
+    dense = {name: _dense_tensor(tensors, name, shape, fmt) for name, shape in family.dense_tensors(spec).items()}
     experts = {}
     for layer in (n for n, moe in enumerate(spec.moe_layers) if moe):
         for e in range(spec.num_experts):
             experts[(layer, e)] = tuple(
-                check_tensor(tensors, f"{module}.{suffix}", shape)
+                check_tensor(tensors, f"{module}.{suffix}", shape, fmt.dtypes(suffix))
                 for module, (out, inn) in zip(family.expert_modules(layer, e), _projection_shapes(spec), strict=True)
                 for suffix, shape in fmt.shapes(out, inn).items())
-    return CheckpointPlan(path, spec, family, tensors, dense, experts, fmt)
+    plan = CheckpointPlan(path, spec, family, tensors, dense, experts, fmt)
+    if isinstance(fmt, QuantFormat):
+        _check_first_expert(plan)
+    return plan
 
 
-def expert_format(family: Family, spec: ModelSpec, tensors: dict[str, TensorInfo]) -> ExpertFormat:
-    """The format the checkpoint stores its experts in (float: the dtype of the first expert's weight)."""
-    first = f"{family.expert_modules(spec.moe_layers.index(True), 0)[0]}.weight"
-    return DenseFormat(tensors[first].dtype if first in tensors else spec.checkpoint_dtype)
+def expert_format(family: Family, spec: ModelSpec, tensors: dict[str, TensorInfo], qc: dict | None,
+                  path: Path) -> ExpertFormat:
+    """The format the checkpoint stores its experts in: float (the first expert's weight dtype) or the
+    quantization_config's (GPTQ, compressed-tensors pack-quantized; anything else is refused by name)."""
+    module = family.expert_modules(spec.moe_layers.index(True), 0)[0]
+    fmt = None
+    if qc is not None:
+        try:
+            fmt = QuantFormat(*quant.scheme_from_config(qc))
+        except (UnsupportedModelError, ConfigError) as e:
+            raise UnsupportedModelError(f"{path / 'config.json'}: {e.message}", e.hint) from None
+    if f"{module}.weight" in tensors:
+        return DenseFormat(tensors[f"{module}.weight"].dtype)
+    if fmt is None:
+        check_tensor(tensors, f"{module}.weight", ())  # raises: names the missing tensor
+    first = f"{module}.{fmt.tensor_suffixes()[0]}"  # type: ignore[union-attr]
+    if first not in tensors:
+        raise CheckpointError(f"tensor {first!r} is missing from the checkpoint ({fmt.name} experts)",  # type: ignore[union-attr]
+                              "the tensors do not match config.json's quantization_config")
+    return fmt  # type: ignore[return-value]
+
+
+def _dense_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...],
+                  fmt: ExpertFormat) -> TensorInfo | QuantizedTensor:
+    """A resident tensor, or, for a quantized checkpoint whose projection has no ``.weight``, its quantized parts."""
+    module = name.removesuffix(".weight")
+    if name in tensors or not isinstance(fmt, QuantFormat) or len(shape) != 2 \
+            or f"{module}.{fmt.tensor_suffixes()[0]}" not in tensors:
+        return check_tensor(tensors, name, shape)
+    parts = {suffix: check_tensor(tensors, f"{module}.{suffix}", part_shape, fmt.dtypes(suffix))
+             for suffix, part_shape in fmt.shapes(*shape).items()}
+    return QuantizedTensor(name, parts, fmt, shape)  # type: ignore[arg-type]
+
+
+def _check_first_expert(plan: CheckpointPlan) -> None:
+    """Unpack the first expert's projections once: act-order g_idx and inconsistent values fail here, by name."""
+    from safetensors import safe_open
+
+    fmt, infos = plan.expert_format, next(iter(plan.experts.values()))
+    n = len(fmt.tensor_suffixes())
+    for i, (out, inn) in enumerate(_projection_shapes(plan.spec)):
+        group = infos[i * n:(i + 1) * n]
+        with safe_open(str(group[0].path), framework="pt") as f:
+            loaded = {info.name.rsplit(".", 1)[1]: f.get_tensor(info.name) for info in group}
+        fmt.unpack(loaded, group[0].name.rsplit(".", 1)[0], out, inn)  # type: ignore[attr-defined]

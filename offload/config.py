@@ -224,6 +224,8 @@ class RuntimeConfig:
     lookahead: int = 1                    # the predictor looks this many MoE layers ahead
     prefetch_budget: int | str = "50%"    # most cache slots prefetched-but-unused experts may hold
     predictor_options: Mapping[str, Any] | None = None  # passed to the predictor (e.g. {"weights": PATH})
+    quant_activations: torch.dtype | str = "bfloat16"  # activations of quantized experts' matmuls: bfloat16 (torch's
+    #                                       fast CPU kernels) or float32 (dequantize, then an exact float32 matmul)
     scheduler: str = "fifo"               # rearrange.SCHEDULERS name, for generate_many / serve
     batch_size: int = 8                   # requests per decode step in continuous batching
     max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
@@ -235,6 +237,10 @@ class RuntimeConfig:
         from .rearrange import SCHEDULERS
 
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        activations = parse_dtype(self.quant_activations)
+        if activations not in (torch.bfloat16, torch.float32):
+            raise ConfigError(f"invalid --quant-activations {self.quant_activations!r}", "use bfloat16 or float32")
+        object.__setattr__(self, "quant_activations", activations)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"unknown device {self.device!r}", "use one of: auto, cpu, cuda")
         check_name(OFFLOAD_TIERS, self.offload_to, "--offload-to")

@@ -189,9 +189,10 @@ class ExpertFormat(Protocol):
 
     def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix: ...
 
-    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ExpertLayout: ...
+    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]: ...  # what a tensor of this format may be stored as
 
-    def nbytes(self, spec: ModelSpec) -> int: ...  # one expert as stored
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    activations: torch.dtype) -> ExpertLayout: ...
 
 
 @dataclass(frozen=True)
@@ -210,14 +211,16 @@ class DenseFormat:
     def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         return {"weight": (out_features, in_features)}
 
+    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
     def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
         return DenseMatrix(parts[0])
 
-    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ExpertLayout:
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    activations: torch.dtype) -> ExpertLayout:
+        """The compute dtype's packing (float experts compute in the model's dtype, whatever ``activations``)."""
         return packed_layout(spec.hidden_size, spec.expert_intermediate_size, dtype)
-
-    def nbytes(self, spec: ModelSpec) -> int:
-        return spec.expert_params * self.dtype.itemsize
 
 
 # -- activations: how an expert's projections combine ------------------------------------------------

@@ -394,7 +394,8 @@ def kernel_for(out_features: int, in_features: int, scheme: QuantScheme) -> str 
     return "int8" if int8_kernel_ok(in_features, scheme) else None
 
 
-def int4_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, group_size: int, kernel_group: int) -> torch.Tensor:
+def int4_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                          kernel_group: int) -> torch.Tensor:
     """Our (scale, zero) per group -> tinygemm's bf16 [K/G, N, 2], where the kernel computes (q - 8) * s + z.
 
     s * (q - zero) = s * (q - 8) + s * (8 - zero), so z = s * (8 - zero); a checkpoint group spanning several
@@ -553,6 +554,14 @@ def gptq_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     return QuantizedWeight(codes, scales.t().float().contiguous(), zeros.contiguous(), scheme)
 
 
+def gptq_scales_zeros(qzeros: torch.Tensor, scales: torch.Tensor, bits: int,
+                      out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only a GPTQ layer's scales and zero points, float32 [out, groups] each (no codes unpacked)."""
+    maxq = (1 << bits) - 1
+    zeros = ((_unpack_words(qzeros, bits)[:, :out_features].int() + 1) & maxq).t().float()
+    return scales.t().float().contiguous(), zeros.contiguous()
+
+
 def gptq_pack(q: QuantizedWeight) -> dict[str, torch.Tensor]:
     """QuantizedWeight -> {qweight, qzeros, scales (fp16), g_idx} as AutoGPTQ writes them (v1, desc_act false)."""
     in_, groups = q.shape[1], q.scales.shape[1]
@@ -619,6 +628,15 @@ def compressed_tensors_unpack(weight_packed: torch.Tensor, weight_scale: torch.T
         _expect(weight_zero_point, f"{prefix}weight_zero_point", (-(-out // per_word), groups), (torch.int32,), what)
         zeros = _unpack_words(weight_zero_point.t(), bits)[:, :out].t().float().contiguous()  # [out, groups]
     return QuantizedWeight(codes, weight_scale.float().contiguous(), zeros, scheme)
+
+
+def compressed_tensors_scales_zeros(weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None, bits: int,
+                                    out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only a pack-quantized layer's scales and zero points, float32 [out, groups] each (no codes unpacked)."""
+    scales = weight_scale.float().contiguous()
+    if weight_zero_point is None:  # symmetric
+        return scales, torch.full_like(scales, float(1 << (bits - 1)))
+    return scales, _unpack_words(weight_zero_point.t(), bits)[:, :out_features].t().float().contiguous()
 
 
 def compressed_tensors_pack(q: QuantizedWeight, scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

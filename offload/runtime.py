@@ -29,6 +29,7 @@ from .generate import generate as _generate
 from .hardware import gpu_memories, host_memory
 from .model import MoEModel, build_layer
 from .policies import make_policy
+from .quant import dequantize
 from .sampling import SamplingConfig
 from .stats import Stats
 from .transfer import DirectReader, DiskExpertStore, ExpertStore, RamExpertStore
@@ -49,12 +50,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 class _TensorLoader:
-    """Loads tensors through safetensors' memory map, one open handle per file."""
+    """Loads tensors through safetensors' memory map, one open handle per file; a quantized resident
+    projection (GPTQ attention) is dequantized to float32 here, once."""
 
     def __init__(self) -> None:
         self._handles: dict[Path, object] = {}
 
-    def __call__(self, info: ckpt.TensorInfo) -> torch.Tensor:
+    def __call__(self, info: ckpt.TensorInfo | ckpt.QuantizedTensor) -> torch.Tensor:
+        if isinstance(info, ckpt.QuantizedTensor):
+            parts = {suffix: self(t) for suffix, t in info.parts.items()}
+            return dequantize(info.fmt.unpack(parts, info.name.removesuffix(".weight"), *info.shape))
         if info.path not in self._handles:
             self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
         try:
@@ -184,7 +189,7 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     device = resolve_device(runtime.device)
     plan = plan_checkpoint(name_or_path)
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
-    slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device)
+    slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
     loader, stats = _TensorLoader(), Stats()
     store = _make_store(plan, runtime, slot_layout, device, progress)
     cache = _make_cache(plan, runtime, store, slot_layout, device, stats)

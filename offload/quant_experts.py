@@ -1,0 +1,287 @@
+"""Quantized experts: the checkpoint formats as read (GPTQ v1, compressed-tensors pack-quantized) and the
+formats a cache slot holds them in (torch's CPU int4 / int8 kernel layouts, or a portable packed layout
+that is dequantized per matmul), as matrices of offload/experts.py.
+
+A miss reads the checkpoint's bytes and converts them into the slot: for int4 a nibble shuffle into
+the CPU kernel's layout (~0.4 ms for a 3584x1024 matrix, offload/quant.py), for int8 a sign flip. The
+RAM tier holds experts already converted, so its misses are one memcpy. Kernel layouts depend on the
+CPU torch dispatches to, so they are built in the process that uses them and never written to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import quant
+from .config import ModelSpec
+from .experts import ExpertLayout, Linear, Matrix, Part, pack_matrices
+from .quant import QuantizedWeight, QuantScheme
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_INTS = (torch.int32, torch.int64)
+
+
+# -- matrices as checkpoints store them -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GptqMatrix:
+    """A GPTQ v1 linear layer's tensors: qweight [in*b/32, out], qzeros, scales [groups, out], g_idx [in]."""
+
+    qweight: Part
+    qzeros: Part
+    scales: Part
+    g_idx: Part
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int | None
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.qweight, self.qzeros, self.scales, self.g_idx)
+
+    def signature(self) -> tuple:
+        return ("gptq", self.bits, self.group_size, *((p.dtype, p.shape) for p in self.parts))
+
+    def unpack(self, buf: torch.Tensor) -> QuantizedWeight:
+        # g_idx is checked (act-order refused) when the checkpoint is planned, not on every load
+        return quant.gptq_unpack(self.qweight.view(buf), self.qzeros.view(buf), self.scales.view(buf), None,
+                                 self.bits, self.group_size or -1, shape=(self.out_features, self.in_features))
+
+    def plain(self, buf: torch.Tensor) -> torch.Tensor:
+        """The codes in plain packing [out, in*bits/8]: a word transpose."""
+        return quant.gptq_plain(self.qweight.view(buf), self.bits)
+
+    def scales_zeros(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quant.gptq_scales_zeros(self.qzeros.view(buf), self.scales.view(buf), self.bits, self.out_features)
+
+    def packed_group_size(self, in_features: int) -> int:
+        return self.group_size or in_features
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        raise TypeError("GPTQ bytes are converted into a slot layout before use")
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        raise TypeError("a checkpoint format is read, never written into")
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """compressed-tensors pack-quantized: weight_packed [out, in*b/32] (the plain packing), weight_scale
+    [out, groups], weight_shape [2] and, when asymmetric, weight_zero_point [out*b/32, groups]."""
+
+    weight_packed: Part
+    weight_scale: Part
+    weight_shape: Part
+    weight_zero_point: Part | None
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return tuple(p for p in (self.weight_packed, self.weight_scale, self.weight_shape, self.weight_zero_point)
+                     if p is not None)
+
+    def signature(self) -> tuple:
+        return ("pack-quantized", self.bits, self.group_size, self.symmetric, *((p.dtype, p.shape) for p in self.parts))
+
+    def unpack(self, buf: torch.Tensor) -> QuantizedWeight:
+        zp = self.weight_zero_point.view(buf) if self.weight_zero_point is not None else None
+        return quant.compressed_tensors_unpack(self.weight_packed.view(buf), self.weight_scale.view(buf),
+                                               self.weight_shape.view(buf), zp, bits=self.bits,
+                                               group_size=self.group_size, symmetric=self.symmetric)
+
+    def plain(self, buf: torch.Tensor) -> torch.Tensor:
+        return self.weight_packed.view(buf).view(torch.uint8)
+
+    def scales_zeros(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zp = self.weight_zero_point.view(buf) if self.weight_zero_point is not None else None
+        return quant.compressed_tensors_scales_zeros(self.weight_scale.view(buf), zp, self.bits,
+                                                     self.weight_packed.shape[0])
+
+    packed_group_size = GptqMatrix.packed_group_size
+    bind = GptqMatrix.bind
+    convert_from = GptqMatrix.convert_from
+
+
+# -- matrices as a slot holds them ----------------------------------------------------------------------
+
+
+def _copy(dst: Part, buf: torch.Tensor, value: torch.Tensor) -> None:
+    dst.view(buf).copy_(value.reshape(dst.shape))
+
+
+@dataclass(frozen=True)
+class Int4Matrix:
+    """torch's CPU int4 layout: packed uint8 [N, K/2] and tinygemm's bf16 (scale, zero) [K/G, N, 2]."""
+
+    packed: Part
+    scales_and_zeros: Part
+    group: int  # the kernel's group G (a checkpoint group that is a multiple of G repeats its scales)
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.packed, self.scales_and_zeros)
+
+    def signature(self) -> tuple:
+        return ("cpu-int4", self.group, self.packed.shape, self.scales_and_zeros.shape)
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        packed, sz, group = self.packed.view(buf), self.scales_and_zeros.view(buf), self.group
+        return lambda x: quant.int4_linear(x, packed, group, sz)
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        if isinstance(src, Int4Matrix):
+            for have, want in zip(src.parts, self.parts, strict=True):
+                want.view(buf).copy_(have.view(src_buf))
+            return
+        scales, zeros = src.scales_zeros(src_buf)  # type: ignore[attr-defined]
+        group_size = src.packed_group_size(self.packed.shape[1] * 2)  # type: ignore[attr-defined]
+        _copy(self.packed, buf, quant.plain_to_cpu_int4(src.plain(src_buf).contiguous()))  # type: ignore[attr-defined]
+        _copy(self.scales_and_zeros, buf, quant.int4_scales_and_zeros(scales, zeros, group_size, self.group))
+
+
+@dataclass(frozen=True)
+class Int8Matrix:
+    """torch's CPU int8 kernel layout: w int8 [N, K] (codes - 128) and one bf16 scale per row."""
+
+    w: Part
+    scales: Part
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w, self.scales)
+
+    def signature(self) -> tuple:
+        return ("cpu-int8", self.w.shape)
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        w, scales = self.w.view(buf), self.scales.view(buf)
+        return lambda x: quant.int8_linear(x, w, scales)
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        w, scales = quant.int8_kernel_pack(src.unpack(src_buf))  # type: ignore[attr-defined]
+        _copy(self.w, buf, w)
+        _copy(self.scales, buf, scales)
+
+
+@dataclass(frozen=True)
+class DequantMatrix:
+    """The portable layout (any device, any shape): codes in plain packing, float32 scales and zeros, and a
+    matmul that dequantizes into the activation dtype first (torch has no CPU kernel for these shapes)."""
+
+    codes: Part   # uint8 [N, K * bits / 8]
+    scales: Part  # float32 [N, groups]
+    zeros: Part   # float32 [N, groups]
+    bits: int
+    group_size: int | None
+    dtype: torch.dtype  # the activations' dtype for the matmul (float32 when exactness is asked for)
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.codes, self.scales, self.zeros)
+
+    def signature(self) -> tuple:
+        return ("dequant", self.bits, self.group_size, self.dtype, self.codes.shape, self.scales.shape)
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        codes, scales, zeros = self.codes.view(buf), self.scales.view(buf), self.zeros.view(buf)
+        scheme = QuantScheme(self.bits, self.group_size, False)
+        dtype = self.dtype
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            q = QuantizedWeight(quant.unpack_nibbles(codes) if scheme.bits == 4 else codes, scales, zeros, scheme)
+            return F.linear(x.to(dtype), quant.dequantize(q, dtype)).to(x.dtype)
+
+        return linear
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        q = src.unpack(src_buf)  # type: ignore[attr-defined]
+        _copy(self.codes, buf, quant.pack_nibbles(q.codes) if self.bits == 4 else q.codes)
+        _copy(self.scales, buf, q.scales)
+        _copy(self.zeros, buf, q.zeros)
+
+
+# -- the format ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """Experts quantized in a released checkpoint format: ``method`` "gptq" or "compressed-tensors"."""
+
+    method: str
+    scheme: QuantScheme
+
+    @property
+    def name(self) -> str:
+        return f"{self.scheme} ({self.method})"
+
+    def tensor_suffixes(self) -> tuple[str, ...]:
+        if self.method == "gptq":
+            return ("qweight", "qzeros", "scales", "g_idx")
+        zero = () if self.scheme.symmetric else ("weight_zero_point",)
+        return ("weight_packed", "weight_scale", "weight_shape", *zero)
+
+    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        per_word, groups = 32 // self.scheme.bits, self.scheme.groups(in_features)
+        if self.method == "gptq":
+            return {"qweight": (in_features // per_word, out_features),
+                    "qzeros": (groups, -(-out_features // per_word)),
+                    "scales": (groups, out_features), "g_idx": (in_features,)}
+        shapes = {"weight_packed": (out_features, -(-in_features // per_word)),
+                  "weight_scale": (out_features, groups), "weight_shape": (2,)}
+        if not self.scheme.symmetric:
+            shapes["weight_zero_point"] = (-(-out_features // per_word), groups)
+        return shapes
+
+    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
+        """The dtypes a tensor of this format may be stored in."""
+        return _FLOATS if suffix in ("scales", "weight_scale") else _INTS
+
+    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
+        s = self.scheme
+        if self.method == "gptq":
+            return GptqMatrix(*parts, out_features, in_features, s.bits, s.group_size)  # type: ignore[arg-type]
+        named = dict(zip(self.tensor_suffixes(), parts, strict=True))
+        return PackedMatrix(named["weight_packed"], named["weight_scale"], named["weight_shape"],
+                            named.get("weight_zero_point"), s.bits, s.group_size, s.symmetric)
+
+    def slot_matrix(self, out_features: int, in_features: int, device: torch.device,
+                    activations: torch.dtype) -> Matrix:
+        """The fastest layout that computes this matrix here: a CPU kernel's, else the portable one."""
+        s, kernel = self.scheme, quant.kernel_for(out_features, in_features, self.scheme)
+        if device.type == "cpu" and activations == torch.bfloat16 and kernel == "int4":
+            group = quant.int4_kernel_group(out_features, in_features, s.group_size)
+            return Int4Matrix(Part(0, torch.uint8, (out_features, in_features // 2)),
+                              Part(0, torch.bfloat16, (in_features // group, out_features, 2)), group)
+        if device.type == "cpu" and activations == torch.bfloat16 and kernel == "int8":
+            return Int8Matrix(Part(0, torch.int8, (out_features, in_features)),
+                              Part(0, torch.bfloat16, (out_features,)))
+        groups = s.groups(in_features)
+        per_group = Part(0, torch.float32, (out_features, groups))
+        return DequantMatrix(Part(0, torch.uint8, (out_features, in_features * s.bits // 8)), per_group, per_group,
+                             s.bits, s.group_size, activations)
+
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    activations: torch.dtype) -> ExpertLayout:
+        """Gate, up and down in their fastest layouts, back to back (``dtype``, the model's, is not used:
+        quantized matrices compute with ``activations``)."""
+        h, i = spec.hidden_size, spec.expert_intermediate_size
+        return pack_matrices([self.slot_matrix(out, inn, device, activations) for out, inn in ((i, h), (i, h), (h, i))])
+
+    def unpack(self, tensors: Mapping[str, torch.Tensor], name: str, out_features: int,
+               in_features: int) -> QuantizedWeight:
+        """One layer's tensors (by suffix) -> QuantizedWeight; errors name ``name`` (a resident projection)."""
+        s = self.scheme
+        if self.method == "gptq":
+            return quant.gptq_unpack(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], s.bits,
+                                     s.group_size or -1, name=name, shape=(out_features, in_features))
+        return quant.compressed_tensors_unpack(tensors["weight_packed"], tensors["weight_scale"],
+                                               tensors["weight_shape"], tensors.get("weight_zero_point"),
+                                               bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, name=name)
