@@ -32,7 +32,7 @@ from .policies import make_policy
 from .quant import dequantize
 from .sampling import SamplingConfig
 from .stats import Stats
-from .transfer import DirectReader, DiskExpertStore, ExpertStore, RamExpertStore
+from .transfer import DirectReader, DiskExpertStore, ExpertStore, RamExpertStore, slot_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, slot_layout: Exper
 def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, slot_layout: ExpertLayout,
                 device: torch.device, stats: Stats) -> ExpertCache:
     spec = plan.spec
-    num_slots = parse_budget(runtime.expert_budget, spec.total_experts, max(slot_layout.nbytes, store.raw_nbytes))
+    num_slots = parse_budget(runtime.expert_budget, spec.total_experts, slot_nbytes(store, slot_layout, device))
     return ExpertCache(store, num_slots, slot_layout, device, make_policy(runtime.policy), stats,
                        async_loads=runtime.predictor != "none")
 

@@ -260,8 +260,8 @@ class Mover(ABC):
         self.store = store
         self.slot_layout = slot_layout  # what bytes are converted into when they are not in it already
         self.device = device
-        # A slot must hold either the raw bytes a store hands over or the slot layout's conversion.
-        self.slot_nbytes = max(slot_layout.nbytes, store.raw_nbytes)
+        self.direct = reads_into_slot(store, slot_layout, device)
+        self.slot_nbytes = slot_nbytes(store, slot_layout, device)
         self.slots = self._allocate(num_slots)
 
     @abstractmethod
@@ -295,13 +295,13 @@ class CpuMover(Mover):
     """Slots in aligned host memory; the disk tier reads straight into a slot when no conversion is needed."""
 
     def _allocate(self, num_slots: int) -> torch.Tensor:
-        self._staging = aligned_empty(self.store.raw_nbytes) if self.store.raw_nbytes else None
+        needs_staging = self.store.raw_nbytes and not self.direct
+        self._staging = aligned_empty(self.store.raw_nbytes) if needs_staging else None
         return aligned_empty(num_slots * self.slot_nbytes).view(num_slots, self.slot_nbytes)
 
     def load(self, key: Key, slot: int) -> tuple[ExpertLayout, int]:
         dest = self.slots[slot]
-        direct = self.store.raw_nbytes and self.slot_layout.same_format(self.store.native_format)
-        src, layout = self.store.fetch(key, dest if direct else self._staging)
+        src, layout = self.store.fetch(key, dest if self.direct else self._staging)
         return self._place(src, layout, dest)
 
     def _copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
@@ -358,6 +358,16 @@ class CudaMover(Mover):
 
 
 MOVERS: dict[str, type[Mover]] = {"cpu": CpuMover, "cuda": CudaMover}
+
+
+def reads_into_slot(store: ExpertStore, slot_layout: ExpertLayout, device: torch.device) -> bool:
+    """Whether a fetch can land in the slot as it is: a host slot and bytes already in the slot's format."""
+    return device.type == "cpu" and bool(store.raw_nbytes) and slot_layout.same_format(store.native_format)
+
+
+def slot_nbytes(store: ExpertStore, slot_layout: ExpertLayout, device: torch.device) -> int:
+    """A slot holds the slot layout's bytes, or, where reads land in it directly, the aligned raw read."""
+    return max(slot_layout.nbytes, store.raw_nbytes if reads_into_slot(store, slot_layout, device) else 0)
 
 
 def make_mover(store: ExpertStore, num_slots: int, slot_layout: ExpertLayout, device: torch.device) -> Mover:
