@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -176,18 +177,20 @@ def info(model: ModelArg) -> None:
     plan = plan_checkpoint(model)
     spec = plan.spec
     per_expert = plan.expert_nbytes()
+    slot = plan.expert_format.slot_layout(spec, spec.checkpoint_dtype, torch.device("cpu"), torch.bfloat16).nbytes
     experts_total = per_expert * spec.total_experts
     table = Table(show_header=False, box=None)
     rows = [
         ("path", str(plan.path)), ("family", f"{spec.family} ({spec.architecture})"),
         ("layers", f"{spec.num_layers} ({spec.num_moe_layers} MoE)"),
         ("experts", f"{spec.num_experts} per MoE layer, top-{spec.top_k}, {spec.total_experts} in all"),
-        ("dtype", str(spec.checkpoint_dtype).removeprefix("torch.")),
-        ("dense bytes", _gib(plan.dense_nbytes)), ("bytes per expert", _gib(per_expert)),
+        ("dtype", str(spec.checkpoint_dtype).removeprefix("torch.")), ("expert format", plan.expert_format.name),
+        ("dense bytes", _gib(plan.dense_nbytes)), ("bytes per expert", f"{_gib(per_expert)} stored, "
+                                                                      f"{_gib(slot)} in a CPU cache slot"),
         ("all experts", _gib(experts_total)), ("total", _gib(experts_total + plan.dense_nbytes)),
     ]
     for memory in [host_memory(), *gpu_memories()]:
-        slots = max(0, int((memory.available - plan.dense_nbytes) // per_expert))
+        slots = max(0, int((memory.available - plan.dense_nbytes) // slot))
         fit = min(slots, spec.total_experts)
         rows.append((f"fits in {memory.name}", f"{fit} experts ({fit / spec.total_experts:.0%}) of "
                                                f"{_gib(memory.available)} free -> --expert-budget {fit}"))
@@ -253,6 +256,32 @@ def perplexity(
     print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens")
     if json_out is not None:
         write_json_atomic(json_out, {**result.to_dict(), "model": str(m.plan.path)})
+
+
+@app.command()
+def quantize(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="New checkpoint folder (must not exist, or be empty).")],
+    bits: Annotated[int, typer.Option(help="8 (per-channel) or 4 (group-wise).")] = 4,
+    group_size: Annotated[int, typer.Option(help="int4: inputs sharing a scale (32, 64, 128 or 256).")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="int4: scales only, or scales and zero points.")] = False,
+    search: Annotated[bool, typer.Option(help="Search each group's clipping range (slower, lower error).")] = False,
+) -> None:
+    """Write a copy of MODEL with its routed experts quantized (compressed-tensors pack-quantized)."""
+    from offload.quant import parse_scheme
+    from offload.quantize import quantize_checkpoint
+
+    if bits not in (4, 8):
+        raise ConfigError(f"--bits {bits} is not supported", "use 8 or 4")
+    scheme = parse_scheme("int8" if bits == 8 else f"int4-g{group_size}-{'sym' if sym else 'asym'}")
+    progress = Progress(TextColumn("quantizing experts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=True, disable=not err.is_terminal)
+    with progress:
+        task = progress.add_task("quantizing", total=None)
+        report = quantize_checkpoint(model, out, scheme, clip_search=search,
+                                     progress=lambda d, t: progress.update(task, completed=d, total=t))
+    err.print(f"wrote {report.out}: {report.experts} experts as {scheme}, {_gib(report.bytes_before)} -> "
+              f"{_gib(report.bytes_after)}", soft_wrap=True)
 
 
 @app.command()

@@ -23,7 +23,6 @@ from offload.errors import BudgetError, CheckpointError, UnsupportedModelError
 from offload.quant_experts import DequantMatrix, Int4Matrix, Int8Matrix
 from tests.offload.test_model import _min_gap, _prompts
 from tests.quant_checkpoints import write_compressed_tensors, write_dequantized, write_gptq
-from tests.tiny_models import make_tiny_model
 
 NEW_TOKENS = 8
 FORMATS = {"gptq": write_gptq, "compressed-tensors": write_compressed_tensors}
@@ -161,3 +160,18 @@ def test_unsupported_formats_and_bad_tensors_are_one_line_errors(quantized, tmp_
     save_file(tensors, bad / "model.safetensors")
     with pytest.raises(CheckpointError, match="experts.2.w3.scales' is missing"):
         offload.plan_checkpoint(bad)
+
+
+def test_prefetching_and_batching_work_on_quantized_experts(quantized):
+    qdir, _ = quantized("qwen3_moe", "gptq", 4, False)
+    prompts = [[5, 17, 33, 60, 8], [9, 8, 7], [40, 41, 42, 43]]
+    plain = offload.from_pretrained(qdir, device="cpu", expert_budget=4, quant_activations="float32")
+    alone = [plain.generate(torch.tensor([p]), max_new_tokens=6, eos_token_id=[])[0, len(p):].tolist()
+             for p in prompts]
+    for predictor in ("pregate", "markov"):
+        model = offload.from_pretrained(qdir, device="cpu", expert_budget=4, quant_activations="float32",
+                                        predictor=predictor, lookahead=2)
+        out = model.generate_many(prompts, max_new_tokens=6, batch_size=2, scheduler="expert-aware", eos_token_id=[])
+        assert [c.token_ids for c in out] == alone
+        assert model.stats.total.prefetch_issued > 0
+        model.cache.close()
