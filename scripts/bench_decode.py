@@ -32,6 +32,7 @@ import ctypes
 import json
 import mmap
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,9 @@ from offload.files import atomic_output
 
 BUDGETS = ("100%", "50%", "25%")
 OURS = [f"offload-{tier}-{b[:-1]}" for tier in ("ram", "disk") for b in BUDGETS]
+# offload-TIER-PCT[bf][@SCHEME][+PREDICTOR]: PCT of the experts of the run's format, or with "bf" the bytes of
+# PCT of the bf16 experts; @SCHEME runs the checkpoint quantized by `offload quantize` (int8, int4-g128-asym, ...)
+OURS_RE = re.compile(r"offload-(?P<tier>ram|disk)-(?P<pct>\d+)(?P<bf>bf)?(?:@(?P<quant>[\w-]+))?")
 HF_EAGER = "hf-eager"
 HF_ACCEL = "hf-accelerate-disk"
 CONFIGS = OURS + [HF_EAGER, HF_ACCEL]
@@ -91,6 +95,7 @@ class Options:
     threads: int
     drop_ms: float
     configs: list[str]
+    quant: str
     timeout: float
     out: Path
     summarize: Path | None
@@ -104,18 +109,35 @@ class Options:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in INTERNAL}
 
 
-def parse_configs(text: str, predictor: str, device: str) -> tuple[list[str], list[str]]:
-    """(configurations to run, configurations skipped on this device) from ``--configs``."""
+def is_ours(name: str) -> bool:
+    return OURS_RE.fullmatch(base_config(name)) is not None
+
+
+def quant_of(name: str) -> str | None:
+    """'offload-disk-25bf@int4+pregate' -> 'int4' (None: the checkpoint as it is)."""
+    m = OURS_RE.fullmatch(base_config(name))
+    return m["quant"] if m else None
+
+
+def parse_configs(text: str, predictor: str, device: str, quant: str = "") -> tuple[list[str], list[str]]:
+    """(configurations to run, configurations skipped on this device) from ``--configs`` and ``--quant``."""
     configs = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = set(configs) - set(CONFIGS)
+    unknown = [c for c in configs if c not in (HF_EAGER, HF_ACCEL) and not is_ours(c)]
     if unknown:
-        raise ConfigError(f"unknown configurations {sorted(unknown)}", f"choose from {','.join(CONFIGS)}")
+        raise ConfigError(f"unknown configurations {sorted(unknown)}",
+                          f"choose from {','.join(CONFIGS)}, optionally with @SCHEME (offload-ram-100@int4)")
+    for scheme in [q.strip() for q in quant.split(",") if q.strip()]:
+        configs += [f"{c}@{scheme}" for c in configs if c in OURS]
     skipped = [c for c in configs if c == HF_ACCEL and device != "cpu"]
     configs = [c for c in configs if c not in skipped]
     if not configs:
         raise ConfigError(f"nothing to run on {device}", f"{HF_ACCEL} runs with --device cpu only")
+    from offload.quant import parse_scheme
+
+    for scheme in {quant_of(c) for c in configs} - {None}:
+        parse_scheme(scheme)  # an unknown scheme fails before any run
     if predictor != "none":
-        configs += [f"{c}+{predictor}" for c in configs if c in OURS]
+        configs += [f"{c}+{predictor}" for c in configs if is_ours(c) and "+" not in c]
     return configs, skipped
 
 
@@ -375,11 +397,17 @@ def run_ours(opts: Options, name: str, path: Path) -> dict:
     import offload
     from offload.transfer import DirectReader
 
-    _, tier, pct = base_config(name).split("-")
+    spec = OURS_RE.fullmatch(base_config(name))
+    tier, budget = spec["tier"], f"{spec['pct']}%"
+    if spec["quant"]:
+        path = quantized_dir(opts, path, spec["quant"])
+    if spec["bf"]:  # the bytes of PCT% of the experts in bf16: the same memory as the bf16 run at PCT%
+        s = offload.plan_checkpoint(path).spec
+        budget = f"{s.total_experts * s.expert_params * 2 * int(spec['pct']) // 100}B"
     predictor = name.split("+", 1)[1] if "+" in name else "none"
     sync = synchronizer(opts.device)
     t0 = time.perf_counter()
-    m = offload.from_pretrained(path, device=opts.device, dtype=opts.dtype, expert_budget=f"{pct}%",
+    m = offload.from_pretrained(path, device=opts.device, dtype=opts.dtype, expert_budget=budget,
                                 offload_to=tier, policy="lru", predictor=predictor, lookahead=opts.lookahead)
     sync()
     load_s = time.perf_counter() - t0
@@ -400,11 +428,28 @@ def run_ours(opts: Options, name: str, path: Path) -> dict:
     total = stats["total"]
     decode_only = {k: total[k] - after_prefill[k] for k in DECODE_COUNTS}
     sample = {**clock.result(), "load_model_s": load_s, "num_slots": m.cache.num_slots,
+              "expert_format": m.plan.expert_format.name, "slot_nbytes": m.cache.slot_nbytes,
               "total_experts": m.spec.total_experts, "stats": {k: v for k, v in stats.items() if k != "layers"},
               "decode_cache": decode_only, "busy": busy.result, "new_token_ids": out[0, ids.shape[1]:].tolist()}
     if files:
         sample["page_cache"] = dropper.summary()
     return sample
+
+
+def quantized_dir(opts: Options, path: Path, scheme: str) -> Path:
+    """The bench model quantized with ``scheme`` by `offload quantize` (cached beside the built models)."""
+    return opts.work_dir / f"{path.name}@{scheme}"
+
+
+def ensure_quantized(opts: Options, path: Path) -> None:
+    from offload.quant import parse_scheme
+    from offload.quantize import quantize_checkpoint
+
+    for scheme in sorted({quant_of(c) for c in opts.configs} - {None}):
+        out = quantized_dir(opts, path, scheme)
+        if not (out / "config.json").is_file():
+            log(f"quantizing {path.name} as {scheme} (cached) ...")
+            quantize_checkpoint(path, out, parse_scheme(scheme))
 
 
 def accelerate_setup(opts: Options, path: Path) -> tuple[dict, dict, Path]:
@@ -543,6 +588,7 @@ def drive(opts: Options) -> None:
     """Time every configuration ``--repeats`` times, each in a fresh worker; write the JSON after each sample."""
     t_start = time.time()
     path = ensure_model(opts)
+    ensure_quantized(opts, path)
     before = busy_snapshot()
     log(f"model {path}; configs {opts.configs} on {opts.device}; {opts.repeats} repeats; "
         f"load average {before['loadavg']}")
@@ -597,6 +643,10 @@ def _cache_row(config: str, ss: list[dict]) -> dict:
     """An offload configuration's decode-only cache counts, and with a predictor its accuracy and cost."""
     row = {f"decode_{k}": median_range([s["decode_cache"].get(k, 0) for s in ss]) for k in DECODE_COUNTS}
     row["total_load_time_s"] = median_range([s["stats"]["total"]["load_time_s"] for s in ss])
+    row["decode_misses_per_token"] = median_range([s["decode_cache"]["misses"] / s["decode_tokens"]
+                                                   for s in ss if s.get("decode_tokens")])
+    row["decode_mib_per_miss"] = median_range([s["decode_cache"]["bytes_loaded"] / s["decode_cache"]["misses"] / 2**20
+                                               for s in ss if s["decode_cache"].get("misses")])
     row["decode_stalls_per_token"] = median_range([s["decode_cache"].get("stalls", 0) / s["decode_tokens"]
                                                    for s in ss if s.get("decode_tokens")])
     if "+" in config:
@@ -610,7 +660,7 @@ def _cache_row(config: str, ss: list[dict]) -> dict:
 def _config_row(config: str, ss: list[dict], failed: int, reference: list[int] | None) -> dict:
     """One configuration's medians [min-max] over its successful samples ``ss``."""
     row = {"decode_tokens_per_s": median_range([s["decode_tokens_per_s"] for s in ss]), "failed": failed}
-    if ss and base_config(config) in OURS:
+    if ss and is_ours(config):
         row |= _cache_row(config, ss)
     if ss:
         row["max_rss_bytes"] = median_range([s["max_rss_bytes"] for s in ss])
@@ -631,8 +681,12 @@ def summarize(samples: list[dict], configs: list[str], repeats: int) -> dict:
     for c, ss in by.items():
         failed = sum(1 for s in samples if s["config"] == c and "error" in s)
         summary["configs"][c] = _config_row(c, ss, failed, reference)
-    for ours, theirs in [("offload-ram-100", HF_EAGER), ("offload-disk-100", HF_EAGER), ("offload-disk-25", HF_ACCEL)]:
-        summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by.get(ours, []), by.get(theirs, []), repeats)
+    pairs = [("offload-ram-100", HF_EAGER), ("offload-disk-100", HF_EAGER), ("offload-disk-25", HF_ACCEL)]
+    pairs += [(c, c.split("@")[0]) for c in configs if "@" in c and "+" not in c]  # a format against bf16
+    pairs += [(c, HF_ACCEL) for c in configs if c.startswith("offload-disk-25bf") and "+" not in c]
+    for ours, theirs in pairs:
+        if ours in by and theirs in by:
+            summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by[ours], by[theirs], repeats)
     for c in configs:
         if "+" in c:
             plain, pred = by.get(base_config(c), []), by.get(c, [])
@@ -677,15 +731,17 @@ def fmt_range(d: dict, scale: float = 1.0, digits: int = 2) -> str:
 def _config_lines(rows: dict) -> list[str]:
     ref = rows.get(HF_EAGER, {}).get("decode_tokens_per_s", {}).get("median")
     lines = [("| configuration | decode tok/s median [min–max] | vs HF eager | decode hits | decode misses "
-              "| decode GiB loaded | decode load stall s | peak RSS GiB | other procs' cores |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+              "| misses / token | MiB per miss | decode GiB loaded | decode stall s | peak RSS GiB "
+              "| other procs' cores |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in rows.items():
         tps = r["decode_tokens_per_s"]
         rel = f"{tps['median'] / ref:.2f}x" if tps and ref else "n/a"
         cache = [fmt_range(r.get(f"decode_{k}", {}), s, d) for k, s, d in
-                 (("hits", 1, 0), ("misses", 1, 0), ("bytes_loaded", 2**-30, 2), ("load_time_s", 1, 2))]
-        if base_config(c) not in OURS:
-            cache = ["–"] * 4
+                 (("hits", 1, 0), ("misses", 1, 0), ("misses_per_token", 1, 2), ("mib_per_miss", 1, 1),
+                  ("bytes_loaded", 2**-30, 2), ("stall_time_s", 1, 2))]
+        if not is_ours(c):
+            cache = ["–"] * 6
         lines.append(f"| {c} | {fmt_range(tps)} | {rel} | " + " | ".join(cache) +
                      f" | {fmt_range(r.get('max_rss_bytes', {}), 2**-30)} | "
                      f"{fmt_range(r.get('other_processes_cores', {}))} |")
@@ -767,7 +823,11 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Samples per configuration, in alternating order.")] = 3,
     threads: Annotated[int, typer.Option(help="torch threads in every worker.")] = 2,
     drop_ms: Annotated[float, typer.Option(help="Period of the page-cache dropper while timing.")] = 50.0,
-    configs: Annotated[str, typer.Option(help=f"Comma list out of {','.join(CONFIGS)}.")] = ",".join(CONFIGS),
+    configs: Annotated[str, typer.Option(help=f"Comma list out of {','.join(CONFIGS)}; an offload config may end "
+                                              "in @SCHEME (quantized experts) and its budget in bf (the bytes of "
+                                              "that share of the bf16 experts).")] = ",".join(CONFIGS),
+    quant: Annotated[str, typer.Option(help="Also run every offload config of --configs on the model quantized "
+                                            "with each of these schemes (int8, int4-g128-asym, ...).")] = "",
     timeout: Annotated[float, typer.Option(help="Seconds one worker may take.")] = 1800.0,
     out: Annotated[Path, typer.Option(help="JSON file to write (after every sample).")] = Path("bench_decode.json"),
     summarize: Annotated[Path | None, typer.Option(help="Re-print the table of an existing JSON (and add --note "
@@ -785,7 +845,7 @@ def bench(
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     on = resolved_device(device)
-    to_run, skipped = parse_configs(configs, predictor, on)
+    to_run, skipped = parse_configs(configs, predictor, on, quant)
     opts = Options(**{**given, "device": on, "configs": to_run, "note": note or []})
     if build:
         build_model(opts, model_dir(opts))
