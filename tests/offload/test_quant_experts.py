@@ -175,3 +175,19 @@ def test_prefetching_and_batching_work_on_quantized_experts(quantized):
         assert [c.token_ids for c in out] == alone
         assert model.stats.total.prefetch_issued > 0
         model.cache.close()
+
+
+@pytest.mark.gpu
+def test_cuda_dequantizes_into_the_compute_dtype(quantized):
+    """On CUDA every quantized matrix uses the portable layout (dequantize per matmul, on the GPU)."""
+    qdir, deq = quantized("qwen3_moe", "compressed-tensors", 4, False)
+    ids, mask = _prompts(3)
+    cpu = offload.from_pretrained(qdir, device="cpu", quant_activations="float32")
+    gpu = offload.from_pretrained(qdir, device="cuda", expert_budget=2, quant_activations="float32")
+    assert all(isinstance(m, DequantMatrix) for m in gpu.cache.mover.slot_layout.matrices)
+    real = mask.bool()
+    # float32 on both devices: cuBLAS and the CPU's GEMM sum in different orders (~1e-6); 1e-4 as elsewhere
+    torch.testing.assert_close(gpu(ids, attention_mask=mask).cpu()[real], cpu(ids, attention_mask=mask)[real],
+                               atol=1e-4, rtol=0)
+    assert torch.equal(gpu.generate(ids, attention_mask=mask, max_new_tokens=6).cpu(),
+                       cpu.generate(ids, attention_mask=mask, max_new_tokens=6))
