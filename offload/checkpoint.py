@@ -23,9 +23,10 @@ import torch
 from . import quant
 from .config import DTYPES, ModelSpec
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
+from .expert_storage import projection_shapes, storage_of
 from .experts import DenseFormat, ExpertFormat, ExpertLayout, Part
 from .families import Family, family_for_config
-from .quant_experts import QuantFormat
+from .quant_experts import Fp8BlockFormat, Mxfp4Format, QuantFormat
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     # integer tensors hold quantized weights (GPTQ qweight/qzeros/g_idx, compressed-tensors weight_packed/shape)
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "F8_E4M3": torch.float8_e4m3fn,  # DeepSeek-V3's FP8 weights (with block scales)
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_HEADER = 100 * 2**20
@@ -218,11 +220,12 @@ ExpertTensors = tuple[TensorInfo, ...]  # gate's, up's, down's tensors, in the e
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A resident projection stored quantized (GPTQ checkpoints quantize attention too): dequantized at load."""
+    """A resident projection stored quantized (GPTQ checkpoints quantize attention too, DeepSeek's FP8
+    quantizes every projection): dequantized to float once, at load, by its format's ``dense_weight``."""
 
     name: str                      # the ``.weight`` it stands for
-    parts: dict[str, TensorInfo]   # by suffix (qweight, qzeros, ...)
-    fmt: QuantFormat
+    parts: dict[str, TensorInfo]   # by suffix (qweight, qzeros, ... / weight, weight_scale_inv)
+    fmt: ExpertFormat
     shape: tuple[int, int]         # (out, in)
 
     @property
@@ -253,16 +256,8 @@ class CheckpointPlan:
         return sum(t.nbytes for t in next(iter(self.experts.values())))
 
     def source_layout(self, parts: Sequence[Part]) -> ExpertLayout:
-        """An expert's layout in the checkpoint's format from the places of its tensors (gate's, up's, down's)."""
-        n = len(self.expert_format.tensor_suffixes())
-        shapes = _projection_shapes(self.spec)
-        return ExpertLayout(*(self.expert_format.source_matrix(parts[i * n:(i + 1) * n], *shapes[i]) for i in range(3)))
-
-
-def _projection_shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
-    """(out, in) of gate, up and down."""
-    h, i = spec.hidden_size, spec.expert_intermediate_size
-    return ((i, h), (i, h), (h, i))
+        """An expert's layout in the checkpoint's format from the places of its tensors in a buffer."""
+        return storage_of(self.family).source_layout(self.spec, self.expert_format, parts)
 
 
 def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
@@ -298,13 +293,10 @@ def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
     spec = _read_spec(path, family, cfg, tensors)
     fmt = expert_format(family, spec, tensors, quantization_config(cfg), path)
     dense = {name: _dense_tensor(tensors, name, shape, fmt) for name, shape in family.dense_tensors(spec).items()}
-    experts = {}
-    for layer in (n for n, moe in enumerate(spec.moe_layers) if moe):
-        for e in range(spec.num_experts):
-            experts[(layer, e)] = tuple(
-                check_tensor(tensors, f"{module}.{suffix}", shape, fmt.dtypes(suffix))
-                for module, (out, inn) in zip(family.expert_modules(layer, e), _projection_shapes(spec), strict=True)
-                for suffix, shape in fmt.shapes(out, inn).items())
+    storage = storage_of(family)
+    experts = {(layer, e): storage.tensors(family, spec, fmt, tensors, check_tensor, layer, e)
+               for layer in (n for n, moe in enumerate(spec.moe_layers) if moe) for e in range(spec.num_experts)}
+    _note_skipped_layers(tensors, spec, path)
     plan = CheckpointPlan(path, spec, family, tensors, dense, experts, fmt)
     if isinstance(fmt, QuantFormat):
         _check_first_expert(plan)
@@ -315,33 +307,54 @@ def expert_format(family: Family, spec: ModelSpec, tensors: dict[str, TensorInfo
                   path: Path) -> ExpertFormat:
     """The format the checkpoint stores its experts in: float (the first expert's weight dtype) or the
     quantization_config's (GPTQ, compressed-tensors pack-quantized; anything else is refused by name)."""
-    module = family.expert_modules(spec.moe_layers.index(True), 0)[0]
-    fmt = None
-    if qc is not None:
-        try:
-            fmt = QuantFormat(*quant.scheme_from_config(qc))
-        except (UnsupportedModelError, ConfigError) as e:
-            raise UnsupportedModelError(f"{path / 'config.json'}: {e.message}", e.hint) from None
-    if f"{module}.weight" in tensors:
-        return DenseFormat(tensors[f"{module}.weight"].dtype)
+    probe = storage_of(family).probe(family, spec)
+    if probe in tensors and tensors[probe].dtype in FLOAT_DTYPES:
+        return DenseFormat(tensors[probe].dtype)  # float experts (whatever else the config quantizes)
+    fmt = _quantized_format(qc, path) if qc is not None else None
     if fmt is None:
-        check_tensor(tensors, f"{module}.weight", ())  # raises: names the missing tensor
-    first = f"{module}.{fmt.tensor_suffixes()[0]}"  # type: ignore[union-attr]
-    if first not in tensors:
-        raise CheckpointError(f"tensor {first!r} is missing from the checkpoint ({fmt.name} experts)",  # type: ignore[union-attr]
-                              "the tensors do not match config.json's quantization_config")
+        check_tensor(tensors, probe, ())  # raises: names the missing or non-float tensor
+    if isinstance(fmt, QuantFormat):
+        first = f"{probe.removesuffix('.weight')}.{fmt.tensor_suffixes()[0]}"
+        if first not in tensors:
+            raise CheckpointError(f"tensor {first!r} is missing from the checkpoint ({fmt.name} experts)",
+                                  "the tensors do not match config.json's quantization_config")
     return fmt  # type: ignore[return-value]
+
+
+def _quantized_format(qc: dict, path: Path) -> ExpertFormat:
+    """The format a quantization_config names; anything offload cannot read is refused by name."""
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "mxfp4":
+        return Mxfp4Format()
+    if method == "fp8":
+        block = qc.get("weight_block_size") or [128, 128]
+        if qc.get("fmt", "e4m3") != "e4m3" or len(block) != 2:
+            raise UnsupportedModelError(f"{path / 'config.json'}: fp8 {qc.get('fmt')} with blocks {block}",
+                                        "offload reads e4m3 FP8 with 2-D weight_block_size")
+        return Fp8BlockFormat((int(block[0]), int(block[1])))
+    try:
+        return QuantFormat(*quant.scheme_from_config(qc))
+    except (UnsupportedModelError, ConfigError) as e:
+        raise UnsupportedModelError(f"{path / 'config.json'}: {e.message}", e.hint) from None
+
+
+def _note_skipped_layers(tensors: dict[str, TensorInfo], spec: ModelSpec, path: Path) -> None:
+    """Multi-token-prediction layers (index num_hidden_layers and up, DeepSeek / GLM) are not run: one line."""
+    extra = {int(m.group(1)) for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))
+             and int(m.group(1)) >= spec.num_layers}
+    if extra:
+        log.info("%s: skipping layer(s) %s (multi-token prediction, not used for generation)", path,
+                 ", ".join(map(str, sorted(extra))))
 
 
 def _dense_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...],
                   fmt: ExpertFormat) -> TensorInfo | QuantizedTensor:
-    """A resident tensor, or, for a quantized checkpoint whose projection has no ``.weight``, its quantized parts."""
-    module = name.removesuffix(".weight")
-    if name in tensors or not isinstance(fmt, QuantFormat) or len(shape) != 2 \
-            or f"{module}.{fmt.tensor_suffixes()[0]}" not in tensors:
+    """A resident tensor, or, where the format stores this projection quantized, its parts."""
+    stored = fmt.dense_parts(tensors, name, shape)
+    if stored is None:
         return check_tensor(tensors, name, shape)
-    parts = {suffix: check_tensor(tensors, f"{module}.{suffix}", part_shape, fmt.dtypes(suffix))
-             for suffix, part_shape in fmt.shapes(*shape).items()}
+    parts = {suffix: check_tensor(tensors, part, part_shape, dtypes) for suffix, (part, part_shape, dtypes)
+             in stored.items()}
     return QuantizedTensor(name, parts, fmt, shape)  # type: ignore[arg-type]
 
 
@@ -351,7 +364,7 @@ def _check_first_expert(plan: CheckpointPlan) -> None:
 
     fmt, infos = plan.expert_format, next(iter(plan.experts.values()))
     n = len(fmt.tensor_suffixes())
-    for i, (out, inn) in enumerate(_projection_shapes(plan.spec)):
+    for i, (out, inn) in enumerate(projection_shapes(plan.spec)):
         group = infos[i * n:(i + 1) * n]
         with safe_open(str(group[0].path), framework="pt") as f:
             loaded = {info.name.rsplit(".", 1)[1]: f.get_tensor(info.name) for info in group}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import BudgetError, CheckpointError, ConfigError, PolicyError
+from .errors import BudgetError, CheckpointError, ConfigError, PolicyError, UnsupportedModelError
 from .registry import check_name
 
 DTYPES: dict[str, torch.dtype] = {
@@ -51,6 +51,32 @@ def _field(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class RopeSpec:
+    """Rotary position embedding as config.json describes it (default, linear or YaRN scaling)."""
+
+    theta: float = 10000.0
+    dim: int = 0                    # rotated dims per head (0: all of head_dim); partial rotary and MLA rotate fewer
+    kind: str = "default"           # "default" | "linear" | "yarn"
+    factor: float = 1.0             # linear / YaRN scaling factor
+    original_max_positions: int = 0  # YaRN: the pretraining context
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0             # YaRN (DeepSeek): attention factor = mscale(factor, mscale) / mscale(..., all_dim)
+    mscale_all_dim: float = 0.0
+    attention_factor: float = 0.0   # YaRN: explicit cos/sin scale (0: derived from factor and mscales)
+    truncate: bool = True           # YaRN: round the correction range to whole dims
+    interleave: bool = False        # rotate (x0, x1), (x2, x3) pairs (DeepSeek) instead of the two halves
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "linear", "yarn"):
+            raise UnsupportedModelError(f"rope type {self.kind!r} is not supported yet",
+                                        "offload supports default, linear and yarn RoPE")
+        if self.theta <= 0 or self.factor <= 0 or self.dim < 0 or self.dim % 2:
+            raise CheckpointError(f"config.json: rope_theta={self.theta}, factor={self.factor} and the rotary dim "
+                                  f"{self.dim} must be positive (and the dim even)", "fix config.json")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything the forward pass needs to know about a checkpoint, read from config.json."""
 
@@ -71,8 +97,7 @@ class ModelSpec:
     sliding_windows: tuple[int | None, ...]
     norm_topk_prob: bool
     rms_norm_eps: float
-    rope_theta: float
-    rope_linear_factor: float
+    rope: RopeSpec
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -84,6 +109,22 @@ class ModelSpec:
     pad_token_id: int | None = None
     router_fp32_weights: bool = False      # routing weights stay float32 (Mixtral) or follow the compute dtype
     mlp_only_layers: tuple[int, ...] = ()  # as config.json lists them (checked against num_layers)
+    # routers with groups and a scale (DeepSeek-V3, GLM-4.5): experts in n_group groups, the best topk_group kept
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False              # gpt-oss: the router has a bias
+    # experts: biases on every projection and a clamped SwiGLU (gpt-oss)
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0              # 0: no clamp
+    swiglu_alpha: float = 1.702
+    attention_sinks: bool = False          # gpt-oss: a learned per-head logit beside every row of scores
+    # Multi-head Latent Attention (DeepSeek-V2/V3): ranks of the compressed q and kv, per-head dims
+    q_lora_rank: int = 0                   # 0: a plain q_proj
+    kv_lora_rank: int = 0                  # 0: not MLA
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -106,14 +147,23 @@ class ModelSpec:
             self._fail("dense layers need intermediate_size > 0")
         if any(w is not None and w <= 0 for w in self.sliding_windows):
             self._fail("sliding_window must be > 0")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0 or self.rope_linear_factor <= 0:
-            self._fail("rms_norm_eps, rope_theta and the rope scaling factor must be > 0")
+        if self.rms_norm_eps <= 0:
+            self._fail("rms_norm_eps must be > 0")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            self._fail(f"n_group={self.n_group} must divide the {self.num_experts} experts and topk_group="
+                       f"{self.topk_group} lie in 1..n_group")
+        if self.kv_lora_rank and min(self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim) <= 0:
+            self._fail("MLA needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim > 0")
         if self.qk_norm not in QK_NORMS:
             self._fail(f"qk_norm {self.qk_norm!r} is not one of {QK_NORMS}")
 
     @staticmethod
     def _fail(what: str) -> None:
         raise CheckpointError(f"config.json: {what}", "fix config.json or re-download the checkpoint")
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope.theta
 
     @property
     def num_moe_layers(self) -> int:

@@ -15,7 +15,7 @@ The activation (how the projections combine) is the family's, picked from ``ACTI
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -95,24 +95,79 @@ class Matrix(Protocol):
 
 @dataclass(frozen=True)
 class DenseMatrix:
-    """A plain [out, in] weight in some float dtype."""
+    """A plain [out, in] weight in some float dtype, and optionally a bias [out] (gpt-oss's experts)."""
 
     w: Part
+    b: Part | None = None
 
     @property
     def parts(self) -> tuple[Part, ...]:
-        return (self.w,)
+        return (self.w,) if self.b is None else (self.w, self.b)
 
     def signature(self) -> tuple:
-        return ("dense", self.w.dtype, self.w.shape)
+        return ("dense", self.w.dtype, self.w.shape, self.b is not None)
 
     def bind(self, buf: torch.Tensor) -> Linear:
-        return DenseLinear(self.w.view(buf))
+        return DenseLinear(self.w.view(buf), None if self.b is None else self.b.view(buf))
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
-        if not isinstance(src, DenseMatrix):
+        weight, bias = src.dense(src_buf) if hasattr(src, "dense") else (None, None)
+        if weight is None:
             raise TypeError(f"a dense slot cannot hold {type(src).__name__} bytes")
-        self.w.view(buf).copy_(src.w.view(src_buf), non_blocking=True)  # a cast when the dtypes differ
+        self.w.view(buf).copy_(weight, non_blocking=True)  # a cast when the dtypes differ
+        if self.b is not None:
+            self.b.view(buf).copy_(bias)
+
+    def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight [out, in] and bias as views of ``buf``."""
+        return self.w.view(buf), None if self.b is None else self.b.view(buf)
+
+
+@dataclass(frozen=True)
+class FusedColumns:
+    """gpt-oss as transformers saves it: one expert's gate_up [in, 2 * out] (in, out orientation) with gate
+    and up interleaved in its columns, and gate_up's bias [2 * out]; ``parity`` 0 is gate, 1 is up."""
+
+    w: Part
+    b: Part
+    parity: int
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w, self.b)
+
+    def signature(self) -> tuple:
+        return ("fused-columns", self.w.dtype, self.w.shape, self.parity)
+
+    def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w.view(buf)[:, self.parity :: 2].t(), self.b.view(buf)[self.parity :: 2]
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        return DenseLinear(*self.dense(buf))
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        raise TypeError("a checkpoint format is read, never written into")
+
+
+@dataclass(frozen=True)
+class InOutMatrix:
+    """A weight stored [in, out] (gpt-oss's down_proj) and its bias [out]."""
+
+    w: Part
+    b: Part
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w, self.b)
+
+    def signature(self) -> tuple:
+        return ("in-out", self.w.dtype, self.w.shape)
+
+    def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w.view(buf).t(), self.b.view(buf)
+
+    bind = FusedColumns.bind
+    convert_from = FusedColumns.convert_from
 
 
 @dataclass(frozen=True)
@@ -220,7 +275,15 @@ class DenseFormat:
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                     activations: torch.dtype) -> ExpertLayout:
         """The compute dtype's packing (float experts compute in the model's dtype, whatever ``activations``)."""
-        return packed_layout(spec.hidden_size, spec.expert_intermediate_size, dtype)
+        h, i = spec.hidden_size, spec.expert_intermediate_size
+        if not spec.expert_bias:
+            return packed_layout(h, i, dtype)
+        return pack_matrices([DenseMatrix(Part(0, dtype, (out, inn)), Part(0, dtype, (out,)))
+                              for out, inn in ((i, h), (i, h), (h, i))])
+
+    def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> None:
+        """Float checkpoints store every resident tensor as it is."""
+        return None
 
 
 # -- activations: how an expert's projections combine ------------------------------------------------
@@ -233,8 +296,21 @@ def swiglu(expert: Expert, x: torch.Tensor) -> torch.Tensor:
     return expert.down_proj(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
 
 
-ACTIVATIONS: dict[str, Activation] = {"swiglu": swiglu}
+def clamped_swiglu(expert: Expert, x: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's SwiGLU: gate clamped above and up on both sides at ``limit``, a sigmoid with slope
+    ``alpha`` (1.702, the GELU approximation's), up shifted by one: down((up + 1) * gate * sigmoid(alpha * gate))."""
+    gate = expert.gate_proj(x).clamp(max=limit)
+    up = expert.up_proj(x).clamp(min=-limit, max=limit)
+    return expert.down_proj((up + 1) * (gate * torch.sigmoid(gate * alpha)))
 
 
-def make_activation(name: str) -> Activation:
-    return lookup(ACTIVATIONS, name, "expert activation")
+ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {"swiglu": swiglu, "clamped-swiglu": clamped_swiglu}
+
+
+def make_activation(name: str, spec: ModelSpec | None = None) -> Activation:
+    """The activation by name, bound to the spec's parameters (clamped-swiglu's limit and alpha)."""
+    fn = lookup(ACTIVATIONS, name, "expert activation")
+    if fn is clamped_swiglu:
+        limit, alpha = (spec.swiglu_limit, spec.swiglu_alpha) if spec else (7.0, 1.702)
+        return lambda expert, x: clamped_swiglu(expert, x, limit, alpha)
+    return fn

@@ -1,15 +1,34 @@
 """Key/value caches: one length for a left-padded batch (KVCache), or one length per row (KVPool).
 
-Both store [rows, kv_heads, capacity, head_dim] per layer, preallocated once, and expose the same
-small interface to attention: ``update`` (store this step's keys and values, return all so far),
-``storage_positions`` (where this step's queries sit), ``fresh`` and ``slots`` for the prefetcher.
+Both store [rows, heads, capacity, dim] "k" and "v" tensors per layer, preallocated once, in the
+shapes the layer's attention asks for (per-head keys and values for GQA; MLA's latent and shared
+rotary key), and expose the same small interface to attention: ``update`` (store this step's, return
+all so far), ``storage_positions`` (where this step's queries sit), ``fresh`` and ``slots`` for the
+prefetcher.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .config import ModelSpec
+
+LayerShapes = tuple[tuple[int, int], tuple[int, int]]  # ((k heads, k dim), (v heads, v dim)) of one layer
+
+
+def _buffers(spec: ModelSpec, shapes: Sequence[LayerShapes] | None, rows: int, capacity: int,
+             dtype: torch.dtype, device: torch.device, alloc) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    shapes = shapes or [((spec.num_kv_heads, spec.head_dim),) * 2] * spec.num_layers
+    k = [alloc((rows, kh, capacity, kd), dtype=dtype, device=device) for (kh, kd), _ in shapes]
+    v = [alloc((rows, vh, capacity, vd), dtype=dtype, device=device) for _, (vh, vd) in shapes]
+    return k, v
+
+
+def bytes_per_token(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> int:
+    """What one token of one row costs in the cache, over all layers."""
+    return sum(t.shape[1] * t.shape[3] * t.element_size() for t in (*k, *v))
 
 
 class KVCache:
@@ -18,11 +37,14 @@ class KVCache:
     All rows share one length (a left-padded batch); KVPool below gives each row its own.
     """
 
-    def __init__(self, spec: ModelSpec, batch: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+    def __init__(self, spec: ModelSpec, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 shapes: Sequence[LayerShapes] | None = None) -> None:
+        self.k, self.v = _buffers(spec, shapes, batch, capacity, dtype, device, torch.empty)
         self.length = 0  # tokens already stored
+
+    @property
+    def bytes_per_token(self) -> int:
+        return bytes_per_token(self.k, self.v)
 
     @property
     def capacity(self) -> int:
@@ -61,18 +83,21 @@ class KVPool:
     length on, so requests that joined at different times decode in one batch without padding.
     """
 
-    def __init__(self, spec: ModelSpec, rows: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (rows, spec.num_kv_heads, capacity, spec.head_dim)
+    def __init__(self, spec: ModelSpec, rows: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 shapes: Sequence[LayerShapes] | None = None) -> None:
         # Zeros, not empty: a short row attends over the batch's longest key range, and its masked
         # keys must hold finite numbers (uninitialised memory can hold NaN, and NaN * 0 is NaN).
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.k, self.v = _buffers(spec, shapes, rows, capacity, dtype, device, torch.zeros)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.rows = torch.arange(0)
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return bytes_per_token(self.k, self.v)
 
     def select(self, rows: torch.Tensor) -> None:
         """The next forward step runs over these rows (in this order)."""

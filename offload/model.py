@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .attention import Attention, RotaryEmbedding, attention_class, attention_masks, rms_norm
+from .attention import Attention, attention_class, attention_masks, rms_norm
 from .cache import ExpertCache
 from .config import ModelSpec
 from .experts import Activation, Expert, make_activation
 from .families import Family
 from .kv import KVCache, KVPool
+from .rope import RotaryEmbedding
 from .routers import SoftmaxTopK, router_class
 from .stats import Stats
 
@@ -39,8 +40,8 @@ class DecoderLayer:
     attention: Attention
     router: SoftmaxTopK | None = None            # MoE layers
     dense_mlp: Expert | None = None         # dense layers (mlp_only_layers, sparse step)
-    shared_mlp: Expert | None = None        # Qwen2-MoE's shared expert ...
-    shared_gate: torch.Tensor | None = None      # ... and its sigmoid gate [1, hidden]
+    shared_mlp: Expert | None = None        # shared experts (Qwen2-MoE, DeepSeek, GLM) ...
+    shared_gate: torch.Tensor | None = None      # ... and, for Qwen2-MoE, their sigmoid gate [1, hidden]
 
 
 def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
@@ -55,17 +56,19 @@ def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str]
     prefix = f"model.layers.{layer}"
 
     def relative(piece: str, to: str) -> dict[str, torch.Tensor]:
-        return {name.removeprefix(f"{prefix}.{to}."): t for name, t in groups[piece].items()}
+        return {name.removeprefix(f"{prefix}.{to}."): t for name, t in groups[piece].items()}  # names under ``to``
 
     out = DecoderLayer(
         input_norm=next(iter(groups["input_norm"].values())), post_norm=next(iter(groups["post_norm"].values())),
         attention=attention_class(family.attention)(spec, relative("attention", "self_attn")))
     if "router" in groups:
-        out.router = router_class(family.router)(spec, relative("router", family.moe_prefix), "gate.weight")
+        router = f"{family.moe_prefix}.{family.router_module}"
+        out.router = router_class(family.router)(spec, relative("router", router))
     if "dense_mlp" in groups:
         out.dense_mlp = _mlp(groups["dense_mlp"])
     if "shared_mlp" in groups:
         out.shared_mlp = _mlp(groups["shared_mlp"])
+    if "shared_gate" in groups:
         out.shared_gate = next(iter(groups["shared_gate"].values()))
     return out
 
@@ -82,12 +85,14 @@ class MoEModel:
         self.lm_head = lm_head
         self.cache = cache
         self.stats = stats
-        self.activation: Activation = make_activation(family.activation)
+        self.activation: Activation = make_activation(family.activation, spec)
         self.route_observers: list[RouteObserver] = []
         self.prefetcher: Prefetcher | None = None  # set by from_pretrained when a predictor is chosen
         self.device = embed.device
         self.dtype = embed.dtype
-        self.rope = RotaryEmbedding(spec, self.dtype, self.device)
+        attention = attention_class(family.attention)
+        self.rope = RotaryEmbedding(spec.rope, attention.rotary_dim(spec), self.dtype, self.device)
+        self.kv_shapes = [attention.cache_shapes(spec)] * spec.num_layers  # what a KV cache stores per layer
 
     @property
     def moe_layers(self) -> list[int]:
@@ -112,7 +117,8 @@ class MoEModel:
         result = buf.sum(dim=1).to(x.dtype)
         if lw.shared_mlp is not None:
             shared = self.activation(lw.shared_mlp, x)
-            result = result + torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+            gate = torch.sigmoid(F.linear(x, lw.shared_gate)) if lw.shared_gate is not None else 1.0
+            result = result + gate * shared
         return result
 
     def _run_experts(self, layer: int, needed: list[int], experts: torch.Tensor, weights: torch.Tensor,

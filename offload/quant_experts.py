@@ -275,6 +275,20 @@ class QuantFormat:
         h, i = spec.hidden_size, spec.expert_intermediate_size
         return pack_matrices([self.slot_matrix(out, inn, device, activations) for out, inn in ((i, h), (i, h), (h, i))])
 
+    def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> dict | None:
+        """The suffix -> tensor-info map of a resident projection stored in this format (GPTQ quantizes
+        attention: ``X.qweight`` ... instead of ``X.weight``), or None when it is stored as a float."""
+        module = name.removesuffix(".weight")
+        if name in tensors or len(shape) != 2 or f"{module}.{self.tensor_suffixes()[0]}" not in tensors:
+            return None
+        return {suffix: (f"{module}.{suffix}", part_shape, self.dtypes(suffix))
+                for suffix, part_shape in self.shapes(*shape).items()}
+
+    def dense_weight(self, tensors: Mapping[str, torch.Tensor], name: str, out_features: int,
+                     in_features: int) -> torch.Tensor:
+        """A resident projection's float32 weight from its stored tensors (dequantized once, at load)."""
+        return quant.dequantize(self.unpack(tensors, name, out_features, in_features))
+
     def unpack(self, tensors: Mapping[str, torch.Tensor], name: str, out_features: int,
                in_features: int) -> QuantizedWeight:
         """One layer's tensors (by suffix) -> QuantizedWeight; errors name ``name`` (a resident projection)."""
@@ -285,3 +299,148 @@ class QuantFormat:
         return quant.compressed_tensors_unpack(tensors["weight_packed"], tensors["weight_scale"],
                                                tensors["weight_shape"], tensors.get("weight_zero_point"),
                                                bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, name=name)
+
+
+# -- vendor formats: gpt-oss's MXFP4, DeepSeek's FP8 with block scales ---------------------------------------
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # E2M1 codes
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 (OCP microscaling): blocks uint8 [out, in/32, 16] holding two E2M1 codes per byte (low nibble
+    first), scales uint8 [out, in/32] (E8M0: 2^(s - 127)) -> [out, in] in ``dtype``."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    out, groups, half = blocks.shape
+    w = torch.empty((out, groups, 2 * half), dtype=dtype, device=blocks.device)
+    w[..., 0::2] = lut[(blocks & 0x0F).long()]
+    w[..., 1::2] = lut[(blocks >> 4).long()]
+    return torch.ldexp(w, (scales.to(torch.int32) - 127)[..., None]).reshape(out, groups * 2 * half)
+
+
+@dataclass(frozen=True)
+class Mxfp4Matrix:
+    """An MXFP4 projection: blocks [out, in/32, 16], scales [out, in/32] and a bias [out]. As read from
+    gpt-oss's fused tensors, ``rows`` picks gate (0) or up (1) out of the interleaved gate_up rows; in a
+    slot (rows None) the matrix is de-interleaved and dequantized into the activations' dtype per matmul."""
+
+    blocks: Part
+    scales: Part
+    b: Part
+    rows: int | None = None
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.blocks, self.scales, self.b)
+
+    def signature(self) -> tuple:
+        return ("mxfp4", self.blocks.shape, self.rows)
+
+    def _views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pick = slice(None) if self.rows is None else slice(self.rows, None, 2)
+        return self.blocks.view(buf)[pick], self.scales.view(buf)[pick], self.b.view(buf)[pick]
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        blocks, scales, bias = self._views(buf)
+        return lambda x: F.linear(x, mxfp4_dequantize(blocks, scales, x.dtype), bias.to(x.dtype))
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        if not isinstance(src, Mxfp4Matrix):
+            raise TypeError(f"an MXFP4 slot cannot hold {type(src).__name__} bytes")
+        for have, want in zip(src._views(src_buf), self.parts, strict=True):
+            want.view(buf).copy_(have)
+
+
+@dataclass(frozen=True)
+class Mxfp4Format:
+    """gpt-oss's released experts (``quant_method: "mxfp4"``): 4.25 bits per weight in every tier."""
+
+    name: str = "mxfp4"
+
+    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
+        return (torch.uint8,) if suffix in ("blocks", "scales") else _FLOATS
+
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    activations: torch.dtype) -> ExpertLayout:
+        h, i = spec.hidden_size, spec.expert_intermediate_size
+        return pack_matrices([Mxfp4Matrix(Part(0, torch.uint8, (out, inn // 32, 16)),
+                                          Part(0, torch.uint8, (out, inn // 32)), Part(0, dtype, (out,)))
+                              for out, inn in ((i, h), (i, h), (h, i))])
+
+    def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> None:
+        return None  # modules_to_not_convert (attention, router, embeddings, lm_head) stay as stored
+
+
+def fp8_block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 e4m3 [out, in] with one float32 scale per (128 x 128) block [ceil(out/128), ceil(in/128)] -> float32."""
+    out, inn = w.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inn]
+    return w.float() * s
+
+
+@dataclass(frozen=True)
+class Fp8Matrix:
+    """An FP8 e4m3 projection with block scales (DeepSeek-V3): kept FP8 in every tier, dequantized into the
+    activations' dtype per matmul (this CPU has no FP8 matmul)."""
+
+    w: Part
+    scale_inv: Part
+    block: tuple[int, int]
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w, self.scale_inv)
+
+    def signature(self) -> tuple:
+        return ("fp8-block", self.w.shape, self.scale_inv.shape, self.scale_inv.dtype, self.block)
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        w, s, block = self.w.view(buf), self.scale_inv.view(buf), self.block
+        return lambda x: F.linear(x, fp8_block_dequantize(w, s, block).to(x.dtype))
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        for have, want in zip(src.parts, self.parts, strict=True):
+            want.view(buf).copy_(have.view(src_buf))
+
+
+@dataclass(frozen=True)
+class Fp8BlockFormat:
+    """``quant_method: "fp8"`` with ``weight_block_size`` (DeepSeek-V3/R1, Kimi-K2): ``.weight`` float8_e4m3fn
+    and ``.weight_scale_inv`` float32 per block, for experts and every other linear projection."""
+
+    block: tuple[int, int] = (128, 128)
+
+    @property
+    def name(self) -> str:
+        return f"fp8 e4m3, {self.block[0]}x{self.block[1]} blocks"
+
+    def tensor_suffixes(self) -> tuple[str, ...]:
+        return ("weight", "weight_scale_inv")
+
+    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        return {"weight": (out_features, in_features),
+                "weight_scale_inv": (-(-out_features // self.block[0]), -(-in_features // self.block[1]))}
+
+    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
+        return (torch.float8_e4m3fn,) if suffix == "weight" else _FLOATS
+
+    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
+        return Fp8Matrix(parts[0], parts[1], self.block)
+
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    activations: torch.dtype) -> ExpertLayout:
+        h, i = spec.hidden_size, spec.expert_intermediate_size
+        return pack_matrices([Fp8Matrix(*(Part(0, self.dtypes(k)[0] if k == "weight" else torch.float32, shape)
+                                          for k, shape in self.shapes(out, inn).items()), self.block)
+                              for out, inn in ((i, h), (i, h), (h, i))])
+
+    def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> dict | None:
+        module = name.removesuffix(".weight")
+        info = tensors.get(name)
+        if info is None or info.dtype != torch.float8_e4m3fn or len(shape) != 2:
+            return None
+        return {suffix: (f"{module}.{suffix}", part_shape, self.dtypes(suffix))
+                for suffix, part_shape in self.shapes(*shape).items()}
+
+    def dense_weight(self, tensors: Mapping[str, torch.Tensor], name: str, out_features: int,
+                     in_features: int) -> torch.Tensor:
+        return fp8_block_dequantize(tensors["weight"], tensors["weight_scale_inv"], self.block)

@@ -75,7 +75,8 @@ def _write_config(plan: CheckpointPlan, tmp: Path, scheme: QuantScheme) -> None:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     weights = {t.path for t in plan.tensors.values()}
     for path in plan.path.iterdir():  # tokenizer, generation and chat config, a shipped predictor, ...
-        if path.is_file() and path.name != "config.json" and path not in weights and not path.name.endswith(".index.json"):
+        copied = path.name != "config.json" and path not in weights and not path.name.endswith(".index.json")
+        if path.is_file() and copied:
             shutil.copy2(path, tmp / path.name)
 
 

@@ -29,7 +29,6 @@ from .generate import generate as _generate
 from .hardware import gpu_memories, host_memory
 from .model import MoEModel, build_layer
 from .policies import make_policy
-from .quant import dequantize
 from .sampling import SamplingConfig
 from .stats import Stats
 from .transfer import DirectReader, DiskExpertStore, ExpertStore, RamExpertStore, slot_nbytes
@@ -59,7 +58,7 @@ class _TensorLoader:
     def __call__(self, info: ckpt.TensorInfo | ckpt.QuantizedTensor) -> torch.Tensor:
         if isinstance(info, ckpt.QuantizedTensor):
             parts = {suffix: self(t) for suffix, t in info.parts.items()}
-            return dequantize(info.fmt.unpack(parts, info.name.removesuffix(".weight"), *info.shape))
+            return info.fmt.dense_weight(parts, info.name.removesuffix(".weight"), *info.shape)
         if info.path not in self._handles:
             self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
         try:

@@ -682,11 +682,10 @@ def summarize(samples: list[dict], configs: list[str], repeats: int) -> dict:
         failed = sum(1 for s in samples if s["config"] == c and "error" in s)
         summary["configs"][c] = _config_row(c, ss, failed, reference)
     pairs = [("offload-ram-100", HF_EAGER), ("offload-disk-100", HF_EAGER), ("offload-disk-25", HF_ACCEL)]
-    pairs += [(c, c.split("@")[0]) for c in configs if "@" in c and "+" not in c]  # a format against bf16
-    pairs += [(c, HF_ACCEL) for c in configs if c.startswith("offload-disk-25bf") and "+" not in c]
-    for ours, theirs in pairs:
-        if ours in by and theirs in by:
-            summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by[ours], by[theirs], repeats)
+    extra = [(c, c.split("@")[0]) for c in configs if "@" in c and "+" not in c]  # a format against bf16
+    extra += [(c, HF_ACCEL) for c in configs if c.startswith("offload-disk-25bf") and "+" not in c]
+    for ours, theirs in pairs + [(a, b) for a, b in extra if a in by and b in by]:
+        summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by.get(ours, []), by.get(theirs, []), repeats)
     for c in configs:
         if "+" in c:
             plain, pred = by.get(base_config(c), []), by.get(c, [])

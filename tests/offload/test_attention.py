@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import offload
-from offload.attention import ATTENTIONS, GroupedQueryAttention, RotaryEmbedding, attention_masks, rms_norm
+from offload.attention import ATTENTIONS, GroupedQueryAttention, attention_masks, rms_norm
 from offload.errors import ConfigError
+from offload.rope import RotaryEmbedding
 
 
 def test_rms_norm_formula():
@@ -21,12 +22,13 @@ def test_rms_norm_formula():
 
 def test_rope_rotates_pairs_by_position_times_frequency(tiny_dir):
     spec = offload.plan_checkpoint(tiny_dir("mixtral")).spec
-    cos, sin = RotaryEmbedding(spec, torch.float64, torch.device("cpu"))(torch.tensor([[0, 3]]))
+    cos, sin = RotaryEmbedding(spec.rope, spec.head_dim, torch.float64, torch.device("cpu"))(torch.tensor([[0, 3]]))
     d = spec.head_dim
     freq = spec.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     torch.testing.assert_close(cos[0, 0, 1, : d // 2], torch.cos(3 * freq))
     torch.testing.assert_close(sin[0, 0, 0], torch.zeros(d, dtype=torch.float64))
-    scaled = RotaryEmbedding(dataclasses.replace(spec, rope_linear_factor=2.0), torch.float64, torch.device("cpu"))
+    linear = dataclasses.replace(spec.rope, kind="linear", factor=2.0)
+    scaled = RotaryEmbedding(linear, spec.head_dim, torch.float64, torch.device("cpu"))
     torch.testing.assert_close(scaled(torch.tensor([[6]]))[0], cos[:, :, 1:])  # position 6 / 2 = 3
 
 
@@ -49,5 +51,5 @@ def test_gqa_declares_the_tensors_its_options_need(tiny_dir):
     assert ATTENTIONS["gqa"] is GroupedQueryAttention
     from offload.attention import attention_class
 
-    with pytest.raises(ConfigError, match="unknown attention 'mla'"):
-        attention_class("mla")
+    with pytest.raises(ConfigError, match="unknown attention 'linear'"):
+        attention_class("linear")

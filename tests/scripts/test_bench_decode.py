@@ -23,13 +23,13 @@ bench = load_script("bench_decode")
 CLOCK = {"prefill_s", "decode_tokens", "decode_s", "decode_tokens_per_s"}
 WORKER = {"config", "device", "threads", "loadavg_before", "loadavg_after", "max_rss_bytes"}
 OURS_SAMPLE = CLOCK | WORKER | {"load_model_s", "num_slots", "total_experts", "stats", "decode_cache", "busy",
-                                "new_token_ids"}
+                                "new_token_ids", "expert_format", "slot_nbytes"}
 HF_SAMPLE = CLOCK | WORKER | {"load_model_s", "busy", "attn_implementation", "experts_implementation",
                               "new_token_ids"}
 PARAMS = ["model", "dtype", "device", "prompt", "predictor", "lookahead", "work_dir", "hidden", "intermediate",
           "layers", "experts", "top_k", "heads", "kv_heads", "vocab", "init_range", "seed", "prompt_len",
-          "new_tokens", "warmup_tokens", "repeats", "threads", "drop_ms", "configs", "timeout", "out", "summarize",
-          "note"]
+          "new_tokens", "warmup_tokens", "repeats", "threads", "drop_ms", "configs", "quant", "timeout", "out",
+          "summarize", "note"]
 
 
 def test_help_lists_device_and_hides_the_worker_protocol() -> None:
@@ -128,7 +128,8 @@ def test_summary_rows_and_ratios_keep_their_keys_and_values() -> None:
     summary = bench.summarize(SAMPLES, CONFIGS, 2)
     rows = summary["configs"]
     assert list(rows) == CONFIGS
-    cache_keys = [f"decode_{k}" for k in bench.DECODE_COUNTS] + ["total_load_time_s", "decode_stalls_per_token"]
+    cache_keys = [f"decode_{k}" for k in bench.DECODE_COUNTS] + ["total_load_time_s", "decode_misses_per_token",
+                                                                  "decode_mib_per_miss", "decode_stalls_per_token"]
     tail = ["max_rss_bytes", "other_processes_cores", "tokens_match_hf_eager"]
     assert list(rows["offload-ram-100"]) == ["decode_tokens_per_s", "failed", *cache_keys, *tail]
     predicted = ["precision_lookahead_1", "recall_lookahead_1", "predictor_share_of_decode"]
@@ -164,8 +165,9 @@ def test_table_prints_every_config_prefetch_rows_and_targets() -> None:
     text = bench.table(bench.summarize(SAMPLES, CONFIGS, 2))
     lines = text.splitlines()
     assert lines[0].startswith("| configuration | decode tok/s median [min–max] | vs HF eager |")
-    assert "| offload-ram-100 | 20.00 [10.00–30.00] | 2.67x | 2 [2–2] | 2 [2–2] | 0.00 [0.00–0.00] |" in text
-    assert "| hf-eager | 7.50 [5.00–10.00] | 1.00x | – | – | – | – | 2.00 [2.00–2.00] |" in text
+    # 2 misses over 4 decode tokens: 0.50 per token
+    assert "| offload-ram-100 | 20.00 [10.00–30.00] | 2.67x | 2 [2–2] | 2 [2–2] | 0.50 [0.50–0.50] |" in text
+    assert "| hf-eager | 7.50 [5.00–10.00] | 1.00x | – | – | – | – | – | – | 2.00 [2.00–2.00] |" in text
     assert "| offload-ram-50+pregate | 0.50 [0.50–0.50] | 0.200 [0.200–0.200] | 2 [2–2] / 2 [2–2] / 2 [2–2] " \
            "| 0.75 [0.75–0.75] | 0.50 [0.50–0.50] | 25.0 [25.0–25.0]% |" in text
     assert "| offload-ram-100 / hf-eager | 2.50 [2.00–3.00]x | 2.67x | >= 1.0x |" in text
