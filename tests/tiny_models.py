@@ -33,6 +33,25 @@ def family_configs():
         # q/k norm over the whole projection
         "olmoe": ("OlmoeConfig", dict(COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2,
                                       norm_topk_prob=False)),
+        # sinks, q/k/v/o biases, sliding / full layers (window 4 < the prompts), YaRN, router bias, fused experts
+        # with biases and a clamped SwiGLU (limit low enough to clamp at this init)
+        "gpt_oss": ("GptOssConfig", dict(COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                                         head_dim=8, sliding_window=4, swiglu_limit=1.5,
+                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+        # MLA with a q bottleneck, interleaved YaRN RoPE with mscale, sigmoid routing over 2 groups (1 kept) with
+        # a correction bias and a scale, a dense first layer, a shared expert
+        "deepseek_v3": ("DeepseekV3Config", dict(
+            COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+            q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+            routed_scaling_factor=2.5, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                        "original_max_position_embeddings": 64, "mscale": 1.0,
+                                                        "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})),
+        # partial rotary (half the head), per-head q/k norm, q/k/v biases, the DeepSeek router, a dense first layer
+        "glm4_moe": ("Glm4MoeConfig", dict(
+            COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, head_dim=8,
+            partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True, routed_scaling_factor=1.5)),
     }
 
 
@@ -46,6 +65,7 @@ def make_tiny_model(family: str, out: Path, dtype: torch.dtype = torch.float32, 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     model.eval()
+    _randomize_zero_starts(model, seed)
     save_kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
     model.save_pretrained(out, **save_kwargs)
     return out
@@ -63,3 +83,13 @@ def add_char_tokenizer(out: Path) -> Path:
     tok.add_special_tokens(["<pad>", "<s>", "</s>"])
     tok.save(str(out / "tokenizer.json"))
     return out
+
+
+def _randomize_zero_starts(model, seed: int) -> None:
+    """Biases, sinks and router correction biases start at zero, which would leave their code untested:
+    give every all-zero bias-like tensor seeded random values (the norms' ones stay as they are)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and ("bias" in name or "sinks" in name) and not t.any():
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.2)
