@@ -29,6 +29,9 @@ from .options import (
     Predictor,
     PredictorFile,
     PrefetchBudget,
+    Seed,
+    Temperature,
+    TopP,
     runtime_config,
 )
 
@@ -82,19 +85,19 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    expert_budget: ExpertBudget = "100%",
+    expert_budget: ExpertBudget = "auto",
     offload_to: OffloadTo = "disk",
     policy: Policy = "lru",
     predictor: Predictor = "none",
     lookahead: Lookahead = 1,
     prefetch_budget: PrefetchBudget = "50%",
     predictor_file: PredictorFile = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    temperature: Temperature = 0.0,
     top_k: Annotated[int | None, typer.Option(
         help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")
     ] = None,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
     stats_json: Annotated[Path | None, typer.Option(help="Write the run's statistics to this JSON file.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         help="Many prompts: .txt (one per line) or .jsonl; batched.")] = None,
@@ -102,25 +105,30 @@ def run(
     batch_size: Annotated[int, typer.Option(help="With --prompts-file: requests per decode step.")] = 8,
     scheduler: Annotated[str, typer.Option(help="With --prompts-file: fifo or expert-aware.")] = "fifo",
     max_wait: Annotated[int, typer.Option(help="With --prompts-file: most steps a ready request is skipped.")] = 4,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Send PROMPT (each prompt) as a user message through the model's chat template.")] = False,
 ) -> None:
     """Generate a continuation of PROMPT, streamed to stdout; statistics go to stderr.
 
     With --prompts-file, every prompt is generated with continuous batching and one JSON object per
     prompt (id, prompt, completion, token counts) is written, in the file's order, to --out or stdout.
+    With --chat, PROMPT is rendered as a conversation by the checkpoint's chat template and only the
+    reply is printed.
     """
     from offload.files import read_prompts
 
     _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
-    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
-                             predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait)
     texts = read_prompts(prompts_file) if prompts_file is not None else None
+    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
+                             predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
+                             context=_run_context(texts or [prompt], max_new_tokens))
     m = _load(model, runtime)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed)
     if texts is not None:
-        _run_many(m, texts, out, sampling)
+        _run_many(m, texts, out, sampling, chat)
     else:
-        _run_one(m, prompt, sampling)
+        _run_one(m, prompt, sampling, chat)
     m.cache.close()
     err.print(f"[dim]{m.cache.num_slots} of {m.spec.total_experts} experts cached ({m.runtime.offload_to} tier, "
               f"{m.runtime.policy}, predictor {m.runtime.predictor}); {m.stats.summary()}[/dim]", soft_wrap=True)
@@ -129,30 +137,57 @@ def run(
                                        "total_experts": m.spec.total_experts, **m.stats.to_dict()})
 
 
+def _run_context(prompts: list[str], max_new_tokens: int) -> int:
+    """Tokens per sequence for the auto budget's KV cache: a prompt's UTF-8 bytes bound its tokens (byte-level
+    and character tokenizers never give more), plus the new tokens and a few special ones."""
+    return max(len(p.encode()) for p in prompts) + max_new_tokens + 16
+
+
 def _load(model: str, runtime):
-    """from_pretrained with the loading progress bar on stderr."""
+    """from_pretrained with the loading progress bar on stderr; an auto budget's choice is printed."""
     import offload
+    from offload.budget import is_auto
 
     progress, update = _progress_bar()
     with progress:
-        return offload.from_pretrained(model, runtime, progress=update)
+        m = offload.from_pretrained(model, runtime, progress=update)
+    if is_auto(runtime.expert_budget):
+        err.print(f"[dim]expert budget auto: {m.cache.num_slots} of {m.spec.total_experts} experts fit this "
+                  "machine[/dim]", soft_wrap=True)
+    return m
 
 
-def _run_one(m, prompt: str, sampling) -> None:
+def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
+    """A prompt's token ids: as text (the tokenizer adds its special tokens) or as a one-message chat."""
+    from offload.chat import encode_chat, resolve_chat_template
+
+    if not chat:
+        return m.encode(prompt)[0].tolist()
+    text = resolve_chat_template(m.plan.path).render([{"role": "user", "content": prompt}])
+    return encode_chat(m.tokenizer, text)
+
+
+def _run_one(m, prompt: str, sampling, chat: bool = False) -> None:
+    import torch
+
     from offload.generate import TextStreamer
 
-    ids = m.encode(prompt)
-    sys.stdout.write(prompt)
+    ids = torch.tensor([_prompt_ids(m, prompt, chat)])
+    if not chat:
+        sys.stdout.write(prompt)
     m.generate(ids, sampling=sampling, streamer=TextStreamer(m.tokenizer))
 
 
-def _run_many(m, texts: list[str], out: Path | None, sampling) -> None:
+def _run_many(m, texts: list[str], out: Path | None, sampling, chat: bool = False) -> None:
     """Batched generation of every prompt with a progress bar; JSON lines in the prompts' order."""
     progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not err.is_terminal)
+    prompts = [_prompt_ids(m, t, chat) for t in texts] if chat else texts
     with progress:
         task = progress.add_task("generating", total=len(texts))
-        results = m.generate_many(texts, sampling, on_finish=lambda c: progress.advance(task))
+        results = m.generate_many(prompts, sampling, on_finish=lambda c: progress.advance(task))
+    for c, text in zip(results, texts):
+        c.prompt = text
     lines = "".join(json.dumps(c.to_dict()) + "\n" for c in results)
     if out is None:
         sys.stdout.write(lines)
