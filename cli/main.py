@@ -17,6 +17,7 @@ from offload.checkpoint import bundled_models
 from offload.errors import ConfigError
 from offload.files import write_json_atomic, write_text_atomic
 
+from .chat import chat
 from .errors import OneLineErrors
 from .options import (
     Device,
@@ -34,6 +35,7 @@ from .options import (
     TopP,
     runtime_config,
 )
+from .serve import serve
 
 err = Console(stderr=True)
 
@@ -298,6 +300,10 @@ def models() -> None:
         err.print("no bundled models in this installation")
     for name in names:
         print(name)
+
+
+app.command()(serve)
+app.command()(chat)
 
 
 def main() -> None:

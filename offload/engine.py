@@ -132,7 +132,7 @@ class Engine:
         if max_queue < 1:
             raise ConfigError(f"invalid --max-queue {max_queue}", "give a whole number >= 1")
         self._load, self.max_queue = load, max_queue
-        self._on_ready, self._on_fatal = on_ready, on_fatal
+        self.on_ready, self.on_fatal = on_ready, on_fatal  # may be set until start()
         self.model: OffloadModel | None = None
         self.context = 0
         self.error: BaseException | None = None
@@ -225,8 +225,8 @@ class Engine:
             self._state = "ready"
         self._publish()
         self._ready.set()
-        if self._on_ready:
-            self._on_ready(model)
+        if self.on_ready:
+            self.on_ready(model)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -294,8 +294,8 @@ class Engine:
         with self._lock:
             self._state = "failed"
         self._end_all("error", str(error))
-        if self._on_fatal:
-            self._on_fatal(error)
+        if self.on_fatal:
+            self.on_fatal(error)
 
     def _close(self) -> None:
         with self._lock:  # from here on submit() refuses, so nothing lands in the inbox unanswered
