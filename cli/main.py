@@ -19,6 +19,7 @@ from offload.files import write_json_atomic, write_text_atomic
 
 from .chat import chat
 from .errors import OneLineErrors
+from .load import load_model
 from .options import (
     Device,
     Dtype,
@@ -48,19 +49,6 @@ app = typer.Typer(
     help="Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache.",
 )
 
-
-
-def _progress_bar() -> tuple[Progress, callable]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, transient=True, disable=not err.is_terminal)
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(f"loading {stage}", total=total)
-        progress.update(tasks[stage], completed=done)
-
-    return progress, update
 
 
 def _check_run_options(prompt: str | None, prompts_file: Path | None, out: Path | None,
@@ -124,7 +112,7 @@ def run(
     runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
                              predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
                              context=_run_context(texts or [prompt], max_new_tokens))
-    m = _load(model, runtime)
+    m = load_model(model, runtime)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed)
     if texts is not None:
@@ -143,20 +131,6 @@ def _run_context(prompts: list[str], max_new_tokens: int) -> int:
     """Tokens per sequence for the auto budget's KV cache: a prompt's UTF-8 bytes bound its tokens (byte-level
     and character tokenizers never give more), plus the new tokens and a few special ones."""
     return max(len(p.encode()) for p in prompts) + max_new_tokens + 16
-
-
-def _load(model: str, runtime):
-    """from_pretrained with the loading progress bar on stderr; an auto budget's choice is printed."""
-    import offload
-    from offload.budget import is_auto
-
-    progress, update = _progress_bar()
-    with progress:
-        m = offload.from_pretrained(model, runtime, progress=update)
-    if is_auto(runtime.expert_budget):
-        err.print(f"[dim]expert budget auto: {m.cache.num_slots} of {m.spec.total_experts} experts fit this "
-                  "machine[/dim]", soft_wrap=True)
-    return m
 
 
 def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
@@ -253,7 +227,7 @@ def trace(
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory", "give a file path such as trace.jsonl.gz")
     texts = read_prompts(prompts)
-    m = _load(model, runtime_config(device, dtype))
+    m = load_model(model, runtime_config(device, dtype))
     tokens = record_trace(m, texts, out, max_new_tokens=max_new_tokens, workload=workload or prompts.stem)
     err.print(f"wrote {tokens} tokens of {len(texts)} prompts to {out}", soft_wrap=True)
 
@@ -280,7 +254,7 @@ def perplexity(
         body = text.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"--text {text} is not UTF-8 ({e.reason} at byte {e.start})", "convert it to UTF-8") from None
-    m = _load(model, runtime_config(device, dtype, expert_budget, offload_to, policy))
+    m = load_model(model, runtime_config(device, dtype, expert_budget, offload_to, policy))
     ids = m.encode(body)[0].tolist()
     progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not err.is_terminal)
