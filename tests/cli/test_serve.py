@@ -38,11 +38,10 @@ def _stream(base: str, out: list) -> None:
         out.append(f"closed: {type(e).__name__}")
 
 
-# SIGINT with no grace: the running stream is cancelled at once; SIGTERM with the default 3 s: it may finish
-@pytest.mark.parametrize("sig, grace", [(signal.SIGINT, "0"), (signal.SIGTERM, "3")])
-def test_a_signal_ends_the_server_cleanly_within_seconds(model_dir, tmp_path, sig, grace):
-    log = tmp_path / "serve.log"
-    proc, base = start_server(model_dir, log, "--shutdown-timeout", grace)
+def test_sigint_ends_the_server_cleanly_within_seconds(model_dir, tmp_path):
+    # no grace period: the running stream is cancelled at once (with the default 3 s it may finish first)
+    log, sig = tmp_path / "serve.log", signal.SIGINT
+    proc, base = start_server(model_dir, log, "--shutdown-timeout", "0")
     out: list[str] = []
     reader = threading.Thread(target=_stream, args=(base, out), daemon=True)
     reader.start()
@@ -63,6 +62,18 @@ def test_a_signal_ends_the_server_cleanly_within_seconds(model_dir, tmp_path, si
     assert f"stopped by {sig.name}" in log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/health", timeout=2)
+
+
+def test_sigterm_is_handled_as_sigint():
+    # uvicorn stops on either; what is left to this command is that the signal it re-raises afterwards
+    # (at the handlers it found) neither kills the process nor raises KeyboardInterrupt
+    from cli.serve import _signals_end_quietly
+
+    with _signals_end_quietly() as caught:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+    assert caught == [signal.SIGTERM, signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_port_in_use_is_one_line_before_loading(model_dir):
