@@ -211,7 +211,9 @@ def bench(
     max_wait: Annotated[int, typer.Option(help="The server's --max-wait.")] = 4,
     offload_to: Annotated[str, typer.Option(help="disk or ram.")] = "disk",
     device: Annotated[str, typer.Option(help="The server's --device.")] = "cpu",
-    threads: Annotated[int, typer.Option(help="The server's torch threads (OMP_NUM_THREADS).")] = 2,
+    threads: Annotated[int, typer.Option(
+        help="The server's torch threads (OMP_NUM_THREADS); 1: two spin against other work on a shared 2-core "
+             "machine (bench_serve-threads2.json ran 5-25x slower).")] = 1,
     timeout: Annotated[float, typer.Option(help="Seconds one request may take.")] = 300.0,
     out: Annotated[Path, typer.Option(help="JSON file to write (a .md table beside it).")] = Path(
         "scripts/results/bench_serve.json"),
