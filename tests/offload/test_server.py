@@ -197,6 +197,7 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, param, 
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"]) == (param, code)
+    assert httpx.get(f"{server}/health", timeout=REQUEST_S).json() == {"status": "ok"}   # it keeps serving
 
 
 def test_bad_chat_requests(server):
