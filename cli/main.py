@@ -18,7 +18,9 @@ from offload.checkpoint import bundled_models
 from offload.errors import ConfigError
 from offload.files import write_json_atomic, write_text_atomic
 
+from .chat import chat
 from .errors import OneLineErrors
+from .load import load_model
 from .options import (
     Device,
     Dtype,
@@ -30,8 +32,12 @@ from .options import (
     Predictor,
     PredictorFile,
     PrefetchBudget,
+    Seed,
+    Temperature,
+    TopP,
     runtime_config,
 )
+from .serve import serve
 
 err = Console(stderr=True)
 
@@ -44,19 +50,6 @@ app = typer.Typer(
     help="Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache.",
 )
 
-
-
-def _progress_bar() -> tuple[Progress, callable]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, transient=True, disable=not err.is_terminal)
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(f"loading {stage}", total=total)
-        progress.update(tasks[stage], completed=done)
-
-    return progress, update
 
 
 def _check_run_options(prompt: str | None, prompts_file: Path | None, out: Path | None,
@@ -83,19 +76,19 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    expert_budget: ExpertBudget = "100%",
+    expert_budget: ExpertBudget = "auto",
     offload_to: OffloadTo = "disk",
     policy: Policy = "lru",
     predictor: Predictor = "none",
     lookahead: Lookahead = 1,
     prefetch_budget: PrefetchBudget = "50%",
     predictor_file: PredictorFile = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    temperature: Temperature = 0.0,
     top_k: Annotated[int | None, typer.Option(
         help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")
     ] = None,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
     stats_json: Annotated[Path | None, typer.Option(help="Write the run's statistics to this JSON file.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         help="Many prompts: .txt (one per line) or .jsonl; batched.")] = None,
@@ -103,25 +96,30 @@ def run(
     batch_size: Annotated[int, typer.Option(help="With --prompts-file: requests per decode step.")] = 8,
     scheduler: Annotated[str, typer.Option(help="With --prompts-file: fifo or expert-aware.")] = "fifo",
     max_wait: Annotated[int, typer.Option(help="With --prompts-file: most steps a ready request is skipped.")] = 4,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Send PROMPT (each prompt) as a user message through the model's chat template.")] = False,
 ) -> None:
     """Generate a continuation of PROMPT, streamed to stdout; statistics go to stderr.
 
     With --prompts-file, every prompt is generated with continuous batching and one JSON object per
     prompt (id, prompt, completion, token counts) is written, in the file's order, to --out or stdout.
+    With --chat, PROMPT is rendered as a conversation by the checkpoint's chat template and only the
+    reply is printed.
     """
     from offload.files import read_prompts
 
     _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
-    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
-                             predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait)
     texts = read_prompts(prompts_file) if prompts_file is not None else None
-    m = _load(model, runtime)
+    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
+                             predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
+                             context=_run_context(texts or [prompt], max_new_tokens))
+    m = load_model(model, runtime)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed)
     if texts is not None:
-        _run_many(m, texts, out, sampling)
+        _run_many(m, texts, out, sampling, chat)
     else:
-        _run_one(m, prompt, sampling)
+        _run_one(m, prompt, sampling, chat)
     m.cache.close()
     err.print(f"[dim]{m.cache.num_slots} of {m.spec.total_experts} experts cached ({m.runtime.offload_to} tier, "
               f"{m.runtime.policy}, predictor {m.runtime.predictor}); {m.stats.summary()}[/dim]", soft_wrap=True)
@@ -130,30 +128,43 @@ def run(
                                        "total_experts": m.spec.total_experts, **m.stats.to_dict()})
 
 
-def _load(model: str, runtime):
-    """from_pretrained with the loading progress bar on stderr."""
-    import offload
-
-    progress, update = _progress_bar()
-    with progress:
-        return offload.from_pretrained(model, runtime, progress=update)
+def _run_context(prompts: list[str], max_new_tokens: int) -> int:
+    """Tokens per sequence for the auto budget's KV cache: a prompt's UTF-8 bytes bound its tokens (byte-level
+    and character tokenizers never give more), plus the new tokens and a few special ones."""
+    return max(len(p.encode()) for p in prompts) + max_new_tokens + 16
 
 
-def _run_one(m, prompt: str, sampling) -> None:
+def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
+    """A prompt's token ids: as text (the tokenizer adds its special tokens) or as a one-message chat."""
+    from offload.chat import encode_chat, resolve_chat_template
+
+    if not chat:
+        return m.encode(prompt)[0].tolist()
+    text = resolve_chat_template(m.plan.path).render([{"role": "user", "content": prompt}])
+    return encode_chat(m.tokenizer, text)
+
+
+def _run_one(m, prompt: str, sampling, chat: bool = False) -> None:
+    import torch
+
     from offload.generate import TextStreamer
 
-    ids = m.encode(prompt)
-    sys.stdout.write(prompt)
+    ids = torch.tensor([_prompt_ids(m, prompt, chat)])
+    if not chat:
+        sys.stdout.write(prompt)
     m.generate(ids, sampling=sampling, streamer=TextStreamer(m.tokenizer))
 
 
-def _run_many(m, texts: list[str], out: Path | None, sampling) -> None:
+def _run_many(m, texts: list[str], out: Path | None, sampling, chat: bool = False) -> None:
     """Batched generation of every prompt with a progress bar; JSON lines in the prompts' order."""
     progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not err.is_terminal)
+    prompts = [_prompt_ids(m, t, chat) for t in texts] if chat else texts
     with progress:
         task = progress.add_task("generating", total=len(texts))
-        results = m.generate_many(texts, sampling, on_finish=lambda c: progress.advance(task))
+        results = m.generate_many(prompts, sampling, on_finish=lambda c: progress.advance(task))
+    for c, text in zip(results, texts):
+        c.prompt = text
     lines = "".join(json.dumps(c.to_dict()) + "\n" for c in results)
     if out is None:
         sys.stdout.write(lines)
@@ -219,7 +230,7 @@ def trace(
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory", "give a file path such as trace.jsonl.gz")
     texts = read_prompts(prompts)
-    m = _load(model, runtime_config(device, dtype))
+    m = load_model(model, runtime_config(device, dtype))
     tokens = record_trace(m, texts, out, max_new_tokens=max_new_tokens, workload=workload or prompts.stem)
     err.print(f"wrote {tokens} tokens of {len(texts)} prompts to {out}", soft_wrap=True)
 
@@ -246,7 +257,7 @@ def perplexity(
         body = text.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"--text {text} is not UTF-8 ({e.reason} at byte {e.start})", "convert it to UTF-8") from None
-    m = _load(model, runtime_config(device, dtype, expert_budget, offload_to, policy))
+    m = load_model(model, runtime_config(device, dtype, expert_budget, offload_to, policy))
     ids = m.encode(body)[0].tolist()
     progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not err.is_terminal)
@@ -292,6 +303,10 @@ def models() -> None:
         err.print("no bundled models in this installation")
     for name in names:
         print(name)
+
+
+app.command()(serve)
+app.command()(chat)
 
 
 def main() -> None:

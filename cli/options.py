@@ -14,13 +14,19 @@ from offload.errors import ConfigError
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id (org/name) or bundled model name.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
-ExpertBudget = Annotated[str, typer.Option(help='Expert cache size: slots ("16"), share ("25%") or bytes ("6GiB").')]
+ExpertBudget = Annotated[str, typer.Option(
+    help='Expert cache size: auto (the most that fits this machine), slots ("16"), share ("25%") or bytes ("6GiB").')]
 OffloadTo = Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.")]
 Policy = Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.")]
 Predictor = Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")]
 Lookahead = Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.")]
 PrefetchBudget = Annotated[str, typer.Option(
     help='Most cache slots prefetched experts may hold before use: "4" or "50%".')]
+Context = Annotated[int, typer.Option(
+    help="Tokens per sequence (prompt + reply) the KV cache holds; 0: the model's max positions, at most 4096.")]
+Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")]
+Seed = Annotated[int | None, typer.Option(help="Seed for sampling.")]
 PredictorFile = Annotated[Path | None, typer.Option(
     help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")]
 

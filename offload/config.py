@@ -267,7 +267,7 @@ class RuntimeConfig:
 
     device: str = "auto"                  # "auto" (cuda when present), "cpu" or "cuda[:N]"
     dtype: torch.dtype | str | None = None  # compute dtype; None / "auto" = the checkpoint's
-    expert_budget: int | str = "100%"     # slots, "25%", or bytes ("6GiB")
+    expert_budget: int | str = "100%"     # slots, "25%", bytes ("6GiB"), or "auto" (what fits: budget.py)
     offload_to: str = "disk"              # slow tier: "disk" (the safetensors files) or "ram" (packed host copy)
     policy: str = "lru"                   # policies.POLICIES name
     predictor: str = "none"               # predictors.PREDICTORS name ("none": load on demand only)
@@ -279,6 +279,7 @@ class RuntimeConfig:
     scheduler: str = "fifo"               # rearrange.SCHEDULERS name, for generate_many / serve
     batch_size: int = 8                   # requests per decode step in continuous batching
     max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
+    context: int = 0                      # tokens per sequence the KV cache holds (0: max positions, <= 4096)
 
     def __post_init__(self) -> None:
         from predictors import PREDICTORS
@@ -297,11 +298,12 @@ class RuntimeConfig:
         check_name(POLICIES, self.policy, "eviction policy", PolicyError)
         check_name(PREDICTORS, self.predictor, "predictor", also=("none",))
         check_name(SCHEDULERS, self.scheduler, "scheduler")
-        for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0)):
+        for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0), ("context", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"invalid --{name.replace('_', '-')} {value!r}", f"give a whole number >= {least}")
-        Amount.parse(self.expert_budget, "expert budget", _BUDGET_HINT)
+        if str(self.expert_budget).strip().lower() != "auto":
+            Amount.parse(self.expert_budget, "expert budget", _BUDGET_HINT)
         parse_prefetch_budget(self.prefetch_budget, 1)
 
     @classmethod

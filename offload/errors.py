@@ -45,3 +45,11 @@ class TraceError(OffloadError):
 
 class ConfigError(OffloadError):
     """An option value that makes no sense (negative token count, bad dtype name, ...)."""
+
+
+class ContextError(ConfigError):
+    """A request whose prompt and new tokens do not fit the context its KV cache row holds."""
+
+
+class BusyError(OffloadError):
+    """A request refused for now: the model is loading, the queue is at its limit, or the server is stopping."""

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from . import checkpoint as ckpt
 from .batch import BatchConfig, Completion
+from .budget import resolve_expert_budget
 from .cache import ExpertCache
 from .checkpoint import CheckpointPlan, plan_checkpoint
 from .config import RuntimeConfig, parse_budget, parse_prefetch_budget
@@ -189,6 +190,7 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     plan = plan_checkpoint(name_or_path)
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
     slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
+    runtime = resolve_expert_budget(plan, runtime, slot_layout, compute_dtype, device)  # auto -> slots; fits?
     loader, stats = _TensorLoader(), Stats()
     store = _make_store(plan, runtime, slot_layout, device, progress)
     cache = _make_cache(plan, runtime, store, slot_layout, device, stats)

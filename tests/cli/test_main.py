@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import offload
@@ -142,3 +143,37 @@ def test_perplexity_prints_one_line_and_writes_json(model_dir, tmp_path):
     assert ppl["tokens"] == len(text.read_text()) - 1 and ppl["context"] == 16  # one token per character
     missing = invoke("perplexity", model_dir, "--text", tmp_path / "none.txt")
     assert missing.exit_code == 1 and missing.stderr.startswith("Error: --text")
+
+
+def test_run_defaults_to_the_auto_budget_and_says_what_it_chose(model_dir):
+    result = invoke("run", model_dir, "abc", "--max-new-tokens", 4, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "expert budget auto: 12 of 12 experts fit this machine" in result.stderr
+
+
+def test_a_budget_that_does_not_fit_is_one_line_saying_what_does(model_dir, monkeypatch):
+    from collections import namedtuple
+
+    import offload.hardware
+
+    free = 512 * 2**20 + 600_000            # over the 512 MiB headroom floor: dense, KV and a few experts
+    monkeypatch.setattr(offload.hardware.psutil, "virtual_memory", lambda: namedtuple("VM", "total available")(
+        2**34, free))
+    result = invoke("run", model_dir, "abc", "--max-new-tokens", 4, "--device", "cpu", "--expert-budget", "100%",
+                    "--offload-to", "ram")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: expert budget '100%' (12 slots")
+    assert "does not fit" in lines[0] and "fits, as does --expert-budget auto" in lines[0]
+
+
+def test_run_chat_renders_the_prompt_through_the_template(model_dir):
+    from offload.chat import encode_chat, resolve_chat_template
+
+    m = offload.from_pretrained(model_dir, device="cpu")
+    ids = encode_chat(m.tokenizer, resolve_chat_template(model_dir).render([{"role": "user", "content": "hi"}]))
+    out = m.generate(torch.tensor([ids]), max_new_tokens=10)
+    expected = m.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    result = invoke("run", model_dir, "hi", "--chat", "--max-new-tokens", 10, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"   # the reply only, not the rendered conversation

@@ -1,0 +1,142 @@
+"""`offload serve`: the OpenAI-compatible server (offload/server.py) on uvicorn, the model loading meanwhile."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from offload.errors import ConfigError, OffloadError
+
+from .options import (
+    Context,
+    Device,
+    Dtype,
+    ExpertBudget,
+    Lookahead,
+    ModelArg,
+    OffloadTo,
+    Policy,
+    Predictor,
+    PredictorFile,
+    PrefetchBudget,
+    runtime_config,
+)
+
+err = Console(stderr=True)
+
+
+
+def served_name(model: str) -> str:
+    """The model id clients use: a folder's name, else the name given (a bundled model, a hub repo id)."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line before loading anything when the address cannot be listened on."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"invalid --port {port}", "give a port in 0..65535")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e})",
+                          "pick another --port, or stop what is using it") from None
+
+
+@contextmanager
+def _signals_end_quietly() -> Iterator[list[int]]:
+    """uvicorn handles SIGINT / SIGTERM itself (stop accepting, let requests finish for --shutdown-timeout, shut down),
+    then re-raises the signal at the handlers it found; these record it instead of raising KeyboardInterrupt
+    or killing the process, so a stopped server exits 0 through the normal path."""
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, frame: caught.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _load_for_serving(model: str, runtime):
+    import offload
+
+    m = offload.from_pretrained(model, runtime)
+    if m.tokenizer is None:
+        raise ConfigError(f"{m.plan.path} has no tokenizer.json", "offload serve needs one to read and write text")
+    return m
+
+
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    expert_budget: ExpertBudget = "auto",
+    offload_to: OffloadTo = "disk",
+    policy: Policy = "lru",
+    predictor: Predictor = "none",
+    lookahead: Lookahead = 1,
+    prefetch_budget: PrefetchBudget = "50%",
+    predictor_file: PredictorFile = None,
+    max_batch: Annotated[int, typer.Option(help="Requests per decode step.")] = 8,
+    scheduler: Annotated[str, typer.Option(help="How a step's batch is picked: fifo or expert-aware.")] = "fifo",
+    max_wait: Annotated[int, typer.Option(help="Most steps a ready request is skipped by the scheduler.")] = 4,
+    context: Context = 0,
+    max_queue: Annotated[int, typer.Option(
+        help="Requests that may wait for a KV row; more are refused with 503.")] = 64,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="OFFLOAD_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set OFFLOAD_API_KEY).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="After SIGINT / SIGTERM, seconds running requests get to finish before they are cancelled.")] = 3.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level (info logs every request).")] = "warning",
+) -> None:
+    """Serve MODEL with OpenAI's API: /v1/completions, /v1/chat/completions (streamed or not), /v1/models,
+    /health and /metrics. Concurrent requests share decode steps (continuous batching)."""
+    import uvicorn
+
+    from offload.budget import is_auto
+    from offload.checkpoint import plan_checkpoint
+    from offload.engine import Engine
+    from offload.server import create_app
+
+    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
+                             predictor_file, scheduler=scheduler, batch_size=max_batch, max_wait=max_wait,
+                             context=context)
+    if shutdown_timeout < 0:
+        raise ConfigError(f"invalid --shutdown-timeout {shutdown_timeout}", "give seconds >= 0")
+    _check_port(host, port)
+    plan_checkpoint(model)  # a missing or broken checkpoint is one line now, not after the server is up
+    name = served_name(model)
+
+    def ready(m) -> None:
+        budget = f"expert budget {'auto' if is_auto(expert_budget) else expert_budget}"
+        err.print(f"serving {name} at http://{host}:{port}/v1 ({budget}: {m.cache.num_slots} of "
+                  f"{m.spec.total_experts} experts; context {engine.context} tokens, batch {max_batch}, {scheduler})",
+                  soft_wrap=True, highlight=False)
+
+    engine = Engine(lambda: _load_for_serving(model, runtime), max_queue, on_ready=ready)
+    config = uvicorn.Config(create_app(engine, name, api_key), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout,
+                            access_log=log_level in ("info", "debug", "trace"))
+    err.print(f"loading {model} ...", highlight=False)
+    _run(uvicorn.Server(config), engine)
+
+
+def _run(server, engine) -> None:
+    """Run uvicorn until a signal, or until the engine fails (then its error is this command's error line)."""
+    engine.on_fatal = lambda error: setattr(server, "should_exit", True)
+    with _signals_end_quietly() as caught:
+        server.run()
+    if engine.error is not None:
+        raise engine.error if isinstance(engine.error, OffloadError) else OffloadError(
+            f"the engine failed ({type(engine.error).__name__}: {engine.error})", "see the log above")
+    err.print(f"stopped{' by ' + signal.Signals(caught[0]).name if caught else ''}", highlight=False)
