@@ -182,17 +182,20 @@ def _gib(n: float) -> str:
 @app.command()
 def info(model: ModelArg) -> None:
     """Describe a checkpoint: family, sizes, and the expert budgets this machine's memory can hold."""
-    from offload.checkpoint import plan_checkpoint
+    from offload.checkpoint import plan_checkpoint, plan_config, resolve_model_dir
     from offload.hardware import gpu_memories, host_memory
 
-    plan = plan_checkpoint(model)
+    path = resolve_model_dir(model)
+    config_only = (path / "config.json").is_file() and not any(path.glob("*.safetensors"))
+    plan = plan_config(path) if config_only else plan_checkpoint(path)
     spec = plan.spec
-    per_expert = plan.expert_nbytes()
+    per_expert = plan.expert_nbytes if config_only else plan.expert_nbytes()
     slot = plan.expert_format.slot_layout(spec, spec.checkpoint_dtype, torch.device("cpu"), torch.bfloat16).nbytes
     experts_total = per_expert * spec.total_experts
     table = Table(show_header=False, box=None)
     rows = [
-        ("path", str(plan.path)), ("family", f"{spec.family} ({spec.architecture})"),
+        ("path", str(plan.path) + ("  (config.json only: sizes estimated)" if config_only else "")),
+        ("family", f"{spec.family} ({spec.architecture})"),
         ("layers", f"{spec.num_layers} ({spec.num_moe_layers} MoE)"),
         ("experts", f"{spec.num_experts} per MoE layer, top-{spec.top_k}, {spec.total_experts} in all"),
         ("dtype", str(spec.checkpoint_dtype).removeprefix("torch.")), ("expert format", plan.expert_format.name),

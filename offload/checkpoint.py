@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -278,6 +279,19 @@ def _read_spec(path: Path, family: Family, cfg: dict, tensors: dict[str, TensorI
         raise CheckpointError(e.message.replace("config.json", str(config), 1), e.hint) from None
 
 
+def language_config(cfg: dict) -> dict:
+    """The language model's config: the top level, or a multimodal wrapper's ``text_config`` (Kimi-K2.6)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict) or not (text.get("architectures") or text.get("model_type")):
+        return cfg
+    try:
+        family_for_config(cfg)
+        return cfg
+    except UnsupportedModelError:
+        qc = quantization_config(cfg)
+        return {**text, **({"quantization_config": qc} if qc else {})}
+
+
 def quantization_config(cfg: dict) -> dict | None:
     """config.json's quantization_config, at the top level or nested in text_config (Kimi-K2.6)."""
     qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
@@ -287,7 +301,7 @@ def quantization_config(cfg: dict) -> dict | None:
 def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
     """Resolve, read and validate a checkpoint: every header, every expected tensor's shape, experts included."""
     path = resolve_model_dir(name_or_path)
-    cfg = read_config(path)
+    cfg = language_config(read_config(path))
     family = family_for_config(cfg)
     tensors = index_tensors(path)
     spec = _read_spec(path, family, cfg, tensors)
@@ -369,3 +383,54 @@ def _check_first_expert(plan: CheckpointPlan) -> None:
         with safe_open(str(group[0].path), framework="pt") as f:
             loaded = {info.name.rsplit(".", 1)[1]: f.get_tensor(info.name) for info in group}
         fmt.unpack(loaded, group[0].name.rsplit(".", 1)[0], out, inn)  # type: ignore[attr-defined]
+
+
+# -- a config.json alone (offload info on a released config, before downloading gigabytes) ----------------------
+
+
+@dataclass(frozen=True)
+class ConfigPlan:
+    """What config.json alone says: the spec, the expert format and the bytes it implies (estimated: no headers)."""
+
+    path: Path
+    spec: ModelSpec
+    family: Family
+    expert_format: ExpertFormat
+    expert_nbytes: int   # one expert as stored
+    dense_nbytes: int    # resident tensors, at the checkpoint's float dtype
+
+
+def _stored_nbytes(fmt: ExpertFormat, spec: ModelSpec) -> int:
+    """One expert's bytes in ``fmt``: every stored tensor's elements times its dtype's size."""
+    total = 0
+    for out, inn in projection_shapes(spec):
+        if isinstance(fmt, Mxfp4Format):  # 16 bytes + 1 scale per 32 weights, and a bias
+            total += out * inn * 17 // 32 + out * spec.checkpoint_dtype.itemsize
+            continue
+        dtypes = {"weight": (spec.checkpoint_dtype,)} if isinstance(fmt, DenseFormat) else {}
+        for suffix, shape in fmt.shapes(out, inn).items():
+            dtype = dtypes.get(suffix, fmt.dtypes(suffix))[0]
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            total += n
+        if spec.expert_bias:
+            total += out * spec.checkpoint_dtype.itemsize
+    return total
+
+
+def plan_config(name_or_path: str | os.PathLike) -> ConfigPlan:
+    """Read and check config.json only (no safetensors needed): for budgets and sizes at real scale."""
+    path = resolve_model_dir(name_or_path)
+    cfg = language_config(read_config(path))
+    family = family_for_config(cfg)
+    config = path / "config.json"
+    try:
+        spec = family.spec_from_config(cfg, DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or
+                                                           "bfloat16").lower(), torch.bfloat16))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config} lacks or mis-types a field ({e})", "fix or re-download config.json") from None
+    qc = quantization_config(cfg)
+    fmt = _quantized_format(qc, path) if qc is not None else DenseFormat(spec.checkpoint_dtype)
+    dense = sum(math.prod(shape) for shape in family.dense_tensors(spec).values()) * spec.checkpoint_dtype.itemsize
+    return ConfigPlan(path, spec, family, fmt, _stored_nbytes(fmt, spec), dense)

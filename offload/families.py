@@ -79,7 +79,9 @@ def _mla_options(cfg: dict) -> dict:
 
 
 def _group_router_options(cfg: dict) -> dict:
-    return {"n_group": int(cfg.get("n_group") or 1), "topk_group": int(cfg.get("topk_group") or 1),
+    greedy = cfg.get("topk_method") == "greedy"  # DeepSeek-V2-Lite: groups ignored
+    return {"n_group": 1 if greedy else int(cfg.get("n_group") or 1),
+            "topk_group": 1 if greedy else int(cfg.get("topk_group") or 1),
             "routed_scaling_factor": float(cfg.get("routed_scaling_factor") or 1.0)}
 
 
@@ -250,6 +252,9 @@ FAMILIES: dict[str, Family] = {
                expert_storage="fused", options=_gpt_oss_options),
         Family("deepseek_v3", ("DeepseekV3ForCausalLM",), ("deepseek_v3", "kimi_k2"), "mlp", _HF_MLP, _no_window,
                router_fp32_weights=True, shared_expert="plain", attention="mla", router="sigmoid-groups",
+               rope_interleave=True, options=_mla_options),
+        Family("deepseek_v2", ("DeepseekV2ForCausalLM",), ("deepseek_v2",), "mlp", _HF_MLP, _no_window,
+               router_fp32_weights=True, shared_expert="plain", attention="mla", router="softmax-groups",
                rope_interleave=True, options=_mla_options),
         Family("glm4_moe", ("Glm4MoeForCausalLM",), ("glm4_moe",), "mlp", _HF_MLP, _no_window, o_bias=False,
                qk_norm="config", shared_expert="plain", router="sigmoid-groups", router_fp32_weights=True,

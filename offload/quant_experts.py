@@ -241,8 +241,10 @@ class QuantFormat:
         return shapes
 
     def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
-        """The dtypes a tensor of this format may be stored in."""
-        return _FLOATS if suffix in ("scales", "weight_scale") else _INTS
+        """The dtypes a tensor of this format may be stored in (the usual one first: sizes are estimated by it)."""
+        if suffix in ("scales", "weight_scale"):
+            return _FLOATS if self.method == "gptq" else (torch.bfloat16, torch.float16, torch.float32)
+        return (torch.int64, torch.int32) if suffix == "weight_shape" else _INTS
 
     def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
         s = self.scheme
@@ -421,7 +423,7 @@ class Fp8BlockFormat:
                 "weight_scale_inv": (-(-out_features // self.block[0]), -(-in_features // self.block[1]))}
 
     def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
-        return (torch.float8_e4m3fn,) if suffix == "weight" else _FLOATS
+        return (torch.float8_e4m3fn,) if suffix == "weight" else (torch.float32, torch.bfloat16, torch.float16)
 
     def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
         return Fp8Matrix(parts[0], parts[1], self.block)

@@ -112,7 +112,36 @@ class SigmoidGroups(SoftmaxTopK):
         return self._choice(torch.sigmoid(torch.from_numpy(logits).float())).numpy()
 
 
-ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups)}
+class SoftmaxGroups(SoftmaxTopK):
+    """DeepSeek-V2: softmax over all experts in float32, top-k (greedy; "group_limited_greedy" first keeps the
+    ``topk_group`` groups with the highest single score), weights times ``routed_scaling_factor``, no
+    renormalisation (transformers' DeepSeek-V2 never renormalises)."""
+
+    name: ClassVar[str] = "softmax-groups"
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, weights)
+        self.groups, self.topk_group, self.scale = spec.n_group, spec.topk_group, spec.routed_scaling_factor
+
+    def _choice(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return scores
+        per_group = scores.view(len(scores), self.groups, -1)
+        keep = torch.zeros(per_group.shape[:2], dtype=torch.bool, device=scores.device)
+        keep.scatter_(1, per_group.amax(-1).topk(self.topk_group, dim=-1).indices, True)
+        return per_group.masked_fill(~keep[..., None], 0.0).view_as(scores)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
+        weights, experts = torch.topk(self._choice(scores), self.top_k, dim=-1)
+        return experts, weights * self.scale
+
+    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
+        return self._choice(torch.softmax(torch.from_numpy(logits).float(), dim=-1)).numpy()
+
+
+ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups,
+                                                                    SoftmaxGroups)}
 
 
 def router_class(name: str) -> type[SoftmaxTopK]:

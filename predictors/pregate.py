@@ -8,7 +8,7 @@ Needs the model's router and norm weights, so it runs in the runtime only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,14 @@ class PreGate(Predictor):
 
     @classmethod
     def from_model(cls, model: Any, shape: MoEShape, checkpoint_dir: Path, **options: Any) -> PreGate:
-        """The routers of the model's MoE layers and the norms in front of them."""
+        """The routers of the model's MoE layers, the norms in front of them, and each router's own selection
+        rule (a bias, sigmoid scores with a correction bias and groups) applied to the logits."""
         layers = [model.layers[i] for i in model.moe_layers]
         return cls(shape, routers=[lw.router.weight for lw in layers], norms=[lw.post_norm for lw in layers],
-                   eps=model.spec.rms_norm_eps, **options)
+                   eps=model.spec.rms_norm_eps, rules=[lw.router.selection_scores for lw in layers], **options)
 
     def __init__(self, shape: MoEShape, routers: Sequence[torch.Tensor] = (), norms: Sequence[torch.Tensor] = (),
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, rules: Sequence[Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
         super().__init__(shape)
         if len(routers) != shape.num_layers or len(norms) != shape.num_layers:
             raise ConfigError("the pregate predictor needs the router and norm weights of every MoE layer",
@@ -43,6 +44,7 @@ class PreGate(Predictor):
         # Held as float32 numpy: for one decode token, torch's per-op dispatch costs more than the math.
         self.weight = torch.cat([r.float() * n.float()[None, :] for r, n in zip(routers, norms)]).numpy(force=True)
         self.eps = eps
+        self.rules = list(rules) if rules is not None else None  # None: logits rank as the router does (softmax)
 
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
         if ctx.hidden is None:
@@ -54,5 +56,7 @@ class PreGate(Predictor):
             return np.zeros((0, ctx.tokens, E), dtype=np.float32)
         h = ctx.hidden.float().numpy(force=True)  # [tokens, hidden]
         h = h / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + self.eps)  # the RMSNorm before each router
-        logits = h @ self.weight[first * E : last * E].T  # [tokens, d * E]
-        return logits.reshape(ctx.tokens, last - first, E).transpose(1, 0, 2)
+        logits = (h @ self.weight[first * E : last * E].T).reshape(ctx.tokens, last - first, E).transpose(1, 0, 2)
+        if self.rules is None:
+            return logits  # [d, tokens, E]
+        return np.stack([self.rules[first + j](logits[j]) for j in range(last - first)])

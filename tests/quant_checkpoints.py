@@ -187,3 +187,81 @@ def write_compressed_tensors(src: Path, out: Path, bits: int = 4, group_size: in
         dequantized[name] = ref_dequantize(codes, scales, zeros, group_size)
     _write(out, tensors, ct_config(bits, group_size, sym, CT_IGNORE))
     return dequantized
+
+
+# ------------------------------------------------------------------------------------------------ MXFP4 (gpt-oss)
+
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (blocks uint8 [out, in/32, 16], scales uint8 [out, in/32], dequantized float32 [out, in]).
+
+    Each group of 32 inputs shares a power of two chosen so its largest magnitude fits FP4's 6; each value
+    becomes the nearest E2M1 code (two per byte, low nibble first).
+    """
+    out, inn = w.shape
+    g = w.float().reshape(out, inn // 32, 32)
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = g / torch.exp2(exp)
+    codes = (scaled[..., None] - FP4[:8]).abs().argmin(-1)            # magnitude code 0..7
+    codes = torch.where(scaled < 0, codes + 8, codes).to(torch.uint8)  # sign bit
+    deq = FP4[codes.long()] * torch.exp2(exp)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exp + 127).to(torch.uint8).squeeze(-1), deq.reshape(out, inn)
+
+
+def write_mxfp4(src: Path, out: Path) -> dict[str, torch.Tensor]:
+    """gpt-oss's released layout from a transformers-saved one: experts as MXFP4 blocks and scales in (out, in)
+    orientation, biases kept; everything else as it was. -> the dequantized state dict (transformers' layout)."""
+    _copy_side_files(src, out)
+    tensors, dequantized = {}, {}
+    for name, w in load_state_dict(src).items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = dequantized[name] = w
+            continue
+        pieces = [mxfp4_quantize(w[e].t()) for e in range(w.shape[0])]  # [out, in] per expert
+        tensors[f"{name}_blocks"] = torch.stack([p[0] for p in pieces])
+        tensors[f"{name}_scales"] = torch.stack([p[1] for p in pieces])
+        dequantized[name] = torch.stack([p[2].t() for p in pieces]).contiguous()
+    _write(out, tensors, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    return dequantized
+
+
+# ------------------------------------------------------------------------------------------------ FP8 blocks
+
+FP8_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj"
+                        r"|o_proj)|mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj)\.weight")
+
+
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (float8_e4m3fn weight, float32 scale_inv per block, dequantized float32)."""
+    out, inn = w.shape
+    rows, cols = -(-out // block[0]), -(-inn // block[1])
+    scale = torch.zeros(rows, cols)
+    for r in range(rows):
+        for c in range(cols):
+            tile = w[r * block[0]:(r + 1) * block[0], c * block[1]:(c + 1) * block[1]]
+            scale[r, c] = tile.abs().max().clamp_min(1e-12) / 448.0  # e4m3's largest finite value
+    full = scale.repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inn]
+    q = (w.float() / full).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * full
+
+
+def write_fp8(src: Path, out: Path, block: tuple[int, int] = (16, 16)) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3's released layout: every linear projection (attention, experts, shared experts, dense MLPs)
+    as float8_e4m3fn with ``weight_scale_inv`` blocks; routers, norms, embeddings, lm_head as they were."""
+    _copy_side_files(src, out)
+    tensors, dequantized = {}, {}
+    for name, w in load_state_dict(src).items():
+        if not FP8_LINEAR.fullmatch(name):
+            tensors[name] = dequantized[name] = w
+            continue
+        q, scale, deq = fp8_quantize(w, block)
+        tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
+        dequantized[name] = deq
+    _write(out, tensors, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                          "weight_block_size": list(block)})
+    return dequantized

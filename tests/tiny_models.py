@@ -47,6 +47,11 @@ def family_configs():
             routed_scaling_factor=2.5, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                         "original_max_position_embeddings": 64, "mscale": 1.0,
                                                         "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})),
+        # DeepSeek-V2(-Lite): MLA without a q bottleneck, complex-pair RoPE, greedy softmax routing with a scale
+        "deepseek_v2": ("DeepseekV2Config", dict(
+            COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
+            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, topk_method="greedy", routed_scaling_factor=1.5)),
         # partial rotary (half the head), per-head q/k norm, q/k/v biases, the DeepSeek router, a dense first layer
         "glm4_moe": ("Glm4MoeConfig", dict(
             COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
