@@ -176,3 +176,40 @@ def test_info_from_a_released_config_alone(tmp_path, name):
         assert plan.expert_nbytes == nbytes
     else:  # GPTQ int4 g128: int32 words of 8 codes, fp16 scales, packed zeros and g_idx per projection
         assert 3 * 2048 * 768 // 2 < plan.expert_nbytes < 3 * 2048 * 768 // 2 * 1.1
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "glm4_moe"])
+def test_run_and_info_from_the_cli(tiny_dir, tmp_path, family):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from tests.tiny_models import add_char_tokenizer
+
+    path = add_char_tokenizer(shutil.copytree(tiny_dir(family), tmp_path / family))
+    runner = CliRunner()
+    run = runner.invoke(app, ["run", str(path), "def f(x):", "--max-new-tokens", "6", "--expert-budget", "2",
+                              "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    expected = offload.from_pretrained(path, device="cpu").generate_text("def f(x):", max_new_tokens=6)
+    assert run.stdout == "def f(x):" + expected + "\n"
+    info = runner.invoke(app, ["info", str(path)])
+    assert info.exit_code == 0 and family in info.stdout
+
+
+def test_multi_token_prediction_layers_are_skipped_with_one_line(tiny_dir, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = shutil.copytree(tiny_dir("deepseek_v3"), tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)  # layer num_hidden_layers: the MTP module
+    save_file(tensors, path / "model.safetensors")
+    with caplog.at_level(logging.INFO, logger="offload.checkpoint"):
+        plan = offload.plan_checkpoint(path)
+    assert plan.spec.num_layers == 3
+    assert [r.getMessage() for r in caplog.records if "skipping layer" in r.getMessage()] == [
+        f"{path}: skipping layer(s) 3 (multi-token prediction, not used for generation)"]
