@@ -23,6 +23,7 @@ from .options import (
     Device,
     Dtype,
     ExpertBudget,
+    Hybrid,
     Lookahead,
     ModelArg,
     OffloadTo,
@@ -90,6 +91,7 @@ def run(
     lookahead: Lookahead = 1,
     prefetch_budget: PrefetchBudget = "50%",
     predictor_file: PredictorFile = None,
+    hybrid: Hybrid = "off",
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(
         help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")
@@ -113,7 +115,7 @@ def run(
 
     _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
     runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
-                             predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait)
+                             predictor_file, hybrid, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait)
     texts = read_prompts(prompts_file) if prompts_file is not None else None
     m = _load(model, runtime)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
