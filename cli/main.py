@@ -19,6 +19,7 @@ from offload.errors import ConfigError
 from offload.files import write_json_atomic, write_text_atomic
 
 from .errors import OneLineErrors
+from .hw import register as register_hw
 from .options import (
     Device,
     Dtype,
@@ -44,6 +45,7 @@ app = typer.Typer(
     add_completion=False,
     help="Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache.",
 )
+register_hw(app)  # bench-hw, plan
 
 
 

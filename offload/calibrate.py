@@ -97,6 +97,9 @@ class Calibration:
     roundtrip_latency_s: float = 30e-6      # one token's hidden state GPU -> host and an output back, synchronised
     gpu_memory_bandwidth: float = 900e9     # bytes/s read + written (device-to-device copy)
     gpu_gemv: Rates = field(default_factory=lambda: DEFAULT_GPU_GEMV)
+    layer_overhead_s: float = 0.6e-3        # per decoder layer and decode token, beyond weight streaming (CPU;
+    #                                         tiny-moe's 3-5 ms a token over 5 layers in shared/NOTES.md)
+    gpu_layer_overhead_s: float = 0.2e-3    # ... on CUDA (Python, dispatch and ~30 kernel launches a layer)
     shape: tuple[int, int] = (1024, 3584)   # (hidden, intermediate) of the expert the rates were measured on
     measured: tuple[str, ...] = ()          # the fields measured on this machine; the others are defaults
     machine: Mapping[str, Any] = field(default_factory=dict)  # CPU, cores, GPU, versions, torch threads, load
@@ -106,6 +109,8 @@ class Calibration:
         for name in ("host_memory_bandwidth", "disk_read_bandwidth", "h2d_bandwidth", "gpu_memory_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"calibration: {name} must be > 0, got {getattr(self, name)!r}")
+        if min(self.layer_overhead_s, self.gpu_layer_overhead_s, self.roundtrip_latency_s) < 0:
+            raise ConfigError("calibration: latencies and overheads must be >= 0")
         for name in ("cpu_gemv", "gpu_gemv"):
             rates = getattr(self, name)
             if not rates or any(not r or min(r) < 1 or not all(v > 0 for v in r.values()) for r in rates.values()):
@@ -374,6 +379,35 @@ def measure_gpu_gemv(hidden: int, intermediate: int, formats: Sequence[str], bat
     return rates
 
 
+def measure_layer_overhead(calibration: Calibration, device: str = "cpu", tokens: int = 24) -> float:
+    """Seconds per decoder layer per decode token that weight streaming does not explain (Python, dispatch,
+    kernel launches, attention on a short context), from decoding with the bundled tiny-moe fully cached: its
+    weights are 21 MB, so nearly all of its time is this overhead. The rest, as the performance model predicts
+    it from ``calibration``, is subtracted."""
+    import offload  # the runtime itself: the overhead is its own
+
+    from .perfmodel import ModelSizes, token_cost
+
+    m = offload.from_pretrained("tiny-moe", device=device, expert_budget="100%", offload_to="ram")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run(new: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])
+        sync()
+        return time.perf_counter() - t0
+
+    run(tokens)  # warm-up: every expert it uses is cached after this
+    per_token = min((run(tokens + 1) - run(1)) / tokens for _ in range(3))
+    sizes = ModelSizes.from_plan(m.plan, device)
+    streaming = token_cost(sizes, replace(calibration, layer_overhead_s=0.0, gpu_layer_overhead_s=0.0), device,
+                           "ram", 0.0).seconds
+    m.cache.close()
+    return max(per_token - streaming, 0.0) / m.spec.num_layers
+
+
 Progress = Callable[[str], None]
 
 
@@ -400,6 +434,8 @@ def calibrate(hidden: int = 1024, intermediate: int = 3584, disk_dir: Path | Non
     step("CPU expert throughput")
     cpu, gemv_notes = measure_cpu_gemv(hidden, intermediate, formats, batches, sizes)
     fields["cpu_gemv"] = {**DEFAULT_CPU_GEMV, **cpu}
+    step("the runtime's per-layer overhead (tiny-moe)")
+    fields["layer_overhead_s"] = measure_layer_overhead(Calibration(**fields))
     measured = [*fields, *(f"cpu_gemv.{f}" for f in cpu)]
     measured.remove("cpu_gemv")
     if cuda:
@@ -408,7 +444,9 @@ def calibrate(hidden: int = 1024, intermediate: int = 3584, disk_dir: Path | Non
         step("GPU expert throughput")
         gpu = measure_gpu_gemv(hidden, intermediate, formats, (*batches, 256), sizes)
         fields |= {**transfers, "gpu_gemv": {**DEFAULT_GPU_GEMV, **gpu}}
-        measured += [*transfers, *(f"gpu_gemv.{f}" for f in gpu)]
+        step("the runtime's per-layer overhead on CUDA (tiny-moe)")
+        fields["gpu_layer_overhead_s"] = measure_layer_overhead(Calibration(**fields), "cuda")
+        measured += [*transfers, *(f"gpu_gemv.{f}" for f in gpu), "gpu_layer_overhead_s"]
     else:
         notes.append("no CUDA device: the H2D, round-trip and GPU figures are the defaults")
     machine = {**machine_info(), "torch_threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()),

@@ -5,7 +5,9 @@ parameters over compute rates, so each term can be checked against a measurement
 
 One decode token (batch 1), ``a = moe_layers x top_k`` expert uses of which ``m`` miss::
 
-    time  = dense bytes read per token / memory bandwidth          (host's on the CPU, the GPU's on CUDA)
+    time  = layers x overhead                                      (Python, dispatch, launches: calibrated
+                                                                    on tiny-moe, whose weights take no time)
+          + dense bytes read per token / memory bandwidth          (host's on the CPU, the GPU's on CUDA)
           + (a - m) x expert(1)                                    (hits: compute on the device)
           + m x miss(1)                                            (fetch: read + copy + compute; hybrid: the
                                                                     cheaper of that and the CPU, hybrid.py)
@@ -13,10 +15,10 @@ One decode token (batch 1), ``a = moe_layers x top_k`` expert uses of which ``m`
 
 ``m`` comes from a routing trace replayed through the simulator with one global LRU cache of the budget's slots
 (the runtime's cache and policy), or, without a trace, from uniform routing: every expert equally likely, so an
-access hits with probability slots / experts. It ignores attention and the KV cache (short contexts), the
-router's and norms' arithmetic beyond their weight bytes, Python's per-layer overhead (a few ms per token on a
-tiny model, negligible on a real one), any overlap of loads with compute (a predictor's prefetches are counted
-as stalls), the format conversion a disk-tier miss of a quantized expert pays, and the warm-up of prefill.
+access hits with probability slots / experts. It ignores attention's and the KV cache's growth with the context
+(the overhead term is measured on a short one), the router's and norms' arithmetic beyond their weight bytes,
+any overlap of loads with compute (a predictor's prefetches are counted as stalls), the format conversion a
+disk-tier miss of a quantized expert pays, a disk read's page-cache effects, and the warm-up of prefill.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ModelSizes:
     stored_nbytes: int           # one expert as a disk-tier miss reads it
     slot_nbytes: int             # one expert in a cache slot: what a RAM-tier or H2D copy moves
     params: int                  # parameters of one expert
+    num_layers: int              # decoder layers (dense ones too: each pays the per-layer overhead)
     num_moe_layers: int
     num_experts: int
     top_k: int
@@ -76,7 +79,8 @@ class ModelSizes:
         dense = sum(numel.values()) * dtype.itemsize
         embed = numel["model.embed_tokens.weight"] * dtype.itemsize if "lm_head.weight" in numel else 0
         slot = fmt.slot_layout(spec, dtype, torch.device(device), activations).nbytes
-        return cls(dense, dense - embed, plan.expert_nbytes(), slot, spec.expert_params, spec.num_moe_layers,
+        return cls(dense, dense - embed, plan.expert_nbytes(), slot, spec.expert_params, spec.num_layers,
+                   spec.num_moe_layers,
                    spec.num_experts, spec.top_k, spec.hidden_size, gemv_format(fmt, dtype, activations, device),
                    gemv_format(fmt, dtype, activations, "cpu"), dtype.itemsize)
 
@@ -95,7 +99,7 @@ class TokenCost:
     seconds: float
     stall_s: float
     bytes_moved: float
-    dense_s: float
+    dense_s: float      # the per-layer overhead and the dense weights' reads
     misses: float
     cpu_experts: float  # misses computed on the CPU (hybrid)
 
@@ -112,8 +116,10 @@ def token_cost(sizes: ModelSizes, calibration: Calibration, device: str, tier: s
     passes the cache's hit rate)."""
     if not 0 <= misses <= sizes.active:
         raise ConfigError(f"misses per token must lie in 0..{sizes.active}, got {misses}")
-    bandwidth = calibration.gpu_memory_bandwidth if device == "cuda" else calibration.host_memory_bandwidth
-    dense_s = sizes.dense_nbytes_per_token / bandwidth
+    c = calibration
+    bandwidth, overhead = (c.gpu_memory_bandwidth, c.gpu_layer_overhead_s) if device == "cuda" else \
+        (c.host_memory_bandwidth, c.layer_overhead_s)
+    dense_s = sizes.num_layers * overhead + sizes.dense_nbytes_per_token / bandwidth
     m = ExpertCostModel(calibration, device, tier, sizes.params, sizes.slot_nbytes, sizes.stored_nbytes, sizes.fmt,
                         sizes.cpu_fmt, sizes.hidden, sizes.itemsize)
     hit_s = m.device_expert_s(1)

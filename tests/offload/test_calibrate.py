@@ -72,6 +72,9 @@ def test_a_corrupt_file_is_a_one_line_error_and_another_version_falls_back(tmp_p
     path.write_text(json.dumps({**Calibration().to_json(), "host_memory_bandwidth": -1}))
     with pytest.raises(ConfigError, match="host_memory_bandwidth must be > 0"):
         Calibration.load(path)
+    path.write_text(json.dumps({**Calibration().to_json(), "layer_overhead_s": -1e-3}))
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        Calibration.load(path)
     path.write_text(json.dumps({**Calibration().to_json(), "version": VERSION + 1, "host_memory_bandwidth": 1.0}))
     with caplog.at_level(logging.WARNING, logger="offload.calibrate"):
         assert Calibration.load(path) == Calibration()  # an upgrade never stops a run
@@ -119,7 +122,8 @@ def test_cpu_gemv_measures_every_format_and_token_count():
 
 def test_calibrate_without_cuda_measures_the_host_and_keeps_gpu_defaults(tmp_path):
     c, notes = calibrate(64, 128, tmp_path, ("bfloat16",), (1,), TINY, cuda=False)
-    assert c.measured == ("host_memory_bandwidth", "disk_read_bandwidth", "cpu_gemv.bfloat16")
+    assert c.measured == ("host_memory_bandwidth", "disk_read_bandwidth", "layer_overhead_s", "cpu_gemv.bfloat16")
+    assert c.layer_overhead_s >= 0 and c.gpu_layer_overhead_s == Calibration().gpu_layer_overhead_s
     assert c.shape == (64, 128) and c.gpu_gemv == Calibration().gpu_gemv
     assert c.cpu_gemv["int4"] == DEFAULT_CPU_GEMV["int4"] and set(c.cpu_gemv["bfloat16"]) == {1}
     assert any("no CUDA device" in n for n in notes) and c.machine["disk_read_mode"] in ("direct", "fadvise", "plain")

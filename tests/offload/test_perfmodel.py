@@ -3,10 +3,12 @@
 The hand-made model: 2 MoE layers x 4 experts, top-1 (2 expert uses per token), 1e6 bytes of dense weights read
 per token (5e6 resident), experts of 1e6 parameters and 2e6 bytes. The hand-made machine: host memory 1e9 B/s,
 disk 1e8 B/s, CPU 1e9 parameters/s (1 ms an expert), PCIe 1e9 B/s, a 10 us round trip, GPU memory 1e11 B/s and
-1e11 parameters/s (10 us an expert, 10 us of dense reads).
+1e11 parameters/s (10 us an expert, 10 us of dense reads); no per-layer overhead but in that term's test.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,11 +28,12 @@ from offload.perfmodel import (
 from offload.traces.format import TraceHeader, TraceRecord, write_trace
 
 SIZES = ModelSizes(dense_nbytes=5 * 10**6, dense_nbytes_per_token=10**6, stored_nbytes=2 * 10**6,
-                   slot_nbytes=2 * 10**6, params=10**6, num_moe_layers=2, num_experts=4, top_k=1, hidden=100,
-                   fmt="bfloat16", cpu_fmt="bfloat16")
+                   slot_nbytes=2 * 10**6, params=10**6, num_layers=3, num_moe_layers=2, num_experts=4, top_k=1,
+                   hidden=100, fmt="bfloat16", cpu_fmt="bfloat16")
 CAL = Calibration(host_memory_bandwidth=1e9, disk_read_bandwidth=1e8, cpu_gemv={"bfloat16": {1: 1e9}},
                   h2d_bandwidth=1e9, roundtrip_latency_s=1e-5, gpu_memory_bandwidth=1e11,
-                  gpu_gemv={"bfloat16": {1: 1e11}})
+                  gpu_gemv={"bfloat16": {1: 1e11}}, layer_overhead_s=0.0,
+                  gpu_layer_overhead_s=0.0)
 
 
 @pytest.mark.parametrize("device, tier, hybrid, seconds, stall, moved", [
@@ -51,6 +54,12 @@ def test_token_cost_matches_the_hand_computed_prediction(device, tier, hybrid, s
     assert cost.seconds == pytest.approx(seconds) and cost.stall_s == pytest.approx(stall)
     assert cost.bytes_moved == pytest.approx(moved) and cost.tokens_per_s == pytest.approx(1 / seconds)
     assert cost.cpu_experts == (1.5 if (device, tier, hybrid) == ("cuda", "ram", "auto") else 0.0)
+
+
+def test_every_decoder_layer_adds_the_calibrated_overhead():
+    slow = replace(CAL, layer_overhead_s=1e-4, gpu_layer_overhead_s=2e-5)  # 3 layers: +0.3 ms, +60 us
+    assert token_cost(SIZES, slow, "cpu", "ram", 0.0).seconds == pytest.approx(1e-3 + 2e-3 + 3e-4)
+    assert token_cost(SIZES, slow, "cuda", "ram", 0.0).seconds == pytest.approx(0.01e-3 + 0.02e-3 + 6e-5)
 
 
 def test_misses_beyond_the_tokens_expert_uses_are_refused():
