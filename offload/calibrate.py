@@ -304,21 +304,28 @@ def measure_cpu_gemv(hidden: int, intermediate: int, formats: Sequence[str], bat
             notes.append(f"int4: the CPU kernel cannot run a {hidden}x{intermediate} expert; default kept")
             continue
         copies = max(1, min(32, sizes.gemv_bytes // _expert_nbytes(fmt, hidden, intermediate)))
-        experts = _experts(fmt, hidden, intermediate, copies, group)
-        dtype = torch.float32 if fmt == "float32" else torch.bfloat16  # the kernels' fast path is bf16
-        rates[fmt] = {}
-        for tokens in batches:
-            x = torch.randn(tokens, hidden).to(dtype)
-            for e in experts[:2]:
-                swiglu(e, x)  # warm-up: kernels' first-call setup
-            times = []
-            for _ in range(sizes.gemv_repeats):
-                for e in experts:
-                    t0 = time.perf_counter()
-                    swiglu(e, x)
-                    times.append(time.perf_counter() - t0)
-            rates[fmt][tokens] = 3 * hidden * intermediate / _lower_quartile(times)
+        try:
+            experts = _experts(fmt, hidden, intermediate, copies, group)
+            rates[fmt] = {tokens: 3 * hidden * intermediate / _time_expert(experts, fmt, hidden, tokens, sizes)
+                          for tokens in batches}
+        except (RuntimeError, NotImplementedError) as e:  # a torch build without this CPU kernel
+            notes.append(f"{fmt}: this torch cannot run its CPU kernel ({type(e).__name__}: {str(e)[:80]}); "
+                         "default kept")
     return rates, notes
+
+
+def _time_expert(experts: Sequence[Expert], fmt: str, hidden: int, tokens: int, sizes: BenchSizes) -> float:
+    """Seconds of one SwiGLU expert call over ``tokens`` tokens, the copies rotated (the lower quartile)."""
+    x = torch.randn(tokens, hidden).to(torch.float32 if fmt == "float32" else torch.bfloat16)  # kernels: bf16
+    for e in experts[:2]:
+        swiglu(e, x)  # warm-up: kernels' first-call setup
+    times = []
+    for _ in range(sizes.gemv_repeats):
+        for e in experts:
+            t0 = time.perf_counter()
+            swiglu(e, x)
+            times.append(time.perf_counter() - t0)
+    return _lower_quartile(times)
 
 
 def _cuda_time(fn: Callable[[], object], repeats: int) -> float:

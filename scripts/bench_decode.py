@@ -774,7 +774,7 @@ def paired_ratio(ours: list[dict], theirs: list[dict], repeats: int, key: str = 
     b = {s["repeat"]: _measure(s, key) for s in theirs}
     ratios = [a[r] / b[r] for r in range(repeats) if r in a and r in b and b[r]]
     out = median_range(ratios)
-    if a and b:
+    if a and b and statistics.median(b.values()):  # a stall ratio at 100%: no stalls without the predictor
         out["of_medians"] = statistics.median(a.values()) / statistics.median(b.values())
     return out
 

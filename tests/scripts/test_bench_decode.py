@@ -166,6 +166,7 @@ def test_paired_ratio_pairs_by_repeat_and_skips_zeros() -> None:
               {"repeat": 2, "decode_tokens_per_s": 0.0}]
     assert bench.paired_ratio(ours, theirs, 3) == {"median": 2.0, "min": 2.0, "max": 2.0, "n": 1, "of_medians": 7.5}
     assert bench.paired_ratio([], theirs, 3) == {}
+    assert bench.paired_ratio(ours, theirs[2:], 3) == {}  # nothing to divide by: no ratio, no crash
 
 
 def test_table_prints_every_config_prefetch_rows_and_targets() -> None:
