@@ -194,6 +194,16 @@ def gemv_format(fmt: ExpertFormat, compute_dtype: torch.dtype, activations: torc
     return f"int{scheme.bits}" if activations == torch.bfloat16 else str(activations).removeprefix("torch.")
 
 
+def host_copy_format(fmt: ExpertFormat, compute_dtype: torch.dtype, activations: torch.dtype, device: str) -> str:
+    """The key a missed expert's host copy computes at on the CPU (hybrid's CPU side). The RAM tier holds experts in
+    the device's slot layout: on CUDA a quantized expert is then in the portable dequantizing layout, which the CPU
+    runs at about its activation dtype's rate, not at the int4/int8 kernels' (a second host copy in the CPU kernel's
+    layout would: pass its key to the cost model instead)."""
+    if device == "cuda" and not isinstance(fmt, DenseFormat):
+        return str(activations).removeprefix("torch.")
+    return gemv_format(fmt, compute_dtype, activations, "cpu")
+
+
 # ===================================================================================== measurements
 
 

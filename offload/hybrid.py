@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .calibrate import Calibration, gemv_format
+from .calibrate import Calibration, gemv_format, host_copy_format
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -96,13 +96,13 @@ class ExpertCostModel:
     def from_plan(cls, plan: CheckpointPlan, calibration: Calibration, device: str, tier: str,
                   dtype: torch.dtype, activations: torch.dtype = torch.bfloat16,
                   cpu_format: str | None = None) -> ExpertCostModel:
-        """From a checkpoint's sizes: ``cpu_format`` is the key the host copy computes at (default: the CPU slot
-        layout's, i.e. the host copy kept in the CPU kernel's layout)."""
+        """From a checkpoint's sizes: ``cpu_format`` is the key the host copy computes at on the CPU (default:
+        calibrate.host_copy_format, the layout the RAM tier holds it in for ``device``)."""
         spec, fmt = plan.spec, plan.expert_format
         slot = fmt.slot_layout(spec, dtype, torch.device(device), activations).nbytes
         return cls(calibration, device, tier, spec.expert_params, slot, plan.expert_nbytes(),
                    gemv_format(fmt, dtype, activations, device),
-                   cpu_format or gemv_format(fmt, dtype, activations, "cpu"), spec.hidden_size, dtype.itemsize)
+                   cpu_format or host_copy_format(fmt, dtype, activations, device), spec.hidden_size, dtype.itemsize)
 
     def read_s(self) -> float:
         """Seconds to bring the expert's bytes into host memory: a disk read for the disk tier, else nothing."""

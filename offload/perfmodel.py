@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .calibrate import Calibration, gemv_format
+from .calibrate import Calibration, gemv_format, host_copy_format
 from .config import parse_budget
 from .errors import ConfigError
 from .hybrid import ExpertCostModel
@@ -57,7 +57,7 @@ class ModelSizes:
     top_k: int
     hidden: int
     fmt: str                     # calibration key of an expert's compute on the device (calibrate.gemv_format)
-    cpu_fmt: str                 # ... and on the CPU (hybrid's other side)
+    cpu_fmt: str                 # ... and of its host copy on the CPU (hybrid's other side)
     itemsize: int = 2            # the compute dtype's bytes (hidden states of the hybrid round trip)
 
     @property
@@ -82,7 +82,7 @@ class ModelSizes:
         return cls(dense, dense - embed, plan.expert_nbytes(), slot, spec.expert_params, spec.num_layers,
                    spec.num_moe_layers,
                    spec.num_experts, spec.top_k, spec.hidden_size, gemv_format(fmt, dtype, activations, device),
-                   gemv_format(fmt, dtype, activations, "cpu"), dtype.itemsize)
+                   host_copy_format(fmt, dtype, activations, device), dtype.itemsize)
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -19,6 +19,7 @@ from offload.calibrate import (
     calibrate,
     default_path,
     gemv_format,
+    host_copy_format,
     measure_cpu_gemv,
     measure_cuda_transfers,
     measure_disk_bandwidth,
@@ -101,6 +102,10 @@ def test_the_gemv_key_follows_the_slot_layout_each_device_computes_with():
     assert gemv_format(int4, torch.bfloat16, torch.bfloat16, "cpu") == "int4"
     assert gemv_format(int4, torch.bfloat16, torch.float32, "cpu") == "float32"  # dequantize + exact matmul
     assert gemv_format(int4, torch.bfloat16, torch.bfloat16, "cuda") == "int4"
+    # the RAM tier's host copy is in the device's slot layout: on CUDA the dequantizing one, at bf16's rate
+    assert host_copy_format(int4, torch.bfloat16, torch.bfloat16, "cuda") == "bfloat16"
+    assert host_copy_format(int4, torch.bfloat16, torch.bfloat16, "cpu") == "int4"
+    assert host_copy_format(DenseFormat(torch.bfloat16), torch.float32, torch.bfloat16, "cuda") == "float32"
 
 
 def test_memory_and_disk_measurements_return_rates_and_leave_no_file(tmp_path):
