@@ -138,7 +138,7 @@ def plan(
     dtype: Dtype = "auto",
     expert_budget: Annotated[str, typer.Option(help='Budgets to predict, comma list: "100%,50%,25%", "16", '
                                                     '"6GiB".')] = "100%,50%,25%,10%",
-    offload_to: Annotated[str, typer.Option(help="Tiers to predict: ram, disk or both (comma list).")] = "ram,disk",
+    offload_to: Annotated[str, typer.Option(help="Tiers to predict: ram, disk, or ram,disk.")] = "ram,disk",
     calibration: Annotated[Path | None, typer.Option(help="A calibration file (default: the one `offload bench-hw` "
                                                           "wrote, else the defaults).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the predictions here.")] = None,
