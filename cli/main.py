@@ -20,11 +20,13 @@ from offload.files import write_json_atomic, write_text_atomic
 
 from .chat import chat
 from .errors import OneLineErrors
+from .hw import register as register_hw
 from .load import load_model
 from .options import (
     Device,
     Dtype,
     ExpertBudget,
+    Hybrid,
     Lookahead,
     ModelArg,
     OffloadTo,
@@ -49,6 +51,7 @@ app = typer.Typer(
     add_completion=False,
     help="Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache.",
 )
+register_hw(app)  # bench-hw, plan
 
 
 
@@ -83,6 +86,7 @@ def run(
     lookahead: Lookahead = 1,
     prefetch_budget: PrefetchBudget = "50%",
     predictor_file: PredictorFile = None,
+    hybrid: Hybrid = "off",
     temperature: Temperature = 0.0,
     top_k: Annotated[int | None, typer.Option(
         help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")
@@ -111,7 +115,7 @@ def run(
     _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
     texts = read_prompts(prompts_file) if prompts_file is not None else None
     runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
-                             predictor_file, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
+                             predictor_file, hybrid, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
                              context=_run_context(texts or [prompt], max_new_tokens))
     m = load_model(model, runtime)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,

@@ -27,6 +27,10 @@ Context = Annotated[int, typer.Option(
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")]
 Seed = Annotated[int | None, typer.Option(help="Seed for sampling.")]
+Hybrid = Annotated[str, typer.Option(
+    help="Applies with --device cuda: per missed expert, off (fetch it to the GPU), auto (fetch or compute it on the "
+         "CPU from its host copy, whichever the cost model calibrated by `offload bench-hw` says is faster) or "
+         "always (the CPU whenever its host copy can compute it).")]
 PredictorFile = Annotated[Path | None, typer.Option(
     help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")]
 
@@ -47,8 +51,8 @@ def predictor_options(predictor: str, path: Path | None) -> dict | None:
 
 def runtime_config(device: str = "auto", dtype: str = "auto", expert_budget: str = "100%", offload_to: str = "disk",
                    policy: str = "lru", predictor: str = "none", lookahead: int = 1, prefetch_budget: str = "50%",
-                   predictor_file: Path | None = None, **batching) -> RuntimeConfig:
+                   predictor_file: Path | None = None, hybrid: str = "off", **batching) -> RuntimeConfig:
     """The RuntimeConfig of a command's shared options (validated here, before any file is read)."""
     return RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, offload_to=offload_to, policy=policy,
                          predictor=predictor, lookahead=lookahead, prefetch_budget=prefetch_budget,
-                         predictor_options=predictor_options(predictor, predictor_file), **batching)
+                         predictor_options=predictor_options(predictor, predictor_file), hybrid=hybrid, **batching)

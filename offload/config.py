@@ -280,10 +280,13 @@ class RuntimeConfig:
     batch_size: int = 8                   # requests per decode step in continuous batching
     max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
     context: int = 0                      # tokens per sequence the KV cache holds (0: max positions, <= 4096)
+    hybrid: str = "off"                   # on CUDA, per missed expert: "off" (fetch), "auto" (cost model), "always"
+    #                                       (compute it on the CPU from its host copy); hybrid.py has the formula
 
     def __post_init__(self) -> None:
         from predictors import PREDICTORS
 
+        from .hybrid import check_mode
         from .policies import POLICIES
         from .rearrange import SCHEDULERS
 
@@ -298,6 +301,7 @@ class RuntimeConfig:
         check_name(POLICIES, self.policy, "eviction policy", PolicyError)
         check_name(PREDICTORS, self.predictor, "predictor", also=("none",))
         check_name(SCHEDULERS, self.scheduler, "scheduler")
+        check_mode(self.hybrid)
         for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0), ("context", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

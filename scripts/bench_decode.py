@@ -96,6 +96,8 @@ class Options:
     drop_ms: float
     configs: list[str]
     quant: str
+    calibration: Path | None
+    hybrid: str
     timeout: float
     out: Path
     summarize: Path | None
@@ -408,7 +410,8 @@ def run_ours(opts: Options, name: str, path: Path) -> dict:
     sync = synchronizer(opts.device)
     t0 = time.perf_counter()
     m = offload.from_pretrained(path, device=opts.device, dtype=opts.dtype, expert_budget=budget,
-                                offload_to=tier, policy="lru", predictor=predictor, lookahead=opts.lookahead)
+                                offload_to=tier, policy="lru", predictor=predictor, lookahead=opts.lookahead,
+                                hybrid=opts.hybrid)
     sync()
     load_s = time.perf_counter() - t0
     ids = prompt_ids(opts, path)
@@ -584,11 +587,54 @@ def schedule(configs: list[str], repeats: int) -> list[tuple[int, str]]:
     return order
 
 
+class Predicted:
+    """offload/perfmodel.py's decode tok/s beside an offload sample: the time per token of the sample's tier,
+    format and device with the misses per decode token the sample measured (so it tests the time model; the hit
+    rates, which the simulator reproduces exactly, are not what is being checked), from the calibration loaded
+    once at the start of the run. Prefetches are not modelled: a +PREDICTOR run is predicted as its misses."""
+
+    def __init__(self, opts: Options, path: Path) -> None:
+        from offload.calibrate import Calibration, default_path
+
+        self.source = str(opts.calibration or default_path())
+        self.calibration = Calibration.load(opts.calibration)
+        self.opts, self.path = opts, path
+        self._sizes: dict[str, object] = {}
+
+    def sizes(self, config: str):
+        from offload.checkpoint import plan_checkpoint
+        from offload.config import parse_dtype
+        from offload.perfmodel import ModelSizes
+
+        scheme = quant_of(config)
+        path = quantized_dir(self.opts, self.path, scheme) if scheme else self.path
+        if str(path) not in self._sizes:
+            plan = plan_checkpoint(path)
+            self._sizes[str(path)] = ModelSizes.from_plan(plan, self.opts.device, parse_dtype(self.opts.dtype))
+        return self._sizes[str(path)]
+
+    def __call__(self, sample: dict) -> float | None:
+        from offload.perfmodel import token_cost
+
+        if "error" in sample or not is_ours(sample["config"]) or not sample.get("decode_tokens"):
+            return None
+        sizes, decode = self.sizes(sample["config"]), sample["decode_cache"]
+        misses = min(decode["misses"] / sample["decode_tokens"], sizes.active)
+        reuse = decode["hits"] / (decode["hits"] + decode["misses"]) if decode["hits"] + decode["misses"] else 0.0
+        tier = OURS_RE.fullmatch(base_config(sample["config"]))["tier"]
+        return token_cost(sizes, self.calibration, self.opts.device, tier, misses, self.opts.hybrid,
+                          reuse).tokens_per_s
+
+    def to_json(self) -> dict:
+        return {"source": self.source, **self.calibration.to_json()}  # ``measured`` empty: the defaults
+
+
 def drive(opts: Options) -> None:
     """Time every configuration ``--repeats`` times, each in a fresh worker; write the JSON after each sample."""
     t_start = time.time()
     path = ensure_model(opts)
     ensure_quantized(opts, path)
+    predicted = Predicted(opts, path)
     before = busy_snapshot()
     log(f"model {path}; configs {opts.configs} on {opts.device}; {opts.repeats} repeats; "
         f"load average {before['loadavg']}")
@@ -597,25 +643,30 @@ def drive(opts: Options) -> None:
     for rep, name in plan:
         s = run_worker(opts, name, path)
         s["repeat"] = rep
+        if (tps := predicted(s)) is not None:
+            s["predicted_tokens_per_s"] = tps
         samples.append(s)
         msg = s.get("error") or (f"{s['decode_tokens_per_s']:.2f} tok/s "
                                  f"(other procs {s['busy']['other_processes_cores']} cores)")
         log(f"  repeat {rep} {name:22s} {msg}")
         # Written after every sample, so an interrupted run still leaves what it measured.
-        result = report(opts, path, samples, before, t_start, complete=len(samples) == len(plan))
+        result = report(opts, path, samples, before, t_start, complete=len(samples) == len(plan),
+                        calibration=predicted.to_json())
     print(table(result["summary"]))
     log(f"wrote {opts.out} in {result['wall_time_s']:.0f}s")
 
 
-def report(opts: Options, path: Path, samples: list[dict], before: dict, t_start: float, complete: bool) -> dict:
-    """The JSON of the run so far (written to ``--out``, atomically): machine, parameters, samples, summary."""
+def report(opts: Options, path: Path, samples: list[dict], before: dict, t_start: float, complete: bool,
+           calibration: dict | None = None) -> dict:
+    """The JSON of the run so far (written to ``--out``, atomically): machine, parameters, the calibration the
+    predictions used, samples, summary."""
     summary = summarize(samples, opts.configs, opts.repeats)
     cfg = json.loads((path / "config.json").read_text())
     result = {
         "benchmark": "bench_decode", "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "complete": complete, "wall_time_s": round(time.time() - t_start, 1),
         "machine": machine_info("transformers", "accelerate"), "device": opts.device,
-        "busy_before": before, "busy_after": busy_snapshot(), "params": opts.params(),
+        "busy_before": before, "busy_after": busy_snapshot(), "params": opts.params(), "calibration": calibration,
         "model": {"path": str(path), "config": {k: cfg.get(k) for k in (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "initializer_range", "dtype", "torch_dtype")},
@@ -626,7 +677,9 @@ def report(opts: Options, path: Path, samples: list[dict], before: dict, t_start
                    "streamer, for every runtime; hits/misses/bytes/load stall count decode steps only"),
         "notes": [f"{HF_ACCEL} gets max_memory cpu = dense bytes + {ACCEL_BUDGET} of expert bytes (our 25% budget)",
                   ("page_cache.resident_bytes_* are mincore() samples taken just before a drop: what the page cache "
-                   "held of the disk files; pages a process keeps memory-mapped cannot be dropped")],
+                   "held of the disk files; pages a process keeps memory-mapped cannot be dropped"),
+                  ("predicted_tokens_per_s (offload samples): offload/perfmodel.py's decode time per token from "
+                   "`calibration` and the misses per decode token the sample measured")],
         "samples": samples, "summary": summary,
     }
     write_json(opts.out, result)
@@ -654,6 +707,10 @@ def _cache_row(config: str, ss: list[dict]) -> dict:
         row["recall_lookahead_1"] = median_range([s["stats"]["prediction"]["1"]["recall"] for s in ss])
         row["predictor_share_of_decode"] = median_range(
             [s["stats"]["predictor_time_s"] / s["stats"]["decode_time_s"] for s in ss if s["stats"]["decode_time_s"]])
+    predicted = [s for s in ss if s.get("predicted_tokens_per_s")]
+    row["predicted_tokens_per_s"] = median_range([s["predicted_tokens_per_s"] for s in predicted])
+    row["predicted_over_measured"] = median_range([s["predicted_tokens_per_s"] / s["decode_tokens_per_s"]
+                                                   for s in predicted if s["decode_tokens_per_s"]])
     return row
 
 
@@ -684,8 +741,8 @@ def summarize(samples: list[dict], configs: list[str], repeats: int) -> dict:
     pairs = [("offload-ram-100", HF_EAGER), ("offload-disk-100", HF_EAGER), ("offload-disk-25", HF_ACCEL)]
     extra = [(c, c.split("@")[0]) for c in configs if "@" in c and "+" not in c]  # a format against bf16
     extra += [(c, HF_ACCEL) for c in configs if c.startswith("offload-disk-25bf") and "+" not in c]
-    for ours, theirs in pairs + [(a, b) for a, b in extra if a in by and b in by]:
-        summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by.get(ours, []), by.get(theirs, []), repeats)
+    for ours, theirs in [(a, b) for a, b in pairs + extra if a in by and b in by]:  # pairs that both ran
+        summary["ratios"][f"{ours} / {theirs}"] = paired_ratio(by[ours], by[theirs], repeats)
     for c in configs:
         if "+" in c:
             plain, pred = by.get(base_config(c), []), by.get(c, [])
@@ -716,7 +773,7 @@ def paired_ratio(ours: list[dict], theirs: list[dict], repeats: int, key: str = 
     b = {s["repeat"]: _measure(s, key) for s in theirs}
     ratios = [a[r] / b[r] for r in range(repeats) if r in a and r in b and b[r]]
     out = median_range(ratios)
-    if a and b:
+    if a and b and statistics.median(b.values()):  # a stall ratio at 100%: no stalls without the predictor
         out["of_medians"] = statistics.median(a.values()) / statistics.median(b.values())
     return out
 
@@ -731,19 +788,20 @@ def _config_lines(rows: dict) -> list[str]:
     ref = rows.get(HF_EAGER, {}).get("decode_tokens_per_s", {}).get("median")
     lines = [("| configuration | decode tok/s median [min–max] | vs HF eager | decode hits | decode misses "
               "| misses / token | MiB per miss | decode GiB loaded | decode stall s | peak RSS GiB "
-              "| other procs' cores |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| other procs' cores | predicted tok/s | predicted / measured |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in rows.items():
         tps = r["decode_tokens_per_s"]
         rel = f"{tps['median'] / ref:.2f}x" if tps and ref else "n/a"
         cache = [fmt_range(r.get(f"decode_{k}", {}), s, d) for k, s, d in
                  (("hits", 1, 0), ("misses", 1, 0), ("misses_per_token", 1, 2), ("mib_per_miss", 1, 1),
                   ("bytes_loaded", 2**-30, 2), ("stall_time_s", 1, 2))]
+        predicted = [fmt_range(r.get("predicted_tokens_per_s", {})), fmt_range(r.get("predicted_over_measured", {}))]
         if not is_ours(c):
-            cache = ["–"] * 6
+            cache, predicted = ["–"] * 6, ["–"] * 2
         lines.append(f"| {c} | {fmt_range(tps)} | {rel} | " + " | ".join(cache) +
                      f" | {fmt_range(r.get('max_rss_bytes', {}), 2**-30)} | "
-                     f"{fmt_range(r.get('other_processes_cores', {}))} |")
+                     f"{fmt_range(r.get('other_processes_cores', {}))} | " + " | ".join(predicted) + " |")
     return lines
 
 
@@ -827,6 +885,12 @@ def bench(
                                               "that share of the bf16 experts).")] = ",".join(CONFIGS),
     quant: Annotated[str, typer.Option(help="Also run every offload config of --configs on the model quantized "
                                             "with each of these schemes (int8, int4-g128-asym, ...).")] = "",
+    calibration: Annotated[Path | None, typer.Option(help="Calibration file for the predicted tok/s beside each "
+                                                          "offload sample (default: the one `offload bench-hw` "
+                                                          "wrote, else its defaults).")] = None,
+    hybrid: Annotated[str, typer.Option(help="offload's --hybrid for every offload config (off, auto, always; "
+                                             "takes effect with --device cuda once the runtime wires it).")
+                      ] = "off",
     timeout: Annotated[float, typer.Option(help="Seconds one worker may take.")] = 1800.0,
     out: Annotated[Path, typer.Option(help="JSON file to write (after every sample).")] = Path("bench_decode.json"),
     summarize: Annotated[Path | None, typer.Option(help="Re-print the table of an existing JSON (and add --note "
@@ -843,6 +907,11 @@ def bench(
         return
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    from offload.hybrid import check_mode
+
+    check_mode(hybrid)
+    if calibration is not None and not calibration.is_file():
+        raise ConfigError(f"--calibration {calibration} does not exist", "run `offload bench-hw --out FILE`")
     on = resolved_device(device)
     to_run, skipped = parse_configs(configs, predictor, on, quant)
     opts = Options(**{**given, "device": on, "configs": to_run, "note": note or []})

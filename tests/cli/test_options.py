@@ -14,7 +14,8 @@ def test_runtime_config_from_the_shared_options(tmp_path):
     config = runtime_config("cpu", "bf16", "25%", "ram", "lfu", "markov", 2, "4", trace, scheduler="expert-aware")
     assert (config.device, config.offload_to, config.policy, config.lookahead, config.scheduler) == \
         ("cpu", "ram", "lfu", 2, "expert-aware")
-    assert config.predictor_options == {"trace": trace}
+    assert config.predictor_options == {"trace": trace} and config.hybrid == "off"
+    assert runtime_config(hybrid="always").hybrid == "always"
     with pytest.raises(PolicyError):
         runtime_config(policy="mru")
 

@@ -45,6 +45,7 @@ def test_amounts_keep_what_the_user_wrote():
     (dict(lookahead=0), ConfigError, "--lookahead"),
     (dict(batch_size=0), ConfigError, "--batch-size"),
     (dict(max_wait=-1), ConfigError, "--max-wait"),
+    (dict(hybrid="sometimes"), ConfigError, "invalid --hybrid 'sometimes'"),
 ])
 def test_runtime_config_rejects_bad_values(kwargs, error, match):
     with pytest.raises(error, match=match) as info:
@@ -55,6 +56,7 @@ def test_runtime_config_rejects_bad_values(kwargs, error, match):
 def test_runtime_config_normalises_dtype_and_is_frozen():
     config = RuntimeConfig(dtype="bf16", predictor="PreGate", policy="LFU")
     assert config.dtype is torch.bfloat16 and RuntimeConfig(dtype="auto").dtype is None
+    assert config.hybrid == "off" and RuntimeConfig(hybrid="auto").hybrid == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.policy = "lru"  # type: ignore[misc]
 

@@ -22,14 +22,14 @@ bench = load_script("bench_decode")
 
 CLOCK = {"prefill_s", "decode_tokens", "decode_s", "decode_tokens_per_s"}
 WORKER = {"config", "device", "threads", "loadavg_before", "loadavg_after", "max_rss_bytes"}
-OURS_SAMPLE = CLOCK | WORKER | {"load_model_s", "num_slots", "total_experts", "stats", "decode_cache", "busy",
-                                "new_token_ids", "expert_format", "slot_nbytes"}
+OURS_SAMPLE = CLOCK | WORKER | {"load_model_s", "num_slots", "expert_format", "slot_nbytes", "total_experts", "stats",
+                                "decode_cache", "busy", "new_token_ids"}
 HF_SAMPLE = CLOCK | WORKER | {"load_model_s", "busy", "attn_implementation", "experts_implementation",
                               "new_token_ids"}
 PARAMS = ["model", "dtype", "device", "prompt", "predictor", "lookahead", "work_dir", "hidden", "intermediate",
           "layers", "experts", "top_k", "heads", "kv_heads", "vocab", "init_range", "seed", "prompt_len",
-          "new_tokens", "warmup_tokens", "repeats", "threads", "drop_ms", "configs", "quant", "timeout", "out",
-          "summarize", "note"]
+          "new_tokens", "warmup_tokens", "repeats", "threads", "drop_ms", "configs", "quant", "calibration", "hybrid",
+          "timeout", "out", "summarize", "note"]
 
 
 def test_help_lists_device_and_hides_the_worker_protocol() -> None:
@@ -116,7 +116,8 @@ def _hf(config: str, repeat: int, tps: float) -> dict:
 
 CONFIGS = ["offload-ram-100", "offload-disk-25", "offload-ram-50", "hf-eager", "hf-accelerate-disk",
            "offload-ram-50+pregate"]
-SAMPLES = [_ours("offload-ram-100", 0, 10.0, 0), _ours("offload-ram-100", 1, 30.0, 0),
+SAMPLES = [_ours("offload-ram-100", 0, 10.0, 0) | {"predicted_tokens_per_s": 15.0},
+           _ours("offload-ram-100", 1, 30.0, 0) | {"predicted_tokens_per_s": 24.0},
            _ours("offload-disk-25", 0, 4.0, 8), _ours("offload-disk-25", 1, 2.0, 8),
            _ours("offload-ram-50", 0, 8.0, 8), _ours("offload-ram-50", 1, 8.0, 4),
            _ours("offload-ram-50+pregate", 0, 4.0, 2), _ours("offload-ram-50+pregate", 1, 6.0, 2),
@@ -128,12 +129,18 @@ def test_summary_rows_and_ratios_keep_their_keys_and_values() -> None:
     summary = bench.summarize(SAMPLES, CONFIGS, 2)
     rows = summary["configs"]
     assert list(rows) == CONFIGS
-    cache_keys = [f"decode_{k}" for k in bench.DECODE_COUNTS] + ["total_load_time_s", "decode_misses_per_token",
-                                                                  "decode_mib_per_miss", "decode_stalls_per_token"]
+    cache_keys = [f"decode_{k}" for k in bench.DECODE_COUNTS] + [
+        "total_load_time_s", "decode_misses_per_token", "decode_mib_per_miss", "decode_stalls_per_token"]
+    model = ["predicted_tokens_per_s", "predicted_over_measured"]
     tail = ["max_rss_bytes", "other_processes_cores", "tokens_match_hf_eager"]
-    assert list(rows["offload-ram-100"]) == ["decode_tokens_per_s", "failed", *cache_keys, *tail]
+    assert list(rows["offload-ram-100"]) == ["decode_tokens_per_s", "failed", *cache_keys, *model, *tail]
     predicted = ["precision_lookahead_1", "recall_lookahead_1", "predictor_share_of_decode"]
-    assert list(rows["offload-ram-50+pregate"]) == ["decode_tokens_per_s", "failed", *cache_keys, *predicted, *tail]
+    assert list(rows["offload-ram-50+pregate"]) == ["decode_tokens_per_s", "failed", *cache_keys, *predicted, *model,
+                                                    *tail]
+    # predicted 15 and 24 tok/s against measured 10 and 30: ratios 1.5 and 0.8 per sample
+    assert rows["offload-ram-100"]["predicted_tokens_per_s"] == {"median": 19.5, "min": 15.0, "max": 24.0, "n": 2}
+    assert rows["offload-ram-100"]["predicted_over_measured"] == {"median": 1.15, "min": 0.8, "max": 1.5, "n": 2}
+    assert rows["offload-ram-50"]["predicted_tokens_per_s"] == {}  # a run without a calibration's prediction
     assert list(rows["hf-eager"]) == ["decode_tokens_per_s", "failed", *tail]
     assert rows["offload-ram-100"]["decode_tokens_per_s"] == {"median": 20.0, "min": 10.0, "max": 30.0, "n": 2}
     assert rows["hf-accelerate-disk"]["failed"] == 1 and rows["hf-accelerate-disk"]["decode_tokens_per_s"]["n"] == 1
@@ -141,13 +148,13 @@ def test_summary_rows_and_ratios_keep_their_keys_and_values() -> None:
     assert rows["offload-ram-50+pregate"]["predictor_share_of_decode"]["median"] == 0.25
     assert rows["offload-disk-25"]["tokens_match_hf_eager"] == [2, 2]  # [5, 6, 7, 8] vs [5, 6, 9, 9]
     assert list(summary["ratios"]) == [
-        "offload-ram-100 / hf-eager", "offload-disk-100 / hf-eager", "offload-disk-25 / hf-accelerate-disk",
+        "offload-ram-100 / hf-eager", "offload-disk-25 / hf-accelerate-disk",
         "offload-ram-50+pregate / offload-ram-50", "offload-ram-50+pregate / offload-ram-50: stalls_per_token",
         "offload-ram-50+pregate / offload-ram-50: stall_time_s"]
     # paired within a repeat: 10 / 5 and 30 / 10, then the median; of medians: 20 / 7.5
     assert summary["ratios"]["offload-ram-100 / hf-eager"] == {"median": 2.5, "min": 2.0, "max": 3.0, "n": 2,
                                                                "of_medians": 20 / 7.5}
-    assert summary["ratios"]["offload-disk-100 / hf-eager"] == {}  # not run
+    assert "offload-disk-100 / hf-eager" not in summary["ratios"]  # not run
     assert summary["ratios"]["offload-disk-25 / hf-accelerate-disk"]["n"] == 1  # repeat 1 failed
     stalls = summary["ratios"]["offload-ram-50+pregate / offload-ram-50: stalls_per_token"]
     assert (stalls["min"], stalls["max"]) == (0.25, 0.5)  # 2 / 8 and 2 / 4 stalls per 4 tokens
@@ -159,19 +166,22 @@ def test_paired_ratio_pairs_by_repeat_and_skips_zeros() -> None:
               {"repeat": 2, "decode_tokens_per_s": 0.0}]
     assert bench.paired_ratio(ours, theirs, 3) == {"median": 2.0, "min": 2.0, "max": 2.0, "n": 1, "of_medians": 7.5}
     assert bench.paired_ratio([], theirs, 3) == {}
+    assert bench.paired_ratio(ours, theirs[2:], 3) == {}  # nothing to divide by: no ratio, no crash
 
 
 def test_table_prints_every_config_prefetch_rows_and_targets() -> None:
     text = bench.table(bench.summarize(SAMPLES, CONFIGS, 2))
     lines = text.splitlines()
     assert lines[0].startswith("| configuration | decode tok/s median [min–max] | vs HF eager |")
-    # 2 misses over 4 decode tokens: 0.50 per token
-    assert "| offload-ram-100 | 20.00 [10.00–30.00] | 2.67x | 2 [2–2] | 2 [2–2] | 0.50 [0.50–0.50] |" in text
-    assert "| hf-eager | 7.50 [5.00–10.00] | 1.00x | – | – | – | – | – | – | 2.00 [2.00–2.00] |" in text
+    assert ("| offload-ram-100 | 20.00 [10.00–30.00] | 2.67x | 2 [2–2] | 2 [2–2] | 0.50 [0.50–0.50] | 0.0 [0.0–0.0] "
+            "| 0.00 [0.00–0.00] | 0.00 [0.00–0.00] | 1.00 [1.00–1.00] | 0.25 [0.25–0.25] | 19.50 [15.00–24.00] "
+            "| 1.15 [0.80–1.50] |") in text
+    assert "| offload-ram-50 | 8.00 [8.00–8.00] | 1.07x |" in text and "| n/a | n/a |\n" in text
+    assert "| hf-eager | 7.50 [5.00–10.00] | 1.00x | – | – | – | – | – | – | 2.00 [2.00–2.00] | 0.50 [0.50–0.50] " \
+           "| – | – |" in text
     assert "| offload-ram-50+pregate | 0.50 [0.50–0.50] | 0.200 [0.200–0.200] | 2 [2–2] / 2 [2–2] / 2 [2–2] " \
            "| 0.75 [0.75–0.75] | 0.50 [0.50–0.50] | 25.0 [25.0–25.0]% |" in text
     assert "| offload-ram-100 / hf-eager | 2.50 [2.00–3.00]x | 2.67x | >= 1.0x |" in text
-    assert "| offload-disk-100 / hf-eager | n/a | n/a | >= 1.0x |" in text
     assert "| offload-ram-50+pregate / offload-ram-50: stalls_per_token | 0.38 [0.25–0.50]x | 0.33x " \
            "| <= 0.5x (50% budget, pregate) |" in text
 
@@ -191,3 +201,21 @@ def test_summarize_recomputes_and_appends_notes(tmp_path) -> None:
     data = json.loads(path.read_text())
     assert data["notes"] == ["a", "b", "c"] and data["summary"] == bench.summarize(SAMPLES, CONFIGS, 2)
     assert result.stdout == bench.table(data["summary"]) + "\n"
+
+
+def test_the_prediction_beside_an_offload_sample_uses_its_measured_misses(worker_samples, tiny_dir, tmp_path):
+    from offload.calibrate import Calibration
+    from offload.perfmodel import token_cost
+
+    calibration = Calibration(host_memory_bandwidth=5e9, disk_read_bandwidth=1e8).save(tmp_path / "hw.json")
+    opts = bench.Options(**{name: None for name in PARAMS} | {
+        "work_dir": tmp_path, "configs": [], "note": [], "device": "cpu", "dtype": "bfloat16",
+        "calibration": calibration, "hybrid": "off"})
+    predicted = bench.Predicted(opts, tiny_dir("mixtral", torch.bfloat16))
+    sample = worker_samples["offload-disk-50"]
+    misses = sample["decode_cache"]["misses"] / sample["decode_tokens"]
+    expected = token_cost(predicted.sizes("offload-disk-50"), Calibration.load(calibration), "cpu", "disk", misses)
+    assert predicted(sample) == pytest.approx(expected.tokens_per_s)
+    assert predicted(worker_samples["hf-eager"]) is None
+    assert predicted({"config": "offload-ram-50", "error": "x"}) is None
+    assert predicted.to_json()["source"] == str(calibration) and predicted.to_json()["measured"] == []
