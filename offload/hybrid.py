@@ -27,19 +27,20 @@ computing from the host copy, which equals the normal path's result.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from .calibrate import Calibration, gemv_format, host_copy_format
 from .errors import ConfigError
+from .stats import HybridStats
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointPlan
 
 HYBRID_MODES = ("off", "auto", "always")
-CHOICES = ("fetch", "cpu")
 PREFILL_TOKENS = 32  # llama.cpp: batches of >= 32 tokens copy host experts to the GPU
 
 
@@ -145,31 +146,29 @@ class ExpertCostModel:
         return decide(mode, self.costs(tokens, reuse), tokens, host_can_compute, self.prefill_tokens)
 
 
-@dataclass
-class HybridStats:
-    """What the per-miss choice did (mutable counters, like stats.LayerStats; exported with to_dict)."""
+class HostCompute:
+    """The CPU branch of a hybrid run: a missed expert the cost model sends to the CPU is computed from the RAM
+    tier's host copy (no copy into a slot, nothing over the bus but the tokens' hidden states and the result).
 
-    cpu_experts: int = 0       # missed experts computed on the CPU from their host copy
-    cpu_tokens: int = 0        # (token, expert) pairs those computed
-    fetched: int = 0           # misses fetched into the device cache
-    bytes_not_moved: int = 0   # slot bytes the CPU computes kept off the bus
-    cpu_time_s: float = 0.0    # wall time of the CPU branch (compute and the hidden states' round trip)
+    On a CPU device this is the degenerate case: the host copy is computed in place, which equals the normal
+    path's result bit for bit (the same bytes through the same kernels) and saves the slot copy.
+    """
 
-    def record(self, choice: str, slot_nbytes: int, tokens: int, seconds: float = 0.0) -> None:
-        """Count one miss's choice (``seconds``: the CPU branch's time, when it ran)."""
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+    def __init__(self, store, costs: ExpertCostModel, mode: str, stats: HybridStats) -> None:
+        self.store, self.costs, self.mode, self.stats = store, costs, check_mode(mode), stats
+        self.host_can_compute = getattr(store, "tier", "") == "ram"
+
+    def wants(self, tokens: int, reuse: float = 0.0) -> bool:
+        """Whether a miss of ``tokens`` tokens should be computed on the CPU (counts a fetch otherwise)."""
+        choice = self.costs.decide(self.mode, tokens, reuse, self.host_can_compute)
         if choice == "fetch":
-            self.fetched += 1
-            return
-        self.cpu_experts += 1
-        self.cpu_tokens += tokens
-        self.bytes_not_moved += slot_nbytes
-        self.cpu_time_s += seconds
+            self.stats.record("fetch", self.costs.slot_nbytes, tokens)
+        return choice == "cpu"
 
-    def add(self, other: HybridStats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def run(self, key: tuple[int, int], x: torch.Tensor, activation) -> torch.Tensor:
+        """The expert's output for x [tokens, hidden] (on any device), computed on the host copy."""
+        start = time.perf_counter()
+        buf, layout = self.store.fetch(key, None)
+        y = activation(layout.bind(buf), x.to(buf.device)).to(x.device)
+        self.stats.record("cpu", self.costs.slot_nbytes, x.shape[0], time.perf_counter() - start)
+        return y

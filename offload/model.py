@@ -25,6 +25,7 @@ from .routers import SoftmaxTopK, router_class
 from .stats import Stats
 
 if TYPE_CHECKING:
+    from .hybrid import HostCompute
     from .prefetch import Prefetcher
 
 # Called after each MoE layer routes: (layer, expert ids [tokens, k], weights [tokens, k]).
@@ -88,6 +89,7 @@ class MoEModel:
         self.activation: Activation = make_activation(family.activation, spec)
         self.route_observers: list[RouteObserver] = []
         self.prefetcher: Prefetcher | None = None  # set by from_pretrained when a predictor is chosen
+        self.host_compute: HostCompute | None = None  # set by from_pretrained with --hybrid auto|always
         self.device = embed.device
         self.dtype = embed.dtype
         attention = attention_class(family.attention)
@@ -125,7 +127,10 @@ class MoEModel:
                      x: torch.Tensor, buf: torch.Tensor, residual: torch.Tensor) -> None:
         """Resident experts first while missing ones load; each writes its tokens' cells of ``buf``."""
         cache = self.cache
-        order = deque([e for e in needed if (layer, e) in cache] + [e for e in needed if (layer, e) not in cache])
+        misses = [e for e in needed if (layer, e) not in cache]
+        if self.host_compute is not None:
+            misses = self._host_misses(layer, misses, experts, weights, x, buf)
+        order = deque([e for e in needed if (layer, e) in cache] + misses)
         held: deque[int] = deque()
 
         def reserve() -> None:
@@ -150,6 +155,22 @@ class MoEModel:
             layer_stats.compute_time_s += time.perf_counter() - start
             cache.release((layer, e))
             reserve()
+
+    def _host_misses(self, layer: int, misses: list[int], experts: torch.Tensor, weights: torch.Tensor,
+                     x: torch.Tensor, buf: torch.Tensor) -> list[int]:
+        """Compute the misses the cost model sends to the CPU from their host copies; return the rest (to fetch).
+
+        Each writes its own cells of ``buf``, so the sum stays in expert order whichever way an expert ran.
+        """
+        fetch = []
+        for e in misses:
+            rows, slot = torch.where(experts == e)
+            if self.host_compute.wants(len(rows)):
+                out = self.host_compute.run((layer, e), x[rows], self.activation)
+                buf[rows, slot] = out * weights[rows, slot, None]
+            else:
+                fetch.append(e)
+        return fetch
 
     def _mlp(self, layer: int, lw: DecoderLayer, x: torch.Tensor, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         # x: [batch, seq, hidden] (normed), h: the residual stream; valid: [batch, seq]

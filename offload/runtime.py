@@ -197,6 +197,8 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     model = _build_model(plan, cache, stats, loader, compute_dtype, device, progress)
     if runtime.predictor != "none":
         model.prefetcher = _make_prefetcher(model, runtime, plan.path)
+    if runtime.hybrid != "off":
+        model.host_compute = _make_host_compute(plan, runtime, store, compute_dtype, device, stats)
     tokenizer = _load_tokenizer(plan.path)
     generation_config = ckpt.read_json_if_present(plan.path / "generation_config.json")
     log.info("loaded %s: %d of %d experts fit the cache (%s tier, %s)", plan.path, cache.num_slots,
@@ -249,6 +251,17 @@ def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, folder: Path):
     predictor = PREDICTORS[runtime.predictor.lower()].from_model(model, shape, folder, **options)
     slots = parse_prefetch_budget(runtime.prefetch_budget, model.cache.num_slots)
     return Prefetcher(predictor, model.cache, model.stats, model.moe_layers, PrefetchConfig(runtime.lookahead, slots))
+
+
+def _make_host_compute(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, dtype: torch.dtype,
+                       device: torch.device, stats: Stats):
+    """The hybrid CPU branch: the cost model (this machine's `offload bench-hw` calibration) over the host copy."""
+    from .calibrate import Calibration
+    from .hybrid import ExpertCostModel, HostCompute
+
+    costs = ExpertCostModel.from_plan(plan, Calibration.load(), device.type, runtime.offload_to, dtype,
+                                      runtime.quant_activations)
+    return HostCompute(store, costs, runtime.hybrid, stats.hybrid)
 
 
 def _load_tokenizer(path: Path):

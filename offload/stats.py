@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+CHOICES = ("fetch", "cpu")  # what the hybrid cost model picks for a miss
+
 
 def ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, 0.0 for an empty denominator (a rate over no events)."""
@@ -82,6 +84,36 @@ class PredictionStats:
 
 
 @dataclass
+class HybridStats:
+    """What the per-miss choice did (mutable counters, like stats.LayerStats; exported with to_dict)."""
+
+    cpu_experts: int = 0       # missed experts computed on the CPU from their host copy
+    cpu_tokens: int = 0        # (token, expert) pairs those computed
+    fetched: int = 0           # misses fetched into the device cache
+    bytes_not_moved: int = 0   # slot bytes the CPU computes kept off the bus
+    cpu_time_s: float = 0.0    # wall time of the CPU branch (compute and the hidden states' round trip)
+
+    def record(self, choice: str, slot_nbytes: int, tokens: int, seconds: float = 0.0) -> None:
+        """Count one miss's choice (``seconds``: the CPU branch's time, when it ran)."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if choice == "fetch":
+            self.fetched += 1
+            return
+        self.cpu_experts += 1
+        self.cpu_tokens += tokens
+        self.bytes_not_moved += slot_nbytes
+        self.cpu_time_s += seconds
+
+    def add(self, other: HybridStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Stats:
     """Everything a run measured: per-layer cache counts plus generation totals."""
 
@@ -92,6 +124,7 @@ class Stats:
     decode_time_s: float = 0.0
     predictor_time_s: float = 0.0  # asking the predictor and issuing prefetches (waits on loads excluded)
     prediction: dict[int, PredictionStats] = field(default_factory=dict)  # by lookahead
+    hybrid: HybridStats = field(default_factory=HybridStats)  # the per-miss CPU/fetch choice (--hybrid)
 
     def layer(self, index: int) -> LayerStats:
         if index not in self.layers:
@@ -114,6 +147,7 @@ class Stats:
         self.prefill_tokens = self.decode_tokens = 0
         self.prefill_time_s = self.decode_time_s = self.predictor_time_s = 0.0
         self.prediction.clear()
+        self.hybrid = HybridStats()
 
     def to_dict(self) -> dict:
         return {
@@ -126,6 +160,7 @@ class Stats:
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "predictor_time_s": round(self.predictor_time_s, 6),
             "prediction": {str(d): p.to_dict() for d, p in sorted(self.prediction.items())},
+            "hybrid": self.hybrid.to_dict(),
         }
 
     def summary(self) -> str:

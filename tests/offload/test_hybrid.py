@@ -94,3 +94,28 @@ def test_stats_count_choices_and_the_bytes_kept_off_the_bus():
                                "cpu_time_s": 0.75}
     with pytest.raises(ValueError, match="choice must be one of"):
         s.record("gpu", 1, 1)
+
+
+@pytest.mark.parametrize("mode", ["always", "auto"])
+def test_the_cpu_branch_on_a_cpu_device_equals_the_normal_path(tiny_dir, mode):
+    """A device that is the host is the degenerate case: host copies computed in place give the same tokens."""
+    import offload
+
+    path = tiny_dir("mixtral")
+    prompt = torch.tensor([[5, 17, 33, 60, 8]])
+    plain = offload.from_pretrained(path, device="cpu", expert_budget=2, offload_to="ram")
+    hybrid = offload.from_pretrained(path, device="cpu", expert_budget=2, offload_to="ram", hybrid=mode)
+    assert torch.equal(hybrid.generate(prompt, max_new_tokens=8), plain.generate(prompt, max_new_tokens=8))
+    h = hybrid.stats.hybrid
+    assert h.cpu_experts > 0 and h.bytes_not_moved == h.cpu_experts * hybrid.cache.slot_nbytes
+    assert hybrid.stats.total.misses < plain.stats.total.misses  # what ran on the host never entered the cache
+    assert hybrid.stats.to_dict()["hybrid"]["cpu_experts"] == h.cpu_experts
+
+
+def test_the_disk_tier_has_no_host_copy_to_compute(tiny_dir):
+    import offload
+
+    model = offload.from_pretrained(tiny_dir("mixtral"), device="cpu", expert_budget=2, offload_to="disk",
+                                    hybrid="always")
+    model.generate(torch.tensor([[5, 17, 33]]), max_new_tokens=4)
+    assert model.stats.hybrid.cpu_experts == 0 and model.stats.hybrid.fetched == model.stats.total.misses
