@@ -483,6 +483,9 @@ def routing_stats(model, val_windows, batch_size: int, seed: int) -> dict:
             "consecutive_top1_repeat": round(float((cur[..., 0] == nxt[..., 0]).float().mean()), 4),
             "shuffled_any_reuse": round(float(_any_overlap(flat, shuffled).float().mean()), 4),
             "shuffled_top1_repeat": round(float((flat[:, 0] == shuffled[:, 0]).float().mean()), 4),
+            # With top-8 of 64 nearly every pair shares some expert; the shared share is what a cache keeps.
+            "consecutive_mean_overlap": round(float(_overlap(cur, nxt).mean()), 4),
+            "shuffled_mean_overlap": round(float(_overlap(flat, shuffled).mean()), 4),
         })
     cross = [_cross_layer(i, topk[i][..., 0], topk[i + 1][..., 0], n_exp) for i in range(len(topk) - 1)]
     return {
@@ -490,6 +493,7 @@ def routing_stats(model, val_windows, batch_size: int, seed: int) -> dict:
         "max_entropy_nats": round(math.log(n_exp), 4),
         "uniform_any_reuse": round(1 - math.comb(n_exp - k, k) / math.comb(n_exp, k), 4),
         "uniform_top1_repeat": round(1 / n_exp, 4),
+        "uniform_mean_overlap": round(k / n_exp, 4),
         "layers": layers,
         "cross_layer_top1": cross,
     }
@@ -498,6 +502,11 @@ def routing_stats(model, val_windows, batch_size: int, seed: int) -> dict:
 def _any_overlap(a, b):
     """[..., k] x [..., k] expert sets -> [...] bool: do they share an expert?"""
     return (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).any(-1)
+
+
+def _overlap(a, b):
+    """[..., k] x [..., k] expert sets -> [...] float: the share of a's k experts that b also has."""
+    return (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean(-1)
 
 
 def _cross_layer(layer: int, src, dst, n_exp: int) -> dict:
@@ -642,6 +651,7 @@ def print_summary(report: dict) -> None:
         print(f"layer {row['layer']}: usage {row['usage_min']:.3f}-{row['usage_max']:.3f} "
               f"entropy {row['entropy_nats']:.2f} "
               f"reuse {row['consecutive_any_reuse']:.2f} (shuffled {row['shuffled_any_reuse']:.2f}) "
+              f"overlap {row['consecutive_mean_overlap']:.2f} (shuffled {row['shuffled_mean_overlap']:.2f}) "
               f"top1 repeat {row['consecutive_top1_repeat']:.2f} (shuffled {row['shuffled_top1_repeat']:.2f})")
     for s in report["samples"][:3]:
         print(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
