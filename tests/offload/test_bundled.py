@@ -1,5 +1,7 @@
 """The bundled tiny-moe: found by name, token-for-token equal to transformers on real Python prompts at
 every expert budget, the README's command works, and its committed routing trace re-records to the same experts.
+The fine-grained tiny-moe-64 (OLMoE, 64 experts, top-8; at the end) likewise: found, equal to transformers at
+every budget, its committed traces of tiny-moe's two workloads well formed.
 
 Tolerance: float32 logits agree with transformers within 1e-4 absolute, as in test_parity.py and for
 the same reason: both sides run the same float32 math with different kernel groupings (two matmuls
@@ -266,3 +268,23 @@ def test_64_greedy_tokens_and_logits_match_transformers(reference_64, budget, sl
         assert t.evictions == 0 and t.misses <= 320  # each expert read from disk once at most
     else:
         assert t.evictions > 0 and t.misses > slots  # experts were evicted and read from disk again
+
+
+@pytest.mark.parametrize("workload", ["stdlib-heldout", "stdlib-prose"])
+def test_64_committed_traces_cover_the_tiny_moe_workloads(workload):
+    """scripts/results/traces/tiny-moe-64-*.jsonl.gz: tiny-moe's two prompt sets, 64 new tokens at most, as
+    `offload trace tiny-moe-64 --prompts P --out T --max-new-tokens 64 --workload W` records them."""
+    traces = Path(__file__).parents[2] / "scripts" / "results" / "traces"
+    trace = read_trace(traces / f"tiny-moe-64-{workload}.jsonl.gz")
+    h = trace.header
+    assert (h.model, h.num_layers, h.num_experts, h.top_k) == (MODEL_64, 5, 64, 8)
+    assert h.extra["workload"] == workload and h.extra["moe_layers"] == [0, 1, 2, 3, 4]
+    prompts = read_prompts(traces / f"{workload}.prompts.jsonl")
+    model = offload.from_pretrained(MODEL_64, device="cpu")
+    assert len(prompts) == 40 and set(np.unique(trace.seq)) == set(range(40))
+    for seq, prompt in enumerate(prompts):
+        rows = trace.seq == seq
+        prompt_len = model.encode(prompt).shape[1]
+        assert trace.pos[rows].tolist() == list(range(rows.sum()))
+        assert (trace.phase[rows] == 0).sum() == prompt_len
+        assert prompt_len <= rows.sum() <= prompt_len + 63  # stopped at EOS or after 64 new tokens
