@@ -180,7 +180,10 @@ def _run_many(m, texts: list[str], out: Path | None, sampling, chat: bool = Fals
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """Bytes in the largest unit that keeps them at or above 1 (a 48 KiB expert is not "0.0 MiB")."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 @app.command()
