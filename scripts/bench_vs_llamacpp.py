@@ -910,8 +910,12 @@ def summarize(samples: list[dict], runs: list[Run], repeats: int, bandwidth: flo
         a, b = by[ours.name], by[theirs.name]
         ratio = bd.paired_ratio(a, b, repeats) | {"target": target}
         if a and b:
-            ratio["first_token_difference"] = first_difference(a[0]["new_token_ids"], b[0]["new_token_ids"])
+            diff = first_difference(a[0]["new_token_ids"], b[0]["new_token_ids"])
+            ratio["first_token_difference"] = diff
             ratio["tokens_compared"] = min(len(a[0]["new_token_ids"]), len(b[0]["new_token_ids"]))
+            margins = b[0].get("top2_margins") or []
+            if diff is not None and diff < len(margins):  # how close llama.cpp's own choice was there
+                ratio["llama_cpp_top2_margin_there"] = margins[diff]
         summary["ratios"][f"{ours.name} / {theirs.name}"] = ratio
     return summary
 
@@ -964,6 +968,8 @@ def _ratio_lines(ratios: dict) -> list[str]:
         paired = f"{bd.fmt_range(v)}x" if v.get("n") else "n/a"
         diff = v.get("first_token_difference", "n/a")
         diff = f"none in {v['tokens_compared']}" if diff is None else diff
+        if "llama_cpp_top2_margin_there" in v:
+            diff = f"{diff} (llama.cpp's top-2 logit gap there: {v['llama_cpp_top2_margin_there']:.3g})"
         lines.append(f"| {k} | {paired} | {of} | {v['target']} | {diff} |")
     return lines
 
@@ -976,7 +982,9 @@ def table(result: dict) -> str:
             f"{' / '.join(bw)} GB/s. Caps: {result['cap_formula']}, R = {result['params']['runtime_mib']} MiB.", ""]
     resident = [n for n in rows if runs[n]["cap"] is None]
     capped = [n for n in rows if runs[n]["cap"] is not None]
-    lines = head + _resident_lines(rows, resident)
+    lines = head[:-1]
+    if resident:
+        lines += [""] + _resident_lines(rows, resident)
     if capped:
         lines += [""] + _capped_lines(rows, capped, result["caps"], runs)
     lines += [""] + _ratio_lines(result["summary"]["ratios"])

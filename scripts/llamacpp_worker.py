@@ -22,9 +22,9 @@ LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, L
 GGML_TYPE_F16 = 1
 
 
-def greedy(llm, ids: list[int], n: int, clock=None) -> list[int]:
+def greedy(llm, ids: list[int], n: int, clock=None, margins: list[float] | None = None) -> list[int]:
     """``n`` greedy tokens after ``ids`` from llama.cpp's logits (argmax in numpy: offload's greedy is an argmax,
-    and ties go to the lowest id in both)."""
+    and ties go to the lowest id in both); ``margins`` gets each step's gap between the top two logits."""
     import llama_cpp
     import numpy as np
 
@@ -37,6 +37,9 @@ def greedy(llm, ids: list[int], n: int, clock=None) -> list[int]:
     for i in range(n):
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
         out.append(int(np.argmax(logits)))
+        if margins is not None:
+            top2 = np.partition(logits, -2)[-2:]
+            margins.append(float(top2[1] - top2[0]))
         if clock:
             clock.put(np.asarray(out[-1:]))
         if i < n - 1:
@@ -55,10 +58,12 @@ def run(task: dict) -> dict:
                           n_threads_batch=task["threads"], use_mmap=True, verbose=False)
     load_s = time.perf_counter() - t0
     greedy(llm, task["ids"], task["warmup_tokens"])
-    sample = timed(lambda clock: greedy(llm, task["ids"], task["new_tokens"], clock), len(task["ids"]))
-    return {**sample, "load_model_s": load_s, "rss_before_load_bytes": rss0, "n_ctx": llm.n_ctx(),
-            "n_batch": llm.n_batch, "threads": task["threads"], "llama_cpp_version": llama_cpp.__version__,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rss_after_bytes": rss_bytes()}
+    margins: list[float] = []
+    sample = timed(lambda clock: greedy(llm, task["ids"], task["new_tokens"], clock, margins), len(task["ids"]))
+    return {**sample, "top2_margins": margins, "load_model_s": load_s, "rss_before_load_bytes": rss0,
+            "n_ctx": llm.n_ctx(), "n_batch": llm.n_batch, "threads": task["threads"],
+            "llama_cpp_version": llama_cpp.__version__, "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(), "rss_after_bytes": rss_bytes()}
 
 
 def quantize(src: Path, dst: Path, gtype: str, scope: str, threads: int) -> None:

@@ -192,7 +192,8 @@ def test_summary_and_table_from_hand_made_samples() -> None:
     runs = vs.plan_runs(["bf16"], [50], ["bf16"])
     group = {"cgroup": {"peak_bytes": 3 * 2**29}}
     samples = [_sample("offload-bf16", 0, 10.0, [1, 2, 3]), _sample("offload-bf16", 1, 14.0, [1, 2, 3]),
-               _sample("llama.cpp-f16", 0, 20.0, [1, 2, 4]), _sample("llama.cpp-f16", 1, 20.0, [1, 2, 4]),
+               _sample("llama.cpp-f16", 0, 20.0, [1, 2, 4], top2_margins=[0.5, 0.25, 0.004]),
+               _sample("llama.cpp-f16", 1, 20.0, [1, 2, 4]),
                _sample("offload-disk-bf16@cap50", 0, 4.0, [1, 2, 3], **group),
                _sample("llama.cpp-f16@cap50", 0, 1.0, [1, 2, 4], **group),
                {"config": "accelerate-bf16@cap50", "repeat": 0, "error": "worker exited -9"}]
@@ -204,7 +205,7 @@ def test_summary_and_table_from_hand_made_samples() -> None:
     assert rows["offload-bf16"]["tokens_stable"] and rows["accelerate-bf16@cap50"] == {"failed": 1, "n": 0}
     assert ratios["offload-bf16 / llama.cpp-f16"] | {} == {
         "median": 0.6, "min": 0.5, "max": 0.7, "n": 2, "of_medians": 0.6, "target": ">= 0.8x",
-        "first_token_difference": 2, "tokens_compared": 3}
+        "first_token_difference": 2, "tokens_compared": 3, "llama_cpp_top2_margin_there": 0.004}
     assert ratios["offload-disk-bf16@cap50 / llama.cpp-f16@cap50"]["median"] == 4.0
     assert "first_token_difference" not in ratios["offload-disk-bf16@cap50 / accelerate-bf16@cap50"]
     text = vs.table(result)
@@ -212,7 +213,8 @@ def test_summary_and_table_from_hand_made_samples() -> None:
     assert "| offload-disk-bf16@cap50 | 2.00 | 4.00 [4.00–4.00] |" in text  # cap = 1 + 0.5 + 0 + 0.5 GiB
     assert "| 1.50 [1.50–1.50] | 4.0 [4.0–4.0] | 1.0 [1.0–1.0] |" in text  # cgroup peak, faults, MiB per token
     assert "| accelerate-bf16@cap50 | 2.00 | failed (1) |" in text
-    assert "| offload-bf16 / llama.cpp-f16 | 0.60 [0.50–0.70]x | 0.60x | >= 0.8x | 2 |" in text
+    assert "| offload-bf16 / llama.cpp-f16 | 0.60 [0.50–0.70]x | 0.60x | >= 0.8x | 2 (llama.cpp's top-2 logit gap " \
+           "there: 0.004) |" in text
     assert "20.0 / 19.0 GB/s" in text and "Note: smoke run" in text
 
 
