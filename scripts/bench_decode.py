@@ -45,6 +45,7 @@ from typing import Annotated
 
 import typer
 from common import machine_info, main, make_app, write_json
+from timing import BusyMeter, TokenClock
 
 from offload.errors import CheckpointError, ConfigError
 from offload.files import atomic_output
@@ -294,74 +295,7 @@ class NullDropper:
         pass
 
 
-# -- timing helpers ------------------------------------------------------------------------------
-class TokenClock:
-    """A streamer (transformers' put/end protocol) that timestamps each new token.
-
-    put() gets the prompt first, then one call per generated token; decode time runs from the first
-    new token (the end of prefill) to the last, over new_tokens - 1 tokens, for both runtimes.
-    ``on_first`` runs once at the first new token (to snapshot cache counters after prefill); ``sync``
-    waits for the device before each timestamp.
-    """
-
-    def __init__(self, on_first: Callable[[], None] | None = None, sync: Callable[[], None] = lambda: None) -> None:
-        self.times: list[float] = []
-        self.tokens: list[int] = []
-        self._prompt_seen = False
-        self._on_first = on_first
-        self._sync = sync
-
-    def put(self, value) -> None:
-        self._sync()  # on CUDA the token's kernels may still be running: its time is when they are done
-        now = time.perf_counter()
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            self.start = now
-            return
-        self.times.append(now)
-        self.tokens.extend(value.reshape(-1).tolist())
-        if len(self.times) == 1 and self._on_first:
-            self._on_first()
-
-    def end(self) -> None:
-        pass
-
-    def result(self) -> dict:
-        n = len(self.times) - 1
-        decode = self.times[-1] - self.times[0] if n > 0 else 0.0
-        return {"prefill_s": self.times[0] - self.start, "decode_tokens": n, "decode_s": decode,
-                "decode_tokens_per_s": n / decode if decode else 0.0}
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-class BusyMeter:
-    """How much of the machine was busy while timing, and how much of that was this process."""
-
-    def __enter__(self) -> BusyMeter:  # noqa: PYI034
-        self.t0, self.ticks0, self.self0 = time.perf_counter(), cpu_ticks(), os.times()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall = time.perf_counter() - self.t0
-        busy1, total1 = cpu_ticks()
-        me = os.times()
-        busy, total = busy1 - self.ticks0[0], total1 - self.ticks0[1]
-        ncpu = os.cpu_count() or 1
-        machine_cores = ncpu * busy / total if total else 0.0
-        mine = (me.user - self.self0.user) + (me.system - self.self0.system)
-        self.result = {"wall_s": round(wall, 3), "machine_busy_cores": round(machine_cores, 2),
-                       "this_process_cores": round(mine / wall, 2) if wall else 0.0,
-                       "other_processes_cores": round(max(machine_cores - mine / wall, 0.0), 2) if wall else 0.0}
-
-
-
-
+# -- timing helpers (the clock and the busy meter are in timing.py) ---------------------------------
 def synchronizer(device: str) -> Callable[[], None]:
     """What waits for ``device`` before a timestamp: torch.cuda.synchronize on CUDA (kernels run
     asynchronously, so a clock read after a launch would time the launch), nothing on the CPU."""
