@@ -24,23 +24,7 @@ from rich.table import Table
 from offload.textstream import TextStream
 
 from .load import load_model
-from .options import (
-    Context,
-    Device,
-    Dtype,
-    ExpertBudget,
-    Lookahead,
-    ModelArg,
-    OffloadTo,
-    Policy,
-    Predictor,
-    PredictorFile,
-    PrefetchBudget,
-    Seed,
-    Temperature,
-    TopP,
-    runtime_config,
-)
+from .options import Context, ModelArg, RuntimeOptions, Seed, Temperature, TopP, with_runtime_options
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 COMMANDS = "/reset forgets the conversation, /stats shows the expert cache's counters, /exit or Ctrl-D leaves; " \
@@ -174,17 +158,10 @@ def converse(session: ChatSession, console: Console) -> None:
             console.print(" [dim](stopped)[/dim]" if stopped else "")
 
 
+@with_runtime_options()
 def chat(
     model: ModelArg,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    expert_budget: ExpertBudget = "auto",
-    offload_to: OffloadTo = "disk",
-    policy: Policy = "lru",
-    predictor: Predictor = "none",
-    lookahead: Lookahead = 1,
-    prefetch_budget: PrefetchBudget = "50%",
-    predictor_file: PredictorFile = None,
+    runtime: RuntimeOptions,
     context: Context = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 256,
     temperature: Temperature = 0.0,
@@ -203,9 +180,7 @@ def chat(
 
     if max_new_tokens < 1 or temperature < 0:
         raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0", "0 means greedy")
-    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
-                             predictor_file, batch_size=1, context=context)
-    m = load_model(model, runtime)
+    m = load_model(model, runtime.config(batch_size=1, context=context))
     if m.tokenizer is None:
         raise ConfigError(f"{m.plan.path} has no tokenizer.json", "offload chat needs one to read and write text")
     template = resolve_chat_template(m.plan.path)

@@ -22,23 +22,7 @@ from .chat import chat
 from .errors import OneLineErrors
 from .hw import register as register_hw
 from .load import load_model
-from .options import (
-    Device,
-    Dtype,
-    ExpertBudget,
-    Hybrid,
-    Lookahead,
-    ModelArg,
-    OffloadTo,
-    Policy,
-    Predictor,
-    PredictorFile,
-    PrefetchBudget,
-    Seed,
-    Temperature,
-    TopP,
-    runtime_config,
-)
+from .options import LOADING, ModelArg, RuntimeOptions, Seed, Temperature, TopP, with_runtime_options
 from .serve import serve
 
 err = Console(stderr=True)
@@ -73,20 +57,12 @@ def _check_run_options(prompt: str | None, prompts_file: Path | None, out: Path 
 
 
 @app.command()
+@with_runtime_options()
 def run(
     model: ModelArg,
+    runtime: RuntimeOptions,
     prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompts-file).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    expert_budget: ExpertBudget = "auto",
-    offload_to: OffloadTo = "disk",
-    policy: Policy = "lru",
-    predictor: Predictor = "none",
-    lookahead: Lookahead = 1,
-    prefetch_budget: PrefetchBudget = "50%",
-    predictor_file: PredictorFile = None,
-    hybrid: Hybrid = "off",
     temperature: Temperature = 0.0,
     top_k: Annotated[int | None, typer.Option(
         help="Sample among the k likeliest tokens (0: all; default: the checkpoint's generation config, else 50).")
@@ -114,10 +90,8 @@ def run(
 
     _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
     texts = read_prompts(prompts_file) if prompts_file is not None else None
-    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
-                             predictor_file, hybrid, scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
-                             context=_run_context(texts or [prompt], max_new_tokens))
-    m = load_model(model, runtime)
+    m = load_model(model, runtime.config(scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
+                                         context=_run_context(texts or [prompt], max_new_tokens)))
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed)
     if texts is not None:
@@ -221,14 +195,14 @@ def info(model: ModelArg) -> None:
 
 
 @app.command()
+@with_runtime_options(("device", "dtype"))
 def trace(
     model: ModelArg,
+    runtime: RuntimeOptions,
     prompts: Annotated[Path, typer.Option(
         help='Prompts: .txt (one per line) or .jsonl (strings or {"prompt": ...}).')],
     out: Annotated[Path, typer.Option(help="Trace file to write (offload-routing-trace/1; gzip'd if it ends in .gz).")],
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 32,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
     workload: Annotated[str, typer.Option(help="A name for the prompts, stored in the trace header.")] = "",
 ) -> None:
     """Record every token's experts and routing weights at every MoE layer (prefill and decode)."""
@@ -240,23 +214,20 @@ def trace(
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory", "give a file path such as trace.jsonl.gz")
     texts = read_prompts(prompts)
-    m = load_model(model, runtime_config(device, dtype))
+    m = load_model(model, runtime.config())
     tokens = record_trace(m, texts, out, max_new_tokens=max_new_tokens, workload=workload or prompts.stem)
     err.print(f"wrote {tokens} tokens of {len(texts)} prompts to {out}", soft_wrap=True)
 
 
 @app.command()
+@with_runtime_options(LOADING, expert_budget="100%")
 def perplexity(
     model: ModelArg,
+    runtime: RuntimeOptions,
     text: Annotated[Path, typer.Option(help="A UTF-8 text file to score.")],
     context: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     stride: Annotated[int, typer.Option(help="Tokens each window moves on (= context: no overlap).")] = 512,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {perplexity, tokens, nll, ...} here.")] = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    expert_budget: ExpertBudget = "100%",
-    offload_to: OffloadTo = "disk",
-    policy: Policy = "lru",
 ) -> None:
     """Token-level perplexity of a text file (sliding windows, as llama-perplexity and transformers' recipe)."""
     from offload.perplexity import perplexity as score
@@ -267,7 +238,7 @@ def perplexity(
         body = text.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"--text {text} is not UTF-8 ({e.reason} at byte {e.start})", "convert it to UTF-8") from None
-    m = load_model(model, runtime_config(device, dtype, expert_budget, offload_to, policy))
+    m = load_model(model, runtime.config())
     ids = m.encode(body)[0].tolist()
     progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err, transient=True, disable=not err.is_terminal)

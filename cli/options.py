@@ -3,8 +3,12 @@ offers the same runtime knobs with the same help, and builds its RuntimeConfig t
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,16 +16,20 @@ from offload.config import RuntimeConfig
 from offload.errors import ConfigError
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id (org/name) or bundled model name.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
-Dtype = Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
+PANEL = "Runtime"  # --help lists the shared runtime options together, after each command's own
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto.", rich_help_panel=PANEL)]
+Dtype = Annotated[str, typer.Option(
+    help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.", rich_help_panel=PANEL)]
 ExpertBudget = Annotated[str, typer.Option(
-    help='Expert cache size: auto (the most that fits this machine), slots ("16"), share ("25%") or bytes ("6GiB").')]
-OffloadTo = Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.")]
-Policy = Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.")]
-Predictor = Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")]
-Lookahead = Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.")]
+    help='Expert cache size: auto (the most that fits this machine), slots ("16"), share ("25%") or bytes ("6GiB").',
+    rich_help_panel=PANEL)]
+OffloadTo = Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.", rich_help_panel=PANEL)]
+Policy = Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.", rich_help_panel=PANEL)]
+Predictor = Annotated[str, typer.Option(
+    help="Prefetch with: none, pregate, prev-token, markov or learned.", rich_help_panel=PANEL)]
+Lookahead = Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.", rich_help_panel=PANEL)]
 PrefetchBudget = Annotated[str, typer.Option(
-    help='Most cache slots prefetched experts may hold before use: "4" or "50%".')]
+    help='Most cache slots prefetched experts may hold before use: "4" or "50%".', rich_help_panel=PANEL)]
 Context = Annotated[int, typer.Option(
     help="Tokens per sequence (prompt + reply) the KV cache holds; 0: the model's max positions, at most 4096.")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")]
@@ -30,9 +38,54 @@ Seed = Annotated[int | None, typer.Option(help="Seed for sampling.")]
 Hybrid = Annotated[str, typer.Option(
     help="Applies with --device cuda: per missed expert, off (fetch it to the GPU), auto (fetch or compute it on the "
          "CPU from its host copy, whichever the cost model calibrated by `offload bench-hw` says is faster) or "
-         "always (the CPU whenever its host copy can compute it).")]
+         "always (the CPU whenever its host copy can compute it).", rich_help_panel=PANEL)]
 PredictorFile = Annotated[Path | None, typer.Option(
-    help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.")]
+    help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.",
+    rich_help_panel=PANEL)]
+
+SHARED: dict[str, tuple[Any, Any]] = {  # option -> (annotation, default)
+    "device": (Device, "auto"), "dtype": (Dtype, "auto"), "expert_budget": (ExpertBudget, "auto"),
+    "offload_to": (OffloadTo, "disk"), "policy": (Policy, "lru"), "predictor": (Predictor, "none"),
+    "lookahead": (Lookahead, 1), "prefetch_budget": (PrefetchBudget, "50%"),
+    "predictor_file": (PredictorFile, None), "hybrid": (Hybrid, "off"),
+}
+LOADING = ("device", "dtype", "expert_budget", "offload_to", "policy")
+ALL = tuple(SHARED)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The shared runtime options a command was given (by :func:`with_runtime_options`)."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def config(self, **more: Any) -> RuntimeConfig:
+        """The RuntimeConfig of these options and a command's own fields (batching, context)."""
+        return runtime_config(**self.values, **more)
+
+
+def with_runtime_options(names: tuple[str, ...] = ALL, **defaults: Any) -> Callable:
+    """Give a Typer command the shared options ``names`` (defaults overridable), handed to it as one
+    ``runtime: RuntimeOptions`` argument: every command spells them, and builds its config, the same way."""
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "runtime"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=SHARED[n][0],
+                                   default=defaults.get(n, SHARED[n][1])) for n in names]
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return command(*args, runtime=RuntimeOptions({n: kwargs.pop(n) for n in names}), **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(own + added, return_annotation=None)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+    return decorate
 
 
 def predictor_options(predictor: str, path: Path | None) -> dict | None:

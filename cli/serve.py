@@ -14,20 +14,7 @@ from rich.console import Console
 
 from offload.errors import ConfigError, OffloadError
 
-from .options import (
-    Context,
-    Device,
-    Dtype,
-    ExpertBudget,
-    Lookahead,
-    ModelArg,
-    OffloadTo,
-    Policy,
-    Predictor,
-    PredictorFile,
-    PrefetchBudget,
-    runtime_config,
-)
+from .options import Context, ModelArg, RuntimeOptions, with_runtime_options
 
 err = Console(stderr=True)
 
@@ -74,19 +61,12 @@ def _load_for_serving(model: str, runtime):
     return m
 
 
+@with_runtime_options()
 def serve(
     model: ModelArg,
+    runtime: RuntimeOptions,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    expert_budget: ExpertBudget = "auto",
-    offload_to: OffloadTo = "disk",
-    policy: Policy = "lru",
-    predictor: Predictor = "none",
-    lookahead: Lookahead = 1,
-    prefetch_budget: PrefetchBudget = "50%",
-    predictor_file: PredictorFile = None,
     max_batch: Annotated[int, typer.Option(help="Requests per decode step.")] = 8,
     scheduler: Annotated[str, typer.Option(help="How a step's batch is picked: fifo or expert-aware.")] = "fifo",
     max_wait: Annotated[int, typer.Option(help="Most steps a ready request is skipped by the scheduler.")] = 4,
@@ -108,9 +88,7 @@ def serve(
     from offload.engine import Engine
     from offload.server import create_app
 
-    runtime = runtime_config(device, dtype, expert_budget, offload_to, policy, predictor, lookahead, prefetch_budget,
-                             predictor_file, scheduler=scheduler, batch_size=max_batch, max_wait=max_wait,
-                             context=context)
+    runtime_config = runtime.config(scheduler=scheduler, batch_size=max_batch, max_wait=max_wait, context=context)
     if shutdown_timeout < 0:
         raise ConfigError(f"invalid --shutdown-timeout {shutdown_timeout}", "give seconds >= 0")
     _check_port(host, port)
@@ -118,17 +96,17 @@ def serve(
     name = served_name(model)
 
     def ready(m) -> None:
-        budget = f"expert budget {'auto' if is_auto(expert_budget) else expert_budget}"
+        budget = f"expert budget {'auto' if is_auto(runtime.expert_budget) else runtime.expert_budget}"
         err.print(f"serving {name} at http://{host}:{port}/v1 ({budget}: {m.cache.num_slots} of "
                   f"{m.spec.total_experts} experts; context {engine.context} tokens, batch {max_batch}, {scheduler})",
                   soft_wrap=True, highlight=False)
 
-    engine = Engine(lambda: _load_for_serving(model, runtime), max_queue, on_ready=ready)
-    config = uvicorn.Config(create_app(engine, name, api_key), host=host, port=port, log_level=log_level,
+    engine = Engine(lambda: _load_for_serving(model, runtime_config), max_queue, on_ready=ready)
+    server = uvicorn.Config(create_app(engine, name, api_key), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout,
                             access_log=log_level in ("info", "debug", "trace"))
     err.print(f"loading {model} ...", highlight=False)
-    _run(uvicorn.Server(config), engine)
+    _run(uvicorn.Server(server), engine)
 
 
 def _run(server, engine) -> None:
