@@ -30,6 +30,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,27 +90,34 @@ class Ticket:
         self._request.cancel()
 
 
+def _metric(default: float, kind: str, help: str, name: str = "") -> Any:
+    """A field /metrics exports: Prometheus type, help, and name (default offload_FIELD, + _total for counters)."""
+    return field(default=default, metadata={"metric": (kind, help, name)})
+
+
 @dataclass(frozen=True)
 class EngineMetrics:
     """What ``/metrics`` reports: the cache's counters, the engine's, and the budget the model runs with."""
 
     state: str = "loading"
-    expert_slots: int = 0
-    total_experts: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_evictions: int = 0
-    bytes_loaded: int = 0
-    stall_seconds: float = 0.0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0
-    prompt_tokens: int = 0
-    tokens_generated: int = 0
-    decode_steps: int = 0
-    distinct_experts_per_step: float = 0.0  # per MoE layer, over every forward step
-    requests_running: int = 0               # holding a KV row
-    requests_waiting: int = 0               # accepted, not yet in a row
+    expert_slots: int = _metric(0, "gauge", "Expert cache slots: the expert budget the model runs with.")
+    total_experts: int = _metric(0, "gauge", "Experts in the checkpoint (all MoE layers).", "offload_experts")
+    cache_hits: int = _metric(0, "counter", "Expert accesses served from the cache.")
+    cache_misses: int = _metric(0, "counter", "Expert accesses that had to load the expert.")
+    cache_evictions: int = _metric(0, "counter", "Experts evicted from the cache.")
+    bytes_loaded: int = _metric(0, "counter", "Expert bytes moved into cache slots.",
+                                "offload_expert_bytes_loaded_total")
+    stall_seconds: float = _metric(0.0, "counter", "Seconds compute waited for expert loads.")
+    prefetch_issued: int = _metric(0, "counter", "Expert loads the prefetcher started.")
+    prefetch_used: int = _metric(0, "counter", "Prefetched experts used by their layer.")
+    prefetch_wasted: int = _metric(0, "counter", "Prefetched experts their layer did not use.")
+    prompt_tokens: int = _metric(0, "counter", "Prompt tokens prefilled.")
+    tokens_generated: int = _metric(0, "counter", "Tokens generated.")
+    decode_steps: int = _metric(0, "counter", "Continuous-batching decode steps run.")
+    distinct_experts_per_step: float = _metric(  # per MoE layer, over every forward step
+        0.0, "gauge", "Mean distinct experts a step needs per MoE layer.")
+    requests_running: int = _metric(0, "gauge", "Requests holding a KV cache row.")
+    requests_waiting: int = _metric(0, "gauge", "Accepted requests waiting for a KV cache row.")
     requests_finished: Mapping[str, int] = field(default_factory=dict)  # by finish reason
 
 

@@ -23,6 +23,7 @@ What a client sees follows OpenAI's API, so its official clients and the tools b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -264,34 +265,15 @@ async def collect(ticket: Ticket, events: asyncio.Queue[Event], request: Request
 
 # -- metrics ----------------------------------------------------------------------------------------------
 
-# (name, type, help, EngineMetrics field)
-METRICS = (
-    ("offload_expert_slots", "gauge", "Expert cache slots: the expert budget the model runs with.", "expert_slots"),
-    ("offload_experts", "gauge", "Experts in the checkpoint (all MoE layers).", "total_experts"),
-    ("offload_cache_hits_total", "counter", "Expert accesses served from the cache.", "cache_hits"),
-    ("offload_cache_misses_total", "counter", "Expert accesses that had to load the expert.", "cache_misses"),
-    ("offload_cache_evictions_total", "counter", "Experts evicted from the cache.", "cache_evictions"),
-    ("offload_expert_bytes_loaded_total", "counter", "Expert bytes moved into cache slots.", "bytes_loaded"),
-    ("offload_stall_seconds_total", "counter", "Seconds compute waited for expert loads.", "stall_seconds"),
-    ("offload_prefetch_issued_total", "counter", "Expert loads the prefetcher started.", "prefetch_issued"),
-    ("offload_prefetch_used_total", "counter", "Prefetched experts used by their layer.", "prefetch_used"),
-    ("offload_prefetch_wasted_total", "counter", "Prefetched experts their layer did not use.", "prefetch_wasted"),
-    ("offload_prompt_tokens_total", "counter", "Prompt tokens prefilled.", "prompt_tokens"),
-    ("offload_tokens_generated_total", "counter", "Tokens generated.", "tokens_generated"),
-    ("offload_decode_steps_total", "counter", "Continuous-batching decode steps run.", "decode_steps"),
-    ("offload_distinct_experts_per_step", "gauge", "Mean distinct experts a step needs per MoE layer.",
-     "distinct_experts_per_step"),
-    ("offload_requests_running", "gauge", "Requests holding a KV cache row.", "requests_running"),
-    ("offload_requests_waiting", "gauge", "Accepted requests waiting for a KV cache row.", "requests_waiting"),
-)
-
-
 def prometheus_text(m: EngineMetrics) -> str:
     """Prometheus' text exposition format (version 0.0.4) of the engine's metrics."""
     lines = ["# HELP offload_ready 1 when the model is loaded and serving.", "# TYPE offload_ready gauge",
              f"offload_ready {int(m.state == 'ready')}"]
-    for name, kind, help, attr in METRICS:
-        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {getattr(m, attr)}"]
+    for f in dataclasses.fields(m):
+        if "metric" in f.metadata:
+            kind, help, name = f.metadata["metric"]
+            name = name or f"offload_{f.name}" + ("_total" if kind == "counter" else "")
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {getattr(m, f.name)}"]
     lines += ["# HELP offload_requests_finished_total Requests finished, by finish reason.",
               "# TYPE offload_requests_finished_total counter"]
     lines += [f'offload_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(m.requests_finished.items())]
