@@ -247,7 +247,18 @@ class ExpertFormat(Protocol):
     def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]: ...  # what a tensor of this format may be stored as
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout: ...
+                    activations: torch.dtype) -> ExpertLayout: ...  # what a cache slot holds and computes from
+
+    # optional: host_layout(...) -> ExpertLayout, what the RAM tier holds when it is not the slot's layout
+    # (vendor formats, dequantized per miss on CPU); see host_layout() below
+
+
+def host_layout(fmt: ExpertFormat, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                activations: torch.dtype) -> ExpertLayout:
+    """The layout the RAM tier holds experts in: the slot's (a miss is one memcpy), unless the format keeps
+    its native bytes there because converting them costs less than the memory they would take."""
+    own = getattr(fmt, "host_layout", None)
+    return (own or fmt.slot_layout)(spec, dtype, device, activations)
 
 
 @dataclass(frozen=True)

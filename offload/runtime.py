@@ -25,7 +25,7 @@ from .cache import ExpertCache
 from .checkpoint import CheckpointPlan, plan_checkpoint
 from .config import RuntimeConfig, parse_budget, parse_prefetch_budget
 from .errors import CheckpointError, ConfigError, DeviceError, OffloadError
-from .experts import ExpertLayout
+from .experts import ExpertLayout, host_layout
 from .generate import generate as _generate
 from .hardware import gpu_memories, host_memory
 from .model import MoEModel, build_layer
@@ -192,7 +192,8 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
     runtime = resolve_expert_budget(plan, runtime, slot_layout, compute_dtype, device)  # auto -> slots; fits?
     loader, stats = _TensorLoader(), Stats()
-    store = _make_store(plan, runtime, slot_layout, device, progress)
+    host = host_layout(plan.expert_format, plan.spec, compute_dtype, device, runtime.quant_activations)
+    store = _make_store(plan, runtime, host, device, progress)
     cache = _make_cache(plan, runtime, store, slot_layout, device, stats)
     model = _build_model(plan, cache, stats, loader, compute_dtype, device, progress)
     if runtime.predictor != "none":
@@ -206,14 +207,15 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     return OffloadModel(plan, model, runtime, tokenizer, generation_config)
 
 
-def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, slot_layout: ExpertLayout, device: torch.device,
+def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, host: ExpertLayout, device: torch.device,
                 progress: ProgressFn | None) -> ExpertStore:
+    """The slow tier: the checkpoint on disk, or every expert read once into RAM in the ``host`` layout."""
     disk = DiskExpertStore(plan.experts, DirectReader(), plan.source_layout)
     if runtime.offload_to == "disk":
         return disk
-    _check_ram_fits(plan, slot_layout.nbytes)
+    _check_ram_fits(plan, host.nbytes)
     report = (lambda d, t: progress("experts", d, t)) if progress else None
-    return RamExpertStore(disk, list(plan.experts), slot_layout, pin=device.type == "cuda", progress=report)
+    return RamExpertStore(disk, list(plan.experts), host, pin=device.type == "cuda", progress=report)
 
 
 def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, slot_layout: ExpertLayout,

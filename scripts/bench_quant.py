@@ -14,7 +14,6 @@ gaussian weights and on the bundled tiny-moe's trained experts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,26 +21,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+import typer
+from common import machine_info, main, make_app, write_json
 
 from offload import quant as Q
-from offload.sim.sweep import machine_info
+from offload.quant_experts import fp8_block_dequantize, mxfp4_dequantize
 
 SHAPES = [(3584, 1024), (1024, 3584)]
 SCHEMES = ["int8", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym"]
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", default="1,2", help="torch thread counts, each in its own processes")
-    p.add_argument("--processes", type=int, default=2, help="processes per thread count (alternating)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds per process; methods take turns in each")
-    p.add_argument("--calls", type=int, default=100, help="matmul calls per method per round (converters: 1/5)")
-    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, default=Path("scripts/results/bench_quant.json"))
-    return p.parse_args()
 
 
 def _median_us(fn, calls: int) -> float:
@@ -69,6 +60,11 @@ def _methods(out: int, in_: int) -> dict[str, tuple]:
     codes32 = q4.codes.to(torch.int32)
     plain = Q.pack_nibbles(q4.codes)
     qweight = Q.gptq_pack(q4)["qweight"]
+    # vendor formats: the timing does not depend on the codes, only on the shapes
+    blocks = torch.randint(0, 256, (out, in_ // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(118, 127, (out, in_ // 32), dtype=torch.uint8, generator=g)
+    w_fp8 = w.to(torch.float8_e4m3fn)
+    s_fp8 = torch.ones((out + 127) // 128, (in_ + 127) // 128)
     return {
         "bf16 F.linear": (lambda: F.linear(xb, wb), 1),
         "fp32 F.linear": (lambda: F.linear(x, w), 1),
@@ -77,6 +73,9 @@ def _methods(out: int, in_: int) -> dict[str, tuple]:
         "int4_linear g32 (bf16 x)": (lambda: Q.int4_linear(xb, p32, 32, sz32), 1),
         "int4_linear g128 (fp32 x, cast in/out)": (lambda: Q.int4_linear(x, p4, 128, sz4), 1),
         "dequant_linear int4 g128 (bf16 x)": (lambda: Q.dequant_linear(xb, q4), 0.1),
+        "mxfp4 dequant + F.linear (bf16 x)": (lambda: F.linear(xb, mxfp4_dequantize(blocks, scales, xb.dtype)), 0.1),
+        "fp8 128x128 dequant + F.linear (bf16 x)": (
+            lambda: F.linear(xb, fp8_block_dequantize(w_fp8, s_fp8, (128, 128)).to(xb.dtype)), 0.1),
         "convert: torch _convert_weight_to_int4pack_for_cpu": (
             lambda: torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes32, 1), 0.2),
         "convert: plain_to_cpu_int4 (numba)": (lambda: Q.plain_to_cpu_int4(plain), 0.2),
@@ -84,7 +83,7 @@ def _methods(out: int, in_: int) -> dict[str, tuple]:
     }
 
 
-def worker(threads: int, rounds: int, calls: int) -> dict:
+def worker_run(threads: int, rounds: int, calls: int) -> dict:
     torch.set_num_threads(threads)
     results: dict[str, dict[str, list[float]]] = {}
     for out, in_ in SHAPES:
@@ -98,13 +97,11 @@ def worker(threads: int, rounds: int, calls: int) -> dict:
     return {"threads": threads, "loadavg": os.getloadavg(), "rounds_us": results}
 
 
-def run_workers(args: argparse.Namespace) -> list[dict]:
+def run_workers(threads: list[int], processes: int, rounds: int, calls: int) -> list[dict]:
     runs = []
-    threads = [int(t) for t in args.threads.split(",")]
-    for _ in range(args.processes):
+    for _ in range(processes):
         for t in threads:  # alternate thread counts so drift in the machine's load hits both
-            cmd = [sys.executable, __file__, "--worker", str(t), "--rounds", str(args.rounds),
-                   "--calls", str(args.calls)]
+            cmd = [sys.executable, __file__, "--worker", str(t), "--rounds", str(rounds), "--calls", str(calls)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                   env=dict(os.environ, OMP_NUM_THREADS=str(t)))
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -169,26 +166,35 @@ def print_table(summary: dict, err: dict) -> None:
             print(f"  {scheme:16s} {e['rtn']:.5f} -> {e['clip_search']:.5f} ({e['search_vs_rtn']:.3f}x)")
 
 
-def main() -> None:
-    args = parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.rounds, args.calls)))
+app = make_app(__doc__.splitlines()[0], no_args_is_help=False)
+
+
+@app.command()
+def bench(
+    threads: Annotated[str, typer.Option(help="torch thread counts, each in its own processes.")] = "1,2",
+    processes: Annotated[int, typer.Option(help="Processes per thread count (alternating).")] = 2,
+    rounds: Annotated[int, typer.Option(help="Rounds per process; methods take turns in each.")] = 5,
+    calls: Annotated[int, typer.Option(help="Matmul calls per method per round (converters: 1/5).")] = 100,
+    worker: Annotated[int, typer.Option(hidden=True, help="Internal: run one worker at this thread count.")] = 0,
+    out: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("scripts/results/bench_quant.json"),
+) -> None:
+    if worker:
+        print(json.dumps(worker_run(worker, rounds, calls)))
         return
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()[:20]
     before = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "loadavg": os.getloadavg()}
-    runs = run_workers(args)
+    params = {"threads": threads, "processes": processes, "rounds": rounds, "calls": calls, "out": str(out)}
+    runs = run_workers([int(t) for t in threads.split(",")], processes, rounds, calls)
     summary = summarize(runs)
     err = errors()
-    result = {"machine": machine_info() | {"lscpu": lscpu, "torch": torch.__version__,
-                                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    result = {"machine": machine_info() | {"lscpu": lscpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                            "int4_layout": str(Q.cpu_int4_layout())},
-              "load_before": before, "load_after": os.getloadavg(), "params": vars(args) | {"out": str(args.out)},
+              "load_before": before, "load_after": os.getloadavg(), "params": params,
               "shapes": SHAPES, "summary": summary, "errors": err, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     print_table(summary, err)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    print(f"\nwrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    main(app)

@@ -240,3 +240,46 @@ def ref_dequantize(codes, scales, zeros, group_size: int | None):
 def ref_linear(x, w):
     """x [tokens, in] @ w [out, in].T in float32: what every quantized matmul is checked against."""
     return x.float() @ w.float().t()
+
+
+def _e2m1(code: int) -> float:
+    """An FP4 E2M1 code from its bits: sign, 2 exponent bits (bias 1), 1 mantissa bit; exponent 0 is subnormal."""
+    sign = -1.0 if code & 8 else 1.0
+    exponent, mantissa = (code >> 1) & 3, code & 1
+    return sign * (mantissa * 0.5 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (exponent - 1))
+
+
+def ref_mxfp4_dequantize(blocks, scales):
+    """MXFP4 -> float64 [out, in], byte by byte: low nibble first, each 32-weight block times 2^(scale - 127)."""
+    import torch
+
+    out, groups, half = blocks.shape
+    w = torch.empty(out, groups * 2 * half, dtype=torch.float64)
+    for r in range(out):
+        for g in range(groups):
+            scale = 2.0 ** (int(scales[r, g]) - 127)
+            for j, byte in enumerate(blocks[r, g].tolist()):
+                w[r, g * 2 * half + 2 * j] = _e2m1(byte & 15) * scale
+                w[r, g * 2 * half + 2 * j + 1] = _e2m1(byte >> 4) * scale
+    return w
+
+
+def _e4m3(byte: int) -> float:
+    """An FP8 e4m3fn value from its bits: sign, 4 exponent bits (bias 7), 3 mantissa bits; S.1111.111 is NaN."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent, mantissa = (byte >> 3) & 15, byte & 7
+    if exponent == 15 and mantissa == 7:
+        return float("nan")
+    return sign * (mantissa / 8 * 2.0 ** -6 if exponent == 0 else (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+
+
+def ref_fp8_block_dequantize(w_bytes, scale_inv, block: tuple[int, int]):
+    """FP8 e4m3 bytes [out, in] with a scale per block -> float64, weight by weight."""
+    import torch
+
+    out, inn = w_bytes.shape
+    table = torch.tensor([_e4m3(b) for b in range(256)], dtype=torch.float64)
+    w = table[w_bytes.long()]
+    rows = torch.arange(out)[:, None] // block[0]
+    cols = torch.arange(inn)[None, :] // block[1]
+    return w * scale_inv.double()[rows, cols]

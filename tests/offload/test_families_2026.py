@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import offload
+from offload.experts import DenseMatrix
 from offload.families import family_for_config
 from offload.kv import KVCache
 from offload.quant_experts import Fp8BlockFormat, Mxfp4Format, Mxfp4Matrix, mxfp4_dequantize
@@ -65,12 +66,16 @@ def test_gpt_oss_mxfp4_as_released(tmp_path):
     src = _make("gpt_oss", tmp_path / "src", intermediate_size=32)  # MXFP4 groups of 32 inputs on both sides
     state = write_mxfp4(src, tmp_path / "q")
     _check_parity(tmp_path / "q", write_dequantized(src, tmp_path / "deq", state))
-    model = offload.from_pretrained(tmp_path / "q", device="cpu")
+    model = offload.from_pretrained(tmp_path / "q", device="cpu", offload_to="ram")
     assert isinstance(model.plan.expert_format, Mxfp4Format)
-    assert all(isinstance(m, Mxfp4Matrix) for m in model.cache.mover.slot_layout.matrices)
-    # 4.25 bits per weight in the slot: (16 bytes + 1 scale) per 32 weights, plus a bias per row
+    # the RAM tier keeps 4.25 bits per weight: (16 bytes + 1 scale) per 32 weights, plus a float32 bias per row
     h = i = 32
-    assert model.cache.slot_nbytes == pytest.approx(3 * i * h * 17 / 32 + 4 * (2 * i + h), abs=3 * 64)
+    host = model.cache.mover.store.layout
+    assert all(isinstance(m, Mxfp4Matrix) for m in host.matrices)
+    assert host.nbytes == pytest.approx(3 * i * h * 17 / 32 + 4 * (2 * i + h), abs=3 * 64)
+    # a CPU slot holds the expert dequantized once, in the compute dtype (no CPU kernel computes MXFP4)
+    slot = model.cache.mover.slot_layout
+    assert all(isinstance(m, DenseMatrix) and m.w.dtype == torch.float32 for m in slot.matrices)
 
 
 def test_mxfp4_dequantizes_as_transformers_does():

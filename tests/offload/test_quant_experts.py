@@ -21,6 +21,7 @@ import torch
 import offload
 from offload.errors import BudgetError, CheckpointError, UnsupportedModelError
 from offload.quant_experts import DequantMatrix, Int4Matrix, Int8Matrix
+from tests import reference
 from tests.offload.test_model import _min_gap, _prompts
 from tests.quant_checkpoints import write_compressed_tensors, write_dequantized, write_gptq
 
@@ -191,3 +192,64 @@ def test_cuda_dequantizes_into_the_compute_dtype(quantized):
                                atol=1e-4, rtol=0)
     assert torch.equal(gpu.generate(ids, attention_mask=mask, max_new_tokens=6).cpu(),
                        cpu.generate(ids, attention_mask=mask, max_new_tokens=6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mxfp4_dequantize_equals_the_bitwise_reference(dtype):
+    from offload.quant_experts import mxfp4_dequantize
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (6, 3, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 140, (6, 3), dtype=torch.uint8, generator=g)  # 2^-17 .. 2^12
+    # every value is exact in float32 and bfloat16 (a 2-bit mantissa times a power of two); float16 rounds once
+    expected = reference.ref_mxfp4_dequantize(blocks, scales).to(dtype)
+    assert torch.equal(mxfp4_dequantize(blocks, scales, dtype), expected)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300)])  # whole blocks, and ragged edge blocks
+def test_fp8_block_dequantize_equals_the_bitwise_reference(shape):
+    from offload.quant_experts import fp8_block_dequantize
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(shape, generator=g) * 50).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(-(-shape[0] // 128), -(-shape[1] // 128), generator=g) + 0.01
+    ours = fp8_block_dequantize(w, scale_inv, (128, 128))
+    # float32 product of an exact e4m3 value and a float32 scale: rounded once, as float64 -> float32
+    assert torch.equal(ours, reference.ref_fp8_block_dequantize(w.view(torch.uint8), scale_inv, (128, 128)).float())
+
+
+@pytest.mark.parametrize("fmt_name", ["mxfp4", "fp8"])
+def test_vendor_formats_dense_slot_on_cpu_computes_as_the_native_bytes(fmt_name):
+    """A CPU slot dequantizes a vendor-format expert once; a GPU slot (and the hybrid's host copy) keeps the
+    native bytes and dequantizes per matmul. Both must compute the same projections."""
+    from types import SimpleNamespace
+
+    from offload.experts import DenseMatrix
+    from offload.quant_experts import Fp8BlockFormat, Mxfp4Format
+
+    spec = SimpleNamespace(hidden_size=64, expert_intermediate_size=96)
+    fmt = Mxfp4Format() if fmt_name == "mxfp4" else Fp8BlockFormat(block=(32, 32))
+    cpu = torch.device("cpu")
+    native = fmt.host_layout(spec, torch.float32, cpu, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    buf = torch.zeros(native.nbytes, dtype=torch.uint8)
+    for m in native.matrices:
+        for part in m.parts:
+            if part.dtype == torch.uint8:  # MXFP4 blocks and scales (2^-8 .. 2^3)
+                low = 119 if part is m.scales else 0
+                part.view(buf).copy_(torch.randint(low, 131 if low else 256, part.shape, generator=g))
+            elif part.dtype == torch.float8_e4m3fn:
+                part.view(buf).copy_(torch.randn(part.shape, generator=g).to(part.dtype))
+            else:
+                part.view(buf).copy_(torch.rand(part.shape, generator=g) + 0.5)
+    slot = fmt.slot_layout(spec, torch.float32, cpu, torch.float32)
+    assert all(isinstance(m, DenseMatrix) for m in slot.matrices) and slot.nbytes > native.nbytes
+    assert fmt.slot_layout(spec, torch.float32, torch.device("meta"), torch.float32) == native  # not a CPU: native
+    dest = torch.zeros(slot.nbytes, dtype=torch.uint8)
+    slot.convert_from(native, buf, dest)
+    x = torch.randn(3, 64, generator=g)
+    ours, theirs = slot.bind(dest), native.bind(buf)
+    # the same float32 weights on both sides and the same F.linear: equal to the last bit
+    assert torch.equal(ours.gate_proj(x), theirs.gate_proj(x)) and torch.equal(ours.up_proj(x), theirs.up_proj(x))
+    h = torch.randn(3, 96, generator=g)
+    assert torch.equal(ours.down_proj(h), theirs.down_proj(h))
