@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from predictors import MoEShape, Predictor, RouteContext, top_candidates
+from predictors import MoEShape, Predictor, RouteContext, step_probabilities, top_candidates
 
 from .cache import ExpertCache
 from .stats import PredictionStats, Stats
@@ -111,6 +111,8 @@ class Prefetcher:
             predicted = self._rank(top_candidates(scores[j], self.k), scores[j])
             self._pending.setdefault(m + 1 + j, []).append(set(predicted))
             wanted += [(self.moe_layers[m + 1 + j], e) for e in predicted]
+            if self.cache.policy.wants_scores:  # a prediction-aware policy ranks residents by these
+                self.cache.predicted(self.moe_layers[m + 1 + j], step_probabilities(self.predictor, scores[j]))
         # Room is never made by evicting what this layer uses or another expert predicted here:
         # a prefetch that evicts a resident predicted expert only trades one load for another.
         protect = {(layer, e) for e in used}.union(wanted)

@@ -80,6 +80,15 @@ class Predictor(ABC):
     def observe(self, experts: np.ndarray, prev: np.ndarray) -> None:
         """Learn online from completed tokens: ``experts`` [tokens, layers, top_k], ``prev`` as in RouteContext."""
 
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Scores [..., num_experts] -> the probability that each expert is among the token's top-k.
+
+        The default is a softmax over the experts scaled to sum to top_k and clipped at 1 (right for
+        log-probability scores such as markov's); predictors with calibrated outputs override it.
+        """
+        z = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return np.minimum(self.shape.top_k * z / z.sum(axis=-1, keepdims=True), 1.0)
+
 
 PREDICTORS: dict[str, type[Predictor]] = {}
 
@@ -88,6 +97,11 @@ def register(cls: type[Predictor]) -> type[Predictor]:
     """Class decorator: make a predictor constructible by name."""
     PREDICTORS[cls.name] = cls
     return cls
+
+
+def step_probabilities(predictor: Predictor, scores: np.ndarray) -> np.ndarray:
+    """[tokens, num_experts] scores of one layer -> [num_experts]: the probability that any token uses each expert."""
+    return 1.0 - np.prod(1.0 - predictor.probabilities(scores), axis=0)
 
 
 def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
