@@ -156,7 +156,8 @@ class ExpertCache:
     def expire_prefetches(self, layer: int, used: Iterable[int]) -> None:
         """``layer`` routed to ``used``: its other prefetched experts were wasted; evict them first."""
         used = set(used)
-        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in used]:
+        for key in sorted(k for k in self._prefetched if k[0] == layer and k[1] not in used):  # (a set's order
+            # would make the demotion order, and so the victims of recency policies, arbitrary)
             self._prefetched.discard(key)
             self.stats.layer(layer).prefetch_wasted += 1
             self.policy.on_demote(key)

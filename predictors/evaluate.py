@@ -34,10 +34,10 @@ from offload.errors import ConfigError
 from offload.stats import ratio
 from offload.traces.format import Trace, read_trace
 
-from .base import Predictor, RouteContext, check_shape, prev_routes, shape_of, top_candidates
+from .base import Predictor, RouteContext, check_shape, prev_routes, shape_of, step_probabilities, top_candidates
 
 if TYPE_CHECKING:  # the simulator pulls in numba, which the runtime's predictors do not need
-    from offload.sim.simulate import Step
+    from offload.sim.simulate import Proposal, Step
 
 
 def select_seqs(trace: Trace, seqs: Iterable[int]) -> Trace:
@@ -234,12 +234,13 @@ class PrefetchAdapter:
         self._last[s] = step.token
         self._token = step.token
 
-    def __call__(self, step: Step) -> list[int]:
+    def __call__(self, step: Step) -> Proposal:
+        from offload.sim.simulate import Proposal
+
         if step.token != self._token:
             self._start_token(step)
         shape = self.predictor.shape
         path = step.current[None].astype(np.int64)  # [1, layer + 1, top_k]
-        keys: list[int] = []
         if step.layer < shape.num_layers - 1:
             start = time.perf_counter()
             scores = self.predictor.predict(RouteContext(step.layer, path, self._prev), self.lookahead)
@@ -247,9 +248,12 @@ class PrefetchAdapter:
             self.calls += 1
             picks = top_candidates(scores[:, 0], self.k)  # [d, k]
             keys = [step.key(step.layer + 1 + j, int(e)) for j in range(picks.shape[0]) for e in picks[j]]
-        elif self.online:
+            # what the runtime's prefetcher hands a prediction-aware policy: per-layer probabilities
+            probs = {step.layer + 1 + j: step_probabilities(self.predictor, scores[j]) for j in range(len(scores))}
+            return Proposal(keys, probs)
+        if self.online:
             self.predictor.observe(path, self._prev)
-        return keys
+        return Proposal([])
 
 
 __all__ = ["HitCounts", "PrefetchAdapter", "TraceScore", "check_shape", "parse_seqs", "prev_routes", "read_trace_spec",

@@ -297,6 +297,10 @@ class Learned(Predictor):
         self._offsets = np.arange(shape.num_layers, dtype=np.int64)[:, None] * E
         self._J = J
 
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """The MLPs' logits were trained with binary cross-entropy: their sigmoid is the probability."""
+        return 1.0 / (1.0 + np.exp(-scores))
+
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
         targets = target_layers(self.shape, ctx, lookahead)
         l, E = ctx.layer, self.shape.num_experts

@@ -759,7 +759,7 @@ class _PrefetchRun:
 
     def expire(self, layer: int) -> None:
         """``layer`` ran: its prefetches it did not use were wasted and go first in line."""
-        for k in [k for k in self.pending if k // self.stream.num_experts == layer]:
+        for k in sorted(k for k in self.pending if k // self.stream.num_experts == layer):  # as the runtime cache
             del self.pending[k]
             self.wasted += 1
             self.caches.demote(k)

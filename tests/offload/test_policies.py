@@ -84,7 +84,7 @@ def test_layer_lru_evicts_from_the_layer_visited_last_and_never_the_current_step
     assert policy.victim([(0, 1)]) == (0, 1)  # the step's own key only when nothing else can go
 
 
-def test_predictive_ranks_by_expected_next_use():
+def test_predictive_keeps_the_keys_that_earn_their_slot():
     run = Decode("predictive", 8, [0, 1], decay=0.5)
     policy = run.policy
     run.visit(0, (0, 0), (0, 1))
@@ -93,12 +93,14 @@ def test_predictive_ranks_by_expected_next_use():
     run.visit(1, (1, 1))
     # p: (0, 0) used twice, .5 * .5 + .5 = .75; (0, 1) once, one visit ago: .25; (1, 0) .25; (1, 1) .5
     assert [policy.probability(k) for k in [(0, 0), (0, 1), (1, 0), (1, 1)]] == [0.75, 0.25, 0.25, 0.5]
-    # at layer 1, layer 0 runs next (1 step), layer 1 in 2: T(0,1) = 1 + 2 * 3 = 7, T(1,0) = 2 + 6 = 8
-    assert policy.expected_next_use((0, 1)) == 7 and policy.expected_next_use((1, 0)) == 8
+    # at layer 1, layer 0 runs next (1 step), layer 1 in 2: worth (0, 1) = .25 / 1, (1, 0) = .25 / 2
+    assert policy.worth((0, 1)) == 0.25 and policy.worth((1, 0)) == 0.125
     assert policy.victim([(0, 0), (0, 1), (1, 0)]) == (1, 0)
-    policy.on_scores(0, [0.9, 0.01])  # the predictor: layer 0's next step will not use expert 1
-    assert policy.victim([(0, 0), (0, 1), (1, 0)]) == (0, 1)
-    run.visit(0, (0, 0))  # layer 0 ran: its scores are spent, recency-frequency again
+    policy.on_scores(1, [0.9, 0.0])  # the predictor: layer 1's next step will likely use expert 0
+    assert policy.probability((1, 0)) == 1 - 0.1 * 0.75 and policy.victim([(0, 0), (0, 1), (1, 0)]) == (0, 1)
+    policy.on_scores(0, [0.0, 0.0])  # a prediction only adds: recency-frequency still vouches for (0, 0)
+    assert policy.probability((0, 0)) == 0.75
+    run.visit(0, (0, 0))  # layer 0 ran: its scores are spent
     assert policy.probability((0, 1)) == 0.125
 
 

@@ -268,3 +268,43 @@ def test_learned_uses_the_predictor_shipped_with_the_model():
 def test_bad_prefetch_options(tiny_dir, kwargs, match):
     with pytest.raises((ConfigError, BudgetError), match=match):
         offload.from_pretrained(tiny_dir("mixtral"), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "layer-lru", "predictive", "layer-budget"])
+@pytest.mark.parametrize("capacity", [64, 128])
+def test_runtime_prefetching_counts_what_the_simulator_counts(policy, capacity):
+    """The runtime's prefetcher and cache, driven step by step as the model drives them, against
+    simulate_prefetch with the same fitted markov predictor: equal hits, misses, evictions and prefetches."""
+    import copy
+    import dataclasses
+    from pathlib import Path
+
+    from offload.prefetch import PrefetchConfig, Prefetcher
+    from offload.sim.simulate import simulate_prefetch
+    from offload.traces.format import read_trace
+    from predictors.evaluate import PrefetchAdapter, select_seqs
+
+    trace = read_trace(Path(__file__).parents[1] / "data" / "mixtral-8x7b-humaneval.jsonl.gz")
+    fitted = PREDICTORS["markov"](MoEShape(32, 8, 2), select_seqs(trace, [0]))
+    test = select_seqs(trace, [1])
+    test = dataclasses.replace(test, **{f: getattr(test, f)[:40] for f in  # its first 40 tokens
+                                        ("seq", "pos", "phase", "experts", "weights", "imputed")})
+    experts = test.experts.astype(np.int64)  # [tokens, layers, top_k]
+    stats = Stats()
+    cache = ExpertCache(FakeStore(), capacity, LAYOUT, torch.device("cpu"), make_policy(policy), stats,
+                        layers=range(32))
+    prefetcher = Prefetcher(copy.deepcopy(fitted), cache, stats, list(range(32)), PrefetchConfig(2, capacity))
+    for t, token in enumerate(experts):
+        prefetcher.begin_step(torch.ones(1, 1, dtype=torch.bool), torch.tensor([0]), torch.tensor([t == 0]))
+        for layer, chosen in enumerate(token):
+            step = cache.step(layer, sorted(chosen.tolist()))
+            prefetcher.after_route(layer, torch.from_numpy(chosen[None]), torch.zeros(1, 4))
+            for _ in step:
+                pass
+        prefetcher.end_step()
+    r = simulate_prefetch(test, policy, "global", capacity, predictor=PrefetchAdapter(copy.deepcopy(fitted), 2),
+                          pin_steps=True)
+    t = stats.total
+    assert (t.hits, t.misses, t.evictions) == (r.sim.hits, r.sim.misses, r.sim.evictions)
+    assert (t.prefetch_issued, t.prefetch_used) == (r.issued, r.used)
+    assert t.prefetch_wasted + cache.prefetched == r.wasted  # the simulator counts those left at the end too

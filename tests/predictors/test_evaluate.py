@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from offload.errors import ConfigError
-from offload.sim.simulate import simulate_prefetch
+from offload.sim.simulate import Step, simulate_prefetch
 from predictors import MoEShape, Predictor, RouteContext
 from predictors.evaluate import PrefetchAdapter, parse_seqs, read_trace_spec, score_trace, select_seqs, time_predict
 from predictors.history import PrevToken
@@ -131,15 +131,24 @@ def test_adapter_proposes_k_experts_per_layer_for_each_layer_ahead() -> None:
 
     class Spy(PrefetchAdapter):
         def __call__(self, step):
-            keys = super().__call__(step)
-            seen.append(keys)
-            return keys
+            proposal = super().__call__(step)
+            seen.append(list(proposal.keys))
+            return proposal
 
     r = simulate_prefetch(trace, "lru", "global", 9, predictor=Spy(Oracle(MoEShape(3, 3, 1), experts), 2, k=2))
     # t0 layer 0: layer 1 -> experts 1, 0 (keys 4, 3); layer 2 -> 2, 0 (keys 8, 6). Layer 1: layer 2 -> 8, 6.
     assert seen[:3] == [[4, 3, 8, 6], [8, 6], []]
     # t0 issues 4, 3, 8, 6 (all new); t1 finds them resident. Used: 4 and 8; wasted: 3 and 6.
     assert (r.issued, r.used, r.wasted, r.stalls, r.sim.misses) == (4, 2, 2, 0, 1)
+
+
+def test_adapter_hands_each_predicted_layer_its_probabilities() -> None:
+    experts = np.array([[[0], [1], [2]]])
+    adapter = PrefetchAdapter(Oracle(MoEShape(3, 3, 1), experts), 2)
+    proposal = adapter(Step(0, 0, 3, experts[:0], experts[0, :1]))
+    assert sorted(proposal.probs) == [1, 2]  # the layers it scored, for a prediction-aware policy
+    # the oracle's scores (1 for the used expert, 0 elsewhere) through the default softmax scaled to top_k = 1
+    assert np.allclose(proposal.probs[1], np.exp([0, 1, 0]) / np.exp([0, 1, 0]).sum())
 
 
 def test_adapter_builds_prev_from_the_same_sequence_and_observes_online() -> None:

@@ -136,9 +136,9 @@ def test_a_pinned_step_takes_its_resident_keys_first(policy: str) -> None:
 #   lru:       1b evicts 0b (least recent); t3: 0b evicts 1a, 1a evicts 0a, 2a hit     -> 5 hits, evicted 0 0 1
 #   layer-lru: 1b evicts 1a (its own layer runs again last); t3: 0b hit, 1a evicts 1b   -> 6 hits, evicted 1 1
 #   fifo:      1b evicts 0a (first in); t3: all hit                                      -> 7 hits (= belady)
-#   predictive (decay 1/2, 3 steps per token; T = steps to the layer + 3 (1 - p) / p):
-#     at 1b: p(0a)=.625 T=3.8, p(0b)=.25 T=11, p(1a)=.375 T=8, p(2a)=.75 T=2      -> evicts 0b
-#     at 0b: p(0a)=.3125 T=9.6, p(1a)=.375 T=6, p(1b)=.5 T=4, p(2a)=.875 T=2.4   -> evicts 0a -> 6 hits
+#   predictive (decay 1/2; worth = p / steps until the key's layer runs again):
+#     at 1b: 0a .625 / 2, 0b .25 / 2, 1a .375 / 3, 2a .75 / 1: 0b and 1a tie at .125, 0b is less recent
+#     at 0b: 0a .3125 / 3, 1a .375 / 1, 1b .5 / 1, 2a .875 / 2                        -> evicts 0a: 6 hits
 CYCLE = np.array([[[0], [0], [0]], [[1], [0], [0]], [[0], [1], [0]], [[1], [0], [0]]])
 CYCLE_COUNTS = {"lru": (5, (2, 1, 0)), "layer-lru": (6, (0, 2, 0)), "fifo": (7, (1, 0, 0)),
                 "predictive": (6, (2, 0, 0)), "belady": (7, (1, 0, 0))}
@@ -152,16 +152,19 @@ def test_layer_aware_policies_on_a_hand_made_cycle(policy: str, pin_steps: bool)
     assert (r.hits, r.misses, r.evictions_per_layer) == (hits, 12 - hits, evicted)
 
 
-def test_predictive_follows_the_predictors_probabilities() -> None:
-    # CYCLE again; after t2's layer 0 the predictor says layer 2 will not use 2a (p = 0.01): at 1b's miss
-    # 2a's T = 1 + 3 * 99 = 298 beats 0b's 11, so 2a goes and misses; its layer's step clears the score, so
-    # 2a's miss evicts 0b (p .25, T = 1 + 9, against 0a 2.8, 1a 7, 1b 5) and t3's 0b evicts 0a as before.
+def test_predictive_takes_the_predictors_probabilities_and_drops_a_wrong_prefetch_first() -> None:
+    # CYCLE with one prefetch: after t1's layer 0 the predictor proposes 1b, p(1b) = .9. The cache is full
+    # (0b just missed, pinned): 1b evicts 0a (worth .25 / 3, against 1a .5 / 1, 2a .25 / 2). Layer 1 uses
+    # 1a, not 1b: 1b earns no credit, so t2's 0a miss evicts it (p = the floor) rather than 0b (.25 / 3); 1b
+    # then misses and evicts 0b (tie with 1a at .125, less recent), and t3's 0b evicts 0a (.3125 / 3).
     def predictor(step: Step) -> Proposal:
-        low = step.token == 2 and step.layer == 0
-        return Proposal([], {2: np.array([0.01, 0.01])} if low else {})
+        if step.token == 1 and step.layer == 0:
+            return Proposal([step.key(1, 1)], {1: np.array([0.0, 0.9])})
+        return Proposal([])
 
     r = simulate_prefetch(AccessStream.from_experts(CYCLE, 2), "predictive", "global", 4, predictor=predictor)
-    assert (r.sim.hits, r.sim.misses, r.sim.evictions_per_layer, r.issued) == (5, 7, (2, 0, 1), 0)
+    assert (r.sim.hits, r.sim.misses, r.sim.evictions_per_layer) == (5, 7, (3, 1, 0))
+    assert (r.issued, r.used, r.wasted) == (1, 0, 1)
 
 
 # 2 layers x 4 experts, top-1, one cache of 4, budgets 2 + 2. Layer 0 cycles a b c a b c ..., layer 1 uses
