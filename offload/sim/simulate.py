@@ -600,6 +600,20 @@ class PrefetchResult:
     used: int
     wasted: int
     stalls: int
+    miss_causes: Mapping[str, int] = field(default_factory=dict)
+    """Demand misses by what had evicted the key: ``"cold"`` (never resident), or ``"demand +d"`` /
+    ``"prefetch +d"``, the eviction made room for a demand miss or a prefetch at a step d layers
+    before the key's own layer (+0: the key's layer had just run; +1: it was the next to run)."""
+
+    @property
+    def effective_hit_rate(self) -> float:
+        """1 - (misses + stalls) / accesses: the share of accesses served without waiting."""
+        return 1.0 - ratio(self.sim.misses + self.stalls, self.sim.accesses)
+
+    @property
+    def loads(self) -> int:
+        """Experts moved: every demand miss and every prefetch."""
+        return self.sim.misses + self.issued
 
 
 class _Belady(EvictionPolicy):
@@ -738,16 +752,21 @@ class _PyCaches:
 class _PrefetchRun:
     """The counts of one simulate_prefetch run, and the bookkeeping of prefetches in flight."""
 
-    def __init__(self, stream: AccessStream, caches: _PyCaches, latency: int) -> None:
+    def __init__(self, stream: AccessStream, caches: _PyCaches, latency: int, protect_proposals: bool) -> None:
         self.stream, self.caches, self.latency = stream, caches, latency
+        self.protect_proposals = protect_proposals
         self.counts = np.zeros((3, stream.num_keys), dtype=np.int64)  # hits, misses, evictions per key
         self.pending: dict[int, int] = {}  # prefetched key -> step issued, until demanded or evicted
         self.issued = self.used = self.wasted = self.stalls = 0
+        self.evicted_by: dict[int, str] = {}  # evicted key -> how (see PrefetchResult.miss_causes)
+        self.causes: dict[str, int] = {}
 
-    def evicted(self, key: int | None) -> None:
+    def evicted(self, key: int | None, kind: str, step: int) -> None:
         if key is not None:
             self.counts[2, key] += 1
             self.wasted += self.pending.pop(key, None) is not None
+            ahead = (key // self.stream.num_experts - step % self.stream.num_layers) % self.stream.num_layers
+            self.evicted_by[key] = f"{kind} +{ahead}"
 
     def demand(self, step: int, accesses: list[Access]) -> None:
         for k, hit, victim in accesses:
@@ -755,7 +774,10 @@ class _PrefetchRun:
                 self.used += 1
                 self.stalls += step - self.pending.pop(k) < self.latency
             self.counts[0 if hit else 1, k] += 1
-            self.evicted(victim)
+            if not hit:
+                cause = self.evicted_by.pop(k, "cold")
+                self.causes[cause] = self.causes.get(cause, 0) + 1
+            self.evicted(victim, "demand", step)
 
     def expire(self, layer: int) -> None:
         """``layer`` ran: its prefetches it did not use were wasted and go first in line."""
@@ -774,10 +796,10 @@ class _PrefetchRun:
             if not 0 <= k < self.stream.num_keys:
                 raise ConfigError(f"predictor proposed key {k}, outside 0..{self.stream.num_keys - 1}")
         # as the runtime's prefetcher: never evict what this layer uses or another key proposed now
-        protect = set(demand).union(keys)
+        protect = set(demand).union(keys if self.protect_proposals else ())
         for k in keys:
             inserted, victim = self.caches.prefetch(k, protect)
-            self.evicted(victim)
+            self.evicted(victim, "prefetch", step)
             if inserted:
                 self.issued += 1
                 self.pending[k] = step
@@ -785,7 +807,7 @@ class _PrefetchRun:
 
 def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: str = "per-layer",
                       capacity: int = 4, predictor: Predictor | None = None, latency: int = 1,
-                      pin_steps: bool = False, **options: object) -> PrefetchResult:
+                      pin_steps: bool = False, protect_proposals: bool = True, **options: object) -> PrefetchResult:
     """Like :func:`simulate`, but a predictor may prefetch keys after each layer step.
 
     After the demand accesses of (token, layer) -- whose keys are pinned, they are computing --
@@ -793,14 +815,16 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
     but never a key of this step or another proposed one (as the runtime's prefetcher protects
     them). A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next
     layer). ``pin_steps`` replays the demand accesses as the runtime does (see :func:`simulate`);
-    ``options`` go to the policy's constructor.
+    ``protect_proposals=False`` lets a prefetch evict another key proposed at the same step (what
+    this simulator did before it matched the runtime: kept to measure the difference); ``options``
+    go to the policy's constructor.
     """
     policy = _check(policy, capacity)
     if latency < 0:
         raise ConfigError(f"prefetch latency must be >= 0 layer steps, got {latency}")
     stream = _source_stream(source)
     caches = _PyCaches(stream, policy, scope, capacity, **options)
-    run = _PrefetchRun(stream, caches, latency)
+    run = _PrefetchRun(stream, caches, latency, protect_proposals)
     keys = stream.keys.reshape(stream.num_tokens, stream.num_layers, stream.top_k)
     experts = keys - (np.arange(stream.num_layers, dtype=np.int32) * stream.num_experts)[None, :, None]
     for t in range(stream.num_tokens):
@@ -814,4 +838,5 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
                 run.prefetch(step, predictor(Step(t, layer, stream.num_experts, experts[:t], experts[t, :layer + 1])),
                              demand)
     sim = _result(policy, scope, capacity, stream, *run.counts, pin_steps=pin_steps)
-    return PrefetchResult(sim, latency, run.issued, run.used, run.wasted + len(run.pending), run.stalls)
+    causes = dict(sorted(run.causes.items(), key=lambda kv: -kv[1]))
+    return PrefetchResult(sim, latency, run.issued, run.used, run.wasted + len(run.pending), run.stalls, causes)

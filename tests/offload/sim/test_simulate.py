@@ -255,6 +255,23 @@ def test_wrong_prefetch_is_wasted_and_never_evicts_the_current_keys() -> None:
     r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=lambda step: [1])
     assert (r.sim.hits, r.sim.misses, r.sim.evictions_per_layer) == (1, 5, (5, 1))
     assert (r.issued, r.used, r.wasted, r.stalls) == (3, 0, 3, 0)
+    # key 0's second miss (step 4) is charged to the prefetch at step 1, a layer before key 0's own; the rest are cold
+    assert r.miss_causes == {"cold": 4, "prefetch +1": 1}
+    assert r.loads == 8 and r.effective_hit_rate == pytest.approx(1 / 6)
+
+
+def test_a_prefetch_never_evicts_another_key_proposed_at_the_same_step() -> None:
+    # PREFETCH, one cache of 1 per layer; after each layer-0 step the predictor proposes 4 then 5 for layer 1.
+    # t0: 4 takes the free slot; 5 would have to evict 4, proposed with it: dropped (as the runtime does). Layer 1
+    # then demands 5, which evicts 4; at t1 and t2 4 would have to evict 5, proposed with it: nothing is issued.
+    stream = AccessStream.from_experts(PREFETCH, 4)
+    both = lambda step: [4, 5] if step.layer == 0 else []  # noqa: E731
+    r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=both)
+    assert (r.issued, r.sim.hits) == (1, 1)
+    # without the protection (the simulator before it matched the runtime) 4 then 5 are loaded at every
+    # layer-0 step, each evicting the other: 6 loads, and t0's layer 1 hits on the second
+    r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=both, protect_proposals=False)
+    assert (r.issued, r.sim.hits) == (6, 2)
 
 
 def test_predictor_sees_only_the_past() -> None:
