@@ -17,7 +17,7 @@ Dtype = Annotated[str, typer.Option(help="Compute dtype: auto (the checkpoint's)
 ExpertBudget = Annotated[str, typer.Option(
     help='Expert cache size: auto (the most that fits this machine), slots ("16"), share ("25%") or bytes ("6GiB").')]
 OffloadTo = Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.")]
-Policy = Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.")]
+Policy = Annotated[str, typer.Option(help="Eviction policy: lru, lfu, fifo, layer-lru, predictive or layer-budget.")]
 Predictor = Annotated[str, typer.Option(help="Prefetch with: none, pregate, prev-token, markov or learned.")]
 Lookahead = Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.")]
 PrefetchBudget = Annotated[str, typer.Option(

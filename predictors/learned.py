@@ -444,6 +444,10 @@ class Learned(Predictor):
         return 1.0 / (1.0 + np.exp(-scores))
 
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+        if ctx.layer < 0:  # the next token, from prev alone: no path for the MLPs, markov's counts have it
+            if self.markov is not None:
+                return self.markov.predict(ctx, lookahead)
+            return prev_token_scores(self.shape, ctx, target_layers(self.shape, ctx, lookahead))
         targets = target_layers(self.shape, ctx, lookahead)
         l, E = ctx.layer, self.shape.num_experts
         path = np.asarray(ctx.path, dtype=np.int64)

@@ -80,6 +80,8 @@ def explain(
     = "25%",
     lookahead: Annotated[int, typer.Option(help="Layers ahead markov proposes for.")] = 2,
     latency: Annotated[int, typer.Option(help="Layer steps a prefetch takes to land.")] = 1,
+    across_tokens: Annotated[bool, typer.Option(help="Also propose the next token's first layers (off: as when the "
+                                                     "gap was found).")] = False,
 ) -> None:
     """Misses of each policy by the eviction that caused them, before and after the simulator matched the runtime."""
     t0 = time.perf_counter()
@@ -90,7 +92,7 @@ def explain(
     records = []
     for policy in [check_policy(p.strip()) for p in policies.split(",") if p.strip()]:
         for mode, (protect, pin) in MODES.items():
-            adapter = PrefetchAdapter(copy.deepcopy(fitted), lookahead, seq=test_trace.seq)
+            adapter = PrefetchAdapter(copy.deepcopy(fitted), lookahead, seq=test_trace.seq, across_tokens=across_tokens)
             r = simulate_prefetch(test_trace, policy, "global", cap, predictor=adapter, latency=latency,
                                   pin_steps=pin, protect_proposals=protect)
             records.append({"policy": policy, "mode": mode, "misses": r.sim.misses, "stalls": r.stalls,
@@ -98,7 +100,8 @@ def explain(
                             "effective_hit_rate": r.effective_hit_rate, "miss_causes": dict(r.miss_causes),
                             "buckets": buckets(dict(r.miss_causes), lookahead, shape.num_layers)})
     params = {"train": train, "test": test, "capacity": cap, "capacity_spec": capacity, "lookahead": lookahead,
-              "latency": latency, "predictor": "markov", "seconds": round(time.perf_counter() - t0, 2)}
+              "latency": latency, "across_tokens": across_tokens, "predictor": "markov",
+              "seconds": round(time.perf_counter() - t0, 2)}
     write_json(out / "explain.json", {"schema": "offload-fifo-lru/1", "params": params, "machine": machine_info(),
                                        "records": records})
     text = (f"Global cache of {cap}, markov d={lookahead}, latency {latency}: demand misses by the eviction that "

@@ -6,16 +6,17 @@
         --workload scripts/results/traces/tiny-moe-stdlib-heldout.jsonl.gz \\
         --workload scripts/results/traces/tiny-moe-stdlib-prose.jsonl.gz \\
         --policies lru,fifo,layer-lru,predictive,layer-budget --predictors none,markov,learned \\
-        --capacity 25%,50% --latency 2 --lookahead 2 --candidates 0,4 --out scripts/results/prefetch
+        --capacity 25%,50% --latency 2 --lookahead 2 --candidates 1x,2x --out scripts/results/prefetch
 
 Splits are eval_predictors.py's: ``--train``/``--test`` pairs, and every ordered pair of two
 ``--workload`` traces of one model (``PATH@SEQS`` keeps those sequences). Per split, markov is fit
 and learned trained on the train trace only; each run replays the test trace through one global
 cache (``--capacity``: shares of layers x experts, or counts) in the runtime's pinned layer steps
-(``--no-pin-steps``: access by access), the predictor proposing ``--candidates`` experts (0: the
-model's top-k) for each of the next ``--lookahead`` layers after every layer step, and learning
-online. A prefetch lands ``--latency`` layer steps after it is issued; a demand access that finds
-it still in flight is a stall.
+(``--no-pin-steps``: access by access), the predictor proposing ``--candidates`` experts (``1x``:
+the model's top-k, ``2x`` twice that, or counts) for each of the next ``--lookahead`` layers after
+every layer step (past the last layer: the next token's first layers; ``--no-across-tokens``: none),
+and learning online. A prefetch lands ``--latency`` layer steps after it is
+issued; a demand access that finds it still in flight is a stall.
 
 Reported per run: the effective hit rate ``1 - (misses + stalls) / accesses`` (the share of
 accesses served without waiting), misses, stalls, loads per token (misses + prefetches: what the
@@ -101,9 +102,10 @@ class Grid:
     predictors: list[str]
     capacities: str
     lookahead: int
-    candidates: list[int]
+    candidates: list[str]  # "1x" (top-k), "2x", or counts
     latency: int
     pin_steps: bool
+    across_tokens: bool
 
     def runs_per_split(self) -> int:
         with_prediction = sum(p != "none" for p in self.predictors) * len(self.candidates)
@@ -123,10 +125,12 @@ def baselines(split: Split, grid: Grid) -> list[Baseline]:
     return out
 
 
-def _runs(grid: Grid, build: dict[str, Callable[[], Predictor]]) -> list[tuple[str, int, Callable | None]]:
+def _runs(grid: Grid, build: dict[str, Callable[[], Predictor]],
+          top_k: int) -> list[tuple[str, int, Callable | None]]:
     """(predictor name, candidates, factory or None) of every run at one (capacity, policy)."""
     out: list[tuple[str, int, Callable | None]] = [("none", 0, None)] if "none" in grid.predictors else []
-    return out + [(name, k, build[name]) for name in grid.predictors if name != "none" for k in grid.candidates]
+    ks = list(dict.fromkeys(candidates_for(k, top_k) for k in grid.candidates))
+    return out + [(name, k, build[name]) for name in grid.predictors if name != "none" for k in ks]
 
 
 def sweep_split(split: Split, grid: Grid, build: dict[str, Callable[[], Predictor]],
@@ -136,14 +140,14 @@ def sweep_split(split: Split, grid: Grid, build: dict[str, Callable[[], Predicto
     runs = []
     for b in base:
         for policy in grid.policies:
-            for name, k, make in _runs(grid, build):
-                adapter = None if make is None else PrefetchAdapter(make(), grid.lookahead, k or None,
-                                                                    seq=split.test.seq)
+            for name, k, make in _runs(grid, build, top_k):
+                adapter = None if make is None else PrefetchAdapter(make(), grid.lookahead, k, seq=split.test.seq,
+                                                                    across_tokens=grid.across_tokens)
                 r = simulate_prefetch(split.test, policy, "global", b.capacity, predictor=adapter,
                                       latency=grid.latency, pin_steps=grid.pin_steps)
                 eff = r.effective_hit_rate
                 runs.append(Run(split.name, b.capacity, b.capacity_label, policy, name,
-                                grid.lookahead if adapter else 0, (k or top_k) if adapter else 0, top_k, grid.latency,
+                                grid.lookahead if adapter else 0, k, top_k, grid.latency,
                                 grid.pin_steps, r.sim.num_tokens, r.sim.accesses, r.sim.misses, r.stalls, r.issued,
                                 r.used, r.wasted, eff, r.loads / r.sim.num_tokens, b.belady, eff >= b.belady,
                                 dict(r.miss_causes)))
@@ -203,6 +207,23 @@ def markdown(base: list[Baseline], runs: list[Run], grid: Grid) -> str:
     return text
 
 
+def parse_candidates(spec: str) -> list[str]:
+    """``"1x,2x"`` (multiples of each model's top-k) or counts (``"2,4"``), in the order given."""
+    out = []
+    for part in _names(spec):
+        number = part.removesuffix("x")
+        if not number.isdigit() or int(number) < 1:
+            raise ConfigError(f"bad --candidates {spec!r}", "write multiples of top-k (1x,2x) or counts (2,4)")
+        out.append(part)
+    if not out:
+        raise ConfigError("no --candidates", "write multiples of top-k (1x,2x) or counts (2,4)")
+    return out
+
+
+def candidates_for(spec: str, top_k: int) -> int:
+    return int(spec[:-1]) * top_k if spec.endswith("x") else int(spec)
+
+
 def _names(spec: str) -> list[str]:
     return [n.strip() for n in spec.split(",") if n.strip()]
 
@@ -223,21 +244,19 @@ def sweep_prefetch(
     = "25%,50%",
     latency: Annotated[int, typer.Option(help="Layer steps a prefetch takes to land.")] = 2,
     lookahead: Annotated[int, typer.Option(help="Layers ahead the predictor proposes for.")] = 2,
-    candidates: Annotated[str, typer.Option(help="Experts proposed per predicted layer (0: top-k), a list.")]
-    = "0",
+    candidates: Annotated[str, typer.Option(help="Experts proposed per predicted layer: multiples of top-k (1x) "
+                                                 "or counts, a list.")] = "1x,2x",
     pin_steps: Annotated[bool, typer.Option(help="Replay in the runtime's pinned layer steps.")] = True,
+    across_tokens: Annotated[bool, typer.Option(help="Past the last layer, propose the next token's first layers "
+                                                     "(as the runtime's prefetcher does).")] = True,
     seed: Annotated[int, typer.Option(help="Seed for training the learned predictor.")] = 0,
 ) -> None:
     """Effective hit rate of every policy x predictor x capacity with prefetching, beside Belady."""
     splits = make_splits(train or [], test or [], workload or [])
-    try:
-        ks = sorted({int(k) for k in candidates.split(",") if k.strip()})
-    except ValueError:
-        raise ConfigError(f"bad --candidates {candidates!r}", "write counts separated by commas: 0,4") from None
-    if latency < 0 or lookahead < 1 or not ks or min(ks) < 0:
-        raise ConfigError("--latency must be >= 0, --lookahead >= 1 and --candidates >= 0")
-    grid = Grid([check_policy(p) for p in _names(policies)], _names(predictors), capacity, lookahead, ks, latency,
-                pin_steps)
+    if latency < 0 or lookahead < 1:
+        raise ConfigError("--latency must be >= 0 and --lookahead >= 1")
+    grid = Grid([check_policy(p) for p in _names(policies)], _names(predictors), capacity, lookahead,
+                parse_candidates(candidates), latency, pin_steps, across_tokens)
     t0 = time.perf_counter()
     base, runs, fitted = [], [], []
     train_config = TrainConfig(lookahead=lookahead, seed=seed)

@@ -795,9 +795,11 @@ class _PrefetchRun:
         for k in keys:
             if not 0 <= k < self.stream.num_keys:
                 raise ConfigError(f"predictor proposed key {k}, outside 0..{self.stream.num_keys - 1}")
-        # as the runtime's prefetcher: never evict what this layer uses or another key proposed now
-        protect = set(demand).union(keys if self.protect_proposals else ())
+        # as the runtime's prefetcher: never evict what this layer uses or a key proposed ahead of this one
+        protect = set(demand)
         for k in keys:
+            if self.protect_proposals:
+                protect.add(k)
             inserted, victim = self.caches.prefetch(k, protect)
             self.evicted(victim, "prefetch", step)
             if inserted:
@@ -811,12 +813,12 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
     """Like :func:`simulate`, but a predictor may prefetch keys after each layer step.
 
     After the demand accesses of (token, layer) -- whose keys are pinned, they are computing --
-    ``predictor(step)`` proposes keys; each one not resident is inserted, evicting by the policy
-    but never a key of this step or another proposed one (as the runtime's prefetcher protects
-    them). A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next
+    ``predictor(step)`` proposes keys, best first; each one not resident is inserted, evicting by
+    the policy but never a key of this step or one proposed ahead of it (as the runtime's
+    prefetcher protects them). A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next
     layer). ``pin_steps`` replays the demand accesses as the runtime does (see :func:`simulate`);
-    ``protect_proposals=False`` lets a prefetch evict another key proposed at the same step (what
-    this simulator did before it matched the runtime: kept to measure the difference); ``options``
+    ``protect_proposals=False`` lets a prefetch evict a key proposed ahead of it at the same step
+    (what this simulator did before it matched the runtime: kept to measure the difference); ``options``
     go to the policy's constructor.
     """
     policy = _check(policy, capacity)

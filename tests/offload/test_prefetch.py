@@ -202,10 +202,17 @@ def test_prediction_counts_and_contexts(tiny_dir, fixed_predictor):
     assert set(model.stats.prediction) == {1}  # two MoE layers: nothing is two layers ahead
     # Contexts: the prompt step has 5 tokens and no known predecessors; a decode step has one token
     # whose predecessor's route is the previous step's.
-    prompt_ctx, decode_ctx = predictor.contexts[0], predictor.contexts[-1]
+    within = [c for c in predictor.contexts if c.layer >= 0]
+    prompt_ctx, decode_ctx = within[0], within[-1]
     assert prompt_ctx.tokens == 5 and (prompt_ctx.prev == -1).all()
     assert decode_ctx.tokens == 1 and (decode_ctx.prev >= 0).all()
     assert decode_ctx.path.shape == (1, 1, 2)
+    # Across the token boundary (lookahead 2 on 2 MoE layers): after MoE layer 0 the next token's layer 0 is
+    # in reach, with this token's route so far as its prev; after layer 1 both of its layers, the route complete.
+    # In the prompt step only the row's last token continues.
+    across = [c for c in predictor.contexts if c.layer == -1]
+    assert len(across) == 2 * 4 and all(c.tokens == 1 and c.path.shape == (1, 0, 2) for c in across)
+    assert (across[-2].prev[0, 0] >= 0).all() and (across[-2].prev[0, 1] == -1).all() and (across[-1].prev >= 0).all()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def test_sweep_writes_every_run_beside_belady(traces, tmp_path) -> None:
     out = tmp_path / "sweep"
     r = CliRunner().invoke(sweep_script.app, [
         "--workload", str(a), "--workload", str(b), "--policies", "lru,layer-lru", "--predictors", "none,markov",
-        "--capacity", "25%", "--candidates", "0,2", "--out", str(out)])
+        "--capacity", "25%", "--candidates", "1x,2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     result = json.loads((out / "prefetch.json").read_text())
     assert result["schema"] == "offload-prefetch-sweep/1" and result["params"]["latency"] == 2
@@ -53,6 +53,8 @@ def test_sweep_errors_are_one_line(traces, tmp_path) -> None:
     r = CliRunner().invoke(sweep_script.app, ["--train", str(a), "--test", str(b), "--candidates", "x",
                                               "--out", str(tmp_path)])
     assert r.exit_code == 1 and "bad --candidates" in r.output
+    assert sweep_script.parse_candidates("1x, 2x,3") == ["1x", "2x", "3"]
+    assert [sweep_script.candidates_for(k, 8) for k in ("1x", "2x", "3")] == [8, 16, 3]
 
 
 def test_explain_charges_every_miss_to_an_eviction(traces, tmp_path) -> None:

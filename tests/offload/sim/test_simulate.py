@@ -260,16 +260,17 @@ def test_wrong_prefetch_is_wasted_and_never_evicts_the_current_keys() -> None:
     assert r.loads == 8 and r.effective_hit_rate == pytest.approx(1 / 6)
 
 
-def test_a_prefetch_never_evicts_another_key_proposed_at_the_same_step() -> None:
+def test_a_prefetch_never_evicts_a_key_proposed_ahead_of_it() -> None:
     # PREFETCH, one cache of 1 per layer; after each layer-0 step the predictor proposes 4 then 5 for layer 1.
-    # t0: 4 takes the free slot; 5 would have to evict 4, proposed with it: dropped (as the runtime does). Layer 1
-    # then demands 5, which evicts 4; at t1 and t2 4 would have to evict 5, proposed with it: nothing is issued.
+    # t0: 4 takes the free slot; 5 would have to evict 4, proposed ahead of it: dropped (as the runtime does).
+    # Layer 1 demands 5, which evicts 4. t1 and t2: 4 may evict 5 (proposed after it), 5 then may not evict 4;
+    # layer 1 misses on 5 and 7. 3 prefetches, no hit.
     stream = AccessStream.from_experts(PREFETCH, 4)
     both = lambda step: [4, 5] if step.layer == 0 else []  # noqa: E731
     r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=both)
-    assert (r.issued, r.sim.hits) == (1, 1)
+    assert (r.issued, r.sim.hits) == (3, 0)
     # without the protection (the simulator before it matched the runtime) 4 then 5 are loaded at every
-    # layer-0 step, each evicting the other: 6 loads, and t0's layer 1 hits on the second
+    # layer-0 step, each evicting the other: 6 loads, and layer 1 hits on the second at t0 and t1
     r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=both, protect_proposals=False)
     assert (r.issued, r.sim.hits) == (6, 2)
 
