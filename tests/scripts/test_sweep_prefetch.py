@@ -1,4 +1,4 @@
-"""scripts/sweep_prefetch.py and scripts/explain_fifo_lru.py end to end on small synthetic traces."""
+"""scripts/sweep_prefetch.py end to end on small synthetic traces."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from tests.predictors.synthetic import copy_chain, save
 from tests.scripts import load_script
 
 sweep_script = load_script("sweep_prefetch")
-explain_script = load_script("explain_fifo_lru")
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +54,3 @@ def test_sweep_errors_are_one_line(traces, tmp_path) -> None:
     assert r.exit_code == 1 and "bad --candidates" in r.output
     assert sweep_script.parse_candidates("1x, 2x,3") == ["1x", "2x", "3"]
     assert [sweep_script.candidates_for(k, 8) for k in ("1x", "2x", "3")] == [8, 16, 3]
-
-
-def test_explain_charges_every_miss_to_an_eviction(traces, tmp_path) -> None:
-    a, b = traces
-    out = tmp_path / "explain"
-    r = CliRunner().invoke(explain_script.app, ["--train", str(a), "--test", str(b), "--policies", "lru,fifo",
-                                                "--capacity", "6", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    records = json.loads((out / "explain.json").read_text())["records"]
-    assert [(x["policy"], x["mode"]) for x in records][:3] == [("lru", m) for m in explain_script.MODES]
-    for x in records:
-        assert sum(x["buckets"].values()) == sum(x["miss_causes"].values()) == x["misses"]
-    assert "prefetch +1..+2" in r.stdout
