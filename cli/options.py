@@ -24,7 +24,8 @@ ExpertBudget = Annotated[str, typer.Option(
     help='Expert cache size: auto (the most that fits this machine), slots ("16"), share ("25%") or bytes ("6GiB").',
     rich_help_panel=PANEL)]
 OffloadTo = Annotated[str, typer.Option(help="Where uncached experts live: disk or ram.", rich_help_panel=PANEL)]
-Policy = Annotated[str, typer.Option(help="Eviction policy: lru, lfu or fifo.", rich_help_panel=PANEL)]
+Policy = Annotated[str, typer.Option(
+    help="Eviction policy: lru, lfu, fifo, layer-lru, predictive or layer-budget.", rich_help_panel=PANEL)]
 Predictor = Annotated[str, typer.Option(
     help="Prefetch with: none, pregate, prev-token, markov or learned.", rich_help_panel=PANEL)]
 Lookahead = Annotated[int, typer.Option(help="MoE layers the predictor looks ahead.", rich_help_panel=PANEL)]

@@ -15,7 +15,8 @@ independent of timing; evicting an expert whose load is still in flight first wa
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Iterable
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -38,12 +39,14 @@ class ExpertCache:
         policy: EvictionPolicy,
         stats: Stats,
         async_loads: bool = False,
+        layers: Sequence[int] | None = None,
     ) -> None:
         if num_slots < 1:
             raise ValueError("an expert cache needs at least one slot")
         self.store = store
         self.device = device
         self.policy = policy
+        policy.attach(num_slots, layers)  # layers: the MoE layers in decode order, for layer-aware policies
         self.stats = stats
         self.num_slots = num_slots
         self.mover = make_mover(store, num_slots, slot_layout, device)
@@ -83,6 +86,14 @@ class ExpertCache:
         return key not in self._pins
 
     # -- use -------------------------------------------------------------------------------
+    def step(self, layer: int, needed: Iterable[int]) -> LayerStep:
+        """One MoE layer step over the experts ``needed``: pins what fits now and queues their loads."""
+        return LayerStep(self, layer, needed)
+
+    def predicted(self, layer: int, probs) -> None:
+        """The predictor's probabilities ([num_experts]) that ``layer``'s next step uses each expert."""
+        self.policy.on_scores(layer, probs)
+
     def acquire(self, key: Key) -> Expert:
         """Pin ``key`` (loading it on a miss) and return the expert bound to its slot."""
         self.reserve(key)
@@ -100,7 +111,7 @@ class ExpertCache:
         else:
             layer_stats.misses += 1
             start = time.perf_counter()
-            self._insert(key, self._take_slot(), layer_stats)
+            self._insert(key, self._take_slot(incoming=key), layer_stats)
             if self._loader is None:  # a synchronous load is a stall by definition
                 layer_stats.stalls += 1
                 layer_stats.stall_time_s += time.perf_counter() - start
@@ -137,7 +148,7 @@ class ExpertCache:
         else:
             protected = set()
         layer_stats = self.stats.layer(key[0])
-        self._insert(key, self._take_slot(protected), layer_stats)
+        self._insert(key, self._take_slot(protected, incoming=key), layer_stats)
         self._prefetched.add(key)
         layer_stats.prefetch_issued += 1
         return True
@@ -145,7 +156,8 @@ class ExpertCache:
     def expire_prefetches(self, layer: int, used: Iterable[int]) -> None:
         """``layer`` routed to ``used``: its other prefetched experts were wasted; evict them first."""
         used = set(used)
-        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in used]:
+        for key in sorted(k for k in self._prefetched if k[0] == layer and k[1] not in used):  # (a set's order
+            # would make the demotion order, and so the victims of recency policies, arbitrary)
             self._prefetched.discard(key)
             self.stats.layer(layer).prefetch_wasted += 1
             self.policy.on_demote(key)
@@ -185,13 +197,13 @@ class ExpertCache:
             self._loader = None
 
     # -- internals -------------------------------------------------------------------------
-    def _take_slot(self, protect: set[Hashable] = frozenset()) -> int:
+    def _take_slot(self, protect: set[Hashable] = frozenset(), incoming: Hashable | None = None) -> int:
         if self._free:
             return self._free.pop()
         candidates = [k for k in self._slot_of if self._evictable(k) and k not in protect]
         if not candidates:
             raise RuntimeError("every cache slot is pinned; release experts before acquiring more")
-        victim = self.policy.victim(candidates)
+        victim = self.policy.victim(candidates, incoming)
         self.stats.layer(victim[0]).evictions += 1
         return self._evict(victim)
 
@@ -219,3 +231,34 @@ class ExpertCache:
         self._experts[slot] = layout.bind(self.mover.slots[slot])  # made here, off the compute thread when async
         layer_stats.bytes_loaded += nbytes
         layer_stats.load_time_s += time.perf_counter() - start
+
+
+class LayerStep:
+    """A layer step's experts, pinned together as far as the slots allow, handed out as they land.
+
+    Experts already resident come first (in the order given), then the missing ones, whose loads
+    queue at once (with async loads they overlap the compute of those already here). Every expert
+    the cache can give without evicting one in use is reserved up front; when the step needs more
+    experts than there are slots, each one handed back frees a slot for the next. Iterating yields
+    ``(expert, Expert)``; the previous expert is released when the next is asked for.
+    """
+
+    def __init__(self, cache: ExpertCache, layer: int, needed: Iterable[int]) -> None:
+        cache.policy.on_layer(layer)
+        needed = list(needed)
+        self.cache, self.layer = cache, layer
+        self._order = deque([e for e in needed if (layer, e) in cache] + [e for e in needed if (layer, e) not in cache])
+        self._held: deque[int] = deque()
+        self._reserve()
+
+    def _reserve(self) -> None:
+        while self._order and self.cache.can_acquire((self.layer, self._order[0])):
+            self._held.append(self._order.popleft())
+            self.cache.reserve((self.layer, self._held[-1]))
+
+    def __iter__(self) -> Iterator[tuple[int, Expert]]:
+        while self._held:
+            e = self._held.popleft()
+            yield e, self.cache.wait((self.layer, e))
+            self.cache.release((self.layer, e))
+            self._reserve()

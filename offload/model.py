@@ -6,7 +6,6 @@ experts do not. Family differences live in ModelSpec and the pieces, not in bran
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -126,35 +125,22 @@ class MoEModel:
     def _run_experts(self, layer: int, needed: list[int], experts: torch.Tensor, weights: torch.Tensor,
                      x: torch.Tensor, buf: torch.Tensor, residual: torch.Tensor) -> None:
         """Resident experts first while missing ones load; each writes its tokens' cells of ``buf``."""
-        cache = self.cache
-        misses = [e for e in needed if (layer, e) not in cache]
+        distinct = len(needed)
         if self.host_compute is not None:
-            misses = self._host_misses(layer, misses, experts, weights, x, buf)
-        order = deque([e for e in needed if (layer, e) in cache] + misses)
-        held: deque[int] = deque()
-
-        def reserve() -> None:
-            # Take every expert the cache can give without evicting one in use; with async loads
-            # (or CUDA) their loads are queued at once and overlap the compute of those already here.
-            while order and cache.can_acquire((layer, order[0])):
-                held.append(order.popleft())
-                cache.reserve((layer, held[-1]))
-
-        reserve()
+            misses = [e for e in needed if (layer, e) not in self.cache]
+            on_host = set(misses) - set(self._host_misses(layer, misses, experts, weights, x, buf))
+            needed = [e for e in needed if e not in on_host]
+        step = self.cache.step(layer, needed)  # pins every expert that fits and queues the missing ones' loads
         if self.prefetcher is not None:
             self.prefetcher.after_route(layer, experts, residual)
         layer_stats = self.stats.layer(layer)
         layer_stats.steps += 1
-        layer_stats.distinct_experts += len(needed)
-        while held:
-            e = held.popleft()
-            expert = cache.wait((layer, e))
+        layer_stats.distinct_experts += distinct
+        for e, expert in step:
             start = time.perf_counter()
             rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
             buf[rows, slot] = self.activation(expert, x[rows]) * weights[rows, slot, None]
             layer_stats.compute_time_s += time.perf_counter() - start
-            cache.release((layer, e))
-            reserve()
 
     def _host_misses(self, layer: int, misses: list[int], experts: torch.Tensor, weights: torch.Tensor,
                      x: torch.Tensor, buf: torch.Tensor) -> list[int]:

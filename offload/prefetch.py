@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from predictors import MoEShape, Predictor, RouteContext, top_candidates
+from predictors import (
+    MoEShape,
+    Predictor,
+    RouteContext,
+    next_token_context,
+    next_token_layers,
+    step_probabilities,
+    top_candidates,
+)
 
 from .cache import ExpertCache
 from .stats import PredictionStats, Stats
@@ -28,6 +36,7 @@ class PrefetchConfig:
     lookahead: int = 1         # predict layers l+1 .. l+lookahead
     budget_slots: int = 1      # most experts prefetched and not yet used at any time
     candidates: int = 0        # experts per token per predicted layer (0: the model's top-k)
+    across_tokens: bool = True  # past the last layer, predict the next token's first layers (if the predictor can)
 
     def __post_init__(self) -> None:
         if self.lookahead < 1:
@@ -75,6 +84,8 @@ class Prefetcher:
         self._slots = slot_ids[rows]
         self._prev = np.where(first[:, None, None], self._prev_by_slot[self._slots], -1)
         self._rows, self._first = rows, first
+        self._last = np.ones(len(rows), dtype=bool)  # each row's last token: the next step continues from it
+        self._last[:-1] = rows[1:] != rows[:-1]
         self._path = np.full((len(rows), self.shape.num_layers, self.shape.top_k), -1, dtype=np.int64)
         self._pending.clear()
 
@@ -83,8 +94,7 @@ class Prefetcher:
         if self._path.shape[0] == 0:
             return
         start = time.perf_counter()
-        last = np.ones(len(self._rows), dtype=bool)
-        last[:-1] = self._rows[1:] != self._rows[:-1]
+        last = self._last
         self._prev_by_slot[self._slots[last]] = self._path[last]
         true_prev = self._prev.copy()  # now every predecessor's route is known
         true_prev[1:][~self._first[1:]] = self._path[:-1][~self._first[1:]]
@@ -101,26 +111,39 @@ class Prefetcher:
         used = set(routed.ravel().tolist())
         self._score(m, used)
         self.cache.expire_prefetches(layer, used)  # what this layer does not use was a wrong guess
-        if m + 1 == self.shape.num_layers:  # nothing ahead within this token
-            self.stats.predictor_time_s += time.perf_counter() - start
-            return
-        ctx = RouteContext(m, self._path[:, : m + 1], self._prev, hidden if self.predictor.needs_hidden else None)
-        scores = self.predictor.predict(ctx, self.config.lookahead)  # [d, tokens, experts]
         wanted: list[tuple[int, int]] = []  # (model layer, expert), nearest layer first, best first
-        for j in range(scores.shape[0]):
-            predicted = self._rank(top_candidates(scores[j], self.k), scores[j])
-            self._pending.setdefault(m + 1 + j, []).append(set(predicted))
-            wanted += [(self.moe_layers[m + 1 + j], e) for e in predicted]
-        # Room is never made by evicting what this layer uses or another expert predicted here:
-        # a prefetch that evicts a resident predicted expert only trades one load for another.
-        protect = {(layer, e) for e in used}.union(wanted)
+        if m + 1 < self.shape.num_layers:
+            ctx = RouteContext(m, self._path[:, : m + 1], self._prev, hidden if self.predictor.needs_hidden else None)
+            wanted += self._wanted(m + 1, self.predictor.predict(ctx, self.config.lookahead), score=True)
+        across = self.config.across_tokens and self.predictor.across_tokens
+        ahead = next_token_layers(m, self.config.lookahead, self.shape.num_layers) if across else 0
+        if ahead:  # past the last layer: the next token's first layers, from this token's route as its prev
+            wanted += self._wanted(0, self.predictor.predict(next_token_context(self._path[self._last]), ahead))
+        # Room is never made by evicting what this layer uses or an expert predicted ahead of this one
+        # (nearer, or likelier): evicting it for a less likely one would only move the miss. Experts
+        # predicted after it may go, so a small cache still takes the likeliest.
+        protect = {(layer, e) for e in used}
         waited = self.cache.evict_wait_s
         for key in wanted:
             if self.cache.prefetched >= self.config.budget_slots:
                 break
+            protect.add(key)
             self.cache.prefetch(key, protect)
         # Waiting for a victim's load to land is stall time (the cache counts it), not predictor work.
         self.stats.predictor_time_s += time.perf_counter() - start - (self.cache.evict_wait_s - waited)
+
+    def _wanted(self, first: int, scores: np.ndarray, score: bool = False) -> list[tuple[int, int]]:
+        """The keys to prefetch from ``scores`` [d, tokens, experts] of MoE layers first, first + 1, ...;
+        ``score``: remember them for the precision/recall counts (within the token only)."""
+        wanted: list[tuple[int, int]] = []
+        for j in range(scores.shape[0]):
+            predicted = self._rank(top_candidates(scores[j], self.k), scores[j])
+            if score:
+                self._pending.setdefault(first + j, []).append(set(predicted))
+            wanted += [(self.moe_layers[first + j], e) for e in predicted]
+            if self.cache.policy.wants_scores:  # a prediction-aware policy ranks residents by these
+                self.cache.predicted(self.moe_layers[first + j], step_probabilities(self.predictor, scores[j]))
+        return wanted
 
     @staticmethod
     def _rank(picks: np.ndarray, scores: np.ndarray) -> list[int]:

@@ -222,8 +222,9 @@ def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore
                 device: torch.device, stats: Stats) -> ExpertCache:
     spec = plan.spec
     num_slots = parse_budget(runtime.expert_budget, spec.total_experts, slot_nbytes(store, slot_layout, device))
+    layers = [i for i, moe in enumerate(spec.moe_layers) if moe]  # decode's layer cycle, for layer-aware policies
     return ExpertCache(store, num_slots, slot_layout, device, make_policy(runtime.policy), stats,
-                       async_loads=runtime.predictor != "none")
+                       async_loads=runtime.predictor != "none", layers=layers)
 
 
 def _build_model(plan: CheckpointPlan, cache: ExpertCache, stats: Stats, loader: _TensorLoader, dtype: torch.dtype,

@@ -8,7 +8,17 @@ from __future__ import annotations
 from offload.registry import lookup
 
 from . import history, learned, pregate  # noqa: F401  (registers)
-from .base import PREDICTORS, MoEShape, Predictor, RouteContext, register, top_candidates
+from .base import (
+    PREDICTORS,
+    MoEShape,
+    Predictor,
+    RouteContext,
+    next_token_context,
+    next_token_layers,
+    register,
+    step_probabilities,
+    top_candidates,
+)
 
 
 def make_predictor(name: str, shape: MoEShape, **options) -> Predictor:
@@ -16,4 +26,5 @@ def make_predictor(name: str, shape: MoEShape, **options) -> Predictor:
     return lookup(PREDICTORS, name, "predictor", also=("none",))(shape, **options)
 
 
-__all__ = ["MoEShape", "Predictor", "RouteContext", "PREDICTORS", "make_predictor", "register", "top_candidates"]
+__all__ = ["MoEShape", "Predictor", "RouteContext", "PREDICTORS", "make_predictor", "next_token_context",
+           "next_token_layers", "register", "step_probabilities", "top_candidates"]

@@ -40,6 +40,10 @@ class RouteContext:
     rows of -1 where there is none (a sequence's first token, or prefill tokens whose predecessor
     is routed in the same step). ``hidden`` is the residual stream entering layer ``layer``'s
     MoE block, [tokens, hidden] (runtime only; None on traces).
+
+    ``layer == -1`` asks about the next token before any of its layers has routed (the prefetcher
+    looking across the token boundary, see :func:`next_token_context`): ``path`` is empty and
+    ``prev`` is the current token's route so far (-1 at the layers it has not reached yet).
     """
 
     layer: int
@@ -57,6 +61,7 @@ class Predictor(ABC):
 
     name: ClassVar[str]
     needs_hidden: ClassVar[bool] = False  # True: runtime only (traces carry no hidden states)
+    across_tokens: ClassVar[bool] = True  # scores a context with layer -1 (the next token, from prev alone)
 
     def __init__(self, shape: MoEShape) -> None:
         self.shape = shape
@@ -80,6 +85,15 @@ class Predictor(ABC):
     def observe(self, experts: np.ndarray, prev: np.ndarray) -> None:
         """Learn online from completed tokens: ``experts`` [tokens, layers, top_k], ``prev`` as in RouteContext."""
 
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Scores [..., num_experts] -> the probability that each expert is among the token's top-k.
+
+        The default is a softmax over the experts scaled to sum to top_k and clipped at 1 (right for
+        log-probability scores such as markov's); predictors with calibrated outputs override it.
+        """
+        z = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return np.minimum(self.shape.top_k * z / z.sum(axis=-1, keepdims=True), 1.0)
+
 
 PREDICTORS: dict[str, type[Predictor]] = {}
 
@@ -88,6 +102,24 @@ def register(cls: type[Predictor]) -> type[Predictor]:
     """Class decorator: make a predictor constructible by name."""
     PREDICTORS[cls.name] = cls
     return cls
+
+
+def next_token_context(route: np.ndarray) -> RouteContext:
+    """Before the next token's first layer: ``route`` [tokens, layers, top_k], the current tokens' routes
+    so far (-1 at layers not reached yet), becomes ``prev``; nothing of the next token is known."""
+    route = np.asarray(route, dtype=np.int64)
+    return RouteContext(-1, np.zeros((route.shape[0], 0, route.shape[2]), dtype=np.int64), route)
+
+
+def next_token_layers(layer: int, lookahead: int, num_layers: int) -> int:
+    """How many of the next token's first layers lie within ``lookahead`` of ``layer`` (never more than
+    layer + 1: the ones the current token has already passed)."""
+    return max(0, min(layer + lookahead - num_layers + 1, layer + 1))
+
+
+def step_probabilities(predictor: Predictor, scores: np.ndarray) -> np.ndarray:
+    """[tokens, num_experts] scores of one layer -> [num_experts]: the probability that any token uses each expert."""
+    return 1.0 - np.prod(1.0 - predictor.probabilities(scores), axis=0)
 
 
 def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:

@@ -34,10 +34,20 @@ from offload.errors import ConfigError
 from offload.stats import ratio
 from offload.traces.format import Trace, read_trace
 
-from .base import Predictor, RouteContext, check_shape, prev_routes, shape_of, top_candidates
+from .base import (
+    Predictor,
+    RouteContext,
+    check_shape,
+    next_token_context,
+    next_token_layers,
+    prev_routes,
+    shape_of,
+    step_probabilities,
+    top_candidates,
+)
 
 if TYPE_CHECKING:  # the simulator pulls in numba, which the runtime's predictors do not need
-    from offload.sim.simulate import Step
+    from offload.sim.simulate import Proposal, Step
 
 
 def select_seqs(trace: Trace, seqs: Iterable[int]) -> Trace:
@@ -202,14 +212,18 @@ class PrefetchAdapter:
     """A Predictor as ``simulate_prefetch``'s callable: after each layer step, the keys to prefetch.
 
     Proposes the ``k`` best experts (default top_k) of each of the next ``lookahead`` layers,
-    nearest layer first. ``seq`` names each token's sequence (default: one sequence) so that
-    ``prev`` is the predecessor in the same sequence; the simulator's ``Step.past`` supplies the
-    routes, so the adapter never sees the future. With ``online`` the predictor observes each
-    token after its last layer. ``calls`` and ``seconds`` count the predict calls and their time.
+    nearest layer first; with ``across_tokens`` (and a predictor that can) the layers past the
+    last one are the next token's first layers, scored from the current token's route as its
+    ``prev`` (:func:`~predictors.base.next_token_context`), as the runtime's prefetcher does.
+    ``seq`` names each token's sequence (default: one sequence) so that ``prev`` is the predecessor
+    in the same sequence, and the next token is the trace's next; the simulator's ``Step.past``
+    supplies the routes, so the adapter never sees a route before it happens. With ``online`` the
+    predictor observes each token after its last layer. ``calls`` and ``seconds`` count the
+    predict calls and their time.
     """
 
     def __init__(self, predictor: Predictor, lookahead: int = 1, k: int | None = None,
-                 seq: np.ndarray | None = None, online: bool = True) -> None:
+                 seq: np.ndarray | None = None, online: bool = True, across_tokens: bool = True) -> None:
         if lookahead < 1:
             raise ConfigError(f"lookahead must be >= 1 layer, got {lookahead}")
         self.predictor = predictor
@@ -219,37 +233,69 @@ class PrefetchAdapter:
             raise ConfigError(f"prefetch candidates {self.k} must lie in 1..{predictor.shape.num_experts}")
         self.seq = None if seq is None else np.asarray(seq)
         self.online = online
+        self.across_tokens = across_tokens and predictor.across_tokens
         self.calls = 0
         self.seconds = 0.0
         self._token = -1
-        self._last: dict[int, int] = {}  # sequence -> index of its latest finished token
+        self._last: dict[int, int] = {}  # sequence -> index of its latest token
         self._prev = np.full((1, predictor.shape.num_layers, predictor.shape.top_k), -1, dtype=np.int64)
 
+    def _seq(self, token: int) -> int:
+        return 0 if self.seq is None else int(self.seq[token])
+
     def _start_token(self, step: Step) -> None:
-        s = 0 if self.seq is None else int(self.seq[step.token])
-        before = self._last.get(s)
+        before = self._last.get(self._seq(step.token))
         self._prev = np.full_like(self._prev, -1)
         if before is not None:
             self._prev[0] = step.past[before]
-        self._last[s] = step.token
+        self._last[self._seq(step.token)] = step.token
         self._token = step.token
 
-    def __call__(self, step: Step) -> list[int]:
+    def _next_prev(self, step: Step) -> np.ndarray | None:
+        """The next token's ``prev`` [1, layers, top_k], or None at the end of the trace."""
+        nxt = step.token + 1
+        if self.seq is not None and nxt >= len(self.seq):
+            return None
+        prev = np.full_like(self._prev, -1)
+        if self._seq(nxt) == self._seq(step.token):  # this token, as far as it has routed
+            prev[0, :step.layer + 1] = step.current
+        elif self._seq(nxt) in self._last:
+            prev[0] = step.past[self._last[self._seq(nxt)]]
+        return prev
+
+    def _score(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+        start = time.perf_counter()
+        scores = self.predictor.predict(ctx, lookahead)  # [d, 1, experts]
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return scores
+
+    def _propose(self, step: Step, first: int, scores: np.ndarray, keys: list[int], probs: dict) -> None:
+        """Add the picks (and probabilities) of ``scores`` [d, 1, experts] for layers first, first + 1, ..."""
+        picks = top_candidates(scores[:, 0], self.k)  # [d, k]
+        keys += [step.key(first + j, int(e)) for j in range(picks.shape[0]) for e in picks[j]]
+        # what the runtime's prefetcher hands a prediction-aware policy: per-layer probabilities
+        probs.update({first + j: step_probabilities(self.predictor, scores[j]) for j in range(len(scores))})
+
+    def __call__(self, step: Step) -> Proposal:
+        from offload.sim.simulate import Proposal
+
         if step.token != self._token:
             self._start_token(step)
-        shape = self.predictor.shape
+        layers = self.predictor.shape.num_layers
         path = step.current[None].astype(np.int64)  # [1, layer + 1, top_k]
         keys: list[int] = []
-        if step.layer < shape.num_layers - 1:
-            start = time.perf_counter()
-            scores = self.predictor.predict(RouteContext(step.layer, path, self._prev), self.lookahead)
-            self.seconds += time.perf_counter() - start
-            self.calls += 1
-            picks = top_candidates(scores[:, 0], self.k)  # [d, k]
-            keys = [step.key(step.layer + 1 + j, int(e)) for j in range(picks.shape[0]) for e in picks[j]]
-        elif self.online:
+        probs: dict[int, np.ndarray] = {}
+        if step.layer < layers - 1:
+            self._propose(step, step.layer + 1, self._score(RouteContext(step.layer, path, self._prev),
+                                                            self.lookahead), keys, probs)
+        ahead = next_token_layers(step.layer, self.lookahead, layers) if self.across_tokens else 0
+        prev = self._next_prev(step) if ahead else None
+        if prev is not None:
+            self._propose(step, 0, self._score(next_token_context(prev), ahead), keys, probs)
+        if step.layer == layers - 1 and self.online:
             self.predictor.observe(path, self._prev)
-        return keys
+        return Proposal(keys, probs)
 
 
 __all__ = ["HitCounts", "PrefetchAdapter", "TraceScore", "check_shape", "parse_seqs", "prev_routes", "read_trace_spec",

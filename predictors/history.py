@@ -148,26 +148,33 @@ class Markov(Predictor):
         prior = self.alpha * self.shape.top_k / self.shape.num_experts
         return np.log((counts + prior) / (totals[..., None] + self.alpha))
 
-    def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+    def features(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+        """The score's terms, [d, tokens, experts, 2 + context]: the log prior, the prev-token log ratio
+        (summed over prev's experts), then the path log ratios of layers l, l-1, ... (summed over each
+        layer's experts; zeros beyond the first layer or the horizon). ``predict`` weighs and adds them."""
         # One gather per feature kind over all targets at once: this runs after every layer of every token.
         tg = np.asarray(target_layers(self.shape, ctx, lookahead))  # [d] target layers
-        src = np.arange(max(0, ctx.layer - self.context + 1), ctx.layer + 1)  # [c] context layers
+        src = np.arange(ctx.layer, max(0, ctx.layer - self.context + 1) - 1, -1)  # [c] context layers, latest first
         path = np.asarray(ctx.path, dtype=np.int64)[:, src]  # [T, c, K]
         prev = np.asarray(ctx.prev, dtype=np.int64)[:, tg].transpose(1, 0, 2)  # [d, T, K]
         log_prior = self._smooth(self.unigram[tg], np.asarray(float(self.tokens)))[:, None, None, None]  # [d,1,1,1,E]
-        score = np.zeros((len(tg), ctx.tokens, self.shape.num_experts))
+        out = np.zeros((len(tg), ctx.tokens, self.shape.num_experts, 2 + self.context))
+        out[..., 0] = log_prior[:, 0, 0]
+        known = prev >= 0
+        safe = np.where(known, prev, 0)
+        counts = self.temporal[tg[:, None, None], safe]  # [d, T, K, E]
+        totals = self.temporal[tg].sum(axis=2)[np.arange(len(tg))[:, None, None], safe] / self.shape.top_k
+        out[..., 1] = ((self._smooth(counts, totals) - log_prior[:, 0]) * known[..., None]).sum(axis=2)
         dist = tg[:, None] - src[None, :]  # [d, c]
         near = (dist <= self.horizon)[:, None, :, None, None]  # [d, 1, c, 1, 1]
-        if self.path_weight and near.any():
+        if near.any():
             counts = self.pair[src[None, None, :, None], np.minimum(dist, self.horizon)[:, None, :, None] - 1,
                                path[None]]  # [d, T, c, K, E]
             ratio = self._smooth(counts, self.unigram[src[None, :, None], path]) - log_prior
-            score += self.path_weight * (ratio * near).sum(axis=(2, 3))
-        if self.prev_weight:
-            known = prev >= 0
-            safe = np.where(known, prev, 0)
-            counts = self.temporal[tg[:, None, None], safe]  # [d, T, K, E]
-            totals = self.temporal[tg].sum(axis=2)[np.arange(len(tg))[:, None, None], safe] / self.shape.top_k
-            ratio = self._smooth(counts, totals) - log_prior[:, 0]
-            score += self.prev_weight * (ratio * known[..., None]).sum(axis=2)
-        return (score + log_prior[:, 0, 0]).astype(np.float32)
+            out[..., 2:2 + len(src)] = (ratio * near).sum(axis=3).transpose(0, 1, 3, 2)
+        return out
+
+    def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
+        f = self.features(ctx, lookahead)
+        weights = np.array([1.0, self.prev_weight] + [self.path_weight] * self.context)
+        return (f @ weights).astype(np.float32)

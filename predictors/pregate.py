@@ -24,6 +24,7 @@ from .base import MoEShape, Predictor, RouteContext, register
 class PreGate(Predictor):
     name = "pregate"
     needs_hidden = True
+    across_tokens = False  # the next token's hidden state does not exist yet
 
     @classmethod
     def from_model(cls, model: Any, shape: MoEShape, checkpoint_dir: Path, **options: Any) -> PreGate:

@@ -78,6 +78,7 @@ class Options:
     prompt: str | None
     predictor: str
     lookahead: int
+    policy: str
     work_dir: Path
     hidden: int
     intermediate: int
@@ -344,7 +345,7 @@ def run_ours(opts: Options, name: str, path: Path) -> dict:
     sync = synchronizer(opts.device)
     t0 = time.perf_counter()
     m = offload.from_pretrained(path, device=opts.device, dtype=opts.dtype, expert_budget=budget,
-                                offload_to=tier, policy="lru", predictor=predictor, lookahead=opts.lookahead,
+                                offload_to=tier, policy=opts.policy, predictor=predictor, lookahead=opts.lookahead,
                                 hybrid=opts.hybrid)
     sync()
     load_s = time.perf_counter() - t0
@@ -797,6 +798,7 @@ def bench(
                                                     "token ids.")] = None,
     predictor: Annotated[str, typer.Option(help="Also run every offload config with this predictor.")] = "none",
     lookahead: Annotated[int, typer.Option(help="With --predictor: MoE layers looked ahead.")] = 1,
+    policy: Annotated[str, typer.Option(help="offload's eviction policy in every offload config.")] = "lru",
     work_dir: Annotated[Path, typer.Option(help="Built models + offload folders.")] = Path("/tmp/offload-bench"),
     hidden: Annotated[int, typer.Option(help="Built model: hidden size.")] = 1024,
     intermediate: Annotated[int, typer.Option(help="Built model: expert intermediate size.")] = 3584,

@@ -1,17 +1,16 @@
 """Evaluate expert predictors on routing traces: precision/recall per lookahead, and prefetching in the simulator.
 
     python scripts/eval_predictors.py \\
-        --train tests/data/mixtral-8x7b-humaneval.jsonl.gz@0 --test tests/data/mixtral-8x7b-humaneval.jsonl.gz@1 \\
-        --train tests/data/mixtral-8x7b-humaneval.jsonl.gz@1 --test tests/data/mixtral-8x7b-humaneval.jsonl.gz@0 \\
-        --train scripts/results/traces/tiny-moe-stdlib-heldout.jsonl.gz \\
-        --test scripts/results/traces/tiny-moe-stdlib-prose.jsonl.gz \\
-        --train scripts/results/traces/tiny-moe-stdlib-prose.jsonl.gz \\
-        --test scripts/results/traces/tiny-moe-stdlib-heldout.jsonl.gz \\
-        --predictors prev-token,markov,learned --lookahead 1,2 --policies lru,lfu --capacity 25%,50% \\
-        --out scripts/results/predictors
+        --workload tests/data/mixtral-8x7b-humaneval.jsonl.gz@0 \\
+        --workload tests/data/mixtral-8x7b-humaneval.jsonl.gz@1 \\
+        --workload scripts/results/traces/tiny-moe-stdlib-heldout.jsonl.gz \\
+        --workload scripts/results/traces/tiny-moe-stdlib-prose.jsonl.gz \\
+        --predictors prev-token,markov,learned --lookahead 1,2 --policies lru,layer-lru --capacity 25%,50% \\
+        --latency 2 --out scripts/results/predictors
 
-``--train``/``--test`` pair up in order (one split each); ``PATH@SEQS`` keeps only those sequences
-(``@0-19``), which is how the two-sequence HumanEval trace is split by sequence. Per split, ``markov``
+``--train``/``--test`` pair up in order (one split each), and every ordered pair of two ``--workload``
+traces of the same model is a split too; ``PATH@SEQS`` keeps only those sequences (``@0-19``),
+which is how the two-sequence HumanEval trace is split by sequence. Per split, ``markov``
 is fit on the train trace, ``learned`` is trained on it (or loaded from ``--learned-weights``), and
 every predictor then runs over the test trace token by token, observing each finished token (online
 learning) -- see predictors/evaluate.py for the exact precision/recall definitions.
@@ -143,15 +142,15 @@ def factories(split: Split, names: list[str], train_config: TrainConfig, learned
             out[name] = lambda fitted=fitted: copy.deepcopy(fitted)  # online updates must not leak between runs
         elif name == "learned":
             if learned_weights is not None:
-                learned = make_predictor("learned", shape, weights=learned_weights)
+                net = make_predictor("learned", shape, weights=learned_weights).net  # type: ignore[attr-defined]
                 reports.append({"split": split.name, "weights": str(learned_weights)})
             else:
                 net, report = train_with_progress([split.train], train_config, f"training learned ({split.name})")
-                learned = Learned(shape, net=net)
                 reports.append({"split": split.name, **report_dict(report, train_config)})
                 err.print(f"learned ({split.name}): train loss {report.train_loss:.4f}, val loss "
-                          f"{report.val_loss:.4f}, {report.params:,} params, {report.seconds:.1f} s")
-            out[name] = lambda learned=learned: learned  # stateless: observe does nothing
+                          f"{report.val_loss:.4f}, {report.params:,} params, best step {report.best_step}, "
+                          f"{report.seconds:.1f} s")
+            out[name] = lambda net=net: Learned(shape, net=net)  # fresh: its markov counts learn online
         else:
             make_predictor(name, shape)  # unknown names fail here, before any work
             out[name] = lambda name=name: make_predictor(name, shape)
@@ -279,11 +278,32 @@ def evaluate_splits(splits: list[Split], names: list[str], lookaheads: list[int]
     return acc, sim, reports
 
 
+def make_splits(train: list[str], test: list[str], workloads: list[str]) -> list[Split]:
+    """--train/--test in order, then every ordered pair of distinct --workload traces of the same model and shape."""
+    if len(train) != len(test):
+        raise ConfigError(f"{len(train)} --train but {len(test)} --test traces", "give one --test per --train")
+    traces: dict[str, Trace] = {}
+    for spec in [*train, *test, *workloads]:
+        if spec not in traces:
+            traces[spec] = read_trace_spec(spec)
+
+    def model(spec: str) -> tuple:
+        return (traces[spec].header.model, shape_of(traces[spec]))
+
+    pairs = list(zip(train, test)) + [(a, b) for a in workloads for b in workloads if a != b and model(a) == model(b)]
+    if not pairs:
+        raise ConfigError("no split to evaluate", "give --train A --test B, or two --workload traces of one model")
+    return [Split(f"{_short(a)} → {_short(b)}", traces[a], traces[b]) for a, b in pairs]
+
+
 @app.command()
 def evaluate(
-    train: Annotated[list[str], typer.Option(help="Train trace (PATH or PATH@SEQS); one per split.")],
-    test: Annotated[list[str], typer.Option(help="Test trace (PATH or PATH@SEQS); pairs with --train in order.")],
     out: Annotated[Path, typer.Option(help="Folder for eval.json and eval.md.")],
+    train: Annotated[list[str] | None, typer.Option(help="Train trace (PATH or PATH@SEQS); one per split.")] = None,
+    test: Annotated[list[str] | None, typer.Option(help="Test trace (PATH or PATH@SEQS); pairs with --train.")]
+    = None,
+    workload: Annotated[list[str] | None, typer.Option(
+        help="A workload's trace (PATH or PATH@SEQS); every ordered pair of two of them is a split.")] = None,
     predictors: Annotated[str, typer.Option(help="Comma-separated predictor names.")] = "prev-token,markov,learned",
     lookahead: Annotated[str, typer.Option(help="Comma-separated lookaheads (layers ahead).")] = "1,2",
     policies: Annotated[str, typer.Option(help="Simulator eviction policies (comma-separated).")] = "lru,lfu",
@@ -297,8 +317,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed for training the learned predictor.")] = 0,
 ) -> None:
     """Precision/recall of each predictor per lookahead, and its effect on a simulated expert cache."""
-    if len(train) != len(test):
-        raise ConfigError(f"{len(train)} --train but {len(test)} --test traces", "give one --test per --train")
+    splits = make_splits(train or [], test or [], workload or [])
     names = [n.strip() for n in predictors.split(",") if n.strip()]
     lookaheads = _ints(lookahead, "--lookahead")
     policy_list = [p.strip() for p in policies.split(",") if p.strip()]
@@ -306,13 +325,12 @@ def evaluate(
         check_policy(p)
     latencies = _ints(latency, "--latency")
     train_config = TrainConfig(lookahead=max(lookaheads), seed=seed)
-    splits = [Split(f"{_short(a)} → {_short(b)}", read_trace_spec(a), read_trace_spec(b))
-              for a, b in zip(train, test)]
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]  # the µs timings are only as quiet as the machine: keep its load with them
     acc, sim, reports = evaluate_splits(splits, names, lookaheads, policy_list, capacity, candidates, latencies,
                                         train_config, learned_weights)
-    params = {"train": train, "test": test, "predictors": names, "lookahead": lookaheads,
+    params = {"train": [s.train.path for s in splits], "test": [s.test.path for s in splits], "predictors": names,
+              "lookahead": lookaheads,
               "policies": policy_list, "capacity": capacity, "scope": "global", "candidates": candidates,
               "latency": latencies, "learned_weights": str(learned_weights) if learned_weights else None,
               "seed": seed, "online": True, "seconds": round(time.perf_counter() - t0, 2)}

@@ -145,6 +145,70 @@ def optimal_misses(stream: Sequence[int], capacity: int) -> int:
     return best(0, frozenset())
 
 
+def ref_simulate_steps(stream: Sequence[int], policy: str, capacity: int, num_experts: int, top_k: int,
+                       partition: Callable[[int], int] = lambda key: 0, pin_steps: bool = True) -> RefCounts:
+    """Layer steps of ``top_k`` keys (one token at one layer), each victim found by scanning every candidate.
+
+    With ``pin_steps`` a step runs as the runtime's MoE layer does: its resident keys first, then the
+    missing ones, each group in key order, all pinned until the step ends; a miss evicts the policy's
+    choice among the other resident keys of its cache, or, when there are none, the step's earliest
+    used key. Without it the keys run in the trace's order and nothing is pinned (lru, lfu, fifo and
+    belady then equal ``ref_simulate``). Policies: lru, lfu, fifo, belady, and layer-lru: the key
+    whose layer's next visit is farthest (the current layer counts a whole cycle away), then the
+    least recently used, never one of the current step's keys while another candidate exists.
+    """
+    num_layers = max(stream) // num_experts + 1 if stream else 1
+    resident: dict[int, set[int]] = {}
+    inserted: dict[int, int] = {}  # key -> time it became resident
+    last: dict[int, int] = {}  # key -> time of last use
+    count: dict[int, int] = {}  # key -> uses since the start (kept across evictions)
+    out = RefCounts()
+    clock = 0
+
+    def next_use(key: int, start: int) -> float:
+        return next((j for j in range(start, len(stream)) if stream[j] == key), float("inf"))
+
+    def pick(candidates: set[int], start: int, layer: int, step: list[int]) -> int:
+        if policy == "lru":
+            return min(candidates, key=lambda k: last[k])
+        if policy == "fifo":
+            return min(candidates, key=lambda k: inserted[k])
+        if policy == "lfu":
+            return min(candidates, key=lambda k: (count[k], last[k]))
+        if policy == "belady":
+            return max(candidates, key=lambda k: (next_use(k, start), k))
+        others = candidates - set(step) or candidates  # layer-lru
+        return max(others, key=lambda k: ((k // num_experts - layer - 1) % num_layers + 1, -last[k]))
+
+    for start in range(0, len(stream), top_k):
+        keys = list(stream[start:start + top_k])
+        layer = keys[0] // num_experts
+        cache = resident.setdefault(partition(keys[0]), set())
+        if pin_steps:
+            keys = sorted(k for k in keys if k in cache) + sorted(k for k in keys if k not in cache)
+        held: list[int] = []
+        for position, key in enumerate(keys):
+            clock += 1
+            count[key] = count.get(key, 0) + 1
+            hit = key in cache
+            bucket = out.hits if hit else out.misses
+            bucket[key] = bucket.get(key, 0) + 1
+            if not hit:
+                if len(cache) == capacity:
+                    candidates = cache - set(held) if pin_steps else set(cache)
+                    # belady looks ahead from the next step when pinned (the step's own keys are not candidates)
+                    ahead = start + top_k if pin_steps else start + position + 1
+                    victim = (pick(candidates, ahead, layer, held) if candidates
+                              else next(h for h in held if h in cache))
+                    cache.remove(victim)
+                    out.evictions[victim] = out.evictions.get(victim, 0) + 1
+                cache.add(key)
+                inserted[key] = clock
+            last[key] = clock
+            held.append(key)
+    return out
+
+
 # ================================================================================================
 # Quantization oracles (checked against offload/quant.py)
 #

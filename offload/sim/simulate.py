@@ -21,8 +21,8 @@ counts of :func:`simulate` (tests check this). The slow oracles live in ``tests/
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -33,9 +33,11 @@ from ..registry import check_name
 from ..stats import HitRate, ratio
 from ..traces.format import Trace
 
-# Policy codes the kernel branches on; the registry below is the only place names meet codes.
-_LRU, _LFU, _FIFO, _BELADY = 0, 1, 2, 3
-SIM_POLICIES: dict[str, int] = {"lru": _LRU, "lfu": _LFU, "fifo": _FIFO, "belady": _BELADY}
+# Policy codes the kernels branch on; the registry below is the only place names meet codes.
+# _PYTHON: no kernel, the policy runs in the Python twin (with the runtime's own policy object).
+_LRU, _LFU, _FIFO, _BELADY, _LAYER_LRU, _PYTHON = 0, 1, 2, 3, 4, -1
+SIM_POLICIES: dict[str, int] = {"lru": _LRU, "lfu": _LFU, "fifo": _FIFO, "belady": _BELADY,
+                                "layer-lru": _LAYER_LRU, "predictive": _PYTHON, "layer-budget": _PYTHON}
 SCOPES = ("per-layer", "global")
 
 
@@ -85,6 +87,7 @@ class SimResult(HitRate):
     """Exact counts of one simulation; per-layer tuples are indexed by layer.
 
     Hits and misses belong to the layer of the accessed key, evictions to the layer of the evicted one.
+    ``pin_steps``: replayed in layer steps with their pins, as the runtime runs them (see :func:`simulate`).
     """
 
     policy: str
@@ -94,6 +97,7 @@ class SimResult(HitRate):
     hits_per_layer: tuple[int, ...]
     misses_per_layer: tuple[int, ...]
     evictions_per_layer: tuple[int, ...]
+    pin_steps: bool = False
 
     @property
     def hits(self) -> int:
@@ -141,12 +145,12 @@ def _check(policy: str, capacity: int) -> str:
 
 
 def _result(policy: str, scope: str, capacity: int, stream: AccessStream,
-            hits: np.ndarray, misses: np.ndarray, evictions: np.ndarray) -> SimResult:
+            hits: np.ndarray, misses: np.ndarray, evictions: np.ndarray, pin_steps: bool = False) -> SimResult:
     """Fold per-key counts ([num_keys]) into per-layer tuples."""
     def per_layer(a: np.ndarray) -> tuple[int, ...]:
         return tuple(a.reshape(stream.num_layers, stream.num_experts).sum(axis=1).tolist())
     return SimResult(policy, scope, capacity, stream.num_tokens,
-                     per_layer(hits), per_layer(misses), per_layer(evictions))
+                     per_layer(hits), per_layer(misses), per_layer(evictions), pin_steps)
 
 
 # ------------------------------------------------------------------------------------ numba kernel
@@ -317,19 +321,235 @@ def _lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int,
     return hits, misses, evictions
 
 
+# --------------------------------------------------------------------- step-pinned kernels
+# With ``pin_steps`` the stream is replayed the way the runtime's MoE layer runs a step (cache.py's
+# LayerStep): the top-k keys of one (token, layer) step are accessed resident ones first, each group
+# in key order, and all of them stay pinned until the step ends. A miss evicts a key outside the
+# step; when every resident key belongs to the step (a cache smaller than a step), the step's
+# earliest-used key goes, as the runtime releases its experts in the order they computed.
+
+
+@numba.njit(cache=True)
+def _runtime_order(step: np.ndarray, here: np.ndarray) -> np.ndarray:
+    """Positions of a step's keys in the runtime's access order: resident (``here``) first, then by key."""
+    m = step.shape[0]
+    order = np.empty(m, dtype=np.int64)
+    taken = np.zeros(m, dtype=np.bool_)
+    rank = np.empty(m, dtype=np.int64)  # (not resident, key) as one number
+    for j in range(m):
+        rank[j] = (0 if here[j] else 1 << 40) + step[j]
+    for o in range(m):  # selection sort: top-k is a handful of keys
+        best = -1
+        for j in range(m):
+            if not taken[j] and (best < 0 or rank[j] < rank[best]):
+                best = j
+        taken[best] = True
+        order[o] = best
+    return order
+
+
+@numba.njit(cache=True)
+def _heap_remove(heap: np.ndarray, hprio: np.ndarray, slot: np.ndarray, base: int, size: np.ndarray, p: int,
+                 j: int) -> None:
+    """Take the entry at j out of cache p's heap (its key's slot is left for the caller to set)."""
+    last = base + size[p] - 1
+    size[p] -= 1
+    if j != last:
+        _put(heap, hprio, slot, j, heap[last], hprio[last])
+        _sift_up(heap, hprio, slot, base, j)
+        _sift_down(heap, hprio, slot, base, size[p], j)
+
+
+@numba.njit(cache=True)
+def _step_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: int, policy: int, nxt: np.ndarray,
+                 top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The heap kernel's policies replayed in pinned layer steps; per-key hits, misses, evictions.
+
+    A step's keys leave the heap while they are pinned (slot -2) and return with their new
+    priorities when it ends; lru and lfu times are the access order within the step, belady's
+    next uses are positions in the trace.
+    """
+    n = keys.shape[0]
+    num_keys = part.shape[0]
+    heap = np.empty(num_parts * slots, dtype=np.int64)
+    hprio = np.empty(num_parts * slots, dtype=np.int64)
+    size = np.zeros(num_parts, dtype=np.int64)  # keys in each heap (pinned ones are out of it)
+    slot = np.full(num_keys, -1, dtype=np.int64)  # -1 not resident, -2 pinned
+    count = np.zeros(num_keys, dtype=np.int64)
+    hits = np.zeros(num_keys, dtype=np.int64)
+    misses = np.zeros(num_keys, dtype=np.int64)
+    evictions = np.zeros(num_keys, dtype=np.int64)
+    pin_key = np.empty(top_k, dtype=np.int64)
+    pin_prio = np.empty(top_k, dtype=np.int64)
+    here = np.empty(top_k, dtype=np.bool_)
+    clock = 0
+    for s in range(0, n, top_k):
+        step = keys[s:s + top_k]
+        for j in range(top_k):
+            here[j] = slot[step[j]] >= 0
+        order = _runtime_order(step, here)
+        p = part[step[0]]  # a step is one layer: one cache in either scope
+        base = p * slots
+        first = npin = 0  # pin_key[first:npin] are the step's pinned keys, in access order
+        for o in range(top_k):
+            j = order[o]
+            k = step[j]
+            clock += 1
+            if policy == _LFU:
+                count[k] += 1
+            if here[j]:
+                hits[k] += 1
+                old = hprio[slot[k]]
+                _heap_remove(heap, hprio, slot, base, size, p, slot[k])
+            else:
+                misses[k] += 1
+                old = clock
+                if size[p] + npin - first == slots:
+                    if size[p] > 0:  # the policy's victim among the keys outside the step
+                        victim = heap[base]
+                        _heap_remove(heap, hprio, slot, base, size, p, base)
+                    else:  # all resident keys are this step's: the earliest used is released first
+                        victim = pin_key[first]
+                        first += 1
+                    evictions[victim] += 1
+                    slot[victim] = -1
+            if policy == _LRU:
+                prio = clock
+            elif policy == _LFU:
+                prio = count[k] * n + clock
+            elif policy == _FIFO:
+                prio = old
+            else:
+                prio = -nxt[s + j]
+            slot[k] = -2
+            pin_key[npin] = k
+            pin_prio[npin] = prio
+            npin += 1
+        for q in range(first, npin):  # the step ends: its keys may be evicted again
+            j = base + size[p]
+            size[p] += 1
+            _put(heap, hprio, slot, j, pin_key[q], pin_prio[q])
+            _sift_up(heap, hprio, slot, base, j)
+    return hits, misses, evictions
+
+
+@numba.njit(cache=True)
+def _unlink(prv: np.ndarray, nxt: np.ndarray, head: np.ndarray, tail: np.ndarray, layer: int, k: int) -> None:
+    if prv[k] >= 0:
+        nxt[prv[k]] = nxt[k]
+    else:
+        head[layer] = nxt[k]
+    if nxt[k] >= 0:
+        prv[nxt[k]] = prv[k]
+    else:
+        tail[layer] = prv[k]
+    prv[k] = nxt[k] = -1
+
+
+@numba.njit(cache=True)
+def _append(prv: np.ndarray, nxt: np.ndarray, head: np.ndarray, tail: np.ndarray, layer: int, k: int) -> None:
+    prv[k] = tail[layer]
+    nxt[k] = -1
+    if tail[layer] >= 0:
+        nxt[tail[layer]] = k
+    else:
+        head[layer] = k
+    tail[layer] = k
+
+
+@numba.njit(cache=True)
+def _layer_victim(head: np.ndarray, nxt: np.ndarray, mark: np.ndarray, part: np.ndarray, num_layers: int,
+                  current: int, p: int, step: int) -> int:
+    """layer-lru's victim in cache p: the layer whose next visit is farthest first (the current one, then
+    the one before it, ...), its least recently used key not used by this step; else the step's earliest."""
+    for d in range(num_layers):
+        layer = (current - d) % num_layers
+        k = head[layer]
+        if k < 0 or part[k] != p:  # a layer's keys all live in one cache
+            continue
+        while k >= 0:
+            if mark[k] != step:
+                return k
+            k = nxt[k]
+    return head[current]
+
+
+@numba.njit(cache=True)
+def _layer_lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: int, num_experts: int,
+                      top_k: int, pin_steps: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """layer-lru with one recency list per layer (head = least recent); per-key hits, misses, evictions.
+
+    ``mark[k]`` is the last step that used k: a step's own keys are passed over while choosing a
+    victim, so they are never evicted while another key can go (with ``pin_steps`` they are also
+    accessed in the runtime's order).
+    """
+    n = keys.shape[0]
+    num_keys = part.shape[0]
+    num_layers = num_keys // num_experts
+    prv = np.full(num_keys, -1, dtype=np.int64)
+    nxt = np.full(num_keys, -1, dtype=np.int64)
+    head = np.full(num_layers, -1, dtype=np.int64)
+    tail = np.full(num_layers, -1, dtype=np.int64)
+    size = np.zeros(num_parts, dtype=np.int64)
+    resident = np.zeros(num_keys, dtype=np.bool_)
+    mark = np.full(num_keys, -1, dtype=np.int64)
+    hits = np.zeros(num_keys, dtype=np.int64)
+    misses = np.zeros(num_keys, dtype=np.int64)
+    evictions = np.zeros(num_keys, dtype=np.int64)
+    here = np.empty(top_k, dtype=np.bool_)
+    for s in range(n // top_k):
+        step = keys[s * top_k:(s + 1) * top_k]
+        for j in range(top_k):
+            here[j] = resident[step[j]]
+        order = _runtime_order(step, here) if pin_steps else np.arange(top_k)
+        current = step[0] // num_experts
+        for o in range(top_k):
+            k = step[order[o]]
+            p = part[k]
+            if resident[k]:
+                hits[k] += 1
+                _unlink(prv, nxt, head, tail, current, k)
+            else:
+                misses[k] += 1
+                if size[p] == slots:
+                    victim = _layer_victim(head, nxt, mark, part, num_layers, current, p, s)
+                    evictions[victim] += 1
+                    resident[victim] = False
+                    _unlink(prv, nxt, head, tail, victim // num_experts, victim)
+                else:
+                    size[p] += 1
+                resident[k] = True
+            _append(prv, nxt, head, tail, current, k)
+            mark[k] = s
+    return hits, misses, evictions
+
+
 def simulate(source: Trace | AccessStream, policy: str = "lru", scope: str = "per-layer",
-             capacity: int = 4) -> SimResult:
-    """Exact hit/miss/eviction counts of ``policy`` with ``capacity`` experts per cache of ``scope``."""
+             capacity: int = 4, pin_steps: bool = False) -> SimResult:
+    """Exact hit/miss/eviction counts of ``policy`` with ``capacity`` experts per cache of ``scope``.
+
+    Access by access in the trace's order (the default: the reference table's replay), or with
+    ``pin_steps`` in layer steps pinned and ordered as the runtime runs them, whose counts equal the
+    runtime cache's. Policies without a kernel (``predictive``, ``layer-budget``) run in the Python
+    twin, with the runtime's own policy objects.
+    """
     policy = _check(policy, capacity)
     stream = _source_stream(source)
+    code = SIM_POLICIES[policy]
+    if code == _PYTHON:
+        return simulate_prefetch(stream, policy, scope, capacity, pin_steps=pin_steps).sim
     part, num_parts, keys_per_part = _partitions(stream, scope)
-    nxt = _next_use(stream.keys, stream.num_keys) if policy == "belady" else np.empty(0, dtype=np.int64)
+    nxt = _next_use(stream.keys, stream.num_keys) if code == _BELADY else np.empty(0, dtype=np.int64)
     slots = min(capacity, keys_per_part)
-    if SIM_POLICIES[policy] == _LRU:
+    if code == _LAYER_LRU:
+        counts = _layer_lru_kernel(stream.keys, part, num_parts, slots, stream.num_experts, stream.top_k, pin_steps)
+    elif pin_steps:
+        counts = _step_kernel(stream.keys, part, num_parts, slots, code, nxt, stream.top_k)
+    elif code == _LRU:
         counts = _lru_kernel(stream.keys, part, num_parts, slots)
     else:
-        counts = _simulate_kernel(stream.keys, part, num_parts, slots, SIM_POLICIES[policy], nxt)
-    return _result(policy, scope, capacity, stream, *counts)
+        counts = _simulate_kernel(stream.keys, part, num_parts, slots, code, nxt)
+    return _result(policy, scope, capacity, stream, *counts, pin_steps=pin_steps)
 
 
 # ------------------------------------------------------------------------- prediction-aware (Python)
@@ -350,8 +570,17 @@ class Step:
         return layer * self.num_experts + expert
 
 
-Predictor = Callable[[Step], Iterable[int]]
-"""Called after each layer step; returns keys to prefetch (usually for the next layers)."""
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    """A predictor's answer with probabilities: keys to prefetch, best first, and for each predicted
+    layer the probability that its next step uses each expert (what a prediction-aware policy ranks by)."""
+
+    keys: Sequence[int]
+    probs: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> [num_experts]
+
+
+Predictor = Callable[[Step], "Iterable[int] | Proposal"]
+"""Called after each layer step; returns keys to prefetch (usually for the next layers), or a Proposal."""
 
 
 @dataclass(frozen=True)
@@ -371,6 +600,20 @@ class PrefetchResult:
     used: int
     wasted: int
     stalls: int
+    miss_causes: Mapping[str, int] = field(default_factory=dict)
+    """Demand misses by what had evicted the key: ``"cold"`` (never resident), or ``"demand +d"`` /
+    ``"prefetch +d"``, the eviction made room for a demand miss or a prefetch at a step d layers
+    before the key's own layer (+0: the key's layer had just run; +1: it was the next to run)."""
+
+    @property
+    def effective_hit_rate(self) -> float:
+        """1 - (misses + stalls) / accesses: the share of accesses served without waiting."""
+        return 1.0 - ratio(self.sim.misses + self.stalls, self.sim.accesses)
+
+    @property
+    def loads(self) -> int:
+        """Experts moved: every demand miss and every prefetch."""
+        return self.sim.misses + self.issued
 
 
 class _Belady(EvictionPolicy):
@@ -390,121 +633,212 @@ class _Belady(EvictionPolicy):
     def on_evict(self, key: Hashable) -> None:
         pass
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+    def victim(self, candidates: Iterable[Hashable], incoming: Hashable | None = None) -> Hashable:
         def next_at(k: Hashable) -> tuple[float, Hashable]:  # never again: farthest, larger key first
             q = self._future.get(k)
             return (q[0], k) if q else (float("inf"), k)
         return max(candidates, key=next_at)
 
 
-class _PyCaches:
-    """The Python twin of the kernel's caches, with prefetch and pinning of the current keys."""
+Access = tuple[int, bool, "int | None"]
+"""(key, hit, the key it evicted or None)."""
 
-    def __init__(self, stream: AccessStream, policy: str, scope: str, capacity: int) -> None:
+
+class _PyCaches:
+    """The Python twin of the kernels' caches, with prefetch and pins.
+
+    Keys are ints here (``layer * num_experts + expert``); the policies are the runtime's own
+    objects and see ``(layer, expert)`` tuples, as in the runtime cache.
+    """
+
+    def __init__(self, stream: AccessStream, policy: str, scope: str, capacity: int, **options: object) -> None:
         part, num_parts, _ = _partitions(stream, scope)
         self.part = part.tolist()
         self.capacity = capacity
+        self.num_experts = stream.num_experts
         self.resident: list[set[int]] = [set() for _ in range(num_parts)]
         if policy == "belady":
             future: dict[Hashable, deque[int]] = {}
             for i, k in enumerate(stream.keys.tolist()):
-                future.setdefault(k, deque()).append(i)
+                future.setdefault(self._pair(k), deque()).append(i)
             self.policies: list[EvictionPolicy] = [_Belady(future) for _ in range(num_parts)]
         else:
-            self.policies = [make_policy(policy) for _ in range(num_parts)]
+            self.policies = [make_policy(policy, **options) for _ in range(num_parts)]
+        for p, pol in enumerate(self.policies):
+            pol.attach(capacity, sorted({k // stream.num_experts for k in range(stream.num_keys) if self.part[k] == p}))
 
-    def _make_room(self, p: int, pinned: set[int]) -> tuple[bool, int | None]:
+    def _pair(self, key: int) -> tuple[int, int]:
+        return divmod(key, self.num_experts)
+
+    def begin_layer(self, layer: int) -> None:
+        """A layer step begins: the policy of the layer's cache hears of it."""
+        self.policies[self.part[layer * self.num_experts]].on_layer(layer)
+
+    def scores(self, layer: int, probs: np.ndarray) -> None:
+        self.policies[self.part[layer * self.num_experts]].on_scores(layer, probs)
+
+    def _evict(self, p: int, victim: int) -> None:
+        self.resident[p].discard(victim)
+        self.policies[p].on_evict(self._pair(victim))
+
+    def _make_room(self, p: int, pinned: set[int], incoming: int) -> tuple[bool, int | None]:
         """Evict one key of cache ``p`` if full; (room made, evicted key)."""
         if len(self.resident[p]) < self.capacity:
             return True, None
         candidates = self.resident[p] - pinned
         if not candidates:
             return False, None
-        victim = self.policies[p].victim(candidates)
-        self.resident[p].discard(victim)  # type: ignore[arg-type]
-        self.policies[p].on_evict(victim)
-        return True, victim  # type: ignore[return-value]
+        victim = self.policies[p].victim([self._pair(k) for k in candidates], self._pair(incoming))
+        victim = victim[0] * self.num_experts + victim[1]  # type: ignore[index]
+        self._evict(p, victim)
+        return True, victim
+
+    def _insert(self, p: int, key: int) -> None:
+        self.resident[p].add(key)
+        self.policies[p].on_insert(self._pair(key))
 
     def access(self, key: int) -> tuple[bool, int | None]:
         """A demand access; (hit, evicted key). A miss always inserts."""
         p = self.part[key]
         if key in self.resident[p]:
-            self.policies[p].on_access(key, True)
+            self.policies[p].on_access(self._pair(key), True)
             return True, None
-        _, victim = self._make_room(p, set())
-        self.resident[p].add(key)
-        self.policies[p].on_insert(key)
-        self.policies[p].on_access(key, False)
+        _, victim = self._make_room(p, set(), key)
+        self._insert(p, key)
+        self.policies[p].on_access(self._pair(key), False)
         return False, victim
+
+    def step(self, keys: list[int]) -> list[Access]:
+        """A pinned layer step, as cache.py's LayerStep runs it: resident keys first, each group in key order.
+
+        Every key stays pinned to the end of the step; when all resident keys are the step's own
+        (a cache smaller than a step), the earliest used is released and evicted.
+        """
+        p = self.part[keys[0]]
+        resident = self.resident[p]
+        order = sorted(k for k in keys if k in resident) + sorted(k for k in keys if k not in resident)
+        held: list[int] = []
+        out: list[Access] = []
+        for k in order:
+            hit, victim = k in resident, None
+            if not hit:
+                room, victim = self._make_room(p, set(held), k)
+                if not room:
+                    victim = next(h for h in held if h in resident)
+                    self._evict(p, victim)
+                self._insert(p, k)
+            self.policies[p].on_access(self._pair(k), hit)
+            held.append(k)
+            out.append((k, hit, victim))
+        return out
 
     def demote(self, key: int) -> None:
         """A prefetch its layer did not use: first in line for eviction (as the runtime cache does)."""
         p = self.part[key]
         if key in self.resident[p]:
-            self.policies[p].on_demote(key)
+            self.policies[p].on_demote(self._pair(key))
 
     def prefetch(self, key: int, pinned: set[int]) -> tuple[bool, int | None]:
         """Insert ``key`` ahead of use, never evicting ``pinned``; (inserted, evicted key)."""
         p = self.part[key]
         if key in self.resident[p]:
             return False, None
-        room, victim = self._make_room(p, pinned)
+        room, victim = self._make_room(p, pinned, key)
         if room:
-            self.resident[p].add(key)
-            self.policies[p].on_insert(key)
+            self._insert(p, key)
         return room, victim
 
 
+class _PrefetchRun:
+    """The counts of one simulate_prefetch run, and the bookkeeping of prefetches in flight."""
+
+    def __init__(self, stream: AccessStream, caches: _PyCaches, latency: int, protect_proposals: bool) -> None:
+        self.stream, self.caches, self.latency = stream, caches, latency
+        self.protect_proposals = protect_proposals
+        self.counts = np.zeros((3, stream.num_keys), dtype=np.int64)  # hits, misses, evictions per key
+        self.pending: dict[int, int] = {}  # prefetched key -> step issued, until demanded or evicted
+        self.issued = self.used = self.wasted = self.stalls = 0
+        self.evicted_by: dict[int, str] = {}  # evicted key -> how (see PrefetchResult.miss_causes)
+        self.causes: dict[str, int] = {}
+
+    def evicted(self, key: int | None, kind: str, step: int) -> None:
+        if key is not None:
+            self.counts[2, key] += 1
+            self.wasted += self.pending.pop(key, None) is not None
+            ahead = (key // self.stream.num_experts - step % self.stream.num_layers) % self.stream.num_layers
+            self.evicted_by[key] = f"{kind} +{ahead}"
+
+    def demand(self, step: int, accesses: list[Access]) -> None:
+        for k, hit, victim in accesses:
+            if k in self.pending:
+                self.used += 1
+                self.stalls += step - self.pending.pop(k) < self.latency
+            self.counts[0 if hit else 1, k] += 1
+            if not hit:
+                cause = self.evicted_by.pop(k, "cold")
+                self.causes[cause] = self.causes.get(cause, 0) + 1
+            self.evicted(victim, "demand", step)
+
+    def expire(self, layer: int) -> None:
+        """``layer`` ran: its prefetches it did not use were wasted and go first in line."""
+        for k in sorted(k for k in self.pending if k // self.stream.num_experts == layer):  # as the runtime cache
+            del self.pending[k]
+            self.wasted += 1
+            self.caches.demote(k)
+
+    def prefetch(self, step: int, proposal: Iterable[int] | Proposal, demand: list[int]) -> None:
+        if isinstance(proposal, Proposal):
+            for layer, probs in proposal.probs.items():
+                self.caches.scores(layer, probs)
+            proposal = proposal.keys
+        keys = [int(k) for k in proposal]
+        for k in keys:
+            if not 0 <= k < self.stream.num_keys:
+                raise ConfigError(f"predictor proposed key {k}, outside 0..{self.stream.num_keys - 1}")
+        # as the runtime's prefetcher: never evict what this layer uses or a key proposed ahead of this one
+        protect = set(demand)
+        for k in keys:
+            if self.protect_proposals:
+                protect.add(k)
+            inserted, victim = self.caches.prefetch(k, protect)
+            self.evicted(victim, "prefetch", step)
+            if inserted:
+                self.issued += 1
+                self.pending[k] = step
+
+
 def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: str = "per-layer",
-                      capacity: int = 4, predictor: Predictor | None = None, latency: int = 1) -> PrefetchResult:
+                      capacity: int = 4, predictor: Predictor | None = None, latency: int = 1,
+                      pin_steps: bool = False, protect_proposals: bool = True, **options: object) -> PrefetchResult:
     """Like :func:`simulate`, but a predictor may prefetch keys after each layer step.
 
     After the demand accesses of (token, layer) -- whose keys are pinned, they are computing --
-    ``predictor(step)`` proposes keys; each one not resident is inserted, evicting by the policy.
-    A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next layer).
+    ``predictor(step)`` proposes keys, best first; each one not resident is inserted, evicting by
+    the policy but never a key of this step or one proposed ahead of it (as the runtime's
+    prefetcher protects them). A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next
+    layer). ``pin_steps`` replays the demand accesses as the runtime does (see :func:`simulate`);
+    ``protect_proposals=False`` lets a prefetch evict a key proposed ahead of it at the same step
+    (what this simulator did before it matched the runtime: kept to measure the difference); ``options``
+    go to the policy's constructor.
     """
     policy = _check(policy, capacity)
     if latency < 0:
         raise ConfigError(f"prefetch latency must be >= 0 layer steps, got {latency}")
     stream = _source_stream(source)
-    caches = _PyCaches(stream, policy, scope, capacity)
-    counts = np.zeros((3, stream.num_keys), dtype=np.int64)  # hits, misses, evictions per key
-    pending: dict[int, int] = {}  # prefetched key -> step issued, until demanded or evicted
-    issued = used = wasted = stalls = 0
-
-    def evicted(key: int | None) -> None:
-        nonlocal wasted
-        if key is not None:
-            counts[2, key] += 1
-            wasted += pending.pop(key, None) is not None
-
+    caches = _PyCaches(stream, policy, scope, capacity, **options)
+    run = _PrefetchRun(stream, caches, latency, protect_proposals)
     keys = stream.keys.reshape(stream.num_tokens, stream.num_layers, stream.top_k)
     experts = keys - (np.arange(stream.num_layers, dtype=np.int32) * stream.num_experts)[None, :, None]
     for t in range(stream.num_tokens):
         for layer in range(stream.num_layers):
             step = t * stream.num_layers + layer
             demand = keys[t, layer].tolist()
-            for k in demand:
-                if k in pending:
-                    used += 1
-                    stalls += step - pending.pop(k) < latency
-                hit, victim = caches.access(k)
-                counts[0 if hit else 1, k] += 1
-                evicted(victim)
-            if predictor is None:
-                continue
-            for k in [k for k in pending if k // stream.num_experts == layer]:  # this layer did not use it
-                del pending[k]
-                wasted += 1
-                caches.demote(k)
-            for k in predictor(Step(t, layer, stream.num_experts, experts[:t], experts[t, :layer + 1])):
-                if not 0 <= k < stream.num_keys:
-                    raise ConfigError(f"predictor proposed key {k}, outside 0..{stream.num_keys - 1}")
-                inserted, victim = caches.prefetch(int(k), set(demand))
-                evicted(victim)
-                if inserted:
-                    issued += 1
-                    pending[int(k)] = step
-    wasted += len(pending)
-    sim = _result(policy, scope, capacity, stream, *counts)
-    return PrefetchResult(sim, latency, issued, used, wasted, stalls)
+            caches.begin_layer(layer)
+            run.demand(step, caches.step(demand) if pin_steps else [(k, *caches.access(k)) for k in demand])
+            if predictor is not None:
+                run.expire(layer)
+                run.prefetch(step, predictor(Step(t, layer, stream.num_experts, experts[:t], experts[t, :layer + 1])),
+                             demand)
+    sim = _result(policy, scope, capacity, stream, *run.counts, pin_steps=pin_steps)
+    causes = dict(sorted(run.causes.items(), key=lambda kv: -kv[1]))
+    return PrefetchResult(sim, latency, run.issued, run.used, run.wasted + len(run.pending), run.stalls, causes)

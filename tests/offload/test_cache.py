@@ -123,3 +123,38 @@ def test_runtime_cache_counts_equal_the_simulator(policy, capacity):
     sim = simulate(AccessStream.from_experts(experts, trace.header.num_experts), policy, "global", capacity)
     assert (stats.total.hits, stats.total.misses, stats.total.evictions) == (sim.hits, sim.misses, sim.evictions)
     assert [stats.layer(i).hits for i in range(32)] == list(sim.hits_per_layer)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("capacity", [1, 7, 64, 128])
+def test_runtime_layer_steps_count_what_the_step_pinned_simulator_counts(policy, capacity):
+    """The MoE layer's own path (cache.step, as model._run_experts uses it) against simulate(pin_steps=True)."""
+    from pathlib import Path
+
+    from offload.sim.simulate import AccessStream, simulate
+    from offload.traces.format import read_trace
+
+    trace = read_trace(Path(__file__).parents[1] / "data" / "mixtral-8x7b-humaneval.jsonl.gz")
+    experts = trace.experts[:120]  # [tokens, layers, top_k]
+    store, stats = FakeStore(), Stats()
+    cache = ExpertCache(store, capacity, LAYOUT, torch.device("cpu"), make_policy(policy), stats, layers=range(32))
+    for token in experts:
+        for layer, chosen in enumerate(token):
+            for e, expert in cache.step(layer, sorted(int(x) for x in chosen)):  # sorted: torch.unique's order
+                assert float(expert.gate_proj.weight[0, 0]) == 10 * layer + e
+    sim = simulate(AccessStream.from_experts(experts, trace.header.num_experts), policy, "global", capacity,
+                   pin_steps=True)
+    assert (stats.total.hits, stats.total.misses, stats.total.evictions) == (sim.hits, sim.misses, sim.evictions)
+    assert [stats.layer(i).evictions for i in range(32)] == list(sim.evictions_per_layer)
+    assert len(store.fetches) == sim.misses
+
+
+def test_a_layer_step_pins_its_experts_and_takes_resident_ones_first():
+    # 2 slots holding (0, 0) and (0, 1); a step needing experts 2 and 0: 0 is handed out first (a hit, pinned),
+    # 2's miss must evict (0, 1), the one expert outside the step, although (0, 0) is older under LRU.
+    cache, store, stats = make_cache(2, "lru")
+    run(cache, [(0, 0), (0, 1)])
+    handed = [e for e, _ in cache.step(0, [2, 0])]
+    assert handed == [0, 2] and cache.resident == {(0, 0), (0, 2)}
+    # a step wider than the cache: each expert handed back makes room for the next
+    assert [e for e, _ in cache.step(1, [0, 1, 2])] == [0, 1, 2] and len(cache.resident) == 2

@@ -202,10 +202,17 @@ def test_prediction_counts_and_contexts(tiny_dir, fixed_predictor):
     assert set(model.stats.prediction) == {1}  # two MoE layers: nothing is two layers ahead
     # Contexts: the prompt step has 5 tokens and no known predecessors; a decode step has one token
     # whose predecessor's route is the previous step's.
-    prompt_ctx, decode_ctx = predictor.contexts[0], predictor.contexts[-1]
+    within = [c for c in predictor.contexts if c.layer >= 0]
+    prompt_ctx, decode_ctx = within[0], within[-1]
     assert prompt_ctx.tokens == 5 and (prompt_ctx.prev == -1).all()
     assert decode_ctx.tokens == 1 and (decode_ctx.prev >= 0).all()
     assert decode_ctx.path.shape == (1, 1, 2)
+    # Across the token boundary (lookahead 2 on 2 MoE layers): after MoE layer 0 the next token's layer 0 is
+    # in reach, with this token's route so far as its prev; after layer 1 both of its layers, the route complete.
+    # In the prompt step only the row's last token continues.
+    across = [c for c in predictor.contexts if c.layer == -1]
+    assert len(across) == 2 * 4 and all(c.tokens == 1 and c.path.shape == (1, 0, 2) for c in across)
+    assert (across[-2].prev[0, 0] >= 0).all() and (across[-2].prev[0, 1] == -1).all() and (across[-1].prev >= 0).all()
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +275,43 @@ def test_learned_uses_the_predictor_shipped_with_the_model():
 def test_bad_prefetch_options(tiny_dir, kwargs, match):
     with pytest.raises((ConfigError, BudgetError), match=match):
         offload.from_pretrained(tiny_dir("mixtral"), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "layer-lru", "predictive", "layer-budget"])
+@pytest.mark.parametrize("capacity", [64, 128])
+def test_runtime_prefetching_counts_what_the_simulator_counts(policy, capacity):
+    """The runtime's prefetcher and cache, driven step by step as the model drives them, against
+    simulate_prefetch with the same fitted markov predictor: equal hits, misses, evictions and prefetches."""
+    import copy
+    import dataclasses
+    from pathlib import Path
+
+    from offload.prefetch import PrefetchConfig, Prefetcher
+    from offload.sim.simulate import simulate_prefetch
+    from offload.traces.format import read_trace
+    from predictors.evaluate import PrefetchAdapter, select_seqs
+
+    trace = read_trace(Path(__file__).parents[1] / "data" / "mixtral-8x7b-humaneval.jsonl.gz")
+    fitted = PREDICTORS["markov"](MoEShape(32, 8, 2), select_seqs(trace, [0]))
+    test = select_seqs(trace, [1])
+    test = dataclasses.replace(test, **{f: getattr(test, f)[:40] for f in  # its first 40 tokens
+                                        ("seq", "pos", "phase", "experts", "weights", "imputed")})
+    experts = test.experts.astype(np.int64)  # [tokens, layers, top_k]
+    stats = Stats()
+    cache = ExpertCache(FakeStore(), capacity, LAYOUT, torch.device("cpu"), make_policy(policy), stats,
+                        layers=range(32))
+    prefetcher = Prefetcher(copy.deepcopy(fitted), cache, stats, list(range(32)), PrefetchConfig(2, capacity))
+    for t, token in enumerate(experts):
+        prefetcher.begin_step(torch.ones(1, 1, dtype=torch.bool), torch.tensor([0]), torch.tensor([t == 0]))
+        for layer, chosen in enumerate(token):
+            step = cache.step(layer, sorted(chosen.tolist()))
+            prefetcher.after_route(layer, torch.from_numpy(chosen[None]), torch.zeros(1, 4))
+            for _ in step:
+                pass
+        prefetcher.end_step()
+    r = simulate_prefetch(test, policy, "global", capacity, predictor=PrefetchAdapter(copy.deepcopy(fitted), 2),
+                          pin_steps=True)
+    t = stats.total
+    assert (t.hits, t.misses, t.evictions) == (r.sim.hits, r.sim.misses, r.sim.evictions)
+    assert (t.prefetch_issued, t.prefetch_used) == (r.issued, r.used)
+    assert t.prefetch_wasted + cache.prefetched == r.wasted  # the simulator counts those left at the end too

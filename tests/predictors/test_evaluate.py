@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from offload.errors import ConfigError
-from offload.sim.simulate import simulate_prefetch
+from offload.sim.simulate import Step, simulate_prefetch
 from predictors import MoEShape, Predictor, RouteContext
 from predictors.evaluate import PrefetchAdapter, parse_seqs, read_trace_spec, score_trace, select_seqs, time_predict
 from predictors.history import PrevToken
@@ -40,9 +40,11 @@ class Oracle(Predictor):
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
         self.log.append(("predict", self.token, ctx.layer, ctx.prev.tolist()))
         layers = range(ctx.layer + 1, min(ctx.layer + 1 + lookahead, self.shape.num_layers))
+        token = self.token + (ctx.layer < 0)  # layer -1: the next token's first layers
         scores = np.zeros((len(layers), 1, self.shape.num_experts), dtype=np.float32)
         for j, layer in enumerate(layers):
-            scores[j, 0, self.experts[self.token, layer]] = 1
+            if token < len(self.experts):
+                scores[j, 0, self.experts[token, layer]] = 1
         return scores
 
     def observe(self, experts: np.ndarray, prev: np.ndarray) -> None:
@@ -112,14 +114,31 @@ def test_adapter_with_an_oracle_prefetches_every_next_layer_exactly() -> None:
     trace = with_experts(make_trace(ORACLE_EXPERTS), 4)
     # With room for every key: after layer 0 of t0 the oracle prefetches 5 (used at the next step),
     # t1 prefetches 7 (used), t2's 5 is still resident (not issued). Misses are the layer-0 keys 0, 2.
-    adapter = PrefetchAdapter(Oracle(MoEShape(2, 4, 1), ORACLE_EXPERTS), lookahead=1)
+    adapter = PrefetchAdapter(Oracle(MoEShape(2, 4, 1), ORACLE_EXPERTS), lookahead=1, across_tokens=False)
     r = simulate_prefetch(trace, "lru", "global", 8, predictor=adapter)
     assert (r.sim.misses, r.sim.hits, r.issued, r.used, r.wasted, r.stalls) == (2, 4, 2, 2, 0, 0)
-    assert adapter.calls == 3  # one predict per token: the last layer has nothing ahead
+    assert adapter.calls == 3  # one predict per token: the last layer has nothing ahead within the token
     # A transfer of 2 layer steps: both used prefetches are demanded one step after issue, so they stall
-    r = simulate_prefetch(trace, "lru", "global", 8, latency=2,
-                          predictor=PrefetchAdapter(Oracle(MoEShape(2, 4, 1), ORACLE_EXPERTS), lookahead=1))
+    r = simulate_prefetch(trace, "lru", "global", 8, latency=2, predictor=PrefetchAdapter(
+        Oracle(MoEShape(2, 4, 1), ORACLE_EXPERTS), lookahead=1, across_tokens=False))
     assert (r.issued, r.used, r.wasted, r.stalls) == (2, 2, 0, 2)
+
+
+def test_adapter_looks_across_the_token_boundary() -> None:
+    trace = with_experts(make_trace(ORACLE_EXPERTS), 4)
+    # Now the last layer also proposes the next token's layer 0: t0 prefetches 5, then 2 (t1's layer 0); t1
+    # prefetches 7; t2's 0 is still resident, t2's own proposals too. Only t0's first key misses.
+    oracle = Oracle(MoEShape(2, 4, 1), ORACLE_EXPERTS)
+    adapter = PrefetchAdapter(oracle, lookahead=1)
+    r = simulate_prefetch(trace, "lru", "global", 8, predictor=adapter)
+    assert (r.sim.misses, r.sim.hits, r.issued, r.used, r.wasted) == (1, 5, 3, 3, 0)
+    assert adapter.calls == 6  # within the token after layer 0, across it after layer 1
+    # the next token's context: layer -1, the current token's route as prev
+    assert [entry[3] for entry in oracle.log if entry[2] == -1][:2] == [[[[0], [1]]], [[[2], [3]]]]
+    # lookahead 2 on 2 layers: after layer 0 the next token's layer 0 is already in reach, prev known to layer 0
+    oracle = Oracle(MoEShape(2, 4, 1), ORACLE_EXPERTS)
+    simulate_prefetch(trace, "lru", "global", 8, predictor=PrefetchAdapter(oracle, lookahead=2))
+    assert oracle.log[1] == ("predict", 0, -1, [[[0], [-1]]])
 
 
 def test_adapter_proposes_k_experts_per_layer_for_each_layer_ahead() -> None:
@@ -131,22 +150,32 @@ def test_adapter_proposes_k_experts_per_layer_for_each_layer_ahead() -> None:
 
     class Spy(PrefetchAdapter):
         def __call__(self, step):
-            keys = super().__call__(step)
-            seen.append(keys)
-            return keys
+            proposal = super().__call__(step)
+            seen.append(list(proposal.keys))
+            return proposal
 
-    r = simulate_prefetch(trace, "lru", "global", 9, predictor=Spy(Oracle(MoEShape(3, 3, 1), experts), 2, k=2))
+    r = simulate_prefetch(trace, "lru", "global", 9,
+                          predictor=Spy(Oracle(MoEShape(3, 3, 1), experts), 2, k=2, across_tokens=False))
     # t0 layer 0: layer 1 -> experts 1, 0 (keys 4, 3); layer 2 -> 2, 0 (keys 8, 6). Layer 1: layer 2 -> 8, 6.
     assert seen[:3] == [[4, 3, 8, 6], [8, 6], []]
     # t0 issues 4, 3, 8, 6 (all new); t1 finds them resident. Used: 4 and 8; wasted: 3 and 6.
     assert (r.issued, r.used, r.wasted, r.stalls, r.sim.misses) == (4, 2, 2, 0, 1)
 
 
+def test_adapter_hands_each_predicted_layer_its_probabilities() -> None:
+    experts = np.array([[[0], [1], [2]]])
+    adapter = PrefetchAdapter(Oracle(MoEShape(3, 3, 1), experts), 2)
+    proposal = adapter(Step(0, 0, 3, experts[:0], experts[0, :1]))
+    assert sorted(proposal.probs) == [1, 2]  # the layers it scored, for a prediction-aware policy
+    # the oracle's scores (1 for the used expert, 0 elsewhere) through the default softmax scaled to top_k = 1
+    assert np.allclose(proposal.probs[1], np.exp([0, 1, 0]) / np.exp([0, 1, 0]).sum())
+
+
 def test_adapter_builds_prev_from_the_same_sequence_and_observes_online() -> None:
     experts = np.array([[[0], [1]], [[1], [0]], [[1], [1]]])
     oracle = Oracle(MoEShape(2, 2, 1), experts)
     simulate_prefetch(with_experts(make_trace(experts, seq=[0, 1, 0]), 2), "lru", "global", 4,
-                      predictor=PrefetchAdapter(oracle, 1, seq=np.array([0, 1, 0])))
+                      predictor=PrefetchAdapter(oracle, 1, seq=np.array([0, 1, 0]), across_tokens=False))
     assert [entry[3] for entry in oracle.log if entry[0] == "predict"] == [
         [[[-1], [-1]]], [[[-1], [-1]]], [[[0], [1]]]]
     assert [entry[1] for entry in oracle.log if entry[0] == "observe"] == [0, 1, 2]
@@ -164,3 +193,13 @@ def test_sequence_selection_and_specs(tmp_path) -> None:
         select_seqs(trace, [7])
     with pytest.raises(ConfigError, match="bad sequence list"):
         parse_seqs("3-1")
+
+
+def test_across_the_boundary_the_next_token_has_its_own_sequences_prev() -> None:
+    experts = np.array([[[0], [1]], [[1], [0]], [[1], [1]]])
+    oracle = Oracle(MoEShape(2, 2, 1), experts)
+    simulate_prefetch(with_experts(make_trace(experts, seq=[0, 1, 0]), 2), "lru", "global", 4,
+                      predictor=PrefetchAdapter(oracle, 1, seq=np.array([0, 1, 0])))
+    # after t0: t1 opens sequence 1 (no prev); after t1: t2 follows t0 in sequence 0; after t2: the trace ends
+    assert [entry[3] for entry in oracle.log if entry[0] == "predict" and entry[2] == -1] == [
+        [[[-1], [-1]]], [[[0], [1]]]]

@@ -116,3 +116,26 @@ def test_markov_rejects_bad_options_and_traces_of_another_shape() -> None:
         Markov(SHAPE, horizon=0)
     with pytest.raises(ConfigError, match="shape"):
         Markov(SHAPE, HAND)
+
+
+def test_markov_features_are_the_terms_predict_weighs() -> None:
+    m = Markov(HAND_SHAPE, HAND, prev_weight=0.5, path_weight=2.0)
+    f = m.features(ctx(0, [[[0]]], [[[0], [1]]]), 1)  # [d, tokens, experts, 2 + context]
+    assert f.shape == (1, 1, 3, 2 + 3)
+    prior = np.log(np.array([4, 7, 1]) / 12)
+    np.testing.assert_allclose(f[0, 0, :, 0], prior, rtol=1e-6)  # the log prior
+    np.testing.assert_allclose(f[0, 0, :, 1], np.log(np.array([4, 4, 1]) / 9) - prior, rtol=1e-6)  # prev ratio
+    np.testing.assert_allclose(f[0, 0, :, 2], np.log(np.array([1, 7, 1]) / 9) - prior, rtol=1e-6)  # layer 0's
+    assert (f[0, 0, :, 3:] == 0).all()  # no layers before 0
+    np.testing.assert_allclose(m.predict(ctx(0, [[[0]]], [[[0], [1]]]), 1)[0, 0],
+                               f[0, 0] @ np.array([1, 0.5, 2, 2, 2]), rtol=1e-6)
+
+
+def test_markov_scores_the_next_token_from_its_predecessor_alone() -> None:
+    m = Markov(HAND_SHAPE, HAND)
+    scores = m.predict(RouteContext(-1, np.zeros((1, 0, 1), int), np.array([[[0], [-1]]])), 2)
+    assert scores.shape == (2, 1, 3)
+    # layer 0: prior + (log p(b | predecessor 0) - prior) = log p(b | predecessor 0), and 0 was followed by 0
+    # once and by 2 once: ([1, 0, 1] + 1/3) / 3; layer 1 (its predecessor unknown there): the prior alone
+    np.testing.assert_allclose(scores[0, 0], np.log(np.array([4, 1, 4]) / 9), rtol=1e-6)
+    np.testing.assert_allclose(scores[1, 0], np.log(np.array([4, 7, 1]) / 12), rtol=1e-6)

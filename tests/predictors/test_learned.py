@@ -1,5 +1,6 @@
-"""predictors/learned.py: learns a trivially learnable routing, round-trips through safetensors exactly,
-and every bad weights file is a one-line ConfigError naming it."""
+"""predictors/learned.py: learns a trivially learnable routing, starts from markov's ranking and learns
+online through its markov counts, cross-fits markov's terms, round-trips through safetensors exactly
+(format 1 files still load), and every bad weights file is a one-line ConfigError naming it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,19 @@ from safetensors.torch import save_file
 
 from offload.errors import ConfigError
 from predictors import MoEShape, RouteContext, make_predictor
+from predictors.base import prev_routes
 from predictors.evaluate import score_trace, shape_of
-from predictors.learned import Learned, PathMLP, TrainConfig, load_weights, path_data, save_weights, train
+from predictors.history import Markov
+from predictors.learned import (
+    Learned,
+    PathMLP,
+    TrainConfig,
+    load_weights,
+    markov_terms,
+    path_data,
+    save_weights,
+    train,
+)
 
 from .synthetic import copy_chain
 
@@ -35,7 +47,7 @@ def test_learns_a_copy_chain(trained) -> None:
     # layer l+j repeats layer 0's expert, which the path shows: the top-1 guess should be right
     assert s.at(1, 1).precision > 0.95 and s.at(2, 1).precision > 0.95
     assert report.val_loss < report.curve[0][2]  # it learned something on held-out tokens too
-    assert report.train_tokens == 180 and report.val_tokens == 20
+    assert report.train_tokens == 160 and report.val_tokens == 40  # the last 20% of the tokens validate
 
 
 def test_training_is_seeded(trained) -> None:
@@ -64,11 +76,15 @@ def test_save_load_round_trip_gives_identical_predictions(trained, tmp_path) -> 
 def test_numpy_inference_matches_the_torch_forward(trained) -> None:
     trace, net, _ = trained
     data = path_data([trace], 2)
-    with torch.no_grad():
-        logits = net(data.path_hot[:3], data.prev_hot[:3]).numpy()  # [3, L, J, E]
-    p = Learned(shape_of(trace), net=net)
     experts = trace.experts.astype(np.int64)
     prev = np.full((3, 4, 1), -1)  # the first 3 tokens open their sequences (copy_chain interleaves 4)
+    feats = torch.zeros(3, 4, 2, 6, net.features)  # markov's terms from the net's own counts
+    for layer in range(3):
+        f = net.markov.features(RouteContext(layer, experts[:3, :layer + 1], prev), 2)  # [d, 3, E, F]
+        feats[:, layer, :f.shape[0]] = torch.from_numpy(f.transpose(1, 0, 2, 3)).float()
+    with torch.no_grad():
+        logits = net(data.path_hot[:3], data.prev_hot[:3], feats).numpy()  # [3, L, J, E]
+    p = Learned(shape_of(trace), net=net)
     for layer in range(3):
         got = p.predict(RouteContext(layer, experts[:3, :layer + 1], prev), 2)  # [d, 3, E]
         want = logits[:, layer, :got.shape[0]].transpose(1, 0, 2)
@@ -81,6 +97,50 @@ def test_lookahead_past_training_falls_back_to_prev_token(trained) -> None:
     prev = np.array([[[1], [2], [3], [4]]])
     scores = p.predict(RouteContext(0, np.array([[[0]]]), prev), 3)
     assert scores.shape == (3, 1, 6) and scores[2, 0].tolist() == [0, 0, 0, 0, 1, 0]
+
+
+def test_untrained_it_ranks_exactly_as_markov_and_it_learns_online_through_its_counts() -> None:
+    trace = copy_chain(tokens=60, layers=4, num_experts=6, seed=2)
+    shape = shape_of(trace)
+    net = PathMLP(shape, 2, hidden=4, features=2 + 8)  # w_feat = 1, zero MLP output: markov's naive Bayes
+    net.markov = Markov(shape, trace, context=8, horizon=8)
+    reference = Markov(shape, trace, context=8, horizon=8)
+    learned = Learned(shape, net=net)
+    experts = trace.experts.astype(np.int64)
+    prev = prev_routes(trace.seq, experts)
+    for layer in range(3):
+        ctx = RouteContext(layer, experts[:5, :layer + 1], prev[:5])
+        np.testing.assert_allclose(learned.predict(ctx, 2), reference.predict(ctx, 2), rtol=1e-5, atol=1e-5)
+    learned.observe(experts[:2], prev[:2])
+    assert learned.markov.tokens == 62 and net.markov.tokens == 60  # its own copy learns, the net's stays
+
+
+def test_markov_terms_of_a_fold_come_from_the_other_folds() -> None:
+    trace = copy_chain(tokens=40, layers=3, num_experts=4, seed=3, seqs=4)
+    terms = markov_terms([trace], 1, {"context": 2, "horizon": 2}, folds=2)  # folds: sequences {0, 2}, {1, 3}
+    assert terms.shape == (40, 3, 1, 4, 4)
+    experts = trace.experts.astype(np.int64)
+    prev = prev_routes(trace.seq, experts)
+    other = np.isin(trace.seq, [1, 3])
+    markov = Markov(shape_of(trace), context=2, horizon=2)
+    markov.observe(experts[other], prev[other])  # token 0 (sequence 0) is scored by the markov of sequences 1, 3
+    want = markov.features(RouteContext(0, experts[:1, :1], prev[:1]), 1)[0, 0]
+    np.testing.assert_allclose(terms[0, 0, 0], want, rtol=1e-6)
+
+
+def test_format_1_weights_without_markov_still_load(tmp_path) -> None:
+    trace = copy_chain(tokens=60, layers=4, num_experts=6, seed=4)
+    net, _ = train([trace], TrainConfig(lookahead=2, hidden=4, steps=5, markov=False))
+    assert net.features == 0 and net.markov is None
+    path = tmp_path / "v1.safetensors"
+    meta = {**net.metadata(), "format": "offload-learned-predictor/1"}
+    del meta["features"]
+    save_file({k: getattr(net, k).detach().contiguous() for k in ("w_path", "w_prev", "b_hidden", "w_out", "b_out")},
+              str(path), metadata={"offload_predictor": json.dumps(meta)})
+    loaded = make_predictor("learned", shape_of(trace), weights=path)
+    assert loaded.markov is None
+    ctx = RouteContext(1, trace.experts[:2, :2].astype(np.int64), np.full((2, 4, 1), -1))
+    np.testing.assert_array_equal(loaded.predict(ctx, 2), Learned(shape_of(trace), net=net).predict(ctx, 2))
 
 
 def test_bad_weights_files_are_one_line_config_errors(trained, tmp_path) -> None:

@@ -26,10 +26,10 @@ OURS_SAMPLE = CLOCK | WORKER | {"load_model_s", "num_slots", "expert_format", "s
                                 "decode_cache", "busy", "new_token_ids"}
 HF_SAMPLE = CLOCK | WORKER | {"load_model_s", "busy", "attn_implementation", "experts_implementation",
                               "new_token_ids"}
-PARAMS = ["model", "dtype", "device", "prompt", "predictor", "lookahead", "work_dir", "hidden", "intermediate",
-          "layers", "experts", "top_k", "heads", "kv_heads", "vocab", "init_range", "seed", "prompt_len",
-          "new_tokens", "warmup_tokens", "repeats", "threads", "drop_ms", "configs", "quant", "calibration", "hybrid",
-          "timeout", "out", "summarize", "note"]
+PARAMS = ["model", "dtype", "device", "prompt", "predictor", "lookahead", "policy", "work_dir", "hidden",
+          "intermediate", "layers", "experts", "top_k", "heads", "kv_heads", "vocab", "init_range", "seed",
+          "prompt_len", "new_tokens", "warmup_tokens", "repeats", "threads", "drop_ms", "configs", "quant",
+          "calibration", "hybrid", "timeout", "out", "summarize", "note"]
 
 
 def test_help_lists_device_and_hides_the_worker_protocol() -> None:

@@ -60,3 +60,12 @@ def test_eval_errors_are_one_line(traces, tmp_path) -> None:
     r = CliRunner().invoke(eval_script.app, ["--train", str(a), "--out", str(tmp_path), "--test", str(b),
                                              "--test", str(b)])
     assert r.exit_code == 1 and "1 --train but 2 --test" in r.output
+
+
+def test_workloads_pair_up_in_both_directions_within_one_model(traces, tmp_path) -> None:
+    a, b = traces
+    other = save(copy_chain(30, 3, 5, seed=2), tmp_path / "other.jsonl.gz")  # another model: never paired
+    splits = eval_script.make_splits([], [], [str(a), str(b), str(other)])
+    assert [s.name for s in splits] == ["a → b", "b → a"]
+    with pytest.raises(Exception, match="no split to evaluate"):
+        eval_script.make_splits([], [], [str(a)])

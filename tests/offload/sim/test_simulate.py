@@ -1,5 +1,6 @@
-"""offload/simulate.py: exact counts on hand-made streams, agreement with the oracles of
-tests/reference.py, Belady's optimality, the HumanEval reference table, and the prefetch path."""
+"""offload/sim/simulate.py: exact counts on hand-made streams (access by access and in pinned layer
+steps), agreement with the oracles of tests/reference.py, Belady's optimality, the HumanEval
+reference table, and the prefetch path."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload.errors import BudgetError, ConfigError, PolicyError
-from offload.sim.simulate import SIM_POLICIES, AccessStream, Step, simulate, simulate_prefetch
+from offload.sim.simulate import SIM_POLICIES, AccessStream, Proposal, Step, _PyCaches, simulate, simulate_prefetch
 from offload.traces.format import read_trace
 from tests import reference
 
 TESTS = Path(__file__).parents[2]
 
-POLICIES = list(SIM_POLICIES)
+POLICIES = ["lru", "lfu", "fifo", "belady"]  # the reference table's; the layer-aware ones are tested below
+KERNEL_POLICIES = [p for p, code in SIM_POLICIES.items() if code >= 0]
 HUMANEVAL = TESTS / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
 
 
@@ -96,6 +98,100 @@ def test_kernel_matches_reference(trace: tuple[np.ndarray, int], policy: str, sc
     assert simulate_prefetch(stream, policy, scope, capacity).sim == r  # the Python twin agrees too
 
 
+@settings(max_examples=200, deadline=None)
+@given(routing(), st.sampled_from(KERNEL_POLICIES), st.sampled_from(["per-layer", "global"]), st.integers(1, 8),
+       st.booleans())
+def test_kernels_match_the_step_oracle(trace: tuple[np.ndarray, int], policy: str, scope: str, capacity: int,
+                                       pin_steps: bool) -> None:
+    """Both replays of every kernel policy, against an oracle that scans every candidate (and the Python twin)."""
+    stream = AccessStream.from_experts(*trace)
+    part = (lambda k: k // stream.num_experts) if scope == "per-layer" else (lambda k: 0)
+    ref = reference.ref_simulate_steps(stream.keys.tolist(), policy, capacity, stream.num_experts, stream.top_k,
+                                       part, pin_steps)
+    r = simulate(stream, policy, scope, capacity, pin_steps=pin_steps)
+    assert (r.hits_per_layer, r.misses_per_layer, r.evictions_per_layer) == (
+        per_layer(ref.hits, stream), per_layer(ref.misses, stream), per_layer(ref.evictions, stream))
+    assert simulate_prefetch(stream, policy, scope, capacity, pin_steps=pin_steps).sim == r
+
+
+# 1 layer, 4 experts, top-2, one cache of 2: steps (a b) (c a). Access by access, LRU: a b miss, c evicts a
+# (older), a evicts b: 4 misses. Pinned as the runtime runs it: step 2 takes resident a first (a hit, pinned),
+# then c evicts b, the only key outside the step: 3 misses, 1 hit.
+PINNED = np.array([[[0, 1]], [[2, 0]]])
+
+
+@pytest.mark.parametrize("policy", KERNEL_POLICIES + ["predictive", "layer-budget"])
+def test_a_pinned_step_takes_its_resident_keys_first(policy: str) -> None:
+    stream = AccessStream.from_experts(PINNED, 4)
+    r = simulate(stream, policy, "global", 2, pin_steps=True)
+    assert (r.hits, r.misses, r.evictions, r.pin_steps) == (1, 3, 1, True)
+    if policy == "lru":
+        assert (simulate(stream, "lru", "global", 2).hits, simulate(stream, "lru", "global", 2).misses) == (0, 4)
+    # a cache smaller than a step: its earliest-used key makes room, in both replays
+    assert simulate(stream, policy, "global", 1, pin_steps=True).misses == 4
+
+
+# 3 layers x 2 experts, top-1, one cache of 4 (a=0 b=1; "1b" = layer 1, expert b). Tokens: aaa baa aba baa.
+#   t0: 0a 1a 2a miss; t1: 0b miss (4th slot), 1a 2a hit; t2: 0a hit, 1b misses with all 4 resident, 2a hit.
+#   lru:       1b evicts 0b (least recent); t3: 0b evicts 1a, 1a evicts 0a, 2a hit     -> 5 hits, evicted 0 0 1
+#   layer-lru: 1b evicts 1a (its own layer runs again last); t3: 0b hit, 1a evicts 1b   -> 6 hits, evicted 1 1
+#   fifo:      1b evicts 0a (first in); t3: all hit                                      -> 7 hits (= belady)
+#   predictive (decay 1/2; worth = p / steps until the key's layer runs again):
+#     at 1b: 0a .625 / 2, 0b .25 / 2, 1a .375 / 3, 2a .75 / 1: 0b and 1a tie at .125, 0b is less recent
+#     at 0b: 0a .3125 / 3, 1a .375 / 1, 1b .5 / 1, 2a .875 / 2                        -> evicts 0a: 6 hits
+CYCLE = np.array([[[0], [0], [0]], [[1], [0], [0]], [[0], [1], [0]], [[1], [0], [0]]])
+CYCLE_COUNTS = {"lru": (5, (2, 1, 0)), "layer-lru": (6, (0, 2, 0)), "fifo": (7, (1, 0, 0)),
+                "predictive": (6, (2, 0, 0)), "belady": (7, (1, 0, 0))}
+
+
+@pytest.mark.parametrize("policy", sorted(CYCLE_COUNTS))
+@pytest.mark.parametrize("pin_steps", [False, True])
+def test_layer_aware_policies_on_a_hand_made_cycle(policy: str, pin_steps: bool) -> None:
+    r = simulate(AccessStream.from_experts(CYCLE, 2), policy, "global", 4, pin_steps=pin_steps)
+    hits, evicted = CYCLE_COUNTS[policy]
+    assert (r.hits, r.misses, r.evictions_per_layer) == (hits, 12 - hits, evicted)
+
+
+def test_predictive_takes_the_predictors_probabilities_and_drops_a_wrong_prefetch_first() -> None:
+    # CYCLE with one prefetch: after t1's layer 0 the predictor proposes 1b, p(1b) = .9. The cache is full
+    # (0b just missed, pinned): 1b evicts 0a (worth .25 / 3, against 1a .5 / 1, 2a .25 / 2). Layer 1 uses
+    # 1a, not 1b: 1b earns no credit, so t2's 0a miss evicts it (p = the floor) rather than 0b (.25 / 3); 1b
+    # then misses and evicts 0b (tie with 1a at .125, less recent), and t3's 0b evicts 0a (.3125 / 3).
+    def predictor(step: Step) -> Proposal:
+        if step.token == 1 and step.layer == 0:
+            return Proposal([step.key(1, 1)], {1: np.array([0.0, 0.9])})
+        return Proposal([])
+
+    r = simulate_prefetch(AccessStream.from_experts(CYCLE, 2), "predictive", "global", 4, predictor=predictor)
+    assert (r.sim.hits, r.sim.misses, r.sim.evictions_per_layer) == (5, 7, (3, 1, 0))
+    assert (r.issued, r.used, r.wasted) == (1, 0, 1)
+
+
+# 2 layers x 4 experts, top-1, one cache of 4, budgets 2 + 2. Layer 0 cycles a b c a b c ..., layer 1 uses
+# b c, then a, then d once. t2: 0c and 1a miss, each layer at its budget evicts its own LRU (0a, 1b);
+# t3: 0a misses on a key in its ghost list -> layer 0 takes a slot from layer 1 (budgets 3 + 1), evicting
+# its own 0b first; t4: 0b misses under budget -> layer 1 (2 resident, budget 1) gives up 1c; t5-t7 layer 0's
+# three keys all hit; t7: 1d evicts 1a (its layer is at budget), t8: 1a is a ghost hit: back to 2 + 2.
+# 8 hits, 10 misses; lru gets 8 too but evicts layer 0's keys 4 times instead of 2.
+BUDGET = np.array([[[a], [b]] for a, b in [(0, 1), (1, 2), (2, 0), (0, 0), (1, 0), (2, 0), (0, 0), (1, 3), (2, 0)]])
+
+
+def test_layer_budget_moves_slots_to_the_layer_that_needs_them() -> None:
+    stream = AccessStream.from_experts(BUDGET, 4)
+    r = simulate_prefetch(stream, "layer-budget", "global", 4)
+    assert (r.sim.hits, r.sim.misses, r.sim.evictions_per_layer) == (8, 10, (2, 4))
+    assert simulate(stream, "lru", "global", 4).evictions_per_layer == (4, 2)
+    caches = _PyCaches(stream, "layer-budget", "global", 4)
+    budgets = []
+    for token in BUDGET:
+        for layer, (e,) in enumerate(token):
+            caches.begin_layer(layer)
+            caches.access(layer * 4 + int(e))
+        budgets.append(dict(caches.policies[0].budget))
+    assert [b[0] for b in budgets] == [2, 2, 2, 3, 3, 3, 3, 3, 2]
+    assert all(sum(b.values()) == 4 for b in budgets)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=11), st.integers(1, 3))
 def test_belady_is_optimal_and_bounds_every_policy(stream: list[int], capacity: int) -> None:
@@ -159,6 +255,24 @@ def test_wrong_prefetch_is_wasted_and_never_evicts_the_current_keys() -> None:
     r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=lambda step: [1])
     assert (r.sim.hits, r.sim.misses, r.sim.evictions_per_layer) == (1, 5, (5, 1))
     assert (r.issued, r.used, r.wasted, r.stalls) == (3, 0, 3, 0)
+    # key 0's second miss (step 4) is charged to the prefetch at step 1, a layer before key 0's own; the rest are cold
+    assert r.miss_causes == {"cold": 4, "prefetch +1": 1}
+    assert r.loads == 8 and r.effective_hit_rate == pytest.approx(1 / 6)
+
+
+def test_a_prefetch_never_evicts_a_key_proposed_ahead_of_it() -> None:
+    # PREFETCH, one cache of 1 per layer; after each layer-0 step the predictor proposes 4 then 5 for layer 1.
+    # t0: 4 takes the free slot; 5 would have to evict 4, proposed ahead of it: dropped (as the runtime does).
+    # Layer 1 demands 5, which evicts 4. t1 and t2: 4 may evict 5 (proposed after it), 5 then may not evict 4;
+    # layer 1 misses on 5 and 7. 3 prefetches, no hit.
+    stream = AccessStream.from_experts(PREFETCH, 4)
+    both = lambda step: [4, 5] if step.layer == 0 else []  # noqa: E731
+    r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=both)
+    assert (r.issued, r.sim.hits) == (3, 0)
+    # without the protection (the simulator before it matched the runtime) 4 then 5 are loaded at every
+    # layer-0 step, each evicting the other: 6 loads, and layer 1 hits on the second at t0 and t1
+    r = simulate_prefetch(stream, "lru", "per-layer", 1, predictor=both, protect_proposals=False)
+    assert (r.issued, r.sim.hits) == (6, 2)
 
 
 def test_predictor_sees_only_the_past() -> None:
