@@ -213,19 +213,36 @@ def _sift_down(heap: np.ndarray, hprio: np.ndarray, slot: np.ndarray, base: int,
 
 
 @numba.njit(cache=True)
+def _counters(num_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-key hits, misses and evictions, zeroed."""
+    return (np.zeros(num_keys, dtype=np.int64), np.zeros(num_keys, dtype=np.int64),
+            np.zeros(num_keys, dtype=np.int64))
+
+
+@numba.njit(cache=True)
+def _lists(num_keys: int, num_lists: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Doubly linked recency lists over keys, all empty: key -> previous, next; list -> head, tail (-1: none)."""
+    return (np.full(num_keys, -1, dtype=np.int64), np.full(num_keys, -1, dtype=np.int64),
+            np.full(num_lists, -1, dtype=np.int64), np.full(num_lists, -1, dtype=np.int64))
+
+
+@numba.njit(cache=True)
+def _heaps(num_parts: int, slots: int, num_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One min-heap of ``slots`` per cache, flat: [cache, slot] -> key and its priority; keys per heap;
+    key -> its index in the flat heap (-1: not resident)."""
+    return (np.empty(num_parts * slots, dtype=np.int64), np.empty(num_parts * slots, dtype=np.int64),
+            np.zeros(num_parts, dtype=np.int64), np.full(num_keys, -1, dtype=np.int64))
+
+
+@numba.njit(cache=True)
 def _simulate_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: int, policy: int,
                      nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the stream through ``num_parts`` caches of ``slots`` keys; per-key hits, misses, evictions."""
     n = keys.shape[0]
     num_keys = part.shape[0]
-    heap = np.empty(num_parts * slots, dtype=np.int64)  # flat [cache, slot] -> key
-    hprio = np.empty(num_parts * slots, dtype=np.int64)  # flat [cache, slot] -> priority of that key
-    size = np.zeros(num_parts, dtype=np.int64)
-    slot = np.full(num_keys, -1, dtype=np.int64)  # key -> index in heap, -1 if not resident
+    heap, hprio, size, slot = _heaps(num_parts, slots, num_keys)
     count = np.zeros(num_keys, dtype=np.int64)
-    hits = np.zeros(num_keys, dtype=np.int64)
-    misses = np.zeros(num_keys, dtype=np.int64)
-    evictions = np.zeros(num_keys, dtype=np.int64)
+    hits, misses, evictions = _counters(num_keys)
     for i in range(n):
         k = keys[i]
         p = part[k]
@@ -273,15 +290,10 @@ def _lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int,
     """
     n = keys.shape[0]
     num_keys = part.shape[0]
-    prev = np.full(num_keys, -1, dtype=np.int64)
-    nxt = np.full(num_keys, -1, dtype=np.int64)
-    head = np.full(num_parts, -1, dtype=np.int64)
-    tail = np.full(num_parts, -1, dtype=np.int64)
+    prev, nxt, head, tail = _lists(num_keys, num_parts)
     size = np.zeros(num_parts, dtype=np.int64)
     resident = np.zeros(num_keys, dtype=np.bool_)
-    hits = np.zeros(num_keys, dtype=np.int64)
-    misses = np.zeros(num_keys, dtype=np.int64)
-    evictions = np.zeros(num_keys, dtype=np.int64)
+    hits, misses, evictions = _counters(num_keys)
     for i in range(n):
         k = keys[i]
         p = part[k]
@@ -310,14 +322,7 @@ def _lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int,
                 nxt[victim] = -1
             else:
                 size[p] += 1
-        # append k at the tail, the most recently used
-        prev[k] = tail[p]
-        nxt[k] = -1
-        if tail[p] >= 0:
-            nxt[tail[p]] = k
-        else:
-            head[p] = k
-        tail[p] = k
+        _append(prev, nxt, head, tail, p, k)  # at the tail: the most recently used
     return hits, misses, evictions
 
 
@@ -371,14 +376,9 @@ def _step_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots: int,
     """
     n = keys.shape[0]
     num_keys = part.shape[0]
-    heap = np.empty(num_parts * slots, dtype=np.int64)
-    hprio = np.empty(num_parts * slots, dtype=np.int64)
-    size = np.zeros(num_parts, dtype=np.int64)  # keys in each heap (pinned ones are out of it)
-    slot = np.full(num_keys, -1, dtype=np.int64)  # -1 not resident, -2 pinned
+    heap, hprio, size, slot = _heaps(num_parts, slots, num_keys)  # slot -2: pinned (out of its heap)
     count = np.zeros(num_keys, dtype=np.int64)
-    hits = np.zeros(num_keys, dtype=np.int64)
-    misses = np.zeros(num_keys, dtype=np.int64)
-    evictions = np.zeros(num_keys, dtype=np.int64)
+    hits, misses, evictions = _counters(num_keys)
     pin_key = np.empty(top_k, dtype=np.int64)
     pin_prio = np.empty(top_k, dtype=np.int64)
     here = np.empty(top_k, dtype=np.bool_)
@@ -486,16 +486,11 @@ def _layer_lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int, slots:
     n = keys.shape[0]
     num_keys = part.shape[0]
     num_layers = num_keys // num_experts
-    prv = np.full(num_keys, -1, dtype=np.int64)
-    nxt = np.full(num_keys, -1, dtype=np.int64)
-    head = np.full(num_layers, -1, dtype=np.int64)
-    tail = np.full(num_layers, -1, dtype=np.int64)
+    prv, nxt, head, tail = _lists(num_keys, num_layers)
     size = np.zeros(num_parts, dtype=np.int64)
     resident = np.zeros(num_keys, dtype=np.bool_)
     mark = np.full(num_keys, -1, dtype=np.int64)
-    hits = np.zeros(num_keys, dtype=np.int64)
-    misses = np.zeros(num_keys, dtype=np.int64)
-    evictions = np.zeros(num_keys, dtype=np.int64)
+    hits, misses, evictions = _counters(num_keys)
     here = np.empty(top_k, dtype=np.bool_)
     for s in range(n // top_k):
         step = keys[s * top_k:(s + 1) * top_k]
