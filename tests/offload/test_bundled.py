@@ -289,3 +289,15 @@ def test_64_committed_traces_cover_the_tiny_moe_workloads(workload):
         assert trace.pos[rows].tolist() == list(range(rows.sum()))
         assert (trace.phase[rows] == 0).sum() == prompt_len
         assert prompt_len <= rows.sum() <= prompt_len + 63  # stopped at EOS or after 64 new tokens
+
+
+def test_64_ships_a_learned_predictor_that_changes_no_token(reference_64):
+    """predictor.safetensors beside tiny-moe-64: `python scripts/train_predictor.py --trace
+    scripts/results/traces/tiny-moe-64-stdlib-prose.jsonl.gz --out ...` (fit on the prose workload, so
+    the held-out code workload is unseen by it). Prefetching moves bytes, never tokens."""
+    ref_tokens = reference_64[0]
+    model = offload.from_pretrained(MODEL_64, device="cpu", expert_budget="25%", predictor="learned", lookahead=2,
+                                    policy="predictive")
+    tokens = model.generate(model.encode(PROMPT_64), max_new_tokens=NEW_TOKENS_64)
+    assert torch.equal(tokens, ref_tokens)
+    assert model.stats.total.prefetch_issued > 0
