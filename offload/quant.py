@@ -285,21 +285,20 @@ def _swap(a, b, shift, mask):  # numba scalars throughout
 
 
 @numba.njit(cache=True, inline="always")
+def _swap4(a, b, c, d, e, f, g, h, shift, mask):  # one stage: four independent pair swaps
+    a, b = _swap(a, b, shift, mask)
+    c, d = _swap(c, d, shift, mask)
+    e, f = _swap(e, f, shift, mask)
+    g, h = _swap(g, h, shift, mask)
+    return a, b, c, d, e, f, g, h
+
+
+@numba.njit(cache=True, inline="always")
 def _transpose8(a0, a1, a2, a3, a4, a5, a6, a7):
     """Transpose an 8x8 byte matrix held in eight uint64 rows (Hacker's Delight 7-3, on bytes)."""
-    a0, a4 = _swap(a0, a4, _S32, _M32)
-    a1, a5 = _swap(a1, a5, _S32, _M32)
-    a2, a6 = _swap(a2, a6, _S32, _M32)
-    a3, a7 = _swap(a3, a7, _S32, _M32)
-    a0, a2 = _swap(a0, a2, _S16, _M16)
-    a1, a3 = _swap(a1, a3, _S16, _M16)
-    a4, a6 = _swap(a4, a6, _S16, _M16)
-    a5, a7 = _swap(a5, a7, _S16, _M16)
-    a0, a1 = _swap(a0, a1, _S8, _M8)
-    a2, a3 = _swap(a2, a3, _S8, _M8)
-    a4, a5 = _swap(a4, a5, _S8, _M8)
-    a6, a7 = _swap(a6, a7, _S8, _M8)
-    return a0, a1, a2, a3, a4, a5, a6, a7
+    a0, a4, a1, a5, a2, a6, a3, a7 = _swap4(a0, a4, a1, a5, a2, a6, a3, a7, _S32, _M32)
+    a0, a2, a1, a3, a4, a6, a5, a7 = _swap4(a0, a2, a1, a3, a4, a6, a5, a7, _S16, _M16)
+    return _swap4(a0, a1, a2, a3, a4, a5, a6, a7, _S8, _M8)
 
 
 @numba.njit(cache=True, inline="always")
