@@ -345,11 +345,13 @@ def _shuffle_int4(plain, out, block_n, paired):
                     out[col + (k0 + 2 * m + 1) * (half // 8)] = o[m]
 
 
-def plain_to_cpu_int4(plain: torch.Tensor) -> torch.Tensor:
+def plain_to_cpu_int4(plain: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Plain nibble packing -> torch's CPU int4 layout, bit-exact with _convert_weight_to_int4pack_for_cpu.
 
     plain: uint8 [N, K/2] (N % 16 == 0, K % 16 == 0; compressed-tensors' int4 weight_packed bytes are exactly
     this). About 330 us for a 3584 x 1024 matrix where torch's converter takes 4-7 ms (scripts/bench_quant.py).
+    ``out`` (uint8 [N, K/2], contiguous): write there, e.g. straight into a cache slot. A miss should: a fresh
+    1.8 MB result is a fresh mmap whose first-touch page faults cost more than the shuffle, plus a copy.
     """
     n, half_k = plain.shape
     if plain.device.type != "cpu" or plain.dtype != torch.uint8:
@@ -359,11 +361,16 @@ def plain_to_cpu_int4(plain: torch.Tensor) -> torch.Tensor:
     layout = cpu_int4_layout()
     if layout is None:
         codes = unpack_nibbles(plain).to(torch.int32)
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    out = torch.empty(n * half_k // 8, dtype=torch.int64)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        return packed if out is None else out.copy_(packed)
+    if out is None:
+        out = torch.empty((n, half_k), dtype=torch.uint8)
+    elif out.shape != plain.shape or out.dtype != torch.uint8 or not out.is_contiguous():
+        raise ValueError(f"plain_to_cpu_int4: out must be a contiguous uint8 {list(plain.shape)}, got "
+                         f"{out.dtype} {list(out.shape)}")
     words = plain.reshape(-1).view(torch.int64).view(n, -1).numpy().view(np.uint64)  # [N, K/16]
-    _shuffle_int4(words, out.numpy().view(np.uint64), layout.block_n, layout.paired)
-    return out.view(torch.uint8).view(n, half_k)
+    _shuffle_int4(words, out.reshape(-1).view(torch.int64).numpy().view(np.uint64), layout.block_n, layout.paired)
+    return out
 
 
 def int4_kernel_group(out_features: int, in_features: int, group_size: int | None) -> int | None:
@@ -394,15 +401,19 @@ def kernel_for(out_features: int, in_features: int, scheme: QuantScheme) -> str 
 
 
 def int4_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                          kernel_group: int) -> torch.Tensor:
+                          kernel_group: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Our (scale, zero) per group -> tinygemm's bf16 [K/G, N, 2], where the kernel computes (q - 8) * s + z.
 
     s * (q - zero) = s * (q - 8) + s * (8 - zero), so z = s * (8 - zero); a checkpoint group spanning several
-    kernel groups repeats its pair. scales, zeros: float32 [N, K/group_size].
+    kernel groups repeats its pair. scales, zeros: float32 [N, K/group_size]; ``out``: bf16 [K/G, N, 2] to fill.
     """
-    pair = torch.stack((scales, scales * (8 - zeros)), dim=-1)  # [N, groups, 2]
-    pair = pair.transpose(0, 1).to(torch.bfloat16)  # [groups, N, 2]
-    return pair.repeat_interleave(group_size // kernel_group, dim=0).contiguous()  # [K/G, N, 2]
+    n, groups = scales.shape
+    if out is None:
+        out = torch.empty((groups * (group_size // kernel_group), n, 2), dtype=torch.bfloat16)
+    cells = out.view(groups, group_size // kernel_group, n, 2)  # a checkpoint group's kernel groups side by side
+    cells[..., 0] = scales.t()[:, None]
+    cells[..., 1] = (scales * (8 - zeros)).t()[:, None]
+    return out
 
 
 def int4_kernel_pack(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,13 +430,24 @@ def int4_kernel_pack(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return plain_to_cpu_int4(pack_nibbles(q.codes)), sz
 
 
-def int8_kernel_pack(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (w int8 [N, K] = codes - 128, scales bf16 [N]) for _weight_int8pack_mm."""
+def int8_kernel_pack(q: QuantizedWeight, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (w int8 [N, K] = codes - 128, scales bf16 [N]) for _weight_int8pack_mm.
+
+    ``out`` (int8 [N, K], contiguous, CPU): write w there, e.g. straight into a cache slot, with one numpy pass
+    (single-threaded: on the loader thread a torch op would start a second OpenMP team beside the compute's).
+    """
     n, k = q.shape
     if not int8_kernel_ok(k, q.scheme) or not bool((q.zeros == q.scheme.mid).all()):
         raise ConfigError(f"the CPU int8 kernel cannot run a [{n}, {k}] {q.scheme} matrix",
                           "it needs per-channel symmetric int8 and in % 16 == 0: use dequant_linear")
-    return (q.codes ^ 0x80).view(torch.int8), q.scales[:, 0].to(torch.bfloat16).contiguous()
+    scales = q.scales[:, 0].to(torch.bfloat16).contiguous()
+    if out is None:
+        return (q.codes ^ 0x80).view(torch.int8), scales
+    if out.shape != q.codes.shape or out.dtype != torch.int8 or not out.is_contiguous():
+        raise ValueError(f"int8_kernel_pack: out must be a contiguous int8 {list(q.codes.shape)}, got "
+                         f"{out.dtype} {list(out.shape)}")
+    np.bitwise_xor(q.codes.contiguous().numpy(), np.uint8(0x80), out=out.view(torch.uint8).numpy())
+    return out, scales
 
 
 def _as_bf16_2d(x: torch.Tensor) -> torch.Tensor:

@@ -144,8 +144,9 @@ class Int4Matrix:
             return
         scales, zeros = src.scales_zeros(src_buf)  # type: ignore[attr-defined]
         group_size = src.packed_group_size(self.packed.shape[1] * 2)  # type: ignore[attr-defined]
-        _copy(self.packed, buf, quant.plain_to_cpu_int4(src.plain(src_buf).contiguous()))  # type: ignore[attr-defined]
-        _copy(self.scales_and_zeros, buf, quant.int4_scales_and_zeros(scales, zeros, group_size, self.group))
+        # Both straight into the slot: no temporaries to fault in and copy (this runs on every disk-tier miss).
+        quant.plain_to_cpu_int4(src.plain(src_buf).contiguous(), out=self.packed.view(buf))  # type: ignore[attr-defined]
+        quant.int4_scales_and_zeros(scales, zeros, group_size, self.group, out=self.scales_and_zeros.view(buf))
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,7 @@ class Int8Matrix:
         return lambda x: quant.int8_linear(x, w, scales)
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
-        w, scales = quant.int8_kernel_pack(src.unpack(src_buf))  # type: ignore[attr-defined]
-        _copy(self.w, buf, w)
+        _, scales = quant.int8_kernel_pack(src.unpack(src_buf), out=self.w.view(buf))  # type: ignore[attr-defined]
         _copy(self.scales, buf, scales)
 
 

@@ -142,6 +142,41 @@ def test_fast_repacker_any_kernel_shape(n16, k16, seed):
     assert torch.equal(Q.plain_to_cpu_int4(Q.pack_nibbles(codes)), want)
 
 
+def test_fast_repacker_writes_into_a_given_buffer_and_refuses_a_wrong_one():
+    codes = torch.randint(0, 16, (48, 64), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    slot = torch.full((48 * 32 + 8,), 0xAA, dtype=torch.uint8)  # a cache slot with a neighbour after the matrix
+    out = slot[: 48 * 32].view(48, 32)
+    assert Q.plain_to_cpu_int4(Q.pack_nibbles(codes), out=out) is out and torch.equal(out, want)
+    assert torch.equal(slot[48 * 32:], torch.full((8,), 0xAA, dtype=torch.uint8))  # nothing written past it
+    with pytest.raises(ValueError, match="out must be a contiguous uint8"):
+        Q.plain_to_cpu_int4(Q.pack_nibbles(codes), out=torch.empty(48, 16, dtype=torch.uint8))
+
+
+def test_int8_kernel_pack_writes_into_a_given_buffer():
+    q = Q.quantize(_w(32, 64), Q.QuantScheme(8, None, True))
+    want_w, want_s = Q.int8_kernel_pack(q)
+    out = torch.empty(32, 64, dtype=torch.int8)
+    w, s = Q.int8_kernel_pack(q, out=out)
+    assert w is out and torch.equal(out, want_w) and torch.equal(s, want_s)
+    with pytest.raises(ValueError, match="out must be a contiguous int8"):
+        Q.int8_kernel_pack(q, out=torch.empty(32, 64, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("group_size, kernel_group", [(128, 128), (256, 64), (64, 32)])
+def test_tinygemm_scales_and_zeros_repeat_each_checkpoint_group(group_size, kernel_group):
+    gen = torch.Generator().manual_seed(group_size)
+    scales, zeros = torch.rand(16, 3, generator=gen), torch.randint(0, 16, (16, 3), generator=gen).float()
+    got = Q.int4_scales_and_zeros(scales, zeros, group_size, kernel_group)
+    reps = group_size // kernel_group
+    assert got.shape == (3 * reps, 16, 2) and got.dtype == torch.bfloat16
+    for g in range(3 * reps):  # kernel group g lies in checkpoint group g // reps: (s, s * (8 - zero))
+        s, z = scales[:, g // reps], zeros[:, g // reps]
+        assert torch.equal(got[g, :, 0], s.to(torch.bfloat16)) and torch.equal(got[g, :, 1], (s * (8 - z)).bfloat16())
+    out = torch.empty_like(got)
+    assert Q.int4_scales_and_zeros(scales, zeros, group_size, kernel_group, out=out) is out and torch.equal(out, got)
+
+
 _OTHER_CAPABILITY = """
 import torch
 from offload.quant import cpu_int4_layout, pack_nibbles, plain_to_cpu_int4
