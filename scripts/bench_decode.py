@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -775,14 +775,31 @@ def table(summary: dict) -> str:
     return "\n".join(_config_lines(rows) + _prefetch_lines(rows) + _ratio_lines(summary["ratios"]))
 
 
-def resummarize(path: Path, notes: list[str]) -> None:
-    """Recompute the summary of a finished (or interrupted) run, print its table, append notes."""
+def resummarize(path: Path, notes: list[str], calibration: Path | None = None) -> None:
+    """Recompute the summary of a finished (or interrupted) run, print its table, append notes; with a
+    calibration, first recompute every sample's predicted tok/s from it (the measured counts stay)."""
     result = json.loads(path.read_text())
     params = result["params"]
+    if calibration is not None:
+        repredict(result, calibration)
+        notes = [*notes, f"predicted_tokens_per_s recomputed from {calibration} (`calibration` is that file)"]
     result["summary"] = summarize(result["samples"], params["configs"], params["repeats"])
     result["notes"] = result.get("notes", []) + notes
     write_json(path, result)
     print(table(result["summary"]))
+
+
+def repredict(result: dict, calibration: Path) -> None:
+    """Replace the predictions of ``result``'s offload samples by those of ``calibration`` (same model files)."""
+    names = {f.name for f in fields(Options)}
+    params = {k: v for k, v in result["params"].items() if k in names}
+    opts = Options(**{**params, "work_dir": Path(params["work_dir"]), "calibration": calibration,
+                      "out": Path(params["out"]), "summarize": None})
+    predicted = Predicted(opts, Path(result["model"]["path"]))
+    for s in result["samples"]:
+        if (tps := predicted(s)) is not None:
+            s["predicted_tokens_per_s"] = tps
+    result["calibration"] = predicted.to_json()
 
 
 # -- command -------------------------------------------------------------------------------------
@@ -830,7 +847,7 @@ def bench(
     timeout: Annotated[float, typer.Option(help="Seconds one worker may take.")] = 1800.0,
     out: Annotated[Path, typer.Option(help="JSON file to write (after every sample).")] = Path("bench_decode.json"),
     summarize: Annotated[Path | None, typer.Option(help="Re-print the table of an existing JSON (and add --note "
-                                                        "lines to it).")] = None,
+                                                        "lines to it; with --calibration, re-predict).")] = None,
     note: Annotated[list[str] | None, typer.Option(help="With --summarize: a note to append to the JSON.")] = None,
     worker: Annotated[str | None, typer.Option(hidden=True)] = None,  # internal: time one configuration
     worker_model: Annotated[Path | None, typer.Option(hidden=True)] = None,
@@ -839,7 +856,9 @@ def bench(
     """Time greedy decoding of offload's configurations, transformers eager and accelerate disk offload."""
     given = dict(locals())  # first: exactly the options above
     if summarize:
-        resummarize(summarize, note or [])
+        if calibration is not None and not calibration.is_file():
+            raise ConfigError(f"--calibration {calibration} does not exist", "run `offload bench-hw --out FILE`")
+        resummarize(summarize, note or [], calibration)
         return
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")

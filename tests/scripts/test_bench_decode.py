@@ -219,3 +219,31 @@ def test_the_prediction_beside_an_offload_sample_uses_its_measured_misses(worker
     assert predicted(worker_samples["hf-eager"]) is None
     assert predicted({"config": "offload-ram-50", "error": "x"}) is None
     assert predicted.to_json()["source"] == str(calibration) and predicted.to_json()["measured"] == []
+
+
+def test_summarize_with_a_calibration_repredicts_every_offload_sample(worker_samples, tiny_dir, tmp_path):
+    from offload.calibrate import Calibration
+
+    model = tiny_dir("mixtral", torch.bfloat16)
+    slow, fast = (Calibration(host_memory_bandwidth=5e9, disk_read_bandwidth=bw).save(tmp_path / f"hw{bw:.0e}.json")
+                  for bw in (1e7, 1e9))
+    params = {name: None for name in PARAMS} | {
+        "work_dir": str(tmp_path), "configs": ["offload-disk-50", "hf-eager"], "note": [], "device": "cpu",
+        "dtype": "bfloat16", "hybrid": "off", "repeats": 1, "out": str(tmp_path / "run.json"), "quant": ""}
+    samples = [dict(worker_samples["offload-disk-50"], repeat=0), dict(worker_samples["hf-eager"], repeat=0)]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"params": params, "model": {"path": str(model)}, "samples": samples}))
+    wants = []
+    for cal in (slow, fast):
+        result = CliRunner().invoke(bench.app, ["--summarize", str(path), "--calibration", str(cal)])
+        assert result.exit_code == 0, result.output
+        data = json.loads(path.read_text())
+        opts = bench.Options(**{**params, "work_dir": tmp_path, "calibration": cal, "out": path})
+        wants.append(want := bench.Predicted(opts, model)(samples[0]))
+        assert data["samples"][0]["predicted_tokens_per_s"] == pytest.approx(want)
+        assert "predicted_tokens_per_s" not in data["samples"][1] and data["calibration"]["source"] == str(cal)
+        assert data["notes"][-1].startswith("predicted_tokens_per_s recomputed from " + str(cal))
+    assert data["summary"]["configs"]["offload-disk-50"]["predicted_tokens_per_s"]["median"] == pytest.approx(want)
+    assert wants[0] < wants[1]  # a faster disk predicts a faster decode: the calibration was really used
+    result = CliRunner().invoke(bench.app, ["--summarize", str(path), "--calibration", str(tmp_path / "none.json")])
+    assert result.exit_code != 0 and "does not exist" in result.output
