@@ -7,7 +7,11 @@ One decode token (batch 1), ``a = moe_layers x top_k`` expert uses of which ``m`
 
     time  = layers x overhead                                      (Python, dispatch, launches: calibrated
                                                                     on tiny-moe, whose weights take no time)
-          + dense bytes read per token / memory bandwidth          (host's on the CPU, the GPU's on CUDA)
+          + dense parameters read per token x dense(1)             (attention, router, lm_head: one-token
+                                                                    GEMVs in the compute dtype, at the rate
+                                                                    calibrated for a float expert, not at
+                                                                    the triad's bandwidth, which a GEMV
+                                                                    reaches only half of on this CPU)
           + (a - m) x expert(1)                                    (hits: compute on the device)
           + m x miss(1)                                            (fetch: read + copy + compute; hybrid: the
                                                                     cheaper of that and the CPU, hybrid.py)
@@ -58,7 +62,8 @@ class ModelSizes:
     hidden: int
     fmt: str                     # calibration key of an expert's compute on the device (calibrate.gemv_format)
     cpu_fmt: str                 # ... and of its host copy on the CPU (hybrid's other side)
-    itemsize: int = 2            # the compute dtype's bytes (hidden states of the hybrid round trip)
+    itemsize: int = 2            # the compute dtype's bytes (dense weights, the hybrid round trip's hidden states)
+    dense_fmt: str = "bfloat16"  # calibration key of the dense weights' GEMVs: the compute dtype
 
     @property
     def total_experts(self) -> int:
@@ -82,7 +87,8 @@ class ModelSizes:
         return cls(dense, dense - embed, plan.expert_nbytes(), slot, spec.expert_params, spec.num_layers,
                    spec.num_moe_layers,
                    spec.num_experts, spec.top_k, spec.hidden_size, gemv_format(fmt, dtype, activations, device),
-                   host_copy_format(fmt, dtype, activations, device), dtype.itemsize)
+                   host_copy_format(fmt, dtype, activations, device), dtype.itemsize,
+                   str(dtype).removeprefix("torch."))
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -99,7 +105,7 @@ class TokenCost:
     seconds: float
     stall_s: float
     bytes_moved: float
-    dense_s: float      # the per-layer overhead and the dense weights' reads
+    dense_s: float      # the per-layer overhead and the dense weights' GEMVs
     misses: float
     cpu_experts: float  # misses computed on the CPU (hybrid)
 
@@ -117,9 +123,9 @@ def token_cost(sizes: ModelSizes, calibration: Calibration, device: str, tier: s
     if not 0 <= misses <= sizes.active:
         raise ConfigError(f"misses per token must lie in 0..{sizes.active}, got {misses}")
     c = calibration
-    bandwidth, overhead = (c.gpu_memory_bandwidth, c.gpu_layer_overhead_s) if device == "cuda" else \
-        (c.host_memory_bandwidth, c.layer_overhead_s)
-    dense_s = sizes.num_layers * overhead + sizes.dense_nbytes_per_token / bandwidth
+    gemv, overhead = (c.gpu_expert_s, c.gpu_layer_overhead_s) if device == "cuda" else \
+        (c.cpu_expert_s, c.layer_overhead_s)
+    dense_s = sizes.num_layers * overhead + gemv(sizes.dense_fmt, sizes.dense_nbytes_per_token // sizes.itemsize, 1)
     m = ExpertCostModel(calibration, device, tier, sizes.params, sizes.slot_nbytes, sizes.stored_nbytes, sizes.fmt,
                         sizes.cpu_fmt, sizes.hidden, sizes.itemsize)
     hit_s = m.device_expert_s(1)
