@@ -45,7 +45,7 @@ from typing import Annotated
 
 import typer
 from common import machine_info, main, make_app, write_json
-from timing import BusyMeter, TokenClock
+from timing import BusyMeter, TokenClock, max_rss_bytes
 
 from offload.errors import CheckpointError, ConfigError
 from offload.files import atomic_output
@@ -462,8 +462,6 @@ def run_hf(opts: Options, name: str, path: Path) -> dict:
 
 def worker_main(opts: Options) -> None:
     """Time one configuration (``--worker NAME``) and print its sample as one JSON line on stdout."""
-    import resource
-
     import torch
 
     torch.set_num_threads(opts.threads)
@@ -472,7 +470,7 @@ def worker_main(opts: Options) -> None:
     sample = run(opts, opts.worker, opts.worker_model)
     sample |= {"config": opts.worker, "device": opts.device, "threads": torch.get_num_threads(),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-               "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+               "max_rss_bytes": max_rss_bytes()}
     if opts.device == "cuda":
         sample["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(sample), flush=True)
