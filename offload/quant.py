@@ -358,6 +358,9 @@ def plain_to_cpu_int4(plain: torch.Tensor, out: torch.Tensor | None = None) -> t
         raise ValueError(f"plain_to_cpu_int4 takes a uint8 CPU tensor, got {plain.dtype} on {plain.device}")
     if n % 16 or half_k % 8:
         raise ConfigError(f"the CPU int4 layout needs rows % 16 == 0 and inputs % 16 == 0, got [{n}, {2 * half_k}]")
+    if out is not None and (out.shape != plain.shape or out.dtype != torch.uint8 or not out.is_contiguous()):
+        raise ValueError(f"plain_to_cpu_int4: out must be a contiguous uint8 {list(plain.shape)}, got "
+                         f"{out.dtype} {list(out.shape)}")
     layout = cpu_int4_layout()
     if layout is None:
         codes = unpack_nibbles(plain).to(torch.int32)
@@ -365,9 +368,6 @@ def plain_to_cpu_int4(plain: torch.Tensor, out: torch.Tensor | None = None) -> t
         return packed if out is None else out.copy_(packed)
     if out is None:
         out = torch.empty((n, half_k), dtype=torch.uint8)
-    elif out.shape != plain.shape or out.dtype != torch.uint8 or not out.is_contiguous():
-        raise ValueError(f"plain_to_cpu_int4: out must be a contiguous uint8 {list(plain.shape)}, got "
-                         f"{out.dtype} {list(out.shape)}")
     words = plain.reshape(-1).view(torch.int64).view(n, -1).numpy().view(np.uint64)  # [N, K/16]
     _shuffle_int4(words, out.reshape(-1).view(torch.int64).numpy().view(np.uint64), layout.block_n, layout.paired)
     return out

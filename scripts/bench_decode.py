@@ -853,9 +853,9 @@ def bench(
 ) -> None:
     """Time greedy decoding of offload's configurations, transformers eager and accelerate disk offload."""
     given = dict(locals())  # first: exactly the options above
+    if calibration is not None and not calibration.is_file():
+        raise ConfigError(f"--calibration {calibration} does not exist", "run `offload bench-hw --out FILE`")
     if summarize:
-        if calibration is not None and not calibration.is_file():
-            raise ConfigError(f"--calibration {calibration} does not exist", "run `offload bench-hw --out FILE`")
         resummarize(summarize, note or [], calibration)
         return
     if repeats < 1:
@@ -863,8 +863,6 @@ def bench(
     from offload.hybrid import check_mode
 
     check_mode(hybrid)
-    if calibration is not None and not calibration.is_file():
-        raise ConfigError(f"--calibration {calibration} does not exist", "run `offload bench-hw --out FILE`")
     on = resolved_device(device)
     to_run, skipped = parse_configs(configs, predictor, on, quant)
     opts = Options(**{**given, "device": on, "configs": to_run, "note": note or []})

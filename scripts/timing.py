@@ -97,25 +97,27 @@ def counters() -> dict[str, int]:
             "minor_faults": ru.ru_minflt}
 
 
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status in bytes; None without procfs or the field."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_bytes() -> int:
     """This process's resident set now (VmRSS; file-backed mapped pages included)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def max_rss_bytes() -> int:
-    """This process's peak resident set since it started: VmHWM from /proc/self/status. Not ru_maxrss: Linux
-    carries it over fork and exec, so a worker started by a parent that once held 2.4 GB reports >= 2.4 GB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no procfs: the best there is
+    """This process's peak resident set since it started (VmHWM). Not ru_maxrss: Linux carries it over fork and
+    exec, so a worker started by a parent that once held 2.4 GB reports >= 2.4 GB. ru_maxrss only without procfs."""
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def timed(generate: Callable[[TokenClock], list[int]], prompt_len: int) -> dict:
