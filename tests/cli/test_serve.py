@@ -48,15 +48,13 @@ def test_sigint_ends_the_server_cleanly_within_seconds(model_dir, tmp_path):
     deadline = time.monotonic() + REQUEST_S
     while not out and time.monotonic() < deadline:   # wait until it is streaming
         time.sleep(0.05)
-    start = time.monotonic()
     proc.send_signal(sig)
     try:
-        code = proc.wait(timeout=15)
+        code = proc.wait(timeout=10)  # a liveness bound, not a speed claim: the grace period is 0 here, 3 s by default
     finally:
         if proc.poll() is None:
             proc.kill()
     assert code == 0, log.read_text()
-    assert time.monotonic() - start < 10              # the grace period is 3 s; loading is long done
     reader.join(REQUEST_S)
     assert not reader.is_alive() and out            # the stream ended, one way or another
     assert f"stopped by {sig.name}" in log.read_text()
