@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offload.textstream import TextStream
+from offload.serve.textstream import TextStream
 
 from .load import load_model
 from .options import Context, ModelArg, RuntimeOptions, Seed, Temperature, TopP, with_runtime_options
@@ -79,8 +79,8 @@ class ChatSession:
         """Generate the assistant's answer to ``text`` (streamed to ``out``); (reply, stopped by Ctrl-C).
 
         Raises ContextError when the conversation no longer leaves room in the context for a reply."""
-        from offload.chat import encode_chat
         from offload.errors import ContextError
+        from offload.serve.chat import encode_chat
 
         system = [{"role": "system", "content": self.system}] if self.system else []
         turn = {"role": "user", "content": text}
@@ -174,9 +174,9 @@ def chat(
     /reset forgets the conversation, /stats shows the expert cache's counters, /exit or Ctrl-D leaves;
     Ctrl-C stops a reply and keeps the session.
     """
-    from offload.budget import kv_context
-    from offload.chat import resolve_chat_template
     from offload.errors import ConfigError
+    from offload.memory.budget import kv_context
+    from offload.serve.chat import resolve_chat_template
 
     if max_new_tokens < 1 or temperature < 0:
         raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0", "0 means greedy")

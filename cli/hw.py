@@ -47,7 +47,7 @@ def _shape(model: str | None, hidden: int, intermediate: int) -> tuple[int, int]
         if min(hidden, intermediate) < 16:
             raise ConfigError(f"--hidden {hidden} / --intermediate {intermediate} are too small", "use >= 16")
         return hidden, intermediate
-    from offload.checkpoint import plan_checkpoint
+    from offload.checkpoint.plan import plan_checkpoint
 
     spec = plan_checkpoint(model).spec
     return spec.hidden_size, spec.expert_intermediate_size
@@ -76,7 +76,7 @@ def bench_hw(
     performance models' calibration, written to the user's cache directory."""
     import torch
 
-    from offload.calibrate import BenchSizes, calibrate, default_path
+    from offload.hw.calibration import BenchSizes, calibrate, default_path
 
     if min(memory_mib, disk_mib, gemv_mib, repeats) < 1 or threads < 0:
         raise ConfigError("--memory-mib, --disk-mib, --gemv-mib and --repeats must be >= 1, --threads >= 0")
@@ -145,11 +145,11 @@ def plan(
 ) -> None:
     """Predict decode tokens/s, bytes moved and stall time per token for each budget and tier (and hybrid on
     CUDA), and recommend a budget."""
-    from offload import perfmodel
-    from offload.calibrate import Calibration, default_path
-    from offload.checkpoint import plan_checkpoint
-    from offload.config import parse_dtype
-    from offload.hardware import gpu_memories, host_memory
+    from offload.checkpoint.plan import plan_checkpoint
+    from offload.hw import perfmodel
+    from offload.hw.calibration import Calibration, default_path
+    from offload.hw.machine import gpu_memories, host_memory
+    from offload.spec import parse_dtype
 
     on = _plan_device(device)
     tiers, budgets = _names(offload_to), _names(expert_budget)

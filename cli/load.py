@@ -26,7 +26,7 @@ def _progress_bar() -> tuple[Progress, Callable[[str, int, int], None]]:
 def load_model(model: str, runtime):
     """from_pretrained with the loading progress bar on stderr; an auto budget's choice is printed."""
     import offload
-    from offload.budget import is_auto
+    from offload.memory.budget import is_auto
 
     progress, update = _progress_bar()
     with progress:

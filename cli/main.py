@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from offload.checkpoint import bundled_models
+from offload.checkpoint.plan import bundled_models
 from offload.errors import ConfigError
 from offload.files import write_json_atomic, write_text_atomic
 
@@ -114,7 +114,7 @@ def _run_context(prompts: list[str], max_new_tokens: int) -> int:
 
 def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
     """A prompt's token ids: as text (the tokenizer adds its special tokens) or as a one-message chat."""
-    from offload.chat import encode_chat, resolve_chat_template
+    from offload.serve.chat import encode_chat, resolve_chat_template
 
     if not chat:
         return m.encode(prompt)[0].tolist()
@@ -125,7 +125,7 @@ def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
 def _run_one(m, prompt: str, sampling, chat: bool = False) -> None:
     import torch
 
-    from offload.generate import TextStreamer
+    from offload.runtime.generate import TextStreamer
 
     ids = torch.tensor([_prompt_ids(m, prompt, chat)])
     if not chat:
@@ -163,8 +163,8 @@ def _gib(n: float) -> str:
 @app.command()
 def info(model: ModelArg) -> None:
     """Describe a checkpoint: family, sizes, and the expert budgets this machine's memory can hold."""
-    from offload.checkpoint import plan_checkpoint, plan_config, resolve_model_dir
-    from offload.hardware import gpu_memories, host_memory
+    from offload.checkpoint.plan import plan_checkpoint, plan_config, resolve_model_dir
+    from offload.hw.machine import gpu_memories, host_memory
 
     path = resolve_model_dir(model)
     config_only = (path / "config.json").is_file() and not any(path.glob("*.safetensors"))
@@ -230,7 +230,7 @@ def perplexity(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {perplexity, tokens, nll, ...} here.")] = None,
 ) -> None:
     """Token-level perplexity of a text file (sliding windows, as llama-perplexity and transformers' recipe)."""
-    from offload.perplexity import perplexity as score
+    from offload.tools.perplexity import perplexity as score
 
     if not text.is_file():
         raise ConfigError(f"--text {text} does not exist", "give a UTF-8 text file")
@@ -260,8 +260,8 @@ def quantize(
     search: Annotated[bool, typer.Option(help="Search each group's clipping range (slower, lower error).")] = False,
 ) -> None:
     """Write a copy of MODEL with its routed experts quantized (compressed-tensors pack-quantized)."""
-    from offload.quant import parse_scheme
-    from offload.quantize import quantize_checkpoint
+    from offload.experts.quant import parse_scheme
+    from offload.tools.quantize import quantize_checkpoint
 
     if bits not in (4, 8):
         raise ConfigError(f"--bits {bits} is not supported", "use 8 or 4")

@@ -83,10 +83,10 @@ def serve(
     /health and /metrics. Concurrent requests share decode steps (continuous batching)."""
     import uvicorn
 
-    from offload.budget import is_auto
-    from offload.checkpoint import plan_checkpoint
-    from offload.engine import Engine
-    from offload.server import create_app
+    from offload.checkpoint.plan import plan_checkpoint
+    from offload.memory.budget import is_auto
+    from offload.serve.engine import Engine
+    from offload.serve.server import create_app
 
     runtime_config = runtime.config(scheduler=scheduler, batch_size=max_batch, max_wait=max_wait, context=context)
     if shutdown_timeout < 0:

@@ -5,9 +5,7 @@
     print(model.generate_text("def fibonacci(n):", max_new_tokens=40))
 """
 
-from .batch import BatchConfig
-from .config import ModelSpec, RuntimeConfig
-from .errors import (
+from offload.errors import (
                      BudgetError,
                      CheckpointError,
                      ConfigError,
@@ -17,9 +15,11 @@ from .errors import (
                      TraceError,
                      UnsupportedModelError,
 )
-from .policies import POLICIES
-from .runtime import OffloadModel, from_pretrained, plan_checkpoint
-from .sampling import SamplingConfig
+from offload.memory.policies import POLICIES
+from offload.runtime.batch import BatchConfig
+from offload.runtime.load import OffloadModel, from_pretrained, plan_checkpoint
+from offload.runtime.sampling import SamplingConfig
+from offload.spec import ModelSpec, RuntimeConfig
 
 __all__ = [
     "from_pretrained", "plan_checkpoint", "OffloadModel", "ModelSpec", "RuntimeConfig", "SamplingConfig", "BatchConfig",

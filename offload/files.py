@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError
+from offload.errors import ConfigError
 
 PARTIAL = ".partial"
 

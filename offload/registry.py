@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
-from .errors import ConfigError, OffloadError
+from offload.errors import ConfigError, OffloadError
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from common import err, machine_info, main, make_app, write_json
 from make_trace_prompts import code_snippets  # a sibling script: scripts/ is on sys.path, as common is
 
 import offload
-from offload.runtime import resolve_device
+from offload.runtime.load import resolve_device
 
 app = make_app(__doc__.splitlines()[0], no_args_is_help=False)  # bare: the benchmark at its default scale
 

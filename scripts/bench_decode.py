@@ -136,7 +136,7 @@ def parse_configs(text: str, predictor: str, device: str, quant: str = "") -> tu
     configs = [c for c in configs if c not in skipped]
     if not configs:
         raise ConfigError(f"nothing to run on {device}", f"{HF_ACCEL} runs with --device cpu only")
-    from offload.quant import parse_scheme
+    from offload.experts.quant import parse_scheme
 
     for scheme in {quant_of(c) for c in configs} - {None}:
         parse_scheme(scheme)  # an unknown scheme fails before any run
@@ -149,7 +149,7 @@ def resolved_device(name: str) -> str:
     """``cpu`` or ``cuda`` for ``--device`` (auto: cuda when there is one); a DeviceError when cuda is absent."""
     if name not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"unknown device {name!r}", "use one of: cpu, cuda, auto")
-    from offload.runtime import resolve_device
+    from offload.runtime.load import resolve_device
 
     return resolve_device(name).type
 
@@ -161,7 +161,7 @@ def base_config(name: str) -> str:
 
 def model_dir(opts: Options) -> Path:
     if opts.model:
-        from offload.checkpoint import resolve_model_dir
+        from offload.checkpoint.plan import resolve_model_dir
 
         return resolve_model_dir(opts.model)
     name = (f"mixtral-h{opts.hidden}-i{opts.intermediate}-l{opts.layers}-e{opts.experts}-k{opts.top_k}"
@@ -332,7 +332,7 @@ def expert_bytes_of(path: Path) -> tuple[int, int]:
 
 def run_ours(opts: Options, name: str, path: Path) -> dict:
     import offload
-    from offload.transfer import DirectReader
+    from offload.memory.transfer import DirectReader
 
     spec = OURS_RE.fullmatch(base_config(name))
     tier, budget = spec["tier"], f"{spec['pct']}%"
@@ -380,8 +380,8 @@ def quantized_dir(opts: Options, path: Path, scheme: str) -> Path:
 
 
 def ensure_quantized(opts: Options, path: Path) -> None:
-    from offload.quant import parse_scheme
-    from offload.quantize import quantize_checkpoint
+    from offload.experts.quant import parse_scheme
+    from offload.tools.quantize import quantize_checkpoint
 
     for scheme in sorted({quant_of(c) for c in opts.configs} - {None}):
         out = quantized_dir(opts, path, scheme)
@@ -527,7 +527,7 @@ class Predicted:
     once at the start of the run. Prefetches are not modelled: a +PREDICTOR run is predicted as its misses."""
 
     def __init__(self, opts: Options, path: Path) -> None:
-        from offload.calibrate import Calibration, default_path
+        from offload.hw.calibration import Calibration, default_path
 
         self.source = str(opts.calibration or default_path())
         self.calibration = Calibration.load(opts.calibration)
@@ -535,9 +535,9 @@ class Predicted:
         self._sizes: dict[str, object] = {}
 
     def sizes(self, config: str):
-        from offload.checkpoint import plan_checkpoint
-        from offload.config import parse_dtype
-        from offload.perfmodel import ModelSizes
+        from offload.checkpoint.plan import plan_checkpoint
+        from offload.hw.perfmodel import ModelSizes
+        from offload.spec import parse_dtype
 
         scheme = quant_of(config)
         path = quantized_dir(self.opts, self.path, scheme) if scheme else self.path
@@ -547,7 +547,7 @@ class Predicted:
         return self._sizes[str(path)]
 
     def __call__(self, sample: dict) -> float | None:
-        from offload.perfmodel import token_cost
+        from offload.hw.perfmodel import token_cost
 
         if "error" in sample or not is_ours(sample["config"]) or not sample.get("decode_tokens"):
             return None
@@ -860,7 +860,7 @@ def bench(
         return
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
-    from offload.hybrid import check_mode
+    from offload.hw.costmodel import check_mode
 
     check_mode(hybrid)
     on = resolved_device(device)

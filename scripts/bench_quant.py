@@ -1,7 +1,7 @@
 """Weight-only quantized matmuls and int4 repacking on this CPU, and quantization error (issue 12).
 
 Times one token (x [1, in]) through an expert-sized matrix, [3584, 1024] (gate / up) and [1024, 3584] (down):
-bf16 and float32 F.linear, offload.quant's int8_linear / int4_linear (bf16 activations inside) and the portable
+bf16 and float32 F.linear, offload.experts.quant's int8_linear / int4_linear (bf16 activations inside) and the portable
 dequant_linear; and per matrix, torch's _convert_weight_to_int4pack_for_cpu against plain_to_cpu_int4 (from
 plain nibbles, as compressed-tensors stores them) and gptq_plain + plain_to_cpu_int4 (from a GPTQ qweight).
 Each thread count runs in its own processes (this script re-invoked with --worker), alternating; inside a
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import typer
 from common import machine_info, main, make_app, write_json
 
-from offload import quant as Q
-from offload.quant_experts import fp8_block_dequantize, mxfp4_dequantize
+from offload.experts import quant as Q
+from offload.experts.formats.quantized import fp8_block_dequantize, mxfp4_dequantize
 
 SHAPES = [(3584, 1024), (1024, 3584)]
 SCHEMES = ["int8", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym"]
@@ -125,7 +125,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def _tiny_moe_experts() -> torch.Tensor | None:
-    path = Path(Q.__file__).parent / "models" / "tiny-moe" / "model.safetensors"
+    path = Path(Q.__file__).parents[1] / "bundled" / "tiny-moe" / "model.safetensors"
     if not path.is_file():
         return None
     from safetensors.torch import load_file

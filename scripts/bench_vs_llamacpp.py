@@ -501,7 +501,7 @@ def write_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
 
 def model_dir(opts: Options) -> Path:
     if opts.model:
-        from offload.checkpoint import resolve_model_dir
+        from offload.checkpoint.plan import resolve_model_dir
 
         return resolve_model_dir(opts.model)
     built = bd.model_dir(opts)  # bench_decode's name for the same shape, plus the tokenizer's size
@@ -658,8 +658,8 @@ def worker_main(opts: Options) -> None:
         build_model(opts, model_dir(opts))
         result = {}
     elif kind == "offload-quantize":
-        from offload.quant import parse_scheme
-        from offload.quantize import quantize_checkpoint
+        from offload.experts.quant import parse_scheme
+        from offload.tools.quantize import quantize_checkpoint
 
         Path(task["dst"]).parent.mkdir(parents=True, exist_ok=True)
         quantize_checkpoint(task["src"], task["dst"], parse_scheme(task["scheme"]))

@@ -27,7 +27,7 @@ if sys.path[:1] != [str(ROOT)]:
 
 # After the path: these must come from this checkout.
 from cli.errors import one_line_errors  # noqa: E402
-from offload import hardware  # noqa: E402
+from offload.hw import machine as hardware  # noqa: E402
 from offload.files import atomic_output, partial_path, write_text_atomic  # noqa: E402
 
 err = Console(stderr=True)  # progress, hints and errors; results go to stdout
@@ -88,7 +88,7 @@ def progress_bar(*extra: ProgressColumn | str) -> Progress:
 
 
 def machine_info(*extra_packages: str) -> dict[str, Any]:
-    """offload.hardware.machine_info() (CPU, cores, RAM, GPUs, versions, plus ``extra_packages``'
+    """offload.hw.machine.machine_info() (CPU, cores, RAM, GPUs, versions, plus ``extra_packages``'
     versions) and how busy the machine is now: the load average and torch's thread count."""
     import torch  # here, not at the top: the trace-only scripts never need torch otherwise
 

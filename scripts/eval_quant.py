@@ -23,9 +23,9 @@ from common import machine_info, main, make_app, write_json, write_text
 from train_tiny_moe import collect_sources, is_held_out  # a sibling script, as make_trace_prompts imports it
 
 import offload
-from offload.perplexity import perplexity
-from offload.quant import parse_scheme
-from offload.quantize import quantize_checkpoint
+from offload.experts.quant import parse_scheme
+from offload.tools.perplexity import perplexity
+from offload.tools.quantize import quantize_checkpoint
 
 app = make_app(__doc__.splitlines()[0], no_args_is_help=False)
 SCHEMES = ("int8", "int4-g128-asym", "int4-g128-sym", "int4-g64-asym", "int4-g32-asym", "int4-g32-sym")

@@ -1,4 +1,4 @@
-"""Train the small MoE models that ship with offload (offload/models/tiny-moe and tiny-moe-64).
+"""Train the small MoE models that ship with offload (offload/bundled/tiny-moe and tiny-moe-64).
 
 No model can be downloaded on a fresh machine, and a random model routes like noise, so the package ships
 real, trained ones: a byte-level BPE tokenizer and a Mixtral-, OLMoE- or Qwen3-MoE-architecture model trained
@@ -13,7 +13,7 @@ thread count) reproduces the same weights. Thread count matters: CPU reductions 
     python scripts/train_tiny_moe.py --out /tmp/tiny-moe --steps 1800 --threads 1
     # tiny-moe-64: OLMoE, 64 experts of 32, top-8, with tiny-moe's tokenizer
     python scripts/train_tiny_moe.py --out /tmp/tiny-moe-64 --architecture olmoe --experts 64 --top-k 8 \\
-        --intermediate 32 --tokenizer offload/models/tiny-moe/tokenizer.json --steps 2000 --threads 1
+        --intermediate 32 --tokenizer offload/bundled/tiny-moe/tokenizer.json --steps 2000 --threads 1
 
 Writes the folder --out (as OUT.partial, renamed when complete; an existing non-empty --out is refused):
 config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json and

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..rearrange import Request, Scheduler, admission_order, distinct_experts, make_scheduler
-from ..stats import ratio
-from ..traces.format import PHASES, Trace
-from .simulate import AccessStream, _PyCaches, check_policy
+from offload.errors import ConfigError
+from offload.runtime.rearrange import Request, Scheduler, admission_order, distinct_experts, make_scheduler
+from offload.sim.simulate import AccessStream, _PyCaches, check_policy
+from offload.stats import ratio
+from offload.traces.format import PHASES, Trace
 
 PREDICTIONS = ("prev-token", "oracle")
 ADMISSIONS = ("similar", "arrival")

@@ -8,7 +8,7 @@ sequences, so cold misses count. Two scopes:
 * ``per-layer``: every layer has its own cache of ``capacity`` experts (mixtral-offloading's layout);
 * ``global``: one cache of ``capacity`` (layer, expert) keys shared by all layers.
 
-Policies are those of :mod:`offload.policies` (lru, lfu, fifo, same semantics) plus ``belady``
+Policies are those of :mod:`offload.memory.policies` (lru, lfu, fifo, same semantics) plus ``belady``
 (MIN, Belady 1966: evict the key whose next use is farthest; a miss always inserts), the offline
 optimum that bounds what any policy or predictor could reach.
 
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from ..errors import BudgetError, ConfigError, PolicyError
-from ..policies import EvictionPolicy, make_policy
-from ..registry import check_name
-from ..stats import HitRate, ratio
-from ..traces.format import Trace
+from offload.errors import BudgetError, ConfigError, PolicyError
+from offload.memory.policies import EvictionPolicy, make_policy
+from offload.registry import check_name
+from offload.stats import HitRate, ratio
+from offload.traces.format import Trace
 
 # Policy codes the kernels branch on; the registry below is the only place names meet codes.
 # _PYTHON: no kernel, the policy runs in the Python twin (with the runtime's own policy object).

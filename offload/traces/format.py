@@ -25,8 +25,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..errors import TraceError
-from ..files import atomic_output
+from offload.errors import TraceError
+from offload.files import atomic_output
 
 log = logging.getLogger(__name__)
 

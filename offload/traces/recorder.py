@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .format import TraceHeader, TraceWriter
+from offload.traces.format import TraceHeader, TraceWriter
 
 
 class RoutingRecorder:

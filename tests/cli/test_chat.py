@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import offload
 from cli.chat import ChatSession, ReplyStreamer
 from cli.main import app
-from offload.chat import encode_chat, resolve_chat_template
 from offload.errors import ContextError
+from offload.serve.chat import encode_chat, resolve_chat_template
 from tests.tiny_models import add_char_tokenizer
 
 runner = CliRunner()

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from offload.calibrate import Calibration
-from offload.checkpoint import plan_checkpoint
+from offload.checkpoint.plan import plan_checkpoint
+from offload.hw.calibration import Calibration
 from offload.traces.format import TraceHeader, TraceRecord, write_trace
 
 runner = CliRunner()

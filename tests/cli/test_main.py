@@ -154,10 +154,10 @@ def test_run_defaults_to_the_auto_budget_and_says_what_it_chose(model_dir):
 def test_a_budget_that_does_not_fit_is_one_line_saying_what_does(model_dir, monkeypatch):
     from collections import namedtuple
 
-    import offload.hardware
+    import offload.hw.machine
 
     free = 512 * 2**20 + 600_000            # over the 512 MiB headroom floor: dense, KV and a few experts
-    monkeypatch.setattr(offload.hardware.psutil, "virtual_memory", lambda: namedtuple("VM", "total available")(
+    monkeypatch.setattr(offload.hw.machine.psutil, "virtual_memory", lambda: namedtuple("VM", "total available")(
         2**34, free))
     result = invoke("run", model_dir, "abc", "--max-new-tokens", 4, "--device", "cpu", "--expert-budget", "100%",
                     "--offload-to", "ram")
@@ -168,7 +168,7 @@ def test_a_budget_that_does_not_fit_is_one_line_saying_what_does(model_dir, monk
 
 
 def test_run_chat_renders_the_prompt_through_the_template(model_dir):
-    from offload.chat import encode_chat, resolve_chat_template
+    from offload.serve.chat import encode_chat, resolve_chat_template
 
     m = offload.from_pretrained(model_dir, device="cpu")
     ids = encode_chat(m.tokenizer, resolve_chat_template(model_dir).render([{"role": "user", "content": "hi"}]))

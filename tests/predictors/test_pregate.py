@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import offload
-from offload.attention import rms_norm
 from offload.errors import ConfigError
+from offload.model.attention import rms_norm
 from predictors import MoEShape, RouteContext
 from predictors.pregate import PreGate
 

@@ -204,8 +204,8 @@ def test_summarize_recomputes_and_appends_notes(tmp_path) -> None:
 
 
 def test_the_prediction_beside_an_offload_sample_uses_its_measured_misses(worker_samples, tiny_dir, tmp_path):
-    from offload.calibrate import Calibration
-    from offload.perfmodel import token_cost
+    from offload.hw.calibration import Calibration
+    from offload.hw.perfmodel import token_cost
 
     calibration = Calibration(host_memory_bandwidth=5e9, disk_read_bandwidth=1e8).save(tmp_path / "hw.json")
     opts = bench.Options(**{name: None for name in PARAMS} | {
@@ -222,7 +222,7 @@ def test_the_prediction_beside_an_offload_sample_uses_its_measured_misses(worker
 
 
 def test_summarize_with_a_calibration_repredicts_every_offload_sample(worker_samples, tiny_dir, tmp_path):
-    from offload.calibrate import Calibration
+    from offload.hw.calibration import Calibration
 
     model = tiny_dir("mixtral", torch.bfloat16)
     slow, fast = (Calibration(host_memory_bandwidth=5e9, disk_read_bandwidth=bw).save(tmp_path / f"hw{bw:.0e}.json")

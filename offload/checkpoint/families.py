@@ -1,0 +1,277 @@
+"""One small adapter per model family: how config.json spells things, what the tensors are called,
+which attention / router / activation pieces its decoder layers are made of, and its quirks as
+fields. The forward pass (model.py) is family-agnostic: it reads only ModelSpec and the pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from offload.errors import UnsupportedModelError
+from offload.model.attention import attention_class
+from offload.model.routers import router_class
+from offload.spec import ModelSpec, RopeSpec
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def first(cfg: dict, *names: str, default=None):
+    """The first field present under any of its spellings (checkpoints disagree on names)."""
+    for name in names:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    return default
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _prefixed(prefix: str, shapes: Shapes) -> Shapes:
+    return {prefix + name: shape for name, shape in shapes.items()}
+
+
+def _mlp_tensors(prefix: str, hidden: int, inter: int) -> Shapes:
+    """A resident SwiGLU MLP (dense layer or shared expert): gate, up [inter, hidden], down [hidden, inter]."""
+    return {f"{prefix}.gate_proj.weight": (inter, hidden), f"{prefix}.up_proj.weight": (inter, hidden),
+            f"{prefix}.down_proj.weight": (hidden, inter)}
+
+
+def _rope_spec(cfg: dict, head_dim: int, interleave: bool) -> RopeSpec:
+    """RoPE from top-level fields, ``rope_scaling`` (older checkpoints) or transformers 5's ``rope_parameters``."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    theta = float(first(cfg, "rope_theta", default=None) or params.get("rope_theta", 10000.0))
+    partial = float(first(cfg, "partial_rotary_factor", default=None) or params.get("partial_rotary_factor", 1.0))
+    get = lambda key, default=0.0: float(scaling.get(key) or default)  # noqa: E731
+    return RopeSpec(
+        theta=theta, dim=int(head_dim * partial) if partial < 1 else 0, kind=kind,
+        factor=get("factor", 1.0) if kind in ("linear", "yarn") else 1.0,
+        original_max_positions=int(get("original_max_position_embeddings", cfg.get("max_position_embeddings", 0))),
+        beta_fast=get("beta_fast", 32.0), beta_slow=get("beta_slow", 1.0), mscale=get("mscale"),
+        mscale_all_dim=get("mscale_all_dim"), attention_factor=get("attention_factor"),
+        truncate=bool(scaling.get("truncate", True)) if scaling else True,
+        interleave=bool(cfg.get("rope_interleave", interleave)))
+
+
+def _moe_layers(cfg: dict, layers: int) -> tuple[bool, ...]:
+    """Which layers are MoE: decoder_sparse_step / mlp_only_layers (Qwen) or first_k_dense_replace /
+    moe_layer_freq (DeepSeek, GLM)."""
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    mlp_only = set(cfg.get("mlp_only_layers") or [])
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    freq = int(cfg.get("moe_layer_freq") or 1)
+    return tuple(i not in mlp_only and (i + 1) % step == 0 and i >= first_dense and i % freq == 0
+                 for i in range(layers))
+
+
+def _mla_options(cfg: dict) -> dict:
+    """DeepSeek's attention dims (MLA) and group-limited router."""
+    return {"q_lora_rank": int(cfg.get("q_lora_rank") or 0), "kv_lora_rank": int(cfg["kv_lora_rank"]),
+            "qk_nope_head_dim": int(cfg["qk_nope_head_dim"]), "qk_rope_head_dim": int(cfg["qk_rope_head_dim"]),
+            "v_head_dim": int(cfg["v_head_dim"]), **_group_router_options(cfg)}
+
+
+def _group_router_options(cfg: dict) -> dict:
+    greedy = cfg.get("topk_method") == "greedy"  # DeepSeek-V2-Lite: groups ignored
+    return {"n_group": 1 if greedy else int(cfg.get("n_group") or 1),
+            "topk_group": 1 if greedy else int(cfg.get("topk_group") or 1),
+            "routed_scaling_factor": float(cfg.get("routed_scaling_factor") or 1.0)}
+
+
+def _gpt_oss_options(cfg: dict) -> dict:
+    return {"router_bias": True, "expert_bias": True, "attention_sinks": True,
+            "swiglu_limit": float(cfg.get("swiglu_limit") or 7.0),
+            "swiglu_alpha": float(cfg.get("swiglu_alpha") or 1.702)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Tensor names, pieces and quirks of one architecture family."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    moe_prefix: str                      # "block_sparse_moe" or "mlp"
+    expert_names: tuple[str, str, str]   # gate, up, down projection names inside experts.N
+    sliding_windows: Callable[[dict, int], tuple[int | None, ...]]
+    router_fp32_weights: bool = False    # Mixtral keeps routing weights in float32; the others cast back
+    norm_topk_prob: bool | None = None   # None: config's norm_topk_prob (default False); Mixtral always renormalises
+    default_qkv_bias: bool = False
+    o_bias: bool = True                  # whether config's attention_bias also puts a bias on o_proj
+    qk_norm: str = "none"                # "none" | "head" | "full"; "config": config.json's use_qk_norm (per head)
+    shared_expert: str = "none"          # "gated": Qwen2-MoE's shared_expert + sigmoid gate; "plain": DeepSeek's
+    #                                      shared_experts (n_shared_experts x moe_intermediate_size), added as is
+    attention: str = "gqa"               # attention.ATTENTIONS
+    router: str = "softmax-topk"         # routers.ROUTERS
+    router_module: str = "gate"          # the router's module under moe_prefix ("router" for gpt-oss)
+    activation: str = "swiglu"           # experts.ACTIVATIONS
+    expert_storage: str = "per-expert"   # expert_storage.STORAGES: one module per expert, or fused per layer
+    rope_interleave: bool = False        # default of config.json's rope_interleave (DeepSeek: True)
+    options: Callable[[dict], dict] | None = None  # family-only ModelSpec fields read from config.json
+
+    # -- tensor names --------------------------------------------------------------------------
+    def expert_modules(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """The gate, up and down projections' module names (their tensors are ``<module>.<suffix>``)."""
+        base = f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}"
+        return tuple(f"{base}.{n}" for n in self.expert_names)  # type: ignore[return-value]
+
+    def global_tensors(self, spec: ModelSpec) -> Shapes:
+        shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
+                  "model.norm.weight": (spec.hidden_size,)}
+        if not spec.tie_word_embeddings:
+            shapes["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
+        return shapes
+
+    def layer_tensors(self, spec: ModelSpec, i: int) -> dict[str, Shapes]:
+        """Every resident tensor of layer ``i``, grouped by the piece that uses it (names -> shapes)."""
+        p, h = f"model.layers.{i}", spec.hidden_size
+        groups = {"input_norm": {f"{p}.input_layernorm.weight": (h,)},
+                  "post_norm": {f"{p}.post_attention_layernorm.weight": (h,)},
+                  "attention": _prefixed(f"{p}.self_attn.", attention_class(self.attention).tensors(spec))}
+        if not spec.moe_layers[i]:
+            groups["dense_mlp"] = _mlp_tensors(f"{p}.mlp", h, spec.dense_intermediate_size)
+            return groups
+        router = f"{p}.{self.moe_prefix}.{self.router_module}."
+        groups["router"] = _prefixed(router, router_class(self.router).tensors(spec))
+        if spec.shared_expert_intermediate_size:
+            plural = "s" if self.shared_expert == "plain" else ""
+            groups["shared_mlp"] = _mlp_tensors(f"{p}.mlp.shared_expert{plural}", h,
+                                                spec.shared_expert_intermediate_size)
+            if self.shared_expert == "gated":
+                groups["shared_gate"] = {f"{p}.mlp.shared_expert_gate.weight": (1, h)}
+        return groups
+
+    def dense_tensors(self, spec: ModelSpec) -> Shapes:
+        """Every resident tensor the spec implies, with its shape (validated against the files)."""
+        shapes = self.global_tensors(spec)
+        for i in range(spec.num_layers):
+            for group in self.layer_tensors(spec, i).values():
+                shapes |= group
+        return shapes
+
+    # -- config.json ---------------------------------------------------------------------------
+    def _shared_intermediate(self, cfg: dict) -> int:
+        if self.shared_expert == "gated":
+            return int(cfg.get("shared_expert_intermediate_size") or 0)
+        if self.shared_expert == "plain":
+            return int(cfg.get("moe_intermediate_size") or 0) * int(cfg.get("n_shared_experts") or 0)
+        return 0
+
+    def _attention_fields(self, cfg: dict, hidden: int, heads: int) -> dict:
+        head_dim = int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0))
+        if self.attention == "mla":  # the rotary part of a head is what RoPE sees; head_dim is unused
+            head_dim = int(cfg.get("qk_nope_head_dim", 0)) + int(cfg.get("qk_rope_head_dim", 0))
+        qk_norm = ("head" if cfg.get("use_qk_norm") else "none") if self.qk_norm == "config" else self.qk_norm
+        return {"num_heads": heads, "num_kv_heads": int(cfg.get("num_key_value_heads") or heads), "head_dim": head_dim,
+                "qkv_bias": bool(first(cfg, "qkv_bias", "attention_bias", default=self.default_qkv_bias)),
+                "o_bias": self.o_bias and bool(cfg.get("attention_bias", False)), "qk_norm": qk_norm,
+                "rope": _rope_spec(cfg, head_dim, self.rope_interleave)}
+
+    def spec_from_config(self, cfg: dict, checkpoint_dtype: torch.dtype) -> ModelSpec:
+        hidden, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
+        num_experts = int(first(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0))
+        if num_experts <= 0:
+            raise UnsupportedModelError(f"config.json declares no experts for {self.name}",
+                                        "offload runs Mixture-of-Experts checkpoints only")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"activation {cfg['hidden_act']!r} is not supported", "offload supports silu")
+        norm = bool(cfg.get("norm_topk_prob", False)) if self.norm_topk_prob is None else self.norm_topk_prob
+        return ModelSpec(
+            family=self.name, architecture=(cfg.get("architectures") or [self.architectures[0]])[0],
+            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=layers,
+            num_experts=num_experts,
+            top_k=int(first(cfg, "num_experts_per_tok", "experts_per_token", "moe_topk", default=2)),
+            expert_intermediate_size=int(first(cfg, "moe_intermediate_size", "intermediate_size")),
+            dense_intermediate_size=int(cfg.get("intermediate_size") or 0),
+            shared_expert_intermediate_size=self._shared_intermediate(cfg),
+            moe_layers=_moe_layers(cfg, layers), sliding_windows=self.sliding_windows(cfg, layers),
+            norm_topk_prob=norm, router_fp32_weights=self.router_fp32_weights,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            checkpoint_dtype=checkpoint_dtype, bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=_eos_ids(cfg.get("eos_token_id")), pad_token_id=cfg.get("pad_token_id"),
+            mlp_only_layers=tuple(sorted(set(cfg.get("mlp_only_layers") or []))),
+            **self._attention_fields(cfg, hidden, heads), **(self.options(cfg) if self.options else {}),
+        )
+
+
+def _uniform_window(cfg: dict, layers: int) -> tuple[int | None, ...]:
+    """Mixtral/OLMoE: one sliding window (or none) for every layer."""
+    return (cfg.get("sliding_window"),) * layers
+
+
+def _qwen2_windows(cfg: dict, layers: int) -> tuple[int | None, ...]:
+    """Qwen2-MoE: with use_sliding_window, the layers layer_types names (else transformers' default rule)."""
+    if not cfg.get("use_sliding_window") or not cfg.get("sliding_window"):
+        return (None,) * layers
+    window = int(cfg["sliding_window"])
+    if cfg.get("layer_types"):
+        return tuple(window if t == "sliding_attention" else None for t in cfg["layer_types"])
+    limit = int(cfg.get("max_window_layers", layers))
+    return tuple(window if (i + 1) % 2 and i < limit else None for i in range(layers))
+
+
+def _layer_type_windows(cfg: dict, layers: int) -> tuple[int | None, ...]:
+    """gpt-oss: ``layer_types`` alternates sliding_attention (the window) and full_attention."""
+    types = cfg.get("layer_types") or ["full_attention"] * layers
+    window = cfg.get("sliding_window")
+    return tuple(window if t == "sliding_attention" and window else None for t in types)
+
+
+def _no_window(cfg: dict, layers: int) -> tuple[int | None, ...]:
+    return (None,) * layers
+
+
+def _qwen3_windows(cfg: dict, layers: int) -> tuple[int | None, ...]:
+    """Qwen3-MoE: one window on every layer, only with use_sliding_window."""
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    return (window,) * layers
+
+
+_HF_MLP = ("gate_proj", "up_proj", "down_proj")
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("mixtral", ("MixtralForCausalLM",), ("mixtral",), "block_sparse_moe", ("w1", "w3", "w2"),
+               _uniform_window, router_fp32_weights=True, norm_topk_prob=True),
+        Family("qwen2_moe", ("Qwen2MoeForCausalLM",), ("qwen2_moe",), "mlp", _HF_MLP, _qwen2_windows,
+               default_qkv_bias=True, o_bias=False, shared_expert="gated"),
+        Family("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), "mlp", _HF_MLP, _qwen3_windows, qk_norm="head"),
+        Family("olmoe", ("OlmoeForCausalLM",), ("olmoe",), "mlp", _HF_MLP, _uniform_window, qk_norm="full"),
+        Family("gpt_oss", ("GptOssForCausalLM",), ("gpt_oss",), "mlp", ("gate_up_proj", "gate_up_proj", "down_proj"),
+               _layer_type_windows, router="topk-softmax", router_module="router", activation="clamped-swiglu",
+               expert_storage="fused", options=_gpt_oss_options),
+        Family("deepseek_v3", ("DeepseekV3ForCausalLM",), ("deepseek_v3", "kimi_k2"), "mlp", _HF_MLP, _no_window,
+               router_fp32_weights=True, shared_expert="plain", attention="mla", router="sigmoid-groups",
+               rope_interleave=True, options=_mla_options),
+        Family("deepseek_v2", ("DeepseekV2ForCausalLM",), ("deepseek_v2",), "mlp", _HF_MLP, _no_window,
+               router_fp32_weights=True, shared_expert="plain", attention="mla", router="softmax-groups",
+               rope_interleave=True, options=_mla_options),
+        Family("glm4_moe", ("Glm4MoeForCausalLM",), ("glm4_moe",), "mlp", _HF_MLP, _no_window, o_bias=False,
+               qk_norm="config", shared_expert="plain", router="sigmoid-groups", router_fp32_weights=True,
+               options=_group_router_options),
+    )
+}
+
+
+def family_for_config(cfg: dict) -> Family:
+    """The adapter for a config.json, or an error naming the architecture and the supported ones."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type", "")
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types or any(a in fam.architectures for a in archs):
+            return fam
+    name = archs[0] if archs else (model_type or "unknown")
+    supported = ", ".join(a for f in FAMILIES.values() for a in f.architectures)
+    has_experts = first(cfg, "num_local_experts", "num_experts", "n_routed_experts")
+    kind = "not supported yet" if has_experts else "a dense or unsupported architecture"
+    raise UnsupportedModelError(f"{name} is {kind}", f"offload runs these MoE families: {supported}")

@@ -1,0 +1,327 @@
+"""Expert layouts, expert formats and the expert's forward.
+
+One expert = one contiguous byte buffer (mixtral-offloading's idea: a move is one copy). A layout
+says where each of the expert's matrices (gate, up, down) sits in that buffer and in what format;
+it binds a buffer to an :class:`Expert` whose projections compute from those bytes, and converts
+bytes from another layout into its own (a cast for dense formats, a repack for quantized ones).
+An :class:`ExpertFormat` is what a checkpoint stores: which tensors make an expert, what shapes
+they must have, their layout once read, and the layout a cache slot holds them in. The cache and
+the movers only see bytes and layouts, so a new storage format is a new format and its matrices,
+never a new cache or a branch in the model.
+
+The activation (how the projections combine) is the family's, picked from ``ACTIVATIONS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from offload.registry import lookup
+
+if TYPE_CHECKING:
+    from offload.spec import ModelSpec
+
+Key = tuple[int, int]  # (layer, expert)
+Linear = Callable[[torch.Tensor], torch.Tensor]  # x [tokens, in] -> [tokens, out]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One tensor inside an expert buffer: byte offset, dtype and shape."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    def view(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf[self.offset : self.end].view(self.dtype).view(self.shape)
+
+    def at(self, offset: int) -> Part:
+        return Part(offset, self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class DenseLinear:
+    """A plain weight (and optional bias) in the compute dtype."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class Expert:
+    """An expert's three projections, whatever their format (resident MLPs and shared experts too)."""
+
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
+
+    @classmethod
+    def dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> Expert:
+        return cls(DenseLinear(gate), DenseLinear(up), DenseLinear(down))
+
+
+class Matrix(Protocol):
+    """One projection's tensors inside an expert buffer, in one format."""
+
+    parts: tuple[Part, ...]
+
+    def signature(self) -> tuple: ...  # equal signatures: the same format, so bytes can be used as they are
+
+    def bind(self, buf: torch.Tensor) -> Linear: ...
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class DenseMatrix:
+    """A plain [out, in] weight in some float dtype, and optionally a bias [out] (gpt-oss's experts)."""
+
+    w: Part
+    b: Part | None = None
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w,) if self.b is None else (self.w, self.b)
+
+    def signature(self) -> tuple:
+        return ("dense", self.w.dtype, self.w.shape, self.b is not None)
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        return DenseLinear(self.w.view(buf), None if self.b is None else self.b.view(buf))
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        weight, bias = src.dense(src_buf) if hasattr(src, "dense") else (None, None)
+        if weight is None:
+            raise TypeError(f"a dense slot cannot hold {type(src).__name__} bytes")
+        self.w.view(buf).copy_(weight, non_blocking=True)  # a cast when the dtypes differ
+        if self.b is not None:
+            self.b.view(buf).copy_(bias)
+
+    def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight [out, in] and bias as views of ``buf``."""
+        return self.w.view(buf), None if self.b is None else self.b.view(buf)
+
+
+@dataclass(frozen=True)
+class FusedColumns:
+    """gpt-oss as transformers saves it: one expert's gate_up [in, 2 * out] (in, out orientation) with gate
+    and up interleaved in its columns, and gate_up's bias [2 * out]; ``parity`` 0 is gate, 1 is up."""
+
+    w: Part
+    b: Part
+    parity: int
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w, self.b)
+
+    def signature(self) -> tuple:
+        return ("fused-columns", self.w.dtype, self.w.shape, self.parity)
+
+    def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w.view(buf)[:, self.parity :: 2].t(), self.b.view(buf)[self.parity :: 2]
+
+    def bind(self, buf: torch.Tensor) -> Linear:
+        return DenseLinear(*self.dense(buf))
+
+    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
+        raise TypeError("a checkpoint format is read, never written into")
+
+
+@dataclass(frozen=True)
+class InOutMatrix:
+    """A weight stored [in, out] (gpt-oss's down_proj) and its bias [out]."""
+
+    w: Part
+    b: Part
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.w, self.b)
+
+    def signature(self) -> tuple:
+        return ("in-out", self.w.dtype, self.w.shape)
+
+    def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w.view(buf).t(), self.b.view(buf)
+
+    bind = FusedColumns.bind
+    convert_from = FusedColumns.convert_from
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where gate [I, H], up [I, H] and down [H, I] sit inside an expert's buffer, each in its format."""
+
+    gate: Matrix
+    up: Matrix
+    down: Matrix
+
+    @property
+    def matrices(self) -> tuple[Matrix, Matrix, Matrix]:
+        return (self.gate, self.up, self.down)
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return tuple(p for m in self.matrices for p in m.parts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes from the buffer's start to the end of the last part (what a copy must move)."""
+        return max(p.end for p in self.parts)
+
+    def same_format(self, other: ExpertLayout) -> bool:
+        """True when ``other``'s bytes can be used as they are (a raw copy keeps their own offsets)."""
+        return [m.signature() for m in self.matrices] == [m.signature() for m in other.matrices]
+
+    def convert_from(self, src_layout: ExpertLayout, src: torch.Tensor, dest: torch.Tensor) -> None:
+        """Fill ``dest`` in this layout from bytes ``src`` in ``src_layout``, matrix by matrix."""
+        for have, want in zip(src_layout.matrices, self.matrices, strict=True):
+            want.convert_from(have, src, dest)
+
+    def bind(self, buf: torch.Tensor) -> Expert:
+        return Expert(*(m.bind(buf) for m in self.matrices))
+
+
+def pack_matrices(matrices: Sequence[Matrix], align: int = 64) -> ExpertLayout:
+    """The same matrices with their parts back to back (each ``align``-aligned) in one buffer: the
+    layout of a cache slot and of the RAM tier for formats whose parts differ in size."""
+    placed, offset = [], 0
+    for m in matrices:
+        moved = {}
+        for f in dataclasses.fields(m):  # type: ignore[arg-type]
+            part = getattr(m, f.name)
+            if isinstance(part, Part):
+                offset = -(-offset // align) * align
+                moved[f.name] = part.at(offset)
+                offset += part.nbytes
+        placed.append(dataclasses.replace(m, **moved))  # type: ignore[type-var]
+    return ExpertLayout(*placed)
+
+
+def packed_layout(hidden: int, intermediate: int, dtype: torch.dtype) -> ExpertLayout:
+    """The canonical packing [gate | up | down] in a float dtype (RAM tier and cast copies)."""
+    n = hidden * intermediate * dtype.itemsize
+    return ExpertLayout(
+        DenseMatrix(Part(0, dtype, (intermediate, hidden))),
+        DenseMatrix(Part(n, dtype, (intermediate, hidden))),
+        DenseMatrix(Part(2 * n, dtype, (hidden, intermediate))),
+    )
+
+
+# -- formats: what a checkpoint stores per expert ---------------------------------------------------------
+
+
+class ExpertFormat(Protocol):
+    """The storage format of a checkpoint's experts."""
+
+    name: str  # what `offload info` shows: "bfloat16", "int4 g128 asym (gptq)", ...
+
+    def tensor_suffixes(self) -> tuple[str, ...]: ...  # per projection, after "<proj>."
+
+    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]: ...
+
+    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix: ...
+
+    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]: ...  # what a tensor of this format may be stored as
+
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    activations: torch.dtype) -> ExpertLayout: ...  # what a cache slot holds and computes from
+
+    # optional: host_layout(...) -> ExpertLayout, what the RAM tier holds when it is not the slot's layout
+    # (vendor formats, dequantized per miss on CPU); see host_layout() below
+
+
+def host_layout(fmt: ExpertFormat, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                activations: torch.dtype) -> ExpertLayout:
+    """The layout the RAM tier holds experts in: the slot's (a miss is one memcpy), unless the format keeps
+    its native bytes there because converting them costs less than the memory they would take."""
+    own = getattr(fmt, "host_layout", None)
+    return (own or fmt.slot_layout)(spec, dtype, device, activations)
+
+
+@dataclass(frozen=True)
+class DenseFormat:
+    """Float experts, one ``.weight`` per projection, computed in the compute dtype."""
+
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def tensor_suffixes(self) -> tuple[str, ...]:
+        return ("weight",)
+
+    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        return {"weight": (out_features, in_features)}
+
+    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
+        return DenseMatrix(parts[0])
+
+    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    activations: torch.dtype) -> ExpertLayout:
+        """The compute dtype's packing (float experts compute in the model's dtype, whatever ``activations``)."""
+        h, i = spec.hidden_size, spec.expert_intermediate_size
+        if not spec.expert_bias:
+            return packed_layout(h, i, dtype)
+        return pack_matrices([DenseMatrix(Part(0, dtype, (out, inn)), Part(0, dtype, (out,)))
+                              for out, inn in ((i, h), (i, h), (h, i))])
+
+    def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> None:
+        """Float checkpoints store every resident tensor as it is."""
+        return None
+
+
+# -- activations: how an expert's projections combine ------------------------------------------------
+
+Activation = Callable[[Expert, torch.Tensor], torch.Tensor]
+
+
+def swiglu(expert: Expert, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU (Shazeer 2020): down(silu(gate x) * up x). x: [tokens, hidden] -> [tokens, hidden]."""
+    return expert.down_proj(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
+
+
+def clamped_swiglu(expert: Expert, x: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's SwiGLU: gate clamped above and up on both sides at ``limit``, a sigmoid with slope
+    ``alpha`` (1.702, the GELU approximation's), up shifted by one: down((up + 1) * gate * sigmoid(alpha * gate))."""
+    gate = expert.gate_proj(x).clamp(max=limit)
+    up = expert.up_proj(x).clamp(min=-limit, max=limit)
+    return expert.down_proj((up + 1) * (gate * torch.sigmoid(gate * alpha)))
+
+
+ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {"swiglu": swiglu, "clamped-swiglu": clamped_swiglu}
+
+
+def make_activation(name: str, spec: ModelSpec | None = None) -> Activation:
+    """The activation by name, bound to the spec's parameters (clamped-swiglu's limit and alpha)."""
+    fn = lookup(ACTIVATIONS, name, "expert activation")
+    if fn is clamped_swiglu:
+        limit, alpha = (spec.swiglu_limit, spec.swiglu_alpha) if spec else (7.0, 1.702)
+        return lambda expert, x: clamped_swiglu(expert, x, limit, alpha)
+    return fn

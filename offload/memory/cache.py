@@ -1,0 +1,264 @@
+"""The fast-tier expert cache: a fixed number of equal slots on the compute device.
+
+It owns residency, pinning and the counts; a policy (policies.py) only picks victims, and a mover
+(transfer.py, one per device type) owns the slot memory and moves the bytes. An expert that a layer
+is using is pinned and never evicted.
+
+Loads are asynchronous when the cache has a loader thread (``async_loads=True``, which the
+prefetcher needs): ``reserve`` books a slot and queues the load, ``wait`` blocks until its bytes
+are there. All bookkeeping (residency, policy, counts) happens on the caller's thread; the loader
+thread only moves bytes, one expert at a time, so one disk is read sequentially and the staging
+buffers have one user. Victims are chosen as if loads were instant, so every count is
+independent of timing; evicting an expert whose load is still in flight first waits for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from offload.experts.layouts import Expert, ExpertLayout, Key
+from offload.memory.policies import EvictionPolicy
+from offload.memory.transfer import ExpertStore, make_mover
+from offload.stats import Stats
+
+
+class ExpertCache:
+    """Fixed slots, exact hit/miss/eviction accounting, loads through a store."""
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        num_slots: int,
+        slot_layout: ExpertLayout,
+        device: torch.device,
+        policy: EvictionPolicy,
+        stats: Stats,
+        async_loads: bool = False,
+        layers: Sequence[int] | None = None,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError("an expert cache needs at least one slot")
+        self.store = store
+        self.device = device
+        self.policy = policy
+        policy.attach(num_slots, layers)  # layers: the MoE layers in decode order, for layer-aware policies
+        self.stats = stats
+        self.num_slots = num_slots
+        self.mover = make_mover(store, num_slots, slot_layout, device)
+        self.slot_nbytes = self.mover.slot_nbytes
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._slot_of: dict[Hashable, int] = {}
+        self._experts: dict[int, Expert] = {}  # slot -> its expert, bound to the slot's bytes
+        self._pins: dict[Hashable, int] = {}
+        self._inflight: dict[Hashable, Future] = {}  # key -> its load, until a wait() sees it done
+        self._prefetched: set[Hashable] = set()       # resident (or loading) by prefetch, not yet demanded
+        self.evict_wait_s = 0.0                       # time spent waiting for a victim's load to land
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="offload-loader") if async_loads else None
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def resident(self) -> set[Hashable]:
+        return set(self._slot_of)
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of device memory the slots occupy: fixed by the budget, never exceeded."""
+        return self.mover.slots.numel()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._slot_of
+
+    @property
+    def prefetched(self) -> int:
+        """Experts prefetched and not yet used (they count against the prefetch budget)."""
+        return len(self._prefetched)
+
+    def can_acquire(self, key: Hashable) -> bool:
+        """True when acquiring ``key`` now would not need to evict a pinned expert."""
+        return key in self._slot_of or bool(self._free) or any(self._evictable(k) for k in self._slot_of)
+
+    def _evictable(self, key: Hashable) -> bool:
+        return key not in self._pins
+
+    # -- use -------------------------------------------------------------------------------
+    def step(self, layer: int, needed: Iterable[int]) -> LayerStep:
+        """One MoE layer step over the experts ``needed``: pins what fits now and queues their loads."""
+        return LayerStep(self, layer, needed)
+
+    def predicted(self, layer: int, probs) -> None:
+        """The predictor's probabilities ([num_experts]) that ``layer``'s next step uses each expert."""
+        self.policy.on_scores(layer, probs)
+
+    def acquire(self, key: Key) -> Expert:
+        """Pin ``key`` (loading it on a miss) and return the expert bound to its slot."""
+        self.reserve(key)
+        return self.wait(key)
+
+    def reserve(self, key: Key) -> None:
+        """Pin ``key`` and count the access; on a miss take a slot and queue the load (async) or load it."""
+        layer_stats = self.stats.layer(key[0])
+        if key in self._slot_of:
+            layer_stats.hits += 1
+            self.policy.on_access(key, hit=True)
+            if key in self._prefetched:
+                self._prefetched.discard(key)
+                layer_stats.prefetch_used += 1
+        else:
+            layer_stats.misses += 1
+            start = time.perf_counter()
+            self._insert(key, self._take_slot(incoming=key), layer_stats)
+            if self._loader is None:  # a synchronous load is a stall by definition
+                layer_stats.stalls += 1
+                layer_stats.stall_time_s += time.perf_counter() - start
+            self.policy.on_access(key, hit=False)
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def wait(self, key: Key) -> Expert:
+        """A reserved expert, once its bytes are in the slot (a stall if they are not yet)."""
+        load = self._inflight.pop(key, None)
+        if load is not None:
+            if not load.done():
+                start = time.perf_counter()
+                layer_stats = self.stats.layer(key[0])
+                layer_stats.stalls += 1
+                load.result()
+                layer_stats.stall_time_s += time.perf_counter() - start
+            load.result()  # re-raises a failed load here, on the caller's thread
+        slot = self._slot_of[key]
+        self.mover.ready(slot)
+        return self._experts[slot]
+
+    def prefetch(self, key: Key, protect: Iterable[Hashable] = ()) -> bool:
+        """Start loading ``key`` ahead of use into a free slot or by evicting one not in ``protect``.
+
+        Returns False (and does nothing) when ``key`` is already resident or no slot can be had.
+        The policy sees the insertion; the access is counted when ``reserve`` demands it.
+        """
+        if key in self._slot_of:
+            return False
+        if not self._free:
+            protected = set(protect)
+            if not any(self._evictable(k) and k not in protected for k in self._slot_of):
+                return False
+        else:
+            protected = set()
+        layer_stats = self.stats.layer(key[0])
+        self._insert(key, self._take_slot(protected, incoming=key), layer_stats)
+        self._prefetched.add(key)
+        layer_stats.prefetch_issued += 1
+        return True
+
+    def expire_prefetches(self, layer: int, used: Iterable[int]) -> None:
+        """``layer`` routed to ``used``: its other prefetched experts were wasted; evict them first."""
+        used = set(used)
+        for key in sorted(k for k in self._prefetched if k[0] == layer and k[1] not in used):  # (a set's order
+            # would make the demotion order, and so the victims of recency policies, arbitrary)
+            self._prefetched.discard(key)
+            self.stats.layer(layer).prefetch_wasted += 1
+            self.policy.on_demote(key)
+
+    def _insert(self, key: Key, slot: int, layer_stats) -> None:
+        self._slot_of[key] = slot
+        self.policy.on_insert(key)
+        if self._loader is None:
+            self._load(key, slot, layer_stats)
+        else:
+            self._inflight[key] = self._loader.submit(self._load, key, slot, layer_stats)
+
+    def release(self, key: Hashable) -> None:
+        """The layer is done with ``key``: it may be evicted again."""
+        count = self._pins[key] - 1
+        if count:
+            self._pins[key] = count
+        else:
+            del self._pins[key]
+        self.mover.released(self._slot_of[key])
+
+    def clear(self) -> None:
+        """Drop every unpinned resident expert (counts in stats stay)."""
+        self.drain()
+        for key in [k for k in self._slot_of if k not in self._pins]:
+            self._free.append(self._evict(key))
+
+    def drain(self) -> None:
+        """Wait for every queued load (e.g. before timing stops, or before the cache goes away)."""
+        for load in list(self._inflight.values()):
+            load.result()
+
+    def close(self) -> None:
+        """Stop the loader thread (after its queued loads)."""
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+            self._loader = None
+
+    # -- internals -------------------------------------------------------------------------
+    def _take_slot(self, protect: set[Hashable] = frozenset(), incoming: Hashable | None = None) -> int:
+        if self._free:
+            return self._free.pop()
+        candidates = [k for k in self._slot_of if self._evictable(k) and k not in protect]
+        if not candidates:
+            raise RuntimeError("every cache slot is pinned; release experts before acquiring more")
+        victim = self.policy.victim(candidates, incoming)
+        self.stats.layer(victim[0]).evictions += 1
+        return self._evict(victim)
+
+    def _evict(self, key: Hashable) -> int:
+        load = self._inflight.pop(key, None)
+        if load is not None and not load.done() and not load.cancel():
+            # Victims are chosen as if every load were instant, so counts never depend on timing;
+            # a victim still queued (a prefetch nobody used) is cancelled, one already loading is
+            # waited for before its slot is reused.
+            start = time.perf_counter()
+            load.result()
+            waited = time.perf_counter() - start
+            self.stats.layer(key[0]).stall_time_s += waited
+            self.evict_wait_s += waited
+        slot = self._slot_of.pop(key)
+        self.policy.on_evict(key)
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats.layer(key[0]).prefetch_wasted += 1
+        return slot
+
+    def _load(self, key: Key, slot: int, layer_stats) -> None:
+        start = time.perf_counter()
+        layout, nbytes = self.mover.load(key, slot)
+        self._experts[slot] = layout.bind(self.mover.slots[slot])  # made here, off the compute thread when async
+        layer_stats.bytes_loaded += nbytes
+        layer_stats.load_time_s += time.perf_counter() - start
+
+
+class LayerStep:
+    """A layer step's experts, pinned together as far as the slots allow, handed out as they land.
+
+    Experts already resident come first (in the order given), then the missing ones, whose loads
+    queue at once (with async loads they overlap the compute of those already here). Every expert
+    the cache can give without evicting one in use is reserved up front; when the step needs more
+    experts than there are slots, each one handed back frees a slot for the next. Iterating yields
+    ``(expert, Expert)``; the previous expert is released when the next is asked for.
+    """
+
+    def __init__(self, cache: ExpertCache, layer: int, needed: Iterable[int]) -> None:
+        cache.policy.on_layer(layer)
+        needed = list(needed)
+        self.cache, self.layer = cache, layer
+        self._order = deque([e for e in needed if (layer, e) in cache] + [e for e in needed if (layer, e) not in cache])
+        self._held: deque[int] = deque()
+        self._reserve()
+
+    def _reserve(self) -> None:
+        while self._order and self.cache.can_acquire((self.layer, self._order[0])):
+            self._held.append(self._order.popleft())
+            self.cache.reserve((self.layer, self._held[-1]))
+
+    def __iter__(self) -> Iterator[tuple[int, Expert]]:
+        while self._held:
+            e = self._held.popleft()
+            yield e, self.cache.wait((self.layer, e))
+            self.cache.release((self.layer, e))
+            self._reserve()

@@ -1,0 +1,227 @@
+"""Attention variants behind a registry, and the pieces they share: RMSNorm, RoPE, masks.
+
+A family adapter names its attention (``Family.attention``); each variant declares the tensors it
+needs (names relative to the layer's ``self_attn.`` prefix, with shapes from the spec), so the
+checkpoint reader validates and loads exactly what the forward pass uses, from one list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from offload.model.kv import KVCache, KVPool
+from offload.model.rope import apply_rope, softmax_scale_factor
+from offload.registry import lookup
+from offload.spec import ModelSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back, as the reference implementations do."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def attention_masks(attention_mask: torch.Tensor, q_pos: torch.Tensor,
+                    windows: set[int | None]) -> dict[int | None, torch.Tensor]:
+    """Boolean masks [batch, 1, seq, total] per sliding window: key is real, not in the future, inside the window.
+
+    ``q_pos`` [batch or 1, seq] is where each query sits in storage. Each query may always see
+    itself, so rows of padding never become all-masked (NaN).
+    """
+    total = attention_mask.shape[1]
+    q = q_pos[:, None, :, None]                                       # [b, 1, seq, 1]
+    k_pos = torch.arange(total, device=attention_mask.device)
+    base = attention_mask[:, None, None, :].bool() & (k_pos <= q)
+    masks = {}
+    for window in windows:
+        allowed = base if window is None else base & (k_pos > q - window)
+        masks[window] = allowed | (k_pos == q)
+    return masks
+
+
+class Attention(Protocol):
+    """One layer's attention with its resident weights. x: [batch, seq, hidden] -> [batch, seq, hidden]."""
+
+    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 kv: KVCache | KVPool | None) -> torch.Tensor: ...
+
+
+CacheShapes = tuple[tuple[int, int], tuple[int, int]]  # (heads, dim) of what the cache stores as "k" and "v"
+
+
+def _sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
+                     scale: float, gqa: bool) -> torch.Tensor:
+    """Attention whose softmax also sees one learned logit per head (gpt-oss's sinks), dropped after it.
+
+    The sink is an extra key of zeros (so q.k = 0) whose additive mask is the sink logit and whose value
+    is zero: the fused kernel then computes exactly softmax([scores, sink])[:-1] @ v.
+    """
+    b, heads, t, _ = q.shape
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    bias = bias.expand(b, heads, t, mask.shape[-1])
+    sink = sinks.to(q.dtype).view(1, heads, 1, 1).expand(b, heads, t, 1)
+    zero_k = k.new_zeros((*k.shape[:2], 1, k.shape[-1]))
+    zero_v = v.new_zeros((*v.shape[:2], 1, v.shape[-1]))
+    return F.scaled_dot_product_attention(q, torch.cat((k, zero_k), 2), torch.cat((v, zero_v), 2),
+                                          attn_mask=torch.cat((bias, sink), -1), scale=scale, enable_gqa=gqa)
+
+
+class GroupedQueryAttention:
+    """Multi-head attention with shared key/value heads (GQA, Ainslie et al. 2023), RoPE, optional
+    q/k/v/o biases and q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE)."""
+
+    name: ClassVar[str] = "gqa"
+
+    @staticmethod
+    def rotary_dim(spec: ModelSpec) -> int:
+        return spec.rope.dim or spec.head_dim
+
+    @staticmethod
+    def cache_shapes(spec: ModelSpec) -> CacheShapes:
+        return (spec.num_kv_heads, spec.head_dim), (spec.num_kv_heads, spec.head_dim)
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        """Tensor names under the layer's ``self_attn.`` prefix, with their shapes."""
+        h, hd = spec.hidden_size, spec.head_dim
+        q_out, kv_out = spec.num_heads * hd, spec.num_kv_heads * hd
+        shapes = {"q_proj.weight": (q_out, h), "k_proj.weight": (kv_out, h), "v_proj.weight": (kv_out, h),
+                  "o_proj.weight": (h, q_out)}
+        if spec.qkv_bias:
+            shapes |= {"q_proj.bias": (q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)}
+        if spec.o_bias:
+            shapes["o_proj.bias"] = (h,)
+        if spec.qk_norm == "head":
+            shapes |= {"q_norm.weight": (hd,), "k_norm.weight": (hd,)}
+        elif spec.qk_norm == "full":
+            shapes |= {"q_norm.weight": (q_out,), "k_norm.weight": (kv_out,)}
+        if spec.attention_sinks:
+            shapes["sinks"] = (spec.num_heads,)
+        return shapes
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        self.spec = spec
+        get = weights.get
+        self.q, self.k, self.v, self.o = (weights[f"{n}_proj.weight"] for n in "qkvo")
+        self.q_bias, self.k_bias, self.v_bias, self.o_bias = (get(f"{n}_proj.bias") for n in "qkvo")
+        self.q_norm, self.k_norm = get("q_norm.weight"), get("k_norm.weight")
+        self.sinks = get("sinks")
+
+    def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = self.spec.rms_norm_eps
+        return rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
+
+    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 kv: KVCache | KVPool | None) -> torch.Tensor:
+        spec = self.spec
+        b, t, _ = x.shape
+        q, k, v = F.linear(x, self.q, self.q_bias), F.linear(x, self.k, self.k_bias), F.linear(x, self.v, self.v_bias)
+        if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
+            q, k = self._qk_norm(q, k)
+        q, k = q.view(b, t, -1, spec.head_dim), k.view(b, t, -1, spec.head_dim)
+        if spec.qk_norm == "head":  # Qwen3 normalises each head
+            q, k = self._qk_norm(q, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)          # [b, heads, t, head_dim]
+        v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin, spec.rope.interleave), apply_rope(k, cos, sin, spec.rope.interleave)
+        if kv is not None:
+            k, v = kv.update(layer, k, v)
+        gqa, scale = spec.num_kv_heads != spec.num_heads, spec.head_dim**-0.5
+        if self.sinks is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:
+            out = _sdpa_with_sinks(q, k, v, mask, self.sinks, scale, gqa)
+        return F.linear(out.transpose(1, 2).reshape(b, t, -1), self.o, self.o_bias)
+
+
+class MultiHeadLatentAttention:
+    """Multi-head Latent Attention (DeepSeek-V2, 2024): keys and values come from one compressed latent per
+    token (kv_lora_rank wide) plus one rotary key shared by all heads (qk_rope_head_dim wide), and that
+    pair is all the KV cache stores: 61 x (512 + 64) x 2 bytes = 70 KiB per token for DeepSeek-V3 in bf16,
+    where per-head keys and values would take 61 x 128 x (192 + 128) x 2 = 4.8 MiB. Queries optionally
+    go through a low-rank bottleneck too (q_lora_rank). The latents' norms use eps 1e-6, as transformers'
+    DeepSeek code does (not config.rms_norm_eps).
+    """
+
+    name: ClassVar[str] = "mla"
+    LATENT_EPS = 1e-6
+
+    @staticmethod
+    def rotary_dim(spec: ModelSpec) -> int:
+        return spec.qk_rope_head_dim
+
+    @staticmethod
+    def cache_shapes(spec: ModelSpec) -> CacheShapes:
+        return (1, spec.kv_lora_rank), (1, spec.qk_rope_head_dim)
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        h, heads, rank, rope = spec.hidden_size, spec.num_heads, spec.kv_lora_rank, spec.qk_rope_head_dim
+        qk = spec.qk_nope_head_dim + rope
+        if spec.q_lora_rank:
+            r = spec.q_lora_rank
+            shapes = {"q_a_proj.weight": (r, h), "q_a_layernorm.weight": (r,), "q_b_proj.weight": (heads * qk, r)}
+        else:
+            shapes = {"q_proj.weight": (heads * qk, h)}
+        shapes |= {"kv_a_proj_with_mqa.weight": (rank + rope, h), "kv_a_layernorm.weight": (rank,),
+                   "kv_b_proj.weight": (heads * (spec.qk_nope_head_dim + spec.v_head_dim), rank),
+                   "o_proj.weight": (h, heads * spec.v_head_dim)}
+        if spec.qkv_bias:  # attention_bias: the two down-projections and o_proj
+            shapes |= {"kv_a_proj_with_mqa.bias": (rank + rope,), "o_proj.bias": (h,)}
+            if spec.q_lora_rank:
+                shapes["q_a_proj.bias"] = (spec.q_lora_rank,)
+        return shapes
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        self.spec, self.w = spec, dict(weights)
+        self.scale = (spec.qk_nope_head_dim + spec.qk_rope_head_dim) ** -0.5 * softmax_scale_factor(spec.rope)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        if "q_proj.weight" in w:
+            return F.linear(x, w["q_proj.weight"])
+        latent = F.linear(x, w["q_a_proj.weight"], w.get("q_a_proj.bias"))
+        return F.linear(rms_norm(latent, w["q_a_layernorm.weight"], self.LATENT_EPS), w["q_b_proj.weight"])
+
+    def _latents(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores: the normed latent [b, 1, t, rank] and the rotated shared key [b, 1, t, rot]."""
+        spec, w = self.spec, self.w
+        b, t, _ = x.shape
+        rank, rot = spec.kv_lora_rank, spec.qk_rope_head_dim
+        compressed = F.linear(x, w["kv_a_proj_with_mqa.weight"], w.get("kv_a_proj_with_mqa.bias"))
+        latent, k_rot = compressed.split([rank, rot], -1)
+        latent = rms_norm(latent, w["kv_a_layernorm.weight"], self.LATENT_EPS).view(b, 1, t, rank)
+        return latent, apply_rope(k_rot.view(b, 1, t, rot), *rope, spec.rope.interleave)
+
+    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 kv: KVCache | KVPool | None) -> torch.Tensor:
+        spec, w = self.spec, self.w
+        b, t, _ = x.shape
+        nope, rot, heads = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.num_heads
+        q = self._queries(x).view(b, t, heads, nope + rot).transpose(1, 2)  # [b, heads, t, qk]
+        q_pass, q_rot = q.split([nope, rot], dim=-1)
+        q_rot = apply_rope(q_rot, *rope, spec.rope.interleave)
+        latent, k_rot = self._latents(x, rope)
+        if kv is not None:
+            latent, k_rot = kv.update(layer, latent, k_rot)  # [b, 1, T, rank], [b, 1, T, rot]
+        total = latent.shape[2]
+        kv_heads = F.linear(latent[:, 0], w["kv_b_proj.weight"]).view(b, total, heads, nope + spec.v_head_dim)
+        k_nope, v = kv_heads.transpose(1, 2).split([nope, spec.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(b, heads, total, rot)), dim=-1)
+        out = F.scaled_dot_product_attention(torch.cat((q_pass, q_rot), -1), k, v, attn_mask=mask, scale=self.scale)
+        return F.linear(out.transpose(1, 2).reshape(b, t, -1), w["o_proj.weight"], w.get("o_proj.bias"))
+
+
+
+ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (GroupedQueryAttention, MultiHeadLatentAttention)}
+
+
+def attention_class(name: str) -> type:
+    return lookup(ATTENTIONS, name, "attention")

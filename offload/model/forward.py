@@ -1,0 +1,215 @@
+"""The forward pass: embeddings, decoder layers made of the family's attention / router / activation
+pieces, and MoE blocks whose experts come from the expert cache. Dense weights stay resident;
+experts do not. Family differences live in ModelSpec and the pieces, not in branches here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from offload.checkpoint.families import Family
+from offload.experts.layouts import Activation, Expert, make_activation
+from offload.memory.cache import ExpertCache
+from offload.model.attention import Attention, attention_class, attention_masks, rms_norm
+from offload.model.kv import KVCache, KVPool
+from offload.model.rope import RotaryEmbedding
+from offload.model.routers import SoftmaxTopK, router_class
+from offload.spec import ModelSpec
+from offload.stats import Stats
+
+if TYPE_CHECKING:
+    from offload.hw.costmodel import HostCompute
+    from offload.memory.prefetch import Prefetcher
+
+# Called after each MoE layer routes: (layer, expert ids [tokens, k], weights [tokens, k]).
+RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class DecoderLayer:
+    """One decoder layer's resident pieces: norms, attention, and a router (MoE) or a dense MLP."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attention: Attention
+    router: SoftmaxTopK | None = None            # MoE layers
+    dense_mlp: Expert | None = None         # dense layers (mlp_only_layers, sparse step)
+    shared_mlp: Expert | None = None        # shared experts (Qwen2-MoE, DeepSeek, GLM) ...
+    shared_gate: torch.Tensor | None = None      # ... and, for Qwen2-MoE, their sigmoid gate [1, hidden]
+
+
+def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
+    gate, up, down = group.values()  # gate, up, down in the order families.py lists them
+    return Expert.dense(gate, up, down)
+
+
+def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str], torch.Tensor]) -> DecoderLayer:
+    """Layer ``layer``'s pieces from its tensors, named once in ``Family.layer_tensors``."""
+    groups = {piece: {name: get(name) for name in shapes}
+              for piece, shapes in family.layer_tensors(spec, layer).items()}
+    prefix = f"model.layers.{layer}"
+
+    def relative(piece: str, to: str) -> dict[str, torch.Tensor]:
+        return {name.removeprefix(f"{prefix}.{to}."): t for name, t in groups[piece].items()}  # names under ``to``
+
+    out = DecoderLayer(
+        input_norm=next(iter(groups["input_norm"].values())), post_norm=next(iter(groups["post_norm"].values())),
+        attention=attention_class(family.attention)(spec, relative("attention", "self_attn")))
+    if "router" in groups:
+        router = f"{family.moe_prefix}.{family.router_module}"
+        out.router = router_class(family.router)(spec, relative("router", router))
+    if "dense_mlp" in groups:
+        out.dense_mlp = _mlp(groups["dense_mlp"])
+    if "shared_mlp" in groups:
+        out.shared_mlp = _mlp(groups["shared_mlp"])
+    if "shared_gate" in groups:
+        out.shared_gate = next(iter(groups["shared_gate"].values()))
+    return out
+
+
+class MoEModel:
+    """A decoder-only MoE transformer whose experts are served by an ExpertCache."""
+
+    def __init__(self, spec: ModelSpec, family: Family, embed: torch.Tensor, layers: list[DecoderLayer],
+                 final_norm: torch.Tensor, lm_head: torch.Tensor, cache: ExpertCache, stats: Stats) -> None:
+        self.spec = spec
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.cache = cache
+        self.stats = stats
+        self.activation: Activation = make_activation(family.activation, spec)
+        self.route_observers: list[RouteObserver] = []
+        self.prefetcher: Prefetcher | None = None  # set by from_pretrained when a predictor is chosen
+        self.host_compute: HostCompute | None = None  # set by from_pretrained with --hybrid auto|always
+        self.device = embed.device
+        self.dtype = embed.dtype
+        attention = attention_class(family.attention)
+        self.rope = RotaryEmbedding(spec.rope, attention.rotary_dim(spec), self.dtype, self.device)
+        self.kv_shapes = [attention.cache_shapes(spec)] * spec.num_layers  # what a KV cache stores per layer
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Model layer index of each MoE layer, in order."""
+        return [i for i, moe in enumerate(self.spec.moe_layers) if moe]
+
+    # -- the MoE block ---------------------------------------------------------------------
+    def _moe(self, layer: int, lw: DecoderLayer, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Route tokens, run each needed expert once over its tokens, then sum each token's top-k.
+
+        Each weighted expert output lands in its own cell of a [tokens, top_k, hidden] buffer (in
+        the promoted dtype, float32 for float32 routing weights) and the top-k are summed in slot
+        order, as transformers' grouped experts path does. The result is therefore bit-identical
+        whatever order the cache delivers experts in, i.e. for every budget, policy and predictor.
+        """
+        experts, weights = lw.router(x)  # [tokens, k]
+        for observer in self.route_observers:
+            observer(layer, experts, weights)
+        needed = experts.unique(sorted=True).tolist()
+        buf = x.new_empty((*experts.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype))
+        self._run_experts(layer, needed, experts, weights, x, buf, residual)
+        result = buf.sum(dim=1).to(x.dtype)
+        if lw.shared_mlp is not None:
+            shared = self.activation(lw.shared_mlp, x)
+            gate = torch.sigmoid(F.linear(x, lw.shared_gate)) if lw.shared_gate is not None else 1.0
+            result = result + gate * shared
+        return result
+
+    def _run_experts(self, layer: int, needed: list[int], experts: torch.Tensor, weights: torch.Tensor,
+                     x: torch.Tensor, buf: torch.Tensor, residual: torch.Tensor) -> None:
+        """Resident experts first while missing ones load; each writes its tokens' cells of ``buf``."""
+        distinct = len(needed)
+        if self.host_compute is not None:
+            misses = [e for e in needed if (layer, e) not in self.cache]
+            on_host = set(misses) - set(self._host_misses(layer, misses, experts, weights, x, buf))
+            needed = [e for e in needed if e not in on_host]
+        step = self.cache.step(layer, needed)  # pins every expert that fits and queues the missing ones' loads
+        if self.prefetcher is not None:
+            self.prefetcher.after_route(layer, experts, residual)
+        layer_stats = self.stats.layer(layer)
+        layer_stats.steps += 1
+        layer_stats.distinct_experts += distinct
+        for e, expert in step:
+            start = time.perf_counter()
+            rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
+            buf[rows, slot] = self.activation(expert, x[rows]) * weights[rows, slot, None]
+            layer_stats.compute_time_s += time.perf_counter() - start
+
+    def _host_misses(self, layer: int, misses: list[int], experts: torch.Tensor, weights: torch.Tensor,
+                     x: torch.Tensor, buf: torch.Tensor) -> list[int]:
+        """Compute the misses the cost model sends to the CPU from their host copies; return the rest (to fetch).
+
+        Each writes its own cells of ``buf``, so the sum stays in expert order whichever way an expert ran.
+        """
+        fetch = []
+        for e in misses:
+            rows, slot = torch.where(experts == e)
+            if self.host_compute.wants(len(rows)):
+                out = self.host_compute.run((layer, e), x[rows], self.activation)
+                buf[rows, slot] = out * weights[rows, slot, None]
+            else:
+                fetch.append(e)
+        return fetch
+
+    def _mlp(self, layer: int, lw: DecoderLayer, x: torch.Tensor, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # x: [batch, seq, hidden] (normed), h: the residual stream; valid: [batch, seq]
+        # (padding never routes, so never loads experts)
+        if lw.dense_mlp is not None:
+            return self.activation(lw.dense_mlp, x)
+        flat, residual = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        mask = valid.reshape(-1)
+        if bool(mask.all()):
+            return self._moe(layer, lw, flat, residual).view_as(x)
+        out = torch.zeros_like(flat)
+        out[mask] = self._moe(layer, lw, flat[mask], residual[mask])
+        return out.view_as(x)
+
+    # -- whole model -----------------------------------------------------------------------
+    def _begin_prefetch(self, valid: torch.Tensor, kv: KVCache | KVPool | None) -> None:
+        if self.prefetcher is None:
+            return
+        if kv is None:
+            self.prefetcher.begin_step(valid, torch.arange(len(valid)), torch.ones(len(valid), dtype=torch.bool))
+        else:
+            self.prefetcher.begin_step(valid, kv.slots(), kv.fresh())
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        kv: KVCache | KVPool | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids, position_ids: [batch, seq]; attention_mask: [batch, past + seq] -> logits [batch, seq|1, vocab].
+
+        With a KVPool, ``attention_mask`` covers each row's stored tokens plus this step's (kv.attention_mask()).
+        """
+        spec = self.spec
+        seq = input_ids.shape[1]
+        h = F.embedding(input_ids, self.embed)
+        rope = self.rope(position_ids)
+        q_pos = kv.storage_positions(seq) if kv is not None else torch.arange(seq, device=h.device)[None]
+        masks = attention_masks(attention_mask, q_pos, set(spec.sliding_windows))
+        valid = kv.valid(attention_mask, seq) if kv is not None else attention_mask[:, -seq:].bool()
+        self._begin_prefetch(valid, kv)
+        for i, lw in enumerate(self.layers):
+            x = rms_norm(h, lw.input_norm, spec.rms_norm_eps)
+            h = h + lw.attention(i, x, rope, masks[spec.sliding_windows[i]], kv)
+            x = rms_norm(h, lw.post_norm, spec.rms_norm_eps)
+            h = h + self._mlp(i, lw, x, h, valid)
+        if self.prefetcher is not None:
+            self.prefetcher.end_step()
+        if kv is not None:
+            kv.advance(seq)
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head)

@@ -1,0 +1,148 @@
+"""MoE routers behind a registry: token hidden states -> top-k experts and their weights.
+
+A family adapter names its router (``Family.router``). Each router declares its tensors (names
+relative to the router module, e.g. ``mlp.gate.``), routes tokens exactly as the family's
+transformers code does, and ranks experts for the pre-gating predictor by its own selection rule
+(``selection_scores``), so a prediction picks what the layer would pick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from offload.registry import lookup
+from offload.spec import ModelSpec
+
+
+class SoftmaxTopK:
+    """Softmax over the router logits in float32, top-k, optionally renormalised over the k (norm_topk_prob).
+
+    The weights stay float32 when the family keeps them so (Mixtral), else are cast back to the
+    compute dtype, exactly as transformers does for each family.
+    """
+
+    name: ClassVar[str] = "softmax-topk"
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        return {"weight": (spec.num_experts, spec.hidden_size)}
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        self.weight = weights["weight"]  # [experts, hidden]
+        self.bias = weights.get("bias")
+        self.top_k = spec.top_k
+        self.normalize = spec.norm_topk_prob
+        self.fp32_weights = spec.router_fp32_weights
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [tokens, hidden] -> experts [tokens, k] (best first), weights [tokens, k]."""
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.fp32_weights:
+            weights = weights.to(logits.dtype)
+        return experts, weights
+
+    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
+        """[tokens, experts] router logits -> scores whose order is the routing's (softmax keeps it)."""
+        return logits
+
+
+class TopKSoftmax(SoftmaxTopK):
+    """gpt-oss: logits with a bias, the top-k of them, then a softmax over the k selected (compute dtype)."""
+
+    name: ClassVar[str] = "topk-softmax"
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        return {"weight": (spec.num_experts, spec.hidden_size), "bias": (spec.num_experts,)}
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, experts = torch.topk(F.linear(x, self.weight, self.bias), self.top_k, dim=-1)
+        return experts, torch.softmax(top, dim=-1, dtype=top.dtype)
+
+    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
+        return logits + self.bias.float().numpy(force=True)
+
+
+class SigmoidGroups(SoftmaxTopK):
+    """DeepSeek-V3 / GLM-4.5 ("noaux_tc"): sigmoid scores in float32; the correction bias is added for the
+    choice only; experts are picked from the ``topk_group`` groups (of ``n_group``) whose top-2 biased
+    scores sum highest; weights are the unbiased scores, renormalised (norm_topk_prob) and scaled by
+    ``routed_scaling_factor``."""
+
+    name: ClassVar[str] = "sigmoid-groups"
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        return {"weight": (spec.num_experts, spec.hidden_size), "e_score_correction_bias": (spec.num_experts,)}
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, weights)
+        self.bias = weights["e_score_correction_bias"].float()
+        self.groups, self.topk_group, self.scale = spec.n_group, spec.topk_group, spec.routed_scaling_factor
+
+    def _choice(self, scores: torch.Tensor) -> torch.Tensor:
+        """Biased scores with the experts outside the best groups at -inf. scores: [tokens, experts] float32."""
+        choice = scores + self.bias
+        if self.groups == 1:
+            return choice
+        per_group = choice.view(len(choice), self.groups, -1)
+        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)  # [tokens, groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+        return per_group.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        experts = torch.topk(self._choice(scores), self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return experts, weights * self.scale
+
+    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
+        return self._choice(torch.sigmoid(torch.from_numpy(logits).float())).numpy()
+
+
+class SoftmaxGroups(SoftmaxTopK):
+    """DeepSeek-V2: softmax over all experts in float32, top-k (greedy; "group_limited_greedy" first keeps the
+    ``topk_group`` groups with the highest single score), weights times ``routed_scaling_factor``, no
+    renormalisation (transformers' DeepSeek-V2 never renormalises)."""
+
+    name: ClassVar[str] = "softmax-groups"
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, weights)
+        self.groups, self.topk_group, self.scale = spec.n_group, spec.topk_group, spec.routed_scaling_factor
+
+    def _choice(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return scores
+        per_group = scores.view(len(scores), self.groups, -1)
+        keep = torch.zeros(per_group.shape[:2], dtype=torch.bool, device=scores.device)
+        keep.scatter_(1, per_group.amax(-1).topk(self.topk_group, dim=-1).indices, True)
+        return per_group.masked_fill(~keep[..., None], 0.0).view_as(scores)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
+        weights, experts = torch.topk(self._choice(scores), self.top_k, dim=-1)
+        return experts, weights * self.scale
+
+    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
+        return self._choice(torch.softmax(torch.from_numpy(logits).float(), dim=-1)).numpy()
+
+
+ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups,
+                                                                    SoftmaxGroups)}
+
+
+def router_class(name: str) -> type[SoftmaxTopK]:
+    return lookup(ROUTERS, name, "router")

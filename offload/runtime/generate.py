@@ -1,0 +1,124 @@
+"""generate(): prefill, decode loop and stopping, in the transformers habit; tokens are chosen by sampling.sample()."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol, TextIO
+
+import torch
+
+from offload.errors import ConfigError
+from offload.model.forward import MoEModel
+from offload.model.kv import KVCache
+from offload.runtime.sampling import SamplingConfig, sample
+
+
+class Streamer(Protocol):
+    """transformers' streamer protocol: put() gets the prompt first, then each new token batch."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class TextStreamer:
+    """Writes decoded text as tokens arrive (batch 1), holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer, out: TextIO | None = None, skip_prompt: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self._out = out
+        self.skip_prompt = skip_prompt
+        self._prompt_seen = False
+        self._ids: list[int] = []
+        self._printed = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value.reshape(-1).tolist()
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            if self.skip_prompt:
+                return
+        self._ids.extend(ids)
+        self._flush(final=False)
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout  # looked up late, so redirected stdout (tests, pipes) is honoured
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return  # a multi-byte character is split across tokens: wait for the rest
+        self.out.write(text[self._printed :])
+        self.out.flush()
+        self._printed = len(text)
+
+    def end(self) -> None:
+        self._flush(final=True)
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and mask as long tensors on ``device``, or a one-line error."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ConfigError("input_ids must be a [batch, length] tensor with at least one token", "pass a 2-D LongTensor")
+    ids = input_ids.to(device=device, dtype=torch.long)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+    if mask.shape != ids.shape:
+        raise ConfigError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}",
+                          "pass one mask entry per token")
+    return ids, mask
+
+
+def _record_time(stats, first: bool, tokens: int, elapsed: float) -> None:
+    """The first forward of a generate() call is prefill, the rest decode."""
+    if first:
+        stats.prefill_tokens += tokens
+        stats.prefill_time_s += elapsed
+    else:
+        stats.decode_tokens += tokens
+        stats.decode_time_s += elapsed
+
+
+@torch.inference_mode()
+def generate(
+    model: MoEModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    sampling: SamplingConfig | None = None,
+    streamer: Streamer | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Greedy or sampled continuation of a left-padded batch; returns [batch, prompt + new] ids."""
+    sampling = sampling or SamplingConfig()
+    device = model.device
+    ids, mask = _check_inputs(input_ids, attention_mask, device)
+    generator = generator or sampling.make_generator(device)
+    eos = torch.tensor(sampling.eos_token_ids, device=device)
+    batch, prompt_len = ids.shape
+    kv = KVCache(model.spec, batch, prompt_len + sampling.max_new_tokens, model.dtype, device, model.kv_shapes)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    step_ids, step_pos = ids, position
+    for step in range(sampling.max_new_tokens):
+        start = time.perf_counter()
+        logits = model.forward(step_ids, mask, step_pos, kv, last_only=True)[:, -1]
+        next_ids = sample(logits, sampling, generator).masked_fill(finished, sampling.pad)
+        _record_time(model.stats, step == 0, int(mask.sum()) if step == 0 else batch, time.perf_counter() - start)
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(next_ids.cpu())
+        finished |= torch.isin(next_ids, eos)
+        if bool(finished.all()):
+            break
+        step_ids = next_ids[:, None]
+        step_pos = (mask.sum(-1, keepdim=True) - 1)
+    if streamer is not None:
+        streamer.end()
+    return ids

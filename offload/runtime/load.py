@@ -1,0 +1,288 @@
+"""from_pretrained(): checkpoint -> validated plan -> resident dense weights + expert cache -> OffloadModel.
+
+The path of one token: the CLI (cli/main.py) or the caller builds a RuntimeConfig and calls
+``from_pretrained``; ``OffloadModel.generate`` (generate.py) runs prefill and decode steps of
+``MoEModel.forward`` (model.py); each MoE layer routes, asks the ExpertCache (cache.py) for its
+experts, whose mover (transfer.py) brings misses in from the disk or RAM tier, and runs each
+expert's layout-bound forward (experts.py); sampling.sample() picks the next token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from offload.checkpoint import plan as ckpt
+from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
+from offload.errors import CheckpointError, ConfigError, DeviceError, OffloadError
+from offload.experts.layouts import ExpertLayout, host_layout
+from offload.hw.machine import gpu_memories, host_memory
+from offload.memory.budget import resolve_expert_budget
+from offload.memory.cache import ExpertCache
+from offload.memory.policies import make_policy
+from offload.memory.transfer import DirectReader, DiskExpertStore, ExpertStore, RamExpertStore, slot_nbytes
+from offload.model.forward import MoEModel, build_layer
+from offload.runtime.batch import BatchConfig, Completion
+from offload.runtime.generate import generate as _generate
+from offload.runtime.sampling import SamplingConfig
+from offload.spec import RuntimeConfig, parse_budget, parse_prefetch_budget
+from offload.stats import Stats
+
+log = logging.getLogger(__name__)
+
+# progress(stage, done, total): stage is "dense" or "experts"
+ProgressFn = Callable[[str, int, int], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} was asked for but CUDA is not available here",
+                          "use --device cpu (or auto), or install a CUDA build of torch")
+    return torch.device(name)
+
+
+class _TensorLoader:
+    """Loads tensors through safetensors' memory map, one open handle per file; a quantized resident
+    projection (GPTQ attention) is dequantized to float32 here, once."""
+
+    def __init__(self) -> None:
+        self._handles: dict[Path, object] = {}
+
+    def __call__(self, info: ckpt.TensorInfo | ckpt.QuantizedTensor) -> torch.Tensor:
+        if isinstance(info, ckpt.QuantizedTensor):
+            parts = {suffix: self(t) for suffix, t in info.parts.items()}
+            return info.fmt.dense_weight(parts, info.name.removesuffix(".weight"), *info.shape)
+        if info.path not in self._handles:
+            self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
+        try:
+            return self._handles[info.path].get_tensor(info.name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"cannot read tensor {info.name!r} from {info.path} ({e})",
+                                  "re-download the file") from None
+
+
+class OffloadModel:
+    """A loaded checkpoint: generate() in the transformers habit, plus tokenizer, stats and the cache."""
+
+    def __init__(self, plan: CheckpointPlan, model: MoEModel, runtime: RuntimeConfig, tokenizer,
+                 generation_config: dict) -> None:
+        self.plan = plan
+        self.spec = plan.spec
+        self.model = model
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+
+    @property
+    def stats(self) -> Stats:
+        return self.model.stats
+
+    @property
+    def cache(self) -> ExpertCache:
+        return self.model.cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a full forward pass (no KV cache): [batch, seq, vocab]."""
+        ids = input_ids.to(self.device)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device)
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return self.model.forward(ids, mask, position)
+
+    def sampling_config(self, sampling: SamplingConfig | None = None, **options: Any) -> SamplingConfig:
+        """``sampling`` (or generation_config.json's defaults) with transformers-named ``options`` on top.
+
+        Options: max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed;
+        None means "not given".
+        """
+        if sampling is None:
+            return SamplingConfig.from_generation_config(self.generation_config, self.spec.eos_token_ids,
+                                                         self.spec.pad_token_id, **options)
+        given = {("eos_token_ids" if k == "eos_token_id" else k): v for k, v in options.items() if v is not None}
+        return dataclasses.replace(sampling, **given)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 sampling: SamplingConfig | None = None, streamer=None, generator: torch.Generator | None = None,
+                 **options: Any) -> torch.Tensor:
+        """[batch, prompt] (left-padded) -> [batch, prompt + new]; see ``sampling_config`` for ``options``."""
+        return _generate(self.model, input_ids, attention_mask, self.sampling_config(sampling, **options),
+                         streamer=streamer, generator=generator)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Text -> [1, tokens] ids with the checkpoint's tokenizer."""
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.plan.path} has no tokenizer.json", "pass token ids to generate() instead of text")
+        ids = self.tokenizer.encode(text).ids
+        if not ids:
+            raise ConfigError("the prompt encodes to no tokens", "give a non-empty prompt")
+        return torch.tensor([ids], dtype=torch.long)
+
+    def batch_config(self, **options: Any) -> BatchConfig:
+        """BatchConfig from the runtime's scheduler, batch size and max wait, with ``options`` on top."""
+        defaults = {"batch_size": self.runtime.batch_size, "scheduler": self.runtime.scheduler,
+                    "max_wait": self.runtime.max_wait}
+        return BatchConfig(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None,
+                      generator: torch.Generator | None = None, on_finish: Callable | None = None,
+                      **options: Any) -> list[Completion]:
+        """Continuous batching over many prompts (texts or token ids); Completions in the prompts' order.
+
+        ``options`` are BatchConfig fields (batch_size, scheduler, max_wait, pool_size, prefill_chunk)
+        and sampling options. ``scheduler="expert-aware"`` picks each step's batch to need few distinct
+        experts; a request's tokens are the same under every scheduler, batch size and budget.
+        """
+        from offload.runtime.batch import generate_many
+
+        batch_names = {f.name for f in dataclasses.fields(BatchConfig)}
+        config = self.batch_config(**{k: v for k, v in options.items() if k in batch_names})
+        sampling = self.sampling_config(sampling, **{k: v for k, v in options.items() if k not in batch_names})
+        ids = [self.encode(p)[0].tolist() if isinstance(p, str) else list(p) for p in prompts]
+        out = generate_many(self.model, ids, config, sampling, generator=generator, on_finish=on_finish)
+        for c, p in zip(out, prompts, strict=True):
+            if isinstance(p, str):
+                c.prompt = p
+            if self.tokenizer is not None:
+                c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        return out
+
+    def generate_text(self, prompt: str, **options: Any) -> str:
+        """One line from text to text: the continuation of ``prompt`` (without the prompt)."""
+        ids = self.encode(prompt)
+        out = self.generate(ids, **options)
+        return self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+def _runtime_config(runtime: RuntimeConfig | None, overrides: dict[str, Any]) -> RuntimeConfig:
+    unknown = sorted(set(overrides) - set(RuntimeConfig.field_names()))
+    if unknown:
+        raise ConfigError(f"unknown runtime option {unknown[0]!r}",
+                          f"use one of: {', '.join(RuntimeConfig.field_names())}")
+    return dataclasses.replace(runtime or RuntimeConfig(), **overrides)
+
+
+def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = None, *,
+                    progress: ProgressFn | None = None, **overrides: Any) -> OffloadModel:
+    """Load a checkpoint with a bounded expert cache.
+
+    ``runtime`` (a RuntimeConfig) and ``overrides`` (its fields by name, e.g. ``expert_budget="25%"``,
+    ``offload_to="ram"``, ``policy="lfu"``, ``predictor="pregate"``) say how; every name and budget
+    is validated before any file is read. ``expert_budget``: slots across all layers (int), a share
+    of all experts ("25%") or a size ("6GiB"). ``offload_to``: where experts live when not cached
+    ("disk": read on demand from the safetensors files; "ram": packed in host memory). A predictor
+    loads its guesses for the next ``lookahead`` MoE layers in the background, holding at most
+    ``prefetch_budget`` slots; ``predictor_options`` go to it (``learned`` defaults to the checkpoint
+    folder's predictor.safetensors, as tiny-moe ships). Prefetching never changes the output tokens.
+    """
+    runtime = _runtime_config(runtime, overrides)
+    device = resolve_device(runtime.device)
+    plan = plan_checkpoint(name_or_path)
+    compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
+    slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
+    runtime = resolve_expert_budget(plan, runtime, slot_layout, compute_dtype, device)  # auto -> slots; fits?
+    loader, stats = _TensorLoader(), Stats()
+    host = host_layout(plan.expert_format, plan.spec, compute_dtype, device, runtime.quant_activations)
+    store = _make_store(plan, runtime, host, device, progress)
+    cache = _make_cache(plan, runtime, store, slot_layout, device, stats)
+    model = _build_model(plan, cache, stats, loader, compute_dtype, device, progress)
+    if runtime.predictor != "none":
+        model.prefetcher = _make_prefetcher(model, runtime, plan.path)
+    if runtime.hybrid != "off":
+        model.host_compute = _make_host_compute(plan, runtime, store, compute_dtype, device, stats)
+    tokenizer = _load_tokenizer(plan.path)
+    generation_config = ckpt.read_json_if_present(plan.path / "generation_config.json")
+    log.info("loaded %s: %d of %d experts fit the cache (%s tier, %s)", plan.path, cache.num_slots,
+             plan.spec.total_experts, runtime.offload_to, runtime.policy)
+    return OffloadModel(plan, model, runtime, tokenizer, generation_config)
+
+
+def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, host: ExpertLayout, device: torch.device,
+                progress: ProgressFn | None) -> ExpertStore:
+    """The slow tier: the checkpoint on disk, or every expert read once into RAM in the ``host`` layout."""
+    disk = DiskExpertStore(plan.experts, DirectReader(), plan.source_layout)
+    if runtime.offload_to == "disk":
+        return disk
+    _check_ram_fits(plan, host.nbytes)
+    report = (lambda d, t: progress("experts", d, t)) if progress else None
+    return RamExpertStore(disk, list(plan.experts), host, pin=device.type == "cuda", progress=report)
+
+
+def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, slot_layout: ExpertLayout,
+                device: torch.device, stats: Stats) -> ExpertCache:
+    spec = plan.spec
+    num_slots = parse_budget(runtime.expert_budget, spec.total_experts, slot_nbytes(store, slot_layout, device))
+    layers = [i for i, moe in enumerate(spec.moe_layers) if moe]  # decode's layer cycle, for layer-aware policies
+    return ExpertCache(store, num_slots, slot_layout, device, make_policy(runtime.policy), stats,
+                       async_loads=runtime.predictor != "none", layers=layers)
+
+
+def _build_model(plan: CheckpointPlan, cache: ExpertCache, stats: Stats, loader: _TensorLoader, dtype: torch.dtype,
+                 device: torch.device, progress: ProgressFn | None) -> MoEModel:
+    """Load every resident tensor once, in the compute dtype on the device, and assemble the layers."""
+    dense: dict[str, torch.Tensor] = {}
+    for n, (name, info) in enumerate(plan.dense.items()):
+        dense[name] = loader(info).to(device=device, dtype=dtype)
+        if progress:
+            progress("dense", n + 1, len(plan.dense))
+    spec, family = plan.spec, plan.family
+    layers = [build_layer(spec, family, i, dense.__getitem__) for i in range(spec.num_layers)]
+    embed = dense["model.embed_tokens.weight"]
+    return MoEModel(spec, family, embed, layers, dense["model.norm.weight"], dense.get("lm_head.weight", embed),
+                    cache, stats)
+
+
+def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, folder: Path):
+    """The runtime's predictor, built through its registry entry's from_model hook, and its prefetcher."""
+    from offload.memory.prefetch import PrefetchConfig, Prefetcher
+    from predictors import PREDICTORS, MoEShape
+
+    spec = model.spec
+    shape = MoEShape(spec.num_moe_layers, spec.num_experts, spec.top_k)
+    options = dict(runtime.predictor_options or {})
+    predictor = PREDICTORS[runtime.predictor.lower()].from_model(model, shape, folder, **options)
+    slots = parse_prefetch_budget(runtime.prefetch_budget, model.cache.num_slots)
+    return Prefetcher(predictor, model.cache, model.stats, model.moe_layers, PrefetchConfig(runtime.lookahead, slots))
+
+
+def _make_host_compute(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, dtype: torch.dtype,
+                       device: torch.device, stats: Stats):
+    """The hybrid CPU branch: the cost model (this machine's `offload bench-hw` calibration) over the host copy."""
+    from offload.hw.calibration import Calibration
+    from offload.hw.costmodel import ExpertCostModel, HostCompute
+
+    costs = ExpertCostModel.from_plan(plan, Calibration.load(), device.type, runtime.offload_to, dtype,
+                                      runtime.quant_activations)
+    return HostCompute(store, costs, runtime.hybrid, stats.hybrid)
+
+
+def _load_tokenizer(path: Path):
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions for bad files
+        raise CheckpointError(f"{path / 'tokenizer.json'} cannot be read ({e})", "re-download it") from None
+
+
+def _check_ram_fits(plan: CheckpointPlan, expert_nbytes: int) -> None:
+    need = plan.spec.total_experts * expert_nbytes
+    have = host_memory().available
+    if need > have:
+        raise OffloadError(f"--offload-to ram needs {need / 2**30:.1f} GiB for the experts but "
+                           f"{have / 2**30:.1f} GiB is free", "use --offload-to disk")
+
+
+__all__ = ["OffloadModel", "from_pretrained", "plan_checkpoint", "resolve_device", "gpu_memories", "host_memory"]

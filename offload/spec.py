@@ -1,0 +1,314 @@
+"""Frozen configuration objects: what the checkpoint is (ModelSpec) and how to run it (RuntimeConfig).
+
+Both validate themselves in ``__post_init__``: a RuntimeConfig with a bad name or budget fails
+before any weight is read, and a ModelSpec whose fields contradict each other fails at load with
+the config.json field named. (SamplingConfig, how tokens are chosen, lives with sample() in
+sampling.py; BatchConfig with the batching engine in batch.py.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from offload.errors import BudgetError, CheckpointError, ConfigError, PolicyError, UnsupportedModelError
+from offload.registry import check_name
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}
+OFFLOAD_TIERS = {"disk": "disk", "ram": "ram"}
+QK_NORMS = ("none", "head", "full")
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None or 'auto' -> None (checkpoint's)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value.lower() == "auto":
+        return None
+    if value.lower() not in DTYPES:
+        raise ConfigError(f"unknown dtype {value!r}", "use one of: auto, float32, bfloat16, float16")
+    return DTYPES[value.lower()]
+
+
+# Config.json spellings of the spec's fields, for errors a user can find in the file.
+_CONFIG_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "num_kv_heads": "num_key_value_heads", "num_experts": "num_local_experts / num_experts",
+                 "top_k": "num_experts_per_tok", "expert_intermediate_size": "moe_intermediate_size",
+                 "dense_intermediate_size": "intermediate_size"}
+
+
+def _field(name: str) -> str:
+    return _CONFIG_NAMES.get(name, name)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary position embedding as config.json describes it (default, linear or YaRN scaling)."""
+
+    theta: float = 10000.0
+    dim: int = 0                    # rotated dims per head (0: all of head_dim); partial rotary and MLA rotate fewer
+    kind: str = "default"           # "default" | "linear" | "yarn"
+    factor: float = 1.0             # linear / YaRN scaling factor
+    original_max_positions: int = 0  # YaRN: the pretraining context
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0             # YaRN (DeepSeek): attention factor = mscale(factor, mscale) / mscale(..., all_dim)
+    mscale_all_dim: float = 0.0
+    attention_factor: float = 0.0   # YaRN: explicit cos/sin scale (0: derived from factor and mscales)
+    truncate: bool = True           # YaRN: round the correction range to whole dims
+    interleave: bool = False        # rotate (x0, x1), (x2, x3) pairs (DeepSeek) instead of the two halves
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "linear", "yarn"):
+            raise UnsupportedModelError(f"rope type {self.kind!r} is not supported yet",
+                                        "offload supports default, linear and yarn RoPE")
+        if self.theta <= 0 or self.factor <= 0 or self.dim < 0 or self.dim % 2:
+            raise CheckpointError(f"config.json: rope_theta={self.theta}, factor={self.factor} and the rotary dim "
+                                  f"{self.dim} must be positive (and the dim even)", "fix config.json")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the forward pass needs to know about a checkpoint, read from config.json."""
+
+    family: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    dense_intermediate_size: int          # for layers that are dense MLPs (mlp_only_layers, sparse step)
+    shared_expert_intermediate_size: int  # 0 when the family has no shared expert
+    moe_layers: tuple[bool, ...]          # per layer: MoE block (True) or dense MLP (False)
+    sliding_windows: tuple[int | None, ...]
+    norm_topk_prob: bool
+    rms_norm_eps: float
+    rope: RopeSpec
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: str                           # "none" | "head" (Qwen3: per head) | "full" (OLMoE: whole projection)
+    checkpoint_dtype: torch.dtype
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    router_fp32_weights: bool = False      # routing weights stay float32 (Mixtral) or follow the compute dtype
+    mlp_only_layers: tuple[int, ...] = ()  # as config.json lists them (checked against num_layers)
+    # routers with groups and a scale (DeepSeek-V3, GLM-4.5): experts in n_group groups, the best topk_group kept
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False              # gpt-oss: the router has a bias
+    # experts: biases on every projection and a clamped SwiGLU (gpt-oss)
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0              # 0: no clamp
+    swiglu_alpha: float = 1.702
+    attention_sinks: bool = False          # gpt-oss: a learned per-head logit beside every row of scores
+    # Multi-head Latent Attention (DeepSeek-V2/V3): ranks of the compressed q and kv, per-head dims
+    q_lora_rank: int = 0                   # 0: a plain q_proj
+    kv_lora_rank: int = 0                  # 0: not MLA
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "num_experts", "top_k", "expert_intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                self._fail(f"{_field(name)}={getattr(self, name)} must be > 0")
+        if self.num_heads % self.num_kv_heads:
+            self._fail(f"num_key_value_heads={self.num_kv_heads} does not divide num_attention_heads={self.num_heads}")
+        if self.top_k > self.num_experts:
+            self._fail(f"num_experts_per_tok={self.top_k} exceeds the {self.num_experts} experts per layer")
+        if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
+            self._fail(f"per-layer lists (layer_types, ...) have {len(self.sliding_windows)} entries for "
+                       f"num_hidden_layers={self.num_layers}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            self._fail(f"mlp_only_layers names layer {bad[0]}, outside 0..{self.num_layers - 1}")
+        if not any(self.moe_layers):
+            self._fail("no layer is a MoE layer (decoder_sparse_step / mlp_only_layers leave none)")
+        if not all(self.moe_layers) and self.dense_intermediate_size <= 0:
+            self._fail("dense layers need intermediate_size > 0")
+        if any(w is not None and w <= 0 for w in self.sliding_windows):
+            self._fail("sliding_window must be > 0")
+        if self.rms_norm_eps <= 0:
+            self._fail("rms_norm_eps must be > 0")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            self._fail(f"n_group={self.n_group} must divide the {self.num_experts} experts and topk_group="
+                       f"{self.topk_group} lie in 1..n_group")
+        if self.kv_lora_rank and min(self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim) <= 0:
+            self._fail("MLA needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim > 0")
+        if self.qk_norm not in QK_NORMS:
+            self._fail(f"qk_norm {self.qk_norm!r} is not one of {QK_NORMS}")
+
+    @staticmethod
+    def _fail(what: str) -> None:
+        raise CheckpointError(f"config.json: {what}", "fix config.json or re-download the checkpoint")
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope.theta
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)
+
+    @property
+    def total_experts(self) -> int:
+        return self.num_moe_layers * self.num_experts
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+
+# -- budgets: "N" (a count), "N%" (a share) or a byte size ----------------------------------------------
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A count (``16``), a share (``"25%"``) or, where allowed, a byte size (``"6GiB"``), as written by a user."""
+
+    kind: str     # "count" | "share" | "bytes"
+    value: float  # the count, the percentage, or bytes
+
+    @classmethod
+    def parse(cls, text: int | str, what: str, hint: str, sizes: bool = True,
+              over: str = "the cache cannot hold more than every expert") -> Amount:
+        """Parse and check sign and range (a share over 100% is a mistake: ``over`` says why); raises
+        BudgetError naming ``what``."""
+        clean = str(text).strip().lower().replace(" ", "")
+        option = f"{what} {text!r}"
+        if isinstance(text, bool):
+            raise BudgetError(f"invalid {option}", hint)
+        if isinstance(text, int) or re.fullmatch(r"[+-]?\d+", clean):
+            return cls("count", int(clean))
+        if m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)%", clean):
+            pct = float(m.group(1))
+            if pct > 100:
+                raise BudgetError(f"{option} is over 100%", over)
+            if pct <= 0 and what == "expert budget":
+                raise BudgetError(f"{option} must be positive", hint)
+            return cls("share", pct)
+        if sizes and (m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([kmgt]i?b|b)", clean)):
+            nbytes = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+            if nbytes <= 0:
+                raise BudgetError(f"{option} must be positive", hint)
+            return cls("bytes", nbytes)
+        raise BudgetError(f"cannot parse {option}", hint)
+
+    def of(self, total: int) -> int:
+        """The count this amount names out of ``total`` (a share rounds down)."""
+        return math.floor(total * self.value / 100 + 1e-9) if self.kind == "share" else int(self.value)
+
+
+_BUDGET_HINT = 'give slots (e.g. 16), a percentage ("25%") or a size ("6GiB")'
+_PREFETCH_HINT = 'give slots (e.g. 4) or a share of the expert budget ("50%")'
+
+
+def parse_budget(budget: int | str, total_experts: int, expert_nbytes: int) -> int:
+    """Turn an expert budget into a number of cache slots.
+
+    ``budget`` is an int (slots across all layers), a percentage string ("25%" of all experts)
+    or a byte size ("6GiB", "64MiB", "500MB"). Byte sizes and slot counts larger than the model
+    are clamped to all experts; a percentage over 100% is a mistake and raises.
+    """
+    amount = Amount.parse(budget, "expert budget", _BUDGET_HINT)
+    option = f"expert budget {budget!r}"
+    if amount.kind == "bytes":
+        slots = int(amount.value // expert_nbytes)
+        if slots < 1:
+            raise BudgetError(f"{option} is smaller than one expert ({expert_nbytes} bytes)",
+                              "raise it to at least one expert")
+    else:
+        slots = amount.of(total_experts)
+        if amount.kind == "share" and slots < 1:
+            raise BudgetError(f"{option} is less than one expert of {total_experts}", "raise it to at least one slot")
+    if slots <= 0:
+        raise BudgetError(f"{option} must be at least 1 slot", _BUDGET_HINT)
+    return min(slots, total_experts)
+
+
+def parse_prefetch_budget(budget: int | str, num_slots: int) -> int:
+    """Turn a prefetch budget (slots, or a percentage of the cache's slots) into slots; 0 is allowed."""
+    amount = Amount.parse(budget, "prefetch budget", _PREFETCH_HINT, sizes=False,
+                          over="prefetches cannot hold more than the whole cache")
+    if amount.value < 0:
+        raise BudgetError(f"cannot parse prefetch budget {budget!r}", _PREFETCH_HINT)
+    return min(amount.of(num_slots), num_slots)
+
+
+# -- how to run -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run a checkpoint: device and dtype, where experts live, how many fit, what to evict and prefetch,
+    and how continuous batching picks its steps. Every name and budget is checked here, before any I/O."""
+
+    device: str = "auto"                  # "auto" (cuda when present), "cpu" or "cuda[:N]"
+    dtype: torch.dtype | str | None = None  # compute dtype; None / "auto" = the checkpoint's
+    expert_budget: int | str = "100%"     # slots, "25%", bytes ("6GiB"), or "auto" (what fits: budget.py)
+    offload_to: str = "disk"              # slow tier: "disk" (the safetensors files) or "ram" (packed host copy)
+    policy: str = "lru"                   # policies.POLICIES name
+    predictor: str = "none"               # predictors.PREDICTORS name ("none": load on demand only)
+    lookahead: int = 1                    # the predictor looks this many MoE layers ahead
+    prefetch_budget: int | str = "50%"    # most cache slots prefetched-but-unused experts may hold
+    predictor_options: Mapping[str, Any] | None = None  # passed to the predictor (e.g. {"weights": PATH})
+    quant_activations: torch.dtype | str = "bfloat16"  # activations of quantized experts' matmuls: bfloat16 (torch's
+    #                                       fast CPU kernels) or float32 (dequantize, then an exact float32 matmul)
+    scheduler: str = "fifo"               # rearrange.SCHEDULERS name, for generate_many / serve
+    batch_size: int = 8                   # requests per decode step in continuous batching
+    max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
+    context: int = 0                      # tokens per sequence the KV cache holds (0: max positions, <= 4096)
+    hybrid: str = "off"                   # on CUDA, per missed expert: "off" (fetch), "auto" (cost model), "always"
+    #                                       (compute it on the CPU from its host copy); hybrid.py has the formula
+
+    def __post_init__(self) -> None:
+        from offload.hw.costmodel import check_mode
+        from offload.memory.policies import POLICIES
+        from offload.runtime.rearrange import SCHEDULERS
+        from predictors import PREDICTORS
+
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        activations = parse_dtype(self.quant_activations)
+        if activations not in (torch.bfloat16, torch.float32):
+            raise ConfigError(f"invalid --quant-activations {self.quant_activations!r}", "use bfloat16 or float32")
+        object.__setattr__(self, "quant_activations", activations)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"unknown device {self.device!r}", "use one of: auto, cpu, cuda")
+        check_name(OFFLOAD_TIERS, self.offload_to, "--offload-to")
+        check_name(POLICIES, self.policy, "eviction policy", PolicyError)
+        check_name(PREDICTORS, self.predictor, "predictor", also=("none",))
+        check_name(SCHEDULERS, self.scheduler, "scheduler")
+        check_mode(self.hybrid)
+        for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0), ("context", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"invalid --{name.replace('_', '-')} {value!r}", f"give a whole number >= {least}")
+        if str(self.expert_budget).strip().lower() != "auto":
+            Amount.parse(self.expert_budget, "expert budget", _BUDGET_HINT)
+        parse_prefetch_budget(self.prefetch_budget, 1)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

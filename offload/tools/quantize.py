@@ -1,0 +1,153 @@
+"""``offload quantize``: a float checkpoint -> a new Hugging Face checkpoint whose experts are quantized.
+
+The output is compressed-tensors ``pack-quantized`` (what llm-compressor writes and vLLM, transformers +
+compressed-tensors and offload all load; Kimi-K2's native int4 is the same format): it stores the plain
+nibble packing, which this CPU shuffles into its int4 kernel's layout in ~0.4 ms per matrix, while
+GPTQ's transposed words add a word transpose, and the kernel layout itself varies with the CPU (AVX2
+and AVX512 pair different rows) so it cannot be a file format. Only routed experts are quantized;
+attention, routers, shared experts, dense MLPs, norms, embeddings and lm_head are copied as they are,
+and the config's ``quantization_config`` targets the expert modules only.
+
+The checkpoint is written to ``DIR.partial`` and renamed when complete; ``MODEL`` is only read (the
+bundled models live inside the installed package), a non-empty ``DIR`` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from offload.checkpoint.plan import CheckpointPlan, TensorInfo, plan_checkpoint
+from offload.errors import ConfigError
+from offload.experts import quant
+from offload.experts.layouts import DenseFormat
+from offload.experts.quant import QuantScheme
+from offload.files import atomic_output
+
+SHARD_BYTES = 2 * 2**30  # output shards of about this size, as save_pretrained's default 5 GB is too coarse to stream
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    out: Path
+    scheme: QuantScheme
+    experts: int
+    bytes_before: int  # the experts' bytes in the source checkpoint
+    bytes_after: int   # ... and in the quantized one
+
+
+def _check_paths(plan: CheckpointPlan, out: Path) -> Path:
+    out = out.expanduser().resolve()
+    src = plan.path.resolve()
+    if out == src or src in out.parents:
+        raise ConfigError(f"--out {out} is inside the source checkpoint {src}", "write the quantized model elsewhere")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty directory", "give a new output directory")
+    return out
+
+
+def _check_scheme(plan: CheckpointPlan, scheme: QuantScheme) -> None:
+    if not isinstance(plan.expert_format, DenseFormat):
+        raise ConfigError(f"{plan.path} is already quantized ({plan.expert_format.name})",
+                          "quantize a float checkpoint")
+    for dim in {plan.spec.hidden_size, plan.spec.expert_intermediate_size}:
+        scheme.groups(dim)  # raises when the group size does not divide an expert matrix's inputs
+
+
+def _expert_targets(plan: CheckpointPlan) -> list[str]:
+    """compressed-tensors targets naming exactly the routed experts' projections."""
+    names = "|".join(plan.family.expert_names)
+    return [rf"re:.*\.{plan.family.moe_prefix}\.experts\.\d+\.({names})$"]
+
+
+def _write_config(plan: CheckpointPlan, tmp: Path, scheme: QuantScheme) -> None:
+    cfg = json.loads((plan.path / "config.json").read_text())
+    cfg["quantization_config"] = quant.compressed_tensors_config(scheme, ["lm_head"], tuple(_expert_targets(plan)))
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    weights = {t.path for t in plan.tensors.values()}
+    for path in plan.path.iterdir():  # tokenizer, generation and chat config, a shipped predictor, ...
+        copied = path.name != "config.json" and path not in weights and not path.name.endswith(".index.json")
+        if path.is_file() and copied:
+            shutil.copy2(path, tmp / path.name)
+
+
+def _shards(plan: CheckpointPlan) -> list[list[TensorInfo]]:
+    """The source tensors in file order, cut into shards of about SHARD_BYTES (quantized experts shrink them)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in sorted(plan.tensors.values(), key=lambda t: (str(t.path), t.start)):
+        if size >= SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+class _Reader:
+    """Source tensors through safetensors, one open handle per file."""
+
+    def __init__(self) -> None:
+        self._handles: dict[Path, object] = {}
+
+    def __call__(self, info: TensorInfo) -> torch.Tensor:
+        if info.path not in self._handles:
+            self._handles[info.path] = safe_open(str(info.path), framework="pt")
+        return self._handles[info.path].get_tensor(info.name)  # type: ignore[attr-defined]
+
+
+def _quantized_shard(shard: list[TensorInfo], experts: set[str], scheme: QuantScheme, clip_search: bool,
+                     read: _Reader, tick: Callable[[int, int], None]) -> dict[str, torch.Tensor]:
+    """One output shard: expert projections quantized and packed, every other tensor as it was."""
+    tensors: dict[str, torch.Tensor] = {}
+    for info in shard:
+        w = read(info)
+        if info.name not in experts:
+            tensors[info.name] = w
+            continue
+        q = quant.quantize(w, scheme, scale_dtype=torch.bfloat16, clip_search=clip_search)
+        packed = quant.compressed_tensors_pack(q)
+        tensors |= {f"{info.name.removesuffix('.weight')}.{k}": v for k, v in packed.items()}
+        tick(info.nbytes, sum(v.numel() * v.itemsize for v in packed.values()))
+    return tensors
+
+
+def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, scheme: QuantScheme,
+                        clip_search: bool = False, progress: Progress | None = None) -> QuantizeReport:
+    """Quantize ``model``'s routed experts with ``scheme`` (round to nearest, or with a clipping search) into ``out``.
+
+    ``progress(done, total)`` counts expert matrices.
+    """
+    plan = plan_checkpoint(model)
+    out = _check_paths(plan, Path(out))
+    _check_scheme(plan, scheme)
+    experts = {info.name for tensors in plan.experts.values() for info in tensors}
+    shards, read, weight_map = _shards(plan), _Reader(), {}
+    counts = [0, 0, 0]  # matrices done, bytes before, bytes after
+
+    def tick(before: int, after: int) -> None:
+        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + before, counts[2] + after
+        if progress:
+            progress(counts[0], len(experts))
+
+    with atomic_output(out, directory=True) as tmp:
+        _write_config(plan, tmp, scheme)
+        for n, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = _quantized_shard(shard, experts, scheme, clip_search, read, tick)
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, name)
+        if len(shards) > 1:
+            total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return QuantizeReport(out, scheme, len(experts) // 3, counts[1], counts[2])

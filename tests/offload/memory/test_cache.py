@@ -1,0 +1,159 @@
+"""The expert cache: exact hit/miss/eviction counts per policy on hand-made sequences, pinning,
+and the budget bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offload.experts.layouts import packed_layout
+from offload.memory.cache import ExpertCache
+from offload.memory.policies import POLICIES, make_policy
+from offload.stats import Stats
+from tests.paths import DATA
+
+H, I = 4, 6
+LAYOUT = packed_layout(H, I, torch.float32)
+
+
+class FakeStore:
+    """A RAM-like store whose expert (l, e) is filled with the value 10*l + e, so loads are checkable."""
+
+    raw_nbytes = 0
+    native_format = LAYOUT
+
+    def __init__(self) -> None:
+        self.fetches: list = []
+
+    def fetch(self, key, scratch):
+        self.fetches.append(key)
+        buf = torch.full((LAYOUT.nbytes // 4,), float(10 * key[0] + key[1])).view(torch.uint8)
+        return buf, LAYOUT
+
+
+def make_cache(slots: int, policy: str) -> tuple[ExpertCache, FakeStore, Stats]:
+    store, stats = FakeStore(), Stats()
+    return ExpertCache(store, slots, LAYOUT, torch.device("cpu"), make_policy(policy), stats), store, stats
+
+
+def run(cache: ExpertCache, keys) -> None:
+    for key in keys:
+        gate = cache.acquire(key).gate_proj.weight
+        assert float(gate[0, 0]) == 10 * key[0] + key[1]  # the slot holds this expert's bytes
+        cache.release(key)
+
+
+# One layer, experts a=0 b=1 c=2 d=3, 2 slots: a b a c b d a
+SEQ = [(0, e) for e in (0, 1, 0, 2, 1, 3, 0)]
+
+
+@pytest.mark.parametrize(
+    "policy, hits, misses, evictions",
+    [
+        # lru:  a b | a hit | c evicts b | b evicts a | d evicts c | a evicts b           -> 1 hit
+        ("lru", 1, 6, 4),
+        # fifo: a b | a hit | c evicts a | b hit | d evicts b | a evicts c                -> 2 hits
+        ("fifo", 2, 5, 3),
+        # lfu:  a b | a hit (a:2) | c evicts b (1) | b evicts c (1, older) | d evicts b (count 2 vs a 2:
+        #       tie broken by least recent use: a used at t3, b at t5 -> a) | a evicts d (1)  -> 1 hit
+        ("lfu", 1, 6, 4),
+    ],
+)
+def test_exact_counts_on_a_hand_made_sequence(policy, hits, misses, evictions):
+    cache, store, stats = make_cache(2, policy)
+    run(cache, SEQ)
+    total = stats.total
+    assert (total.hits, total.misses, total.evictions) == (hits, misses, evictions)
+    assert len(store.fetches) == misses  # every miss is exactly one load
+    assert total.bytes_loaded == misses * LAYOUT.nbytes
+
+
+def test_counts_are_per_layer():
+    cache, _, stats = make_cache(3, "lru")
+    run(cache, [(0, 1), (1, 1), (0, 1), (2, 5), (1, 1)])
+    assert (stats.layer(0).hits, stats.layer(0).misses) == (1, 1)
+    assert (stats.layer(1).hits, stats.layer(1).misses) == (1, 1)
+    assert (stats.layer(2).hits, stats.layer(2).misses) == (0, 1)
+
+
+def test_pinned_experts_are_never_evicted():
+    cache, _, _ = make_cache(2, "lru")
+    cache.acquire((0, 0))
+    cache.acquire((0, 1))
+    assert not cache.can_acquire((0, 2))
+    with pytest.raises(RuntimeError):
+        cache.acquire((0, 2))
+    cache.release((0, 1))
+    cache.acquire((0, 2))  # evicts (0, 1), the only unpinned one, although (0, 0) is older
+    assert (0, 0) in cache and (0, 1) not in cache
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(1, 6), policy=st.sampled_from(sorted(POLICIES)),
+       keys=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4)), max_size=80))
+def test_budget_bound_and_accounting(slots, policy, keys):
+    cache, store, stats = make_cache(slots, policy)
+    nbytes = cache.resident_nbytes
+    for key in keys:
+        run(cache, [key])
+        assert len(cache.resident) <= slots
+        assert cache.resident_nbytes == nbytes == slots * cache.slot_nbytes
+    total = stats.total
+    assert total.hits + total.misses == len(keys)
+    assert total.misses == len(store.fetches)
+    assert total.evictions == max(0, total.misses - slots)  # the cache never frees a slot by itself
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo"])
+@pytest.mark.parametrize("capacity", [1, 7, 64, 128])
+def test_runtime_cache_counts_equal_the_simulator(policy, capacity):
+    """The runtime cache and the numba simulator implement the same policies: same counts on a real trace."""
+
+    from offload.sim.simulate import AccessStream, simulate
+    from offload.traces.format import read_trace
+
+    trace = read_trace(DATA / "mixtral-8x7b-humaneval.jsonl.gz")
+    experts = trace.experts[:120]  # [tokens, layers, top_k]: the first 120 tokens, 7,680 accesses
+    cache, _, stats = make_cache(capacity, policy)
+    for token in experts:
+        for layer, chosen in enumerate(token):
+            run(cache, [(layer, int(e)) for e in chosen])
+    sim = simulate(AccessStream.from_experts(experts, trace.header.num_experts), policy, "global", capacity)
+    assert (stats.total.hits, stats.total.misses, stats.total.evictions) == (sim.hits, sim.misses, sim.evictions)
+    assert [stats.layer(i).hits for i in range(32)] == list(sim.hits_per_layer)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("capacity", [1, 7, 64, 128])
+def test_runtime_layer_steps_count_what_the_step_pinned_simulator_counts(policy, capacity):
+    """The MoE layer's own path (cache.step, as model._run_experts uses it) against simulate(pin_steps=True)."""
+
+    from offload.sim.simulate import AccessStream, simulate
+    from offload.traces.format import read_trace
+
+    trace = read_trace(DATA / "mixtral-8x7b-humaneval.jsonl.gz")
+    experts = trace.experts[:120]  # [tokens, layers, top_k]
+    store, stats = FakeStore(), Stats()
+    cache = ExpertCache(store, capacity, LAYOUT, torch.device("cpu"), make_policy(policy), stats, layers=range(32))
+    for token in experts:
+        for layer, chosen in enumerate(token):
+            for e, expert in cache.step(layer, sorted(int(x) for x in chosen)):  # sorted: torch.unique's order
+                assert float(expert.gate_proj.weight[0, 0]) == 10 * layer + e
+    sim = simulate(AccessStream.from_experts(experts, trace.header.num_experts), policy, "global", capacity,
+                   pin_steps=True)
+    assert (stats.total.hits, stats.total.misses, stats.total.evictions) == (sim.hits, sim.misses, sim.evictions)
+    assert [stats.layer(i).evictions for i in range(32)] == list(sim.evictions_per_layer)
+    assert len(store.fetches) == sim.misses
+
+
+def test_a_layer_step_pins_its_experts_and_takes_resident_ones_first():
+    # 2 slots holding (0, 0) and (0, 1); a step needing experts 2 and 0: 0 is handed out first (a hit, pinned),
+    # 2's miss must evict (0, 1), the one expert outside the step, although (0, 0) is older under LRU.
+    cache, store, stats = make_cache(2, "lru")
+    run(cache, [(0, 0), (0, 1)])
+    handed = [e for e, _ in cache.step(0, [2, 0])]
+    assert handed == [0, 2] and cache.resident == {(0, 0), (0, 2)}
+    # a step wider than the cache: each expert handed back makes room for the next
+    assert [e for e, _ in cache.step(1, [0, 1, 2])] == [0, 1, 2] and len(cache.resident) == 2

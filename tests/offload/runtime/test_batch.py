@@ -1,0 +1,122 @@
+"""Continuous batching: a request's tokens do not depend on the scheduler, batch size, budget or
+prefill chunking; results keep the prompts' order; the KV pool computes what a per-request KV cache does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import offload
+from cli.main import app
+from offload.errors import ConfigError
+from offload.runtime.batch import BatchConfig
+from tests.tiny_models import add_char_tokenizer
+
+PROMPTS = [[5, 17, 33, 60, 8], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46], [3], [60, 5, 17], [21, 22, 23, 24]]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    """Each prompt generated alone with the plain KV cache: what every batched run must reproduce."""
+    path = tiny_dir("qwen2_moe")  # a dense layer between MoE layers, shared expert
+    model = offload.from_pretrained(path, device="cpu")
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=NEW, eos_token_id=[])[0, len(p):].tolist()
+             for p in PROMPTS]
+    return path, alone
+
+
+@pytest.mark.parametrize("scheduler, batch_size, budget, chunk", [
+    ("fifo", 1, "100%", 0), ("fifo", 3, 1, 2), ("expert-aware", 3, "50%", 0), ("expert-aware", 4, 2, 3),
+    ("expert-aware", 8, "100%", 1),
+])
+def test_tokens_do_not_depend_on_batching(reference, scheduler, batch_size, budget, chunk):
+    path, alone = reference
+    model = offload.from_pretrained(path, device="cpu", expert_budget=budget)
+    out = model.generate_many(PROMPTS, max_new_tokens=NEW, batch_size=batch_size, scheduler=scheduler,
+                              prefill_chunk=chunk, max_wait=2, eos_token_id=[])
+    assert [c.id for c in out] == list(range(len(PROMPTS)))  # the prompts' order, whatever ran first
+    assert [c.token_ids for c in out] == alone
+    assert all(c.finish_reason == "length" and c.prompt_tokens == len(p) for c, p in zip(out, PROMPTS))
+    t = model.stats.total
+    assert 0 < t.distinct_per_step <= model.spec.num_experts
+    assert model.stats.decode_tokens == len(PROMPTS) * (NEW - 1)  # the first token comes from prefill
+
+
+@pytest.mark.parametrize("predictor", ["pregate", "prev-token", "markov"])
+def test_tokens_do_not_depend_on_prefetching_while_batching(reference, predictor):
+    # The prefetcher keys each sequence's history by its KV row, which rows reuse as requests finish.
+    path, alone = reference
+    model = offload.from_pretrained(path, device="cpu", expert_budget=5, predictor=predictor, lookahead=2)
+    out = model.generate_many(PROMPTS, max_new_tokens=NEW, batch_size=2, scheduler="expert-aware", eos_token_id=[])
+    assert [c.token_ids for c in out] == alone
+    t = model.stats.total
+    assert t.prefetch_issued > 0 and t.prefetch_issued == t.prefetch_used + t.prefetch_wasted + model.cache.prefetched
+    model.cache.close()
+
+
+def test_eos_ends_a_request_and_frees_its_row(reference):
+    path, alone = reference
+    model = offload.from_pretrained(path, device="cpu")
+    eos = alone[0][2]  # the third token of request 0 ends it (and any other request that emits it)
+    out = model.generate_many(PROMPTS, max_new_tokens=NEW, batch_size=2, pool_size=2, eos_token_id=eos)
+    for c, full in zip(out, alone):
+        expected = full[: full.index(eos) + 1] if eos in full else full
+        assert c.token_ids == expected
+        assert c.finish_reason == ("eos" if eos in full else "length")
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(max_wait=-1), dict(pool_size=1.5)])
+def test_bad_batch_config(kwargs):
+    with pytest.raises(ConfigError):
+        BatchConfig(**kwargs)
+
+
+def test_unknown_scheduler(reference):
+    model = offload.from_pretrained(reference[0], device="cpu")
+    with pytest.raises(ConfigError, match="scheduler"):
+        model.generate_many(PROMPTS, scheduler="random")
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_dir, tmp_path_factory):
+    """A copy: the session's shared mixtral folder stays without a tokenizer (test_errors needs that)."""
+    return add_char_tokenizer(shutil.copytree(tiny_dir("mixtral"), tmp_path_factory.mktemp("text") / "m"))
+
+
+def test_cli_prompts_file_writes_results_in_order(text_model, tmp_path):
+    prompts = ["hello", "abc", "the cat", "zz"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "results.jsonl"
+    result = CliRunner().invoke(app, ["run", str(text_model), "--prompts-file", str(tmp_path / "p.jsonl"),
+                                      "--out", str(out), "--batch-size", "3", "--scheduler", "expert-aware",
+                                      "--max-new-tokens", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2, 3] and [r["prompt"] for r in rows] == prompts
+    model = offload.from_pretrained(text_model, device="cpu")
+    for r, p in zip(rows, prompts):
+        assert r["completion"] == model.generate_text(p, max_new_tokens=5)
+        assert r["completion_tokens"] == len(r["token_ids"]) <= 5
+
+
+@pytest.mark.parametrize("args, match", [
+    (["hello", "--prompts-file", "PROMPTS"], "either a PROMPT or --prompts-file"),
+    ([], "either a PROMPT or --prompts-file"),
+    (["hello", "--out", "r.jsonl"], "--out needs --prompts-file"),
+    (["--prompts-file", "PROMPTS", "--scheduler", "random"], "scheduler"),
+    (["--prompts-file", "PROMPTS", "--batch-size", "0"], "batch-size"),
+])
+def test_cli_batch_errors(text_model, tmp_path, args, match):
+    (tmp_path / "p.txt").write_text("hello\nworld\n")
+    args = [str(tmp_path / "p.txt") if a == "PROMPTS" else a for a in args]
+    result = CliRunner().invoke(app, ["run", str(text_model), *args, "--device", "cpu"])
+    assert result.exit_code != 0
+    assert result.output.count("\n") == 1 and match in result.output and "Traceback" not in result.output
