@@ -76,7 +76,8 @@ def bench_hw(
     performance models' calibration, written to the user's cache directory."""
     import torch
 
-    from offload.hw.calibration import BenchSizes, calibrate, default_path
+    from offload.hw.calibration import default_path
+    from offload.tools.benchhw import BenchSizes, calibrate
 
     if min(memory_mib, disk_mib, gemv_mib, repeats) < 1 or threads < 0:
         raise ConfigError("--memory-mib, --disk-mib, --gemv-mib and --repeats must be >= 1, --threads >= 0")
@@ -150,6 +151,7 @@ def plan(
     from offload.hw.calibration import Calibration, default_path
     from offload.hw.machine import gpu_memories, host_memory
     from offload.spec import parse_dtype
+    from offload.tools.plan import model_sizes, trace_miss_rate
 
     on = _plan_device(device)
     tiers, budgets = _names(offload_to), _names(expert_budget)
@@ -162,8 +164,8 @@ def plan(
     cal_path = calibration or default_path()
     cal = Calibration.load(cal_path)
     ckpt = plan_checkpoint(model)
-    sizes = perfmodel.ModelSizes.from_plan(ckpt, on, parse_dtype(dtype))
-    rate = perfmodel.trace_miss_rate(str(trace), sizes) if trace else perfmodel.uniform_miss_rate(sizes)
+    sizes = model_sizes(ckpt, on, parse_dtype(dtype))
+    rate = trace_miss_rate(str(trace), sizes) if trace else perfmodel.uniform_miss_rate(sizes)
     gpus = gpu_memories()
     memory = perfmodel.Memory(host_memory().available, gpus[0].available if gpus else None)
     predictions = perfmodel.predict(sizes, cal, on, tiers, budgets, rate, memory)

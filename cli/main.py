@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from offload.checkpoint.plan import bundled_models
+from offload.checkpoint.locate import bundled_models
 from offload.errors import ConfigError
 from offload.files import write_json_atomic, write_text_atomic
 
@@ -163,7 +163,8 @@ def _gib(n: float) -> str:
 @app.command()
 def info(model: ModelArg) -> None:
     """Describe a checkpoint: family, sizes, and the expert budgets this machine's memory can hold."""
-    from offload.checkpoint.plan import plan_checkpoint, plan_config, resolve_model_dir
+    from offload.checkpoint.locate import resolve_model_dir
+    from offload.checkpoint.plan import plan_checkpoint, plan_config
     from offload.hw.machine import gpu_memories, host_memory
 
     path = resolve_model_dir(model)

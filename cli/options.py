@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from offload.errors import ConfigError
-from offload.spec import RuntimeConfig
+from offload.runtime.config import RuntimeConfig
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id (org/name) or bundled model name.")]
 PANEL = "Runtime"  # --help lists the shared runtime options together, after each command's own

@@ -17,9 +17,10 @@ from offload.errors import (
 )
 from offload.memory.policies import POLICIES
 from offload.runtime.batch import BatchConfig
+from offload.runtime.config import RuntimeConfig
 from offload.runtime.load import OffloadModel, from_pretrained, plan_checkpoint
 from offload.runtime.sampling import SamplingConfig
-from offload.spec import ModelSpec, RuntimeConfig
+from offload.spec import ModelSpec
 
 __all__ = [
     "from_pretrained", "plan_checkpoint", "OffloadModel", "ModelSpec", "RuntimeConfig", "SamplingConfig", "BatchConfig",

@@ -1,30 +1,23 @@
-"""Frozen configuration objects: what the checkpoint is (ModelSpec) and how to run it (RuntimeConfig).
+"""What a checkpoint is: ModelSpec (and its RopeSpec), read from config.json by a family adapter.
 
-Both validate themselves in ``__post_init__``: a RuntimeConfig with a bad name or budget fails
-before any weight is read, and a ModelSpec whose fields contradict each other fails at load with
-the config.json field named. (SamplingConfig, how tokens are chosen, lives with sample() in
-sampling.py; BatchConfig with the batching engine in batch.py.)
+Frozen and validated in ``__post_init__``: a spec whose fields contradict each other fails at load with
+the config.json field named. Every layer reads it; it imports nothing of the project but its errors.
+(How to run a checkpoint is RuntimeConfig, in runtime/config.py.)
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from offload.errors import BudgetError, CheckpointError, ConfigError, PolicyError, UnsupportedModelError
-from offload.registry import check_name
+from offload.errors import CheckpointError, ConfigError, UnsupportedModelError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
 }
-OFFLOAD_TIERS = {"disk": "disk", "ram": "ram"}
 QK_NORMS = ("none", "head", "full")
 
 
@@ -176,139 +169,3 @@ class ModelSpec:
     @property
     def expert_params(self) -> int:
         return 3 * self.hidden_size * self.expert_intermediate_size
-
-
-# -- budgets: "N" (a count), "N%" (a share) or a byte size ----------------------------------------------
-
-_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-@dataclass(frozen=True)
-class Amount:
-    """A count (``16``), a share (``"25%"``) or, where allowed, a byte size (``"6GiB"``), as written by a user."""
-
-    kind: str     # "count" | "share" | "bytes"
-    value: float  # the count, the percentage, or bytes
-
-    @classmethod
-    def parse(cls, text: int | str, what: str, hint: str, sizes: bool = True,
-              over: str = "the cache cannot hold more than every expert") -> Amount:
-        """Parse and check sign and range (a share over 100% is a mistake: ``over`` says why); raises
-        BudgetError naming ``what``."""
-        clean = str(text).strip().lower().replace(" ", "")
-        option = f"{what} {text!r}"
-        if isinstance(text, bool):
-            raise BudgetError(f"invalid {option}", hint)
-        if isinstance(text, int) or re.fullmatch(r"[+-]?\d+", clean):
-            return cls("count", int(clean))
-        if m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)%", clean):
-            pct = float(m.group(1))
-            if pct > 100:
-                raise BudgetError(f"{option} is over 100%", over)
-            if pct <= 0 and what == "expert budget":
-                raise BudgetError(f"{option} must be positive", hint)
-            return cls("share", pct)
-        if sizes and (m := re.fullmatch(r"([+-]?\d+(?:\.\d+)?)([kmgt]i?b|b)", clean)):
-            nbytes = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
-            if nbytes <= 0:
-                raise BudgetError(f"{option} must be positive", hint)
-            return cls("bytes", nbytes)
-        raise BudgetError(f"cannot parse {option}", hint)
-
-    def of(self, total: int) -> int:
-        """The count this amount names out of ``total`` (a share rounds down)."""
-        return math.floor(total * self.value / 100 + 1e-9) if self.kind == "share" else int(self.value)
-
-
-_BUDGET_HINT = 'give slots (e.g. 16), a percentage ("25%") or a size ("6GiB")'
-_PREFETCH_HINT = 'give slots (e.g. 4) or a share of the expert budget ("50%")'
-
-
-def parse_budget(budget: int | str, total_experts: int, expert_nbytes: int) -> int:
-    """Turn an expert budget into a number of cache slots.
-
-    ``budget`` is an int (slots across all layers), a percentage string ("25%" of all experts)
-    or a byte size ("6GiB", "64MiB", "500MB"). Byte sizes and slot counts larger than the model
-    are clamped to all experts; a percentage over 100% is a mistake and raises.
-    """
-    amount = Amount.parse(budget, "expert budget", _BUDGET_HINT)
-    option = f"expert budget {budget!r}"
-    if amount.kind == "bytes":
-        slots = int(amount.value // expert_nbytes)
-        if slots < 1:
-            raise BudgetError(f"{option} is smaller than one expert ({expert_nbytes} bytes)",
-                              "raise it to at least one expert")
-    else:
-        slots = amount.of(total_experts)
-        if amount.kind == "share" and slots < 1:
-            raise BudgetError(f"{option} is less than one expert of {total_experts}", "raise it to at least one slot")
-    if slots <= 0:
-        raise BudgetError(f"{option} must be at least 1 slot", _BUDGET_HINT)
-    return min(slots, total_experts)
-
-
-def parse_prefetch_budget(budget: int | str, num_slots: int) -> int:
-    """Turn a prefetch budget (slots, or a percentage of the cache's slots) into slots; 0 is allowed."""
-    amount = Amount.parse(budget, "prefetch budget", _PREFETCH_HINT, sizes=False,
-                          over="prefetches cannot hold more than the whole cache")
-    if amount.value < 0:
-        raise BudgetError(f"cannot parse prefetch budget {budget!r}", _PREFETCH_HINT)
-    return min(amount.of(num_slots), num_slots)
-
-
-# -- how to run -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How to run a checkpoint: device and dtype, where experts live, how many fit, what to evict and prefetch,
-    and how continuous batching picks its steps. Every name and budget is checked here, before any I/O."""
-
-    device: str = "auto"                  # "auto" (cuda when present), "cpu" or "cuda[:N]"
-    dtype: torch.dtype | str | None = None  # compute dtype; None / "auto" = the checkpoint's
-    expert_budget: int | str = "100%"     # slots, "25%", bytes ("6GiB"), or "auto" (what fits: budget.py)
-    offload_to: str = "disk"              # slow tier: "disk" (the safetensors files) or "ram" (packed host copy)
-    policy: str = "lru"                   # policies.POLICIES name
-    predictor: str = "none"               # predictors.PREDICTORS name ("none": load on demand only)
-    lookahead: int = 1                    # the predictor looks this many MoE layers ahead
-    prefetch_budget: int | str = "50%"    # most cache slots prefetched-but-unused experts may hold
-    predictor_options: Mapping[str, Any] | None = None  # passed to the predictor (e.g. {"weights": PATH})
-    quant_activations: torch.dtype | str = "bfloat16"  # activations of quantized experts' matmuls: bfloat16 (torch's
-    #                                       fast CPU kernels) or float32 (dequantize, then an exact float32 matmul)
-    scheduler: str = "fifo"               # rearrange.SCHEDULERS name, for generate_many / serve
-    batch_size: int = 8                   # requests per decode step in continuous batching
-    max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
-    context: int = 0                      # tokens per sequence the KV cache holds (0: max positions, <= 4096)
-    hybrid: str = "off"                   # on CUDA, per missed expert: "off" (fetch), "auto" (cost model), "always"
-    #                                       (compute it on the CPU from its host copy); hybrid.py has the formula
-
-    def __post_init__(self) -> None:
-        from offload.hw.costmodel import check_mode
-        from offload.memory.policies import POLICIES
-        from offload.runtime.rearrange import SCHEDULERS
-        from predictors import PREDICTORS
-
-        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-        activations = parse_dtype(self.quant_activations)
-        if activations not in (torch.bfloat16, torch.float32):
-            raise ConfigError(f"invalid --quant-activations {self.quant_activations!r}", "use bfloat16 or float32")
-        object.__setattr__(self, "quant_activations", activations)
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
-            raise ConfigError(f"unknown device {self.device!r}", "use one of: auto, cpu, cuda")
-        check_name(OFFLOAD_TIERS, self.offload_to, "--offload-to")
-        check_name(POLICIES, self.policy, "eviction policy", PolicyError)
-        check_name(PREDICTORS, self.predictor, "predictor", also=("none",))
-        check_name(SCHEDULERS, self.scheduler, "scheduler")
-        check_mode(self.hybrid)
-        for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0), ("context", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"invalid --{name.replace('_', '-')} {value!r}", f"give a whole number >= {least}")
-        if str(self.expert_budget).strip().lower() != "auto":
-            Amount.parse(self.expert_budget, "expert budget", _BUDGET_HINT)
-        parse_prefetch_budget(self.prefetch_budget, 1)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))

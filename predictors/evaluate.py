@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from offload.errors import ConfigError
+from offload.sim.simulate import Proposal
 from offload.stats import ratio
 from offload.traces.format import Trace, read_trace
 
@@ -278,8 +279,6 @@ class PrefetchAdapter:
         probs.update({first + j: step_probabilities(self.predictor, scores[j]) for j in range(len(scores))})
 
     def __call__(self, step: Step) -> Proposal:
-        from offload.sim.simulate import Proposal
-
         if step.token != self._token:
             self._start_token(step)
         layers = self.predictor.shape.num_layers

@@ -161,7 +161,7 @@ def base_config(name: str) -> str:
 
 def model_dir(opts: Options) -> Path:
     if opts.model:
-        from offload.checkpoint.plan import resolve_model_dir
+        from offload.checkpoint.locate import resolve_model_dir
 
         return resolve_model_dir(opts.model)
     name = (f"mixtral-h{opts.hidden}-i{opts.intermediate}-l{opts.layers}-e{opts.experts}-k{opts.top_k}"
@@ -536,14 +536,14 @@ class Predicted:
 
     def sizes(self, config: str):
         from offload.checkpoint.plan import plan_checkpoint
-        from offload.hw.perfmodel import ModelSizes
         from offload.spec import parse_dtype
+        from offload.tools.plan import model_sizes
 
         scheme = quant_of(config)
         path = quantized_dir(self.opts, self.path, scheme) if scheme else self.path
         if str(path) not in self._sizes:
             plan = plan_checkpoint(path)
-            self._sizes[str(path)] = ModelSizes.from_plan(plan, self.opts.device, parse_dtype(self.opts.dtype))
+            self._sizes[str(path)] = model_sizes(plan, self.opts.device, parse_dtype(self.opts.dtype))
         return self._sizes[str(path)]
 
     def __call__(self, sample: dict) -> float | None:

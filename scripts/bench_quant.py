@@ -29,7 +29,10 @@ import typer
 from common import machine_info, main, make_app, write_json
 
 from offload.experts import quant as Q
-from offload.experts.formats.quantized import fp8_block_dequantize, mxfp4_dequantize
+from offload.experts.formats import gptq as G
+from offload.experts.formats.fp8 import fp8_block_dequantize
+from offload.experts.formats.mxfp4 import mxfp4_dequantize
+from offload.experts.kernels import torch_cpu as K
 
 SHAPES = [(3584, 1024), (1024, 3584)]
 SCHEMES = ["int8", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym"]
@@ -52,14 +55,14 @@ def _methods(out: int, in_: int) -> dict[str, tuple]:
     xb = x.bfloat16()
     wb = w.bfloat16()
     q8 = Q.quantize(w, Q.parse_scheme("int8"))
-    w8, s8 = Q.int8_kernel_pack(q8)
+    w8, s8 = K.int8_kernel_pack(q8)
     q4 = Q.quantize(w, Q.parse_scheme("int4-g128"))
-    p4, sz4 = Q.int4_kernel_pack(q4)
+    p4, sz4 = K.int4_kernel_pack(q4)
     q32 = Q.quantize(w, Q.parse_scheme("int4-g32"))
-    p32, sz32 = Q.int4_kernel_pack(q32)
+    p32, sz32 = K.int4_kernel_pack(q32)
     codes32 = q4.codes.to(torch.int32)
     plain = Q.pack_nibbles(q4.codes)
-    qweight = Q.gptq_pack(q4)["qweight"]
+    qweight = G.gptq_pack(q4)["qweight"]
     # vendor formats: the timing does not depend on the codes, only on the shapes
     blocks = torch.randint(0, 256, (out, in_ // 32, 16), dtype=torch.uint8, generator=g)
     scales = torch.randint(118, 127, (out, in_ // 32), dtype=torch.uint8, generator=g)
@@ -68,18 +71,18 @@ def _methods(out: int, in_: int) -> dict[str, tuple]:
     return {
         "bf16 F.linear": (lambda: F.linear(xb, wb), 1),
         "fp32 F.linear": (lambda: F.linear(x, w), 1),
-        "int8_linear (bf16 x)": (lambda: Q.int8_linear(xb, w8, s8), 1),
-        "int4_linear g128 (bf16 x)": (lambda: Q.int4_linear(xb, p4, 128, sz4), 1),
-        "int4_linear g32 (bf16 x)": (lambda: Q.int4_linear(xb, p32, 32, sz32), 1),
-        "int4_linear g128 (fp32 x, cast in/out)": (lambda: Q.int4_linear(x, p4, 128, sz4), 1),
-        "dequant_linear int4 g128 (bf16 x)": (lambda: Q.dequant_linear(xb, q4), 0.1),
+        "int8_linear (bf16 x)": (lambda: K.int8_linear(xb, w8, s8), 1),
+        "int4_linear g128 (bf16 x)": (lambda: K.int4_linear(xb, p4, 128, sz4), 1),
+        "int4_linear g32 (bf16 x)": (lambda: K.int4_linear(xb, p32, 32, sz32), 1),
+        "int4_linear g128 (fp32 x, cast in/out)": (lambda: K.int4_linear(x, p4, 128, sz4), 1),
+        "dequant_linear int4 g128 (bf16 x)": (lambda: K.dequant_linear(xb, q4), 0.1),
         "mxfp4 dequant + F.linear (bf16 x)": (lambda: F.linear(xb, mxfp4_dequantize(blocks, scales, xb.dtype)), 0.1),
         "fp8 128x128 dequant + F.linear (bf16 x)": (
             lambda: F.linear(xb, fp8_block_dequantize(w_fp8, s_fp8, (128, 128)).to(xb.dtype)), 0.1),
         "convert: torch _convert_weight_to_int4pack_for_cpu": (
             lambda: torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes32, 1), 0.2),
-        "convert: plain_to_cpu_int4 (numba)": (lambda: Q.plain_to_cpu_int4(plain), 0.2),
-        "convert: gptq_plain + plain_to_cpu_int4": (lambda: Q.plain_to_cpu_int4(Q.gptq_plain(qweight, 4)), 0.2),
+        "convert: plain_to_cpu_int4 (numba)": (lambda: K.plain_to_cpu_int4(plain), 0.2),
+        "convert: gptq_plain + plain_to_cpu_int4": (lambda: K.plain_to_cpu_int4(G.gptq_plain(qweight, 4)), 0.2),
     }
 
 
@@ -188,7 +191,7 @@ def bench(
     summary = summarize(runs)
     err = errors()
     result = {"machine": machine_info() | {"lscpu": lscpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                           "int4_layout": str(Q.cpu_int4_layout())},
+                                           "int4_layout": str(K.cpu_int4_layout())},
               "load_before": before, "load_after": os.getloadavg(), "params": params,
               "shapes": SHAPES, "summary": summary, "errors": err, "runs": runs}
     write_json(out, result)

@@ -501,7 +501,7 @@ def write_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
 
 def model_dir(opts: Options) -> Path:
     if opts.model:
-        from offload.checkpoint.plan import resolve_model_dir
+        from offload.checkpoint.locate import resolve_model_dir
 
         return resolve_model_dir(opts.model)
     built = bd.model_dir(opts)  # bench_decode's name for the same shape, plus the tokenizer's size

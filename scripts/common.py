@@ -27,8 +27,8 @@ if sys.path[:1] != [str(ROOT)]:
 
 # After the path: these must come from this checkout.
 from cli.errors import one_line_errors  # noqa: E402
-from offload.hw import machine as hardware  # noqa: E402
 from offload.files import atomic_output, partial_path, write_text_atomic  # noqa: E402
+from offload.hw import machine as hardware  # noqa: E402
 
 err = Console(stderr=True)  # progress, hints and errors; results go to stdout
 

@@ -17,10 +17,10 @@ from typing import Annotated
 import typer
 from common import atomic_path, err, machine_info, main, make_app, progress_bar, write_json
 
+from offload.amounts import Amount
 from offload.errors import ConfigError
 from offload.sim.simulate import AccessStream
 from offload.sim.sweep import SweepConfig, markdown_tables, parse_capacities, plot_sweep, sweep, to_json, write_csv
-from offload.spec import Amount
 from offload.traces.format import read_trace
 
 app = make_app(__doc__.splitlines()[0])

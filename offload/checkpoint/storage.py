@@ -4,37 +4,43 @@ DeepSeek, GLM: ``experts.N.gate_proj.*``), or one fused tensor per layer and kin
 
 Either way an expert is a list of byte ranges in the files, so the disk tier reads it with one read
 per run of adjacent ranges (a fused tensor's slice e is contiguous), and a layout of matrices in the
-checkpoint's format, which the slot layout converts from.
+checkpoint's format, which the slot layout converts from. Which tensors and matrices those are is the
+format's to say (experts/formats/); a storage only knows where they are named.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
-from offload.experts.formats.quantized import Mxfp4Format, Mxfp4Matrix
-from offload.experts.layouts import ExpertFormat, ExpertLayout, FusedColumns, InOutMatrix, Part
+from offload.checkpoint.tensors import TensorInfo
+from offload.experts.formats.base import ExpertFormat
+from offload.experts.layouts import ExpertLayout, Part, projection_shapes
 from offload.registry import lookup
 
 if TYPE_CHECKING:
     from offload.checkpoint.families import Family
-    from offload.checkpoint.plan import TensorInfo
     from offload.spec import ModelSpec
 
-def projection_shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
-    """(out, in) of gate, up and down."""
-    h, i = spec.hidden_size, spec.expert_intermediate_size
-    return ((i, h), (i, h), (h, i))
+Check = Callable[..., TensorInfo]  # checkpoint.tensors.check_tensor: the tensor's info, or an error naming it
 
 
 class ExpertStorage(Protocol):
-    def tensors(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, tensors: dict, check,
+    def names(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, layer: int,
+              expert: int) -> list[tuple[str, tuple[int, ...], str]]:
+        """(tensor name, shape, format suffix) of what holds one expert, in the format's order."""
+        ...
+
+    def tensors(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, tensors: dict, check: Check,
                 layer: int, expert: int) -> tuple[TensorInfo, ...]: ...
 
     def source_layout(self, spec: ModelSpec, fmt: ExpertFormat, parts: Sequence[Part]) -> ExpertLayout: ...
 
     def probe(self, family: Family, spec: ModelSpec) -> str: ...  # a float expert tensor's name, to detect the format
+
+    def expert_numel(self, shape: tuple[int, ...]) -> int: ...  # one expert's elements of a tensor ``names`` lists
 
 
 class PerExpert:
@@ -42,12 +48,17 @@ class PerExpert:
 
     name = "per-expert"
 
-    def tensors(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, tensors: dict, check,
+    def names(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, layer: int,
+              expert: int) -> list[tuple[str, tuple[int, ...], str]]:
+        return [(f"{module}.{suffix}", shape, suffix)
+                for module, (out, inn) in zip(family.expert_modules(layer, expert), projection_shapes(spec),
+                                              strict=True)
+                for suffix, shape in fmt.shapes(out, inn).items()]
+
+    def tensors(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, tensors: dict, check: Check,
                 layer: int, expert: int) -> tuple[TensorInfo, ...]:
-        return tuple(check(tensors, f"{module}.{suffix}", shape, fmt.dtypes(suffix))
-                     for module, (out, inn) in zip(family.expert_modules(layer, expert), projection_shapes(spec),
-                                                   strict=True)
-                     for suffix, shape in fmt.shapes(out, inn).items())
+        return tuple(check(tensors, name, shape, fmt.dtypes(suffix))
+                     for name, shape, suffix in self.names(family, spec, fmt, layer, expert))
 
     def source_layout(self, spec: ModelSpec, fmt: ExpertFormat, parts: Sequence[Part]) -> ExpertLayout:
         n = len(fmt.tensor_suffixes())
@@ -56,6 +67,9 @@ class PerExpert:
 
     def probe(self, family: Family, spec: ModelSpec) -> str:
         return f"{family.expert_modules(spec.moe_layers.index(True), 0)[0]}.weight"
+
+    def expert_numel(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape)
 
 
 def _slice(info: TensorInfo, e: int) -> TensorInfo:
@@ -66,39 +80,29 @@ def _slice(info: TensorInfo, e: int) -> TensorInfo:
 
 
 class FusedPerLayer:
-    """gpt-oss: per layer ``experts.gate_up_proj`` [E, H, 2I] (+ ``_bias`` [E, 2I]) with gate and up interleaved,
-    ``experts.down_proj`` [E, I, H] (+ bias), in (in, out) orientation as transformers saves them; or, as
-    released, MXFP4 ``*_blocks`` [E, out, in/32, 16] and ``*_scales`` [E, out, in/32] in (out, in)."""
+    """gpt-oss: per layer ``experts.<kind>`` tensors of shape [E, ...] holding every expert (the format names the
+    kinds: gate_up_proj and down_proj with biases in float, their _blocks / _scales in MXFP4); expert e is slice e."""
 
     name = "fused"
 
-    def _shapes(self, spec: ModelSpec, fmt: ExpertFormat) -> dict[str, tuple[int, ...]]:
-        e, h, i = spec.num_experts, spec.hidden_size, spec.expert_intermediate_size
-        if isinstance(fmt, Mxfp4Format):
-            return {"gate_up_proj_blocks": (e, 2 * i, h // 32, 16), "gate_up_proj_scales": (e, 2 * i, h // 32),
-                    "gate_up_proj_bias": (e, 2 * i), "down_proj_blocks": (e, h, i // 32, 16),
-                    "down_proj_scales": (e, h, i // 32), "down_proj_bias": (e, h)}
-        return {"gate_up_proj": (e, h, 2 * i), "gate_up_proj_bias": (e, 2 * i), "down_proj": (e, i, h),
-                "down_proj_bias": (e, h)}
-
-    def tensors(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, tensors: dict, check,
-                layer: int, expert: int) -> tuple[TensorInfo, ...]:
+    def names(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, layer: int,
+              expert: int) -> list[tuple[str, tuple[int, ...], str]]:
         base = f"model.layers.{layer}.{family.moe_prefix}.experts."
-        kinds = self._shapes(spec, fmt).items()
-        return tuple(_slice(check(tensors, base + name, shape, fmt.dtypes(name.rsplit("_", 1)[-1])), expert)
-                     for name, shape in kinds)
+        return [(base + name, shape, name.rsplit("_", 1)[-1]) for name, shape in fmt.fused_tensors(spec).items()]
+
+    def tensors(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, tensors: dict, check: Check,
+                layer: int, expert: int) -> tuple[TensorInfo, ...]:
+        return tuple(_slice(check(tensors, name, shape, fmt.dtypes(suffix)), expert)
+                     for name, shape, suffix in self.names(family, spec, fmt, layer, expert))
 
     def source_layout(self, spec: ModelSpec, fmt: ExpertFormat, parts: Sequence[Part]) -> ExpertLayout:
-        if isinstance(fmt, Mxfp4Format):
-            gu_blocks, gu_scales, gu_bias, d_blocks, d_scales, d_bias = parts
-            return ExpertLayout(Mxfp4Matrix(gu_blocks, gu_scales, gu_bias, 0),
-                                Mxfp4Matrix(gu_blocks, gu_scales, gu_bias, 1), Mxfp4Matrix(d_blocks, d_scales, d_bias))
-        gate_up, gate_up_bias, down, down_bias = parts
-        return ExpertLayout(FusedColumns(gate_up, gate_up_bias, 0), FusedColumns(gate_up, gate_up_bias, 1),
-                            InOutMatrix(down, down_bias))
+        return fmt.fused_layout(parts)
 
     def probe(self, family: Family, spec: ModelSpec) -> str:
         return f"model.layers.{spec.moe_layers.index(True)}.{family.moe_prefix}.experts.gate_up_proj"
+
+    def expert_numel(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape[1:])
 
 
 STORAGES: dict[str, ExpertStorage] = {s.name: s for s in (PerExpert(), FusedPerLayer())}
@@ -106,4 +110,19 @@ STORAGES: dict[str, ExpertStorage] = {s.name: s for s in (PerExpert(), FusedPerL
 
 def storage_of(family: Family) -> ExpertStorage:
     return lookup(STORAGES, family.expert_storage, "expert storage")
+
+
+def first_tensor(family: Family, spec: ModelSpec, fmt: ExpertFormat) -> str:
+    """The first tensor of the first expert in ``fmt``: its absence means the files are not in that format."""
+    return storage_of(family).names(family, spec, fmt, spec.moe_layers.index(True), 0)[0][0]
+
+
+def stored_nbytes(family: Family, spec: ModelSpec, fmt: ExpertFormat) -> int:
+    """One expert's bytes in ``fmt`` from config.json alone: each of its tensors' elements (a fused tensor's share
+    per expert) times the dtype the format usually stores it in."""
+    storage = storage_of(family)
+    total = 0
+    for _, shape, suffix in storage.names(family, spec, fmt, spec.moe_layers.index(True), 0):
+        total += storage.expert_numel(shape) * fmt.stored_dtype(suffix, spec.checkpoint_dtype).itemsize
+    return total
 

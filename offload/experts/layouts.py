@@ -15,17 +15,17 @@ The activation (how the projections combine) is the family's, picked from ``ACTI
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from offload.registry import lookup
+from offload.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from offload.spec import ModelSpec
+    pass
 
 Key = tuple[int, int]  # (layer, expert)
 Linear = Callable[[torch.Tensor], torch.Tensor]  # x [tokens, in] -> [tokens, out]
@@ -233,95 +233,14 @@ def packed_layout(hidden: int, intermediate: int, dtype: torch.dtype) -> ExpertL
 # -- formats: what a checkpoint stores per expert ---------------------------------------------------------
 
 
-class ExpertFormat(Protocol):
-    """The storage format of a checkpoint's experts."""
-
-    name: str  # what `offload info` shows: "bfloat16", "int4 g128 asym (gptq)", ...
-
-    def tensor_suffixes(self) -> tuple[str, ...]: ...  # per projection, after "<proj>."
-
-    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]: ...
-
-    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix: ...
-
-    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]: ...  # what a tensor of this format may be stored as
-
-    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout: ...  # what a cache slot holds and computes from
-
     # optional: host_layout(...) -> ExpertLayout, what the RAM tier holds when it is not the slot's layout
     # (vendor formats, dequantized per miss on CPU); see host_layout() below
 
 
-def host_layout(fmt: ExpertFormat, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                activations: torch.dtype) -> ExpertLayout:
-    """The layout the RAM tier holds experts in: the slot's (a miss is one memcpy), unless the format keeps
-    its native bytes there because converting them costs less than the memory they would take."""
-    own = getattr(fmt, "host_layout", None)
-    return (own or fmt.slot_layout)(spec, dtype, device, activations)
-
-
-@dataclass(frozen=True)
-class DenseFormat:
-    """Float experts, one ``.weight`` per projection, computed in the compute dtype."""
-
-    dtype: torch.dtype
-
-    @property
-    def name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-    def tensor_suffixes(self) -> tuple[str, ...]:
-        return ("weight",)
-
-    def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-        return {"weight": (out_features, in_features)}
-
-    def dtypes(self, suffix: str) -> tuple[torch.dtype, ...]:
-        return (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-    def source_matrix(self, parts: Sequence[Part], out_features: int, in_features: int) -> Matrix:
-        return DenseMatrix(parts[0])
-
-    def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
-        """The compute dtype's packing (float experts compute in the model's dtype, whatever ``activations``)."""
-        h, i = spec.hidden_size, spec.expert_intermediate_size
-        if not spec.expert_bias:
-            return packed_layout(h, i, dtype)
-        return pack_matrices([DenseMatrix(Part(0, dtype, (out, inn)), Part(0, dtype, (out,)))
-                              for out, inn in ((i, h), (i, h), (h, i))])
-
-    def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> None:
-        """Float checkpoints store every resident tensor as it is."""
-        return None
-
-
 # -- activations: how an expert's projections combine ------------------------------------------------
 
-Activation = Callable[[Expert, torch.Tensor], torch.Tensor]
 
-
-def swiglu(expert: Expert, x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU (Shazeer 2020): down(silu(gate x) * up x). x: [tokens, hidden] -> [tokens, hidden]."""
-    return expert.down_proj(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
-
-
-def clamped_swiglu(expert: Expert, x: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
-    """gpt-oss's SwiGLU: gate clamped above and up on both sides at ``limit``, a sigmoid with slope
-    ``alpha`` (1.702, the GELU approximation's), up shifted by one: down((up + 1) * gate * sigmoid(alpha * gate))."""
-    gate = expert.gate_proj(x).clamp(max=limit)
-    up = expert.up_proj(x).clamp(min=-limit, max=limit)
-    return expert.down_proj((up + 1) * (gate * torch.sigmoid(gate * alpha)))
-
-
-ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {"swiglu": swiglu, "clamped-swiglu": clamped_swiglu}
-
-
-def make_activation(name: str, spec: ModelSpec | None = None) -> Activation:
-    """The activation by name, bound to the spec's parameters (clamped-swiglu's limit and alpha)."""
-    fn = lookup(ACTIVATIONS, name, "expert activation")
-    if fn is clamped_swiglu:
-        limit, alpha = (spec.swiglu_limit, spec.swiglu_alpha) if spec else (7.0, 1.702)
-        return lambda expert, x: clamped_swiglu(expert, x, limit, alpha)
-    return fn
+def projection_shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """(out, in) of gate, up and down."""
+    h, i = spec.hidden_size, spec.expert_intermediate_size
+    return ((i, h), (i, h), (h, i))

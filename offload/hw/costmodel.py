@@ -27,18 +27,10 @@ computing from the host copy, which equals the normal path's result.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import torch
 
 from offload.errors import ConfigError
-from offload.hw.calibration import Calibration, gemv_format, host_copy_format
-from offload.stats import HybridStats
-
-if TYPE_CHECKING:
-    from offload.checkpoint.plan import CheckpointPlan
+from offload.hw.calibration import Calibration
 
 HYBRID_MODES = ("off", "auto", "always")
 PREFILL_TOKENS = 32  # llama.cpp: batches of >= 32 tokens copy host experts to the GPU
@@ -83,7 +75,7 @@ class ExpertCostModel:
     params: int            # parameters of one expert (3 x hidden x intermediate)
     slot_nbytes: int       # bytes a fetch copies into a slot
     stored_nbytes: int     # bytes a disk-tier miss reads
-    gpu_format: str        # calibration keys of the expert's compute on each side (calibrate.gemv_format)
+    gpu_format: str        # calibration keys of the expert's compute on each side (ExpertFormat.compute_key)
     cpu_format: str
     hidden: int
     activation_itemsize: int = 2
@@ -92,18 +84,6 @@ class ExpertCostModel:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") or self.tier not in ("ram", "disk"):
             raise ConfigError(f"no cost model for device {self.device!r} and tier {self.tier!r}")
-
-    @classmethod
-    def from_plan(cls, plan: CheckpointPlan, calibration: Calibration, device: str, tier: str,
-                  dtype: torch.dtype, activations: torch.dtype = torch.bfloat16,
-                  cpu_format: str | None = None) -> ExpertCostModel:
-        """From a checkpoint's sizes: ``cpu_format`` is the key the host copy computes at on the CPU (default:
-        calibrate.host_copy_format, the layout the RAM tier holds it in for ``device``)."""
-        spec, fmt = plan.spec, plan.expert_format
-        slot = fmt.slot_layout(spec, dtype, torch.device(device), activations).nbytes
-        return cls(calibration, device, tier, spec.expert_params, slot, plan.expert_nbytes(),
-                   gemv_format(fmt, dtype, activations, device),
-                   cpu_format or host_copy_format(fmt, dtype, activations, device), spec.hidden_size, dtype.itemsize)
 
     def read_s(self) -> float:
         """Seconds to bring the expert's bytes into host memory: a disk read for the disk tier, else nothing."""
@@ -144,31 +124,3 @@ class ExpertCostModel:
     def decide(self, mode: str, tokens: int, reuse: float = 0.0, host_can_compute: bool = True) -> str:
         """"fetch" or "cpu" for one miss (see :func:`decide`)."""
         return decide(mode, self.costs(tokens, reuse), tokens, host_can_compute, self.prefill_tokens)
-
-
-class HostCompute:
-    """The CPU branch of a hybrid run: a missed expert the cost model sends to the CPU is computed from the RAM
-    tier's host copy (no copy into a slot, nothing over the bus but the tokens' hidden states and the result).
-
-    On a CPU device this is the degenerate case: the host copy is computed in place, which equals the normal
-    path's result bit for bit (the same bytes through the same kernels) and saves the slot copy.
-    """
-
-    def __init__(self, store, costs: ExpertCostModel, mode: str, stats: HybridStats) -> None:
-        self.store, self.costs, self.mode, self.stats = store, costs, check_mode(mode), stats
-        self.host_can_compute = getattr(store, "tier", "") == "ram"
-
-    def wants(self, tokens: int, reuse: float = 0.0) -> bool:
-        """Whether a miss of ``tokens`` tokens should be computed on the CPU (counts a fetch otherwise)."""
-        choice = self.costs.decide(self.mode, tokens, reuse, self.host_can_compute)
-        if choice == "fetch":
-            self.stats.record("fetch", self.costs.slot_nbytes, tokens)
-        return choice == "cpu"
-
-    def run(self, key: tuple[int, int], x: torch.Tensor, activation) -> torch.Tensor:
-        """The expert's output for x [tokens, hidden] (on any device), computed on the host copy."""
-        start = time.perf_counter()
-        buf, layout = self.store.fetch(key, None)
-        y = activation(layout.bind(buf), x.to(buf.device)).to(x.device)
-        self.stats.record("cpu", self.costs.slot_nbytes, x.shape[0], time.perf_counter() - start)
-        return y

@@ -29,17 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
-import torch
-
+from offload.amounts import parse_budget
 from offload.errors import ConfigError
-from offload.hw.calibration import Calibration, gemv_format, host_copy_format
+from offload.hw.calibration import Calibration
 from offload.hw.costmodel import ExpertCostModel
-from offload.spec import parse_budget
-
-if TYPE_CHECKING:
-    from offload.checkpoint.plan import CheckpointPlan
 
 NEAR_BEST = 0.95  # the recommended budget is the smallest within 5% of the fastest that fits
 
@@ -60,7 +54,7 @@ class ModelSizes:
     num_experts: int
     top_k: int
     hidden: int
-    fmt: str                     # calibration key of an expert's compute on the device (calibrate.gemv_format)
+    fmt: str                     # calibration key of an expert's compute on the device (ExpertFormat.compute_key)
     cpu_fmt: str                 # ... and of its host copy on the CPU (hybrid's other side)
     itemsize: int = 2            # the compute dtype's bytes (dense weights, the hybrid round trip's hidden states)
     dense_fmt: str = "bfloat16"  # calibration key of the dense weights' GEMVs: the compute dtype
@@ -73,29 +67,6 @@ class ModelSizes:
     def active(self) -> int:
         """Expert uses of one decode token."""
         return self.num_moe_layers * self.top_k
-
-    @classmethod
-    def from_plan(cls, plan: CheckpointPlan, device: str, dtype: torch.dtype | None = None,
-                  activations: torch.dtype = torch.bfloat16) -> ModelSizes:
-        """From a validated checkpoint: ``dtype`` is the compute dtype (None: the checkpoint's)."""
-        spec, fmt = plan.spec, plan.expert_format
-        dtype = dtype or spec.checkpoint_dtype
-        numel = {name: _numel(info.shape) for name, info in plan.dense.items()}
-        dense = sum(numel.values()) * dtype.itemsize
-        embed = numel["model.embed_tokens.weight"] * dtype.itemsize if "lm_head.weight" in numel else 0
-        slot = fmt.slot_layout(spec, dtype, torch.device(device), activations).nbytes
-        return cls(dense, dense - embed, plan.expert_nbytes(), slot, spec.expert_params, spec.num_layers,
-                   spec.num_moe_layers,
-                   spec.num_experts, spec.top_k, spec.hidden_size, gemv_format(fmt, dtype, activations, device),
-                   host_copy_format(fmt, dtype, activations, device), dtype.itemsize,
-                   str(dtype).removeprefix("torch."))
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)
@@ -145,30 +116,6 @@ def uniform_miss_rate(sizes: ModelSizes) -> MissRate:
     def rate(slots: int) -> tuple[float, float]:
         hit = min(slots / sizes.total_experts, 1.0)
         return hit, sizes.active * (1.0 - hit)
-    return rate
-
-
-def trace_miss_rate(path: str, sizes: ModelSizes) -> MissRate:
-    """A recorded trace's decode tokens (all its tokens if it has none) through the simulator's global LRU cache.
-    Analysis code, imported here and not at the top, so that the runtime never pulls it in."""
-    from offload.sim.simulate import AccessStream, simulate
-    from offload.traces.format import PHASES, read_trace
-
-    trace = read_trace(path)
-    h = trace.header
-    if (h.num_layers, h.num_experts, h.top_k) != (sizes.num_moe_layers, sizes.num_experts, sizes.top_k):
-        raise ConfigError(f"trace {path} was recorded on {h.num_layers} MoE layers x {h.num_experts} experts, "
-                          f"top-{h.top_k}; this checkpoint has {sizes.num_moe_layers} x {sizes.num_experts}, "
-                          f"top-{sizes.top_k}", "record one on this model with `offload trace`")
-    decode = trace.phase == PHASES.index("decode")
-    experts = trace.experts[decode] if decode.any() else trace.experts
-    if not len(experts):
-        raise ConfigError(f"trace {path} holds no tokens", "record one with `offload trace`")
-    stream = AccessStream.from_experts(experts, h.num_experts)
-
-    def rate(slots: int) -> tuple[float, float]:
-        result = simulate(stream, "lru", "global", slots)
-        return result.hit_rate, result.misses_per_token
     return rate
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from offload.amounts import parse_budget
 from offload.checkpoint.plan import CheckpointPlan
 from offload.errors import BudgetError
 from offload.experts.layouts import ExpertLayout
@@ -34,7 +35,8 @@ from offload.memory import transfer
 from offload.memory.transfer import DirectReader, DiskExpertStore
 from offload.model.attention import attention_class
 from offload.runtime.batch import BatchConfig
-from offload.spec import ModelSpec, RuntimeConfig, parse_budget
+from offload.runtime.config import RuntimeConfig
+from offload.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

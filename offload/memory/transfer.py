@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from offload.checkpoint.plan import TensorInfo
+from offload.checkpoint.tensors import TensorInfo
 from offload.experts.layouts import ExpertLayout, Key, Part
 from offload.registry import lookup
 

@@ -1,34 +1,61 @@
 """The forward pass: embeddings, decoder layers made of the family's attention / router / activation
-pieces, and MoE blocks whose experts come from the expert cache. Dense weights stay resident;
+pieces, and MoE blocks whose experts come from an expert source. Dense weights stay resident;
 experts do not. Family differences live in ModelSpec and the pieces, not in branches here.
+
+The model layer sits below the memory hierarchy: what it needs from the expert cache, the prefetcher and the
+hybrid CPU branch is written here as three small protocols (ExpertSource, StepHook, HostBranch), which
+offload/memory/ implements, so the forward never imports the layers that serve it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from offload.checkpoint.families import Family
-from offload.experts.layouts import Activation, Expert, make_activation
-from offload.memory.cache import ExpertCache
+from offload.experts.activations import Activation, make_activation
+from offload.experts.layouts import Expert, Key
 from offload.model.attention import Attention, attention_class, attention_masks, rms_norm
 from offload.model.kv import KVCache, KVPool
 from offload.model.rope import RotaryEmbedding
-from offload.model.routers import SoftmaxTopK, router_class
+from offload.model.routers import Router
 from offload.spec import ModelSpec
 from offload.stats import Stats
 
-if TYPE_CHECKING:
-    from offload.hw.costmodel import HostCompute
-    from offload.memory.prefetch import Prefetcher
-
 # Called after each MoE layer routes: (layer, expert ids [tokens, k], weights [tokens, k]).
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class ExpertSource(Protocol):
+    """Where a MoE block's experts come from (the expert cache, memory/cache.py)."""
+
+    def __contains__(self, key: Key) -> bool: ...  # resident now (a hit)
+
+    def step(self, layer: int, needed: list[int]) -> Iterable[tuple[int, Expert]]:
+        """One layer step: yields (expert id, Expert) for every id in ``needed``, each usable until the next."""
+        ...
+
+
+class StepHook(Protocol):
+    """Told where a forward step is, so it can load experts ahead of use (the prefetcher, memory/prefetch.py)."""
+
+    def begin_step(self, valid: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor) -> None: ...
+
+    def after_route(self, layer: int, experts: torch.Tensor, hidden: torch.Tensor) -> None: ...
+
+    def end_step(self) -> None: ...
+
+
+class HostBranch(Protocol):
+    """Computes a missed expert from its host copy instead of fetching it (hybrid, memory/hostcompute.py)."""
+
+    def wants(self, tokens: int) -> bool: ...
+
+    def run(self, key: Key, x: torch.Tensor, activation: Activation) -> torch.Tensor: ...
 
 
 @dataclass
@@ -38,46 +65,18 @@ class DecoderLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     attention: Attention
-    router: SoftmaxTopK | None = None            # MoE layers
+    router: Router | None = None            # MoE layers
     dense_mlp: Expert | None = None         # dense layers (mlp_only_layers, sparse step)
     shared_mlp: Expert | None = None        # shared experts (Qwen2-MoE, DeepSeek, GLM) ...
     shared_gate: torch.Tensor | None = None      # ... and, for Qwen2-MoE, their sigmoid gate [1, hidden]
 
 
-def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
-    gate, up, down = group.values()  # gate, up, down in the order families.py lists them
-    return Expert.dense(gate, up, down)
-
-
-def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str], torch.Tensor]) -> DecoderLayer:
-    """Layer ``layer``'s pieces from its tensors, named once in ``Family.layer_tensors``."""
-    groups = {piece: {name: get(name) for name in shapes}
-              for piece, shapes in family.layer_tensors(spec, layer).items()}
-    prefix = f"model.layers.{layer}"
-
-    def relative(piece: str, to: str) -> dict[str, torch.Tensor]:
-        return {name.removeprefix(f"{prefix}.{to}."): t for name, t in groups[piece].items()}  # names under ``to``
-
-    out = DecoderLayer(
-        input_norm=next(iter(groups["input_norm"].values())), post_norm=next(iter(groups["post_norm"].values())),
-        attention=attention_class(family.attention)(spec, relative("attention", "self_attn")))
-    if "router" in groups:
-        router = f"{family.moe_prefix}.{family.router_module}"
-        out.router = router_class(family.router)(spec, relative("router", router))
-    if "dense_mlp" in groups:
-        out.dense_mlp = _mlp(groups["dense_mlp"])
-    if "shared_mlp" in groups:
-        out.shared_mlp = _mlp(groups["shared_mlp"])
-    if "shared_gate" in groups:
-        out.shared_gate = next(iter(groups["shared_gate"].values()))
-    return out
-
-
 class MoEModel:
     """A decoder-only MoE transformer whose experts are served by an ExpertCache."""
 
-    def __init__(self, spec: ModelSpec, family: Family, embed: torch.Tensor, layers: list[DecoderLayer],
-                 final_norm: torch.Tensor, lm_head: torch.Tensor, cache: ExpertCache, stats: Stats) -> None:
+    def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], final_norm: torch.Tensor,
+                 lm_head: torch.Tensor, cache: ExpertSource, stats: Stats, activation: str = "swiglu",
+                 attention: str = "gqa") -> None:
         self.spec = spec
         self.embed = embed
         self.layers = layers
@@ -85,13 +84,13 @@ class MoEModel:
         self.lm_head = lm_head
         self.cache = cache
         self.stats = stats
-        self.activation: Activation = make_activation(family.activation, spec)
+        self.activation: Activation = make_activation(activation, spec)
         self.route_observers: list[RouteObserver] = []
-        self.prefetcher: Prefetcher | None = None  # set by from_pretrained when a predictor is chosen
-        self.host_compute: HostCompute | None = None  # set by from_pretrained with --hybrid auto|always
+        self.prefetcher: StepHook | None = None  # set by from_pretrained when a predictor is chosen
+        self.host_compute: HostBranch | None = None  # set by from_pretrained with --hybrid auto|always
         self.device = embed.device
         self.dtype = embed.dtype
-        attention = attention_class(family.attention)
+        attention = attention_class(attention)
         self.rope = RotaryEmbedding(spec.rope, attention.rotary_dim(spec), self.dtype, self.device)
         self.kv_shapes = [attention.cache_shapes(spec)] * spec.num_layers  # what a KV cache stores per layer
 
@@ -109,7 +108,7 @@ class MoEModel:
         order, as transformers' grouped experts path does. The result is therefore bit-identical
         whatever order the cache delivers experts in, i.e. for every budget, policy and predictor.
         """
-        experts, weights = lw.router(x)  # [tokens, k]
+        experts, weights = lw.router.select(x)  # [tokens, k]
         for observer in self.route_observers:
             observer(layer, experts, weights)
         needed = experts.unique(sorted=True).tolist()

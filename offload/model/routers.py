@@ -1,22 +1,34 @@
-"""MoE routers behind a registry: token hidden states -> top-k experts and their weights.
+"""MoE routers behind a registry and one protocol: token hidden states -> top-k experts and their weights.
 
 A family adapter names its router (``Family.router``). Each router declares its tensors (names
 relative to the router module, e.g. ``mlp.gate.``), routes tokens exactly as the family's
-transformers code does, and ranks experts for the pre-gating predictor by its own selection rule
-(``selection_scores``), so a prediction picks what the layer would pick.
+transformers code does (``select``), and scores every expert by its own selection rule (``scores``),
+so that the pre-gating predictor and batching's admission guess pick what the layer would pick
+without reaching into any router's weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from offload.registry import lookup
 from offload.spec import ModelSpec
+
+
+class Router(Protocol):
+    """What the MoE block, the pre-gating predictor and batching need of a router."""
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [tokens, hidden] -> experts [tokens, k] (best first), routing weights [tokens, k]."""
+        ...
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, hidden] -> float32 [tokens, experts] whose order within a row is the routing's choice."""
+        ...
 
 
 class SoftmaxTopK:
@@ -39,7 +51,7 @@ class SoftmaxTopK:
         self.normalize = spec.norm_topk_prob
         self.fp32_weights = spec.router_fp32_weights
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [tokens, hidden] -> experts [tokens, k] (best first), weights [tokens, k]."""
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits.float(), dim=-1)
@@ -50,9 +62,14 @@ class SoftmaxTopK:
             weights = weights.to(logits.dtype)
         return experts, weights
 
-    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
-        """[tokens, experts] router logits -> scores whose order is the routing's (softmax keeps it)."""
-        return logits
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 router logits [tokens, experts] (with the router's bias, if it has one)."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits: softmax keeps their order."""
+        return self.logits(x)
 
 
 class TopKSoftmax(SoftmaxTopK):
@@ -64,12 +81,9 @@ class TopKSoftmax(SoftmaxTopK):
     def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         return {"weight": (spec.num_experts, spec.hidden_size), "bias": (spec.num_experts,)}
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top, experts = torch.topk(F.linear(x, self.weight, self.bias), self.top_k, dim=-1)
         return experts, torch.softmax(top, dim=-1, dtype=top.dtype)
-
-    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
-        return logits + self.bias.float().numpy(force=True)
 
 
 class SigmoidGroups(SoftmaxTopK):
@@ -100,7 +114,7 @@ class SigmoidGroups(SoftmaxTopK):
         keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
         return per_group.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
         experts = torch.topk(self._choice(scores), self.top_k, dim=-1).indices
         weights = scores.gather(1, experts)
@@ -108,8 +122,9 @@ class SigmoidGroups(SoftmaxTopK):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return experts, weights * self.scale
 
-    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
-        return self._choice(torch.sigmoid(torch.from_numpy(logits).float())).numpy()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The biased sigmoid scores, experts outside the chosen groups at -inf."""
+        return self._choice(torch.sigmoid(F.linear(x.float(), self.weight.float())))
 
 
 class SoftmaxGroups(SoftmaxTopK):
@@ -131,13 +146,14 @@ class SoftmaxGroups(SoftmaxTopK):
         keep.scatter_(1, per_group.amax(-1).topk(self.topk_group, dim=-1).indices, True)
         return per_group.masked_fill(~keep[..., None], 0.0).view_as(scores)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
         weights, experts = torch.topk(self._choice(scores), self.top_k, dim=-1)
         return experts, weights * self.scale
 
-    def selection_scores(self, logits: np.ndarray) -> np.ndarray:
-        return self._choice(torch.softmax(torch.from_numpy(logits).float(), dim=-1)).numpy()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax, experts outside the chosen groups at 0."""
+        return self._choice(torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1))
 
 
 ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups,

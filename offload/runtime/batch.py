@@ -128,7 +128,7 @@ def first_layer_routes(model: MoEModel, prompts: Sequence[list[int]]) -> list[np
     for ids in prompts:
         x = rms_norm(F.embedding(torch.tensor(ids, device=model.device), model.embed), layer.post_norm,
                      model.spec.rms_norm_eps)
-        routes.append(layer.router(x)[0].numpy(force=True))  # the router's own top-k, best first
+        routes.append(layer.router.select(x)[0].numpy(force=True))  # the router's own top-k, best first
     return routes
 
 

@@ -16,28 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from offload.checkpoint import plan as ckpt
+from offload.amounts import parse_budget, parse_prefetch_budget
+from offload.checkpoint.locate import read_json_if_present
 from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
 from offload.errors import CheckpointError, ConfigError, DeviceError, OffloadError
-from offload.experts.layouts import ExpertLayout, host_layout
+from offload.experts.layouts import ExpertLayout
+from offload.hw.calibration import Calibration
 from offload.hw.machine import gpu_memories, host_memory
 from offload.memory.budget import resolve_expert_budget
 from offload.memory.cache import ExpertCache
+from offload.memory.hostcompute import HostCompute, expert_cost_model
 from offload.memory.policies import make_policy
+from offload.memory.prefetch import PrefetchConfig, Prefetcher
 from offload.memory.transfer import DirectReader, DiskExpertStore, ExpertStore, RamExpertStore, slot_nbytes
-from offload.model.forward import MoEModel, build_layer
-from offload.runtime.batch import BatchConfig, Completion
+from offload.model.forward import MoEModel
+from offload.runtime.assemble import ProgressFn, build_model
+from offload.runtime.batch import BatchConfig, Completion, generate_many
+from offload.runtime.config import RuntimeConfig
 from offload.runtime.generate import generate as _generate
 from offload.runtime.sampling import SamplingConfig
-from offload.spec import RuntimeConfig, parse_budget, parse_prefetch_budget
 from offload.stats import Stats
+from predictors import PREDICTORS, MoEShape
 
 log = logging.getLogger(__name__)
-
-# progress(stage, done, total): stage is "dense" or "experts"
-ProgressFn = Callable[[str, int, int], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,26 +49,6 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"device {name!r} was asked for but CUDA is not available here",
                           "use --device cpu (or auto), or install a CUDA build of torch")
     return torch.device(name)
-
-
-class _TensorLoader:
-    """Loads tensors through safetensors' memory map, one open handle per file; a quantized resident
-    projection (GPTQ attention) is dequantized to float32 here, once."""
-
-    def __init__(self) -> None:
-        self._handles: dict[Path, object] = {}
-
-    def __call__(self, info: ckpt.TensorInfo | ckpt.QuantizedTensor) -> torch.Tensor:
-        if isinstance(info, ckpt.QuantizedTensor):
-            parts = {suffix: self(t) for suffix, t in info.parts.items()}
-            return info.fmt.dense_weight(parts, info.name.removesuffix(".weight"), *info.shape)
-        if info.path not in self._handles:
-            self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
-        try:
-            return self._handles[info.path].get_tensor(info.name)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"cannot read tensor {info.name!r} from {info.path} ({e})",
-                                  "re-download the file") from None
 
 
 class OffloadModel:
@@ -143,7 +125,6 @@ class OffloadModel:
         and sampling options. ``scheduler="expert-aware"`` picks each step's batch to need few distinct
         experts; a request's tokens are the same under every scheduler, batch size and budget.
         """
-        from offload.runtime.batch import generate_many
 
         batch_names = {f.name for f in dataclasses.fields(BatchConfig)}
         config = self.batch_config(**{k: v for k, v in options.items() if k in batch_names})
@@ -191,17 +172,17 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
     slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
     runtime = resolve_expert_budget(plan, runtime, slot_layout, compute_dtype, device)  # auto -> slots; fits?
-    loader, stats = _TensorLoader(), Stats()
-    host = host_layout(plan.expert_format, plan.spec, compute_dtype, device, runtime.quant_activations)
+    stats = Stats()
+    host = plan.expert_format.host_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
     store = _make_store(plan, runtime, host, device, progress)
     cache = _make_cache(plan, runtime, store, slot_layout, device, stats)
-    model = _build_model(plan, cache, stats, loader, compute_dtype, device, progress)
+    model = build_model(plan, cache, stats, compute_dtype, device, progress)
     if runtime.predictor != "none":
         model.prefetcher = _make_prefetcher(model, runtime, plan.path)
     if runtime.hybrid != "off":
         model.host_compute = _make_host_compute(plan, runtime, store, compute_dtype, device, stats)
     tokenizer = _load_tokenizer(plan.path)
-    generation_config = ckpt.read_json_if_present(plan.path / "generation_config.json")
+    generation_config = read_json_if_present(plan.path / "generation_config.json")
     log.info("loaded %s: %d of %d experts fit the cache (%s tier, %s)", plan.path, cache.num_slots,
              plan.spec.total_experts, runtime.offload_to, runtime.policy)
     return OffloadModel(plan, model, runtime, tokenizer, generation_config)
@@ -227,25 +208,8 @@ def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore
                        async_loads=runtime.predictor != "none", layers=layers)
 
 
-def _build_model(plan: CheckpointPlan, cache: ExpertCache, stats: Stats, loader: _TensorLoader, dtype: torch.dtype,
-                 device: torch.device, progress: ProgressFn | None) -> MoEModel:
-    """Load every resident tensor once, in the compute dtype on the device, and assemble the layers."""
-    dense: dict[str, torch.Tensor] = {}
-    for n, (name, info) in enumerate(plan.dense.items()):
-        dense[name] = loader(info).to(device=device, dtype=dtype)
-        if progress:
-            progress("dense", n + 1, len(plan.dense))
-    spec, family = plan.spec, plan.family
-    layers = [build_layer(spec, family, i, dense.__getitem__) for i in range(spec.num_layers)]
-    embed = dense["model.embed_tokens.weight"]
-    return MoEModel(spec, family, embed, layers, dense["model.norm.weight"], dense.get("lm_head.weight", embed),
-                    cache, stats)
-
-
 def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, folder: Path):
     """The runtime's predictor, built through its registry entry's from_model hook, and its prefetcher."""
-    from offload.memory.prefetch import PrefetchConfig, Prefetcher
-    from predictors import PREDICTORS, MoEShape
 
     spec = model.spec
     shape = MoEShape(spec.num_moe_layers, spec.num_experts, spec.top_k)
@@ -258,10 +222,8 @@ def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, folder: Path):
 def _make_host_compute(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, dtype: torch.dtype,
                        device: torch.device, stats: Stats):
     """The hybrid CPU branch: the cost model (this machine's `offload bench-hw` calibration) over the host copy."""
-    from offload.hw.calibration import Calibration
-    from offload.hw.costmodel import ExpertCostModel, HostCompute
 
-    costs = ExpertCostModel.from_plan(plan, Calibration.load(), device.type, runtime.offload_to, dtype,
+    costs = expert_cost_model(plan, Calibration.load(), device.type, runtime.offload_to, dtype,
                                       runtime.quant_activations)
     return HostCompute(store, costs, runtime.hybrid, stats.hybrid)
 

@@ -41,7 +41,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from offload.checkpoint.plan import read_json_if_present
+from offload.checkpoint.locate import read_json_if_present
 from offload.errors import CheckpointError, ConfigError
 
 TEMPLATE_FILE = "chat_template.jinja"

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from offload.amounts import Amount
 from offload.errors import BudgetError, ConfigError
 from offload.sim.simulate import SIM_POLICIES, AccessStream, check_policy, simulate
-from offload.spec import Amount
 
 SCHEMA = "offload-sweep/1"
 _RANGE = re.compile(r"^(\d+)-(\d+)$")

@@ -25,10 +25,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from offload.checkpoint.plan import CheckpointPlan, TensorInfo, plan_checkpoint
+from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
+from offload.checkpoint.tensors import TensorInfo
 from offload.errors import ConfigError
 from offload.experts import quant
-from offload.experts.layouts import DenseFormat
+from offload.experts.formats.compressed_tensors import compressed_tensors_config, compressed_tensors_pack
 from offload.experts.quant import QuantScheme
 from offload.files import atomic_output
 
@@ -56,7 +57,7 @@ def _check_paths(plan: CheckpointPlan, out: Path) -> Path:
 
 
 def _check_scheme(plan: CheckpointPlan, scheme: QuantScheme) -> None:
-    if not isinstance(plan.expert_format, DenseFormat):
+    if plan.expert_format.float_dtype is None:
         raise ConfigError(f"{plan.path} is already quantized ({plan.expert_format.name})",
                           "quantize a float checkpoint")
     for dim in {plan.spec.hidden_size, plan.spec.expert_intermediate_size}:
@@ -71,7 +72,7 @@ def _expert_targets(plan: CheckpointPlan) -> list[str]:
 
 def _write_config(plan: CheckpointPlan, tmp: Path, scheme: QuantScheme) -> None:
     cfg = json.loads((plan.path / "config.json").read_text())
-    cfg["quantization_config"] = quant.compressed_tensors_config(scheme, ["lm_head"], tuple(_expert_targets(plan)))
+    cfg["quantization_config"] = compressed_tensors_config(scheme, ["lm_head"], tuple(_expert_targets(plan)))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     weights = {t.path for t in plan.tensors.values()}
     for path in plan.path.iterdir():  # tokenizer, generation and chat config, a shipped predictor, ...
@@ -115,7 +116,7 @@ def _quantized_shard(shard: list[TensorInfo], experts: set[str], scheme: QuantSc
             tensors[info.name] = w
             continue
         q = quant.quantize(w, scheme, scale_dtype=torch.bfloat16, clip_search=clip_search)
-        packed = quant.compressed_tensors_pack(q)
+        packed = compressed_tensors_pack(q)
         tensors |= {f"{info.name.removesuffix('.weight')}.{k}": v for k, v in packed.items()}
         tick(info.nbytes, sum(v.numel() * v.itemsize for v in packed.values()))
     return tensors

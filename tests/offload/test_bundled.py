@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import offload
 from cli.main import app
-from offload.checkpoint.plan import BUNDLED_DIR, bundled_models, resolve_model_dir
+from offload.checkpoint.locate import BUNDLED_DIR, bundled_models, resolve_model_dir
 from offload.files import read_prompts
 from offload.traces.format import read_trace
 

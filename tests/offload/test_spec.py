@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import offload
+from offload.amounts import Amount, parse_budget, parse_prefetch_budget
 from offload.errors import BudgetError, CheckpointError, ConfigError, PolicyError
-from offload.spec import Amount, RuntimeConfig, parse_budget, parse_prefetch_budget
+from offload.runtime.config import RuntimeConfig
 
 
 def test_budget_parsing():

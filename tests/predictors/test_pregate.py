@@ -32,11 +32,21 @@ def test_scores_are_each_next_layers_router_on_the_normed_state(tiny_dir):
         np.testing.assert_allclose(scores[j], expected.numpy(), rtol=1e-5, atol=1e-5)  # float32 either way
 
 
+class _Logits:
+    """The smallest Router for pregate: scores are plain logits."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
 def test_needs_weights_and_hidden_states():
     shape = MoEShape(2, 4, 2)
     with pytest.raises(ConfigError, match="needs the router and norm weights"):
         PreGate(shape)
-    pre = PreGate(shape, routers=[torch.randn(4, 8)] * 2, norms=[torch.ones(8)] * 2)
+    pre = PreGate(shape, routers=[_Logits(torch.randn(4, 8))] * 2, norms=[torch.ones(8)] * 2)
     with pytest.raises(ConfigError, match="traces do not hold"):
         pre.predict(RouteContext(0, np.zeros((1, 1, 2), dtype=np.int64), np.full((1, 2, 2), -1)), 1)
     empty = pre.predict(RouteContext(1, np.zeros((1, 2, 2), dtype=np.int64), np.full((1, 2, 2), -1),

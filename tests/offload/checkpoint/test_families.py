@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from offload.amounts import parse_budget
 from offload.checkpoint.families import family_for_config
-from offload.spec import parse_budget
 from tests.paths import DATA
 
 CONFIGS = DATA / "configs"

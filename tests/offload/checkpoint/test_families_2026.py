@@ -14,7 +14,8 @@ import torch
 
 import offload
 from offload.checkpoint.families import family_for_config
-from offload.experts.formats.quantized import Fp8BlockFormat, Mxfp4Format, Mxfp4Matrix, mxfp4_dequantize
+from offload.experts.formats.fp8 import Fp8BlockFormat
+from offload.experts.formats.mxfp4 import Mxfp4Format, Mxfp4Matrix, mxfp4_dequantize
 from offload.experts.layouts import DenseMatrix
 from offload.model.kv import KVCache
 from tests.offload.model.test_forward import _min_gap, _prompts
@@ -125,7 +126,7 @@ def test_pregate_ranks_by_each_routers_own_rule(tiny_dir, family):
     from offload.model.attention import rms_norm
     from predictors import RouteContext
 
-    experts, _ = layer.router(rms_norm(hidden, layer.post_norm, model.spec.rms_norm_eps))
+    experts, _ = layer.router.select(rms_norm(hidden, layer.post_norm, model.spec.rms_norm_eps))
     ctx = RouteContext(0, np.zeros((5, 1, model.spec.top_k), dtype=np.int64),
                        np.full((5, len(moe), model.spec.top_k), -1), hidden)
     scores = pre.predict(ctx, 1)[0]  # [tokens, experts]

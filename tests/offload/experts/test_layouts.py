@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from offload.errors import ConfigError
-from offload.experts.layouts import (
-    DenseMatrix,
-    Expert,
-    ExpertLayout,
-    Part,
-    make_activation,
-    pack_matrices,
-    packed_layout,
-    swiglu,
-)
+from offload.experts.activations import make_activation, swiglu
+from offload.experts.layouts import DenseMatrix, Expert, ExpertLayout, Part, pack_matrices, packed_layout
 
 H, I = 8, 12
 

@@ -22,6 +22,10 @@ from hypothesis import strategies as st
 
 from offload.errors import CheckpointError, ConfigError, UnsupportedModelError
 from offload.experts import quant as Q
+from offload.experts.formats import compressed_tensors as CT
+from offload.experts.formats import gptq as G
+from offload.experts.formats.registry import format_from_config
+from offload.experts.kernels import torch_cpu as K
 from tests import reference as R
 from tests.paths import DATA
 from tests.quant_checkpoints import (
@@ -120,17 +124,17 @@ def test_clip_search_never_worse_and_helps_int4(bits, group, sym):
 
 
 def test_layout_probe_knows_this_cpu():
-    layout = Q.cpu_int4_layout()
+    layout = K.cpu_int4_layout()
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability in Q.INT4_CPU_LAYOUTS:
-        assert layout == Q.INT4_CPU_LAYOUTS[capability]
+    if capability in K.INT4_CPU_LAYOUTS:
+        assert layout == K.INT4_CPU_LAYOUTS[capability]
 
 
 @pytest.mark.parametrize("n, k", [(16, 32), (48, 64), (80, 32), (208, 128), (512, 256)])
 def test_fast_repacker_bit_exact_with_torch(n, k):
     codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int32)
     want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(Q.plain_to_cpu_int4(Q.pack_nibbles(codes)), want)
+    assert torch.equal(K.plain_to_cpu_int4(Q.pack_nibbles(codes)), want)
 
 
 @settings(max_examples=25, deadline=None)
@@ -139,7 +143,7 @@ def test_fast_repacker_any_kernel_shape(n16, k16, seed):
     codes = torch.randint(0, 16, (16 * n16, 16 * k16), generator=torch.Generator().manual_seed(seed),
                           dtype=torch.int32)
     want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(Q.plain_to_cpu_int4(Q.pack_nibbles(codes)), want)
+    assert torch.equal(K.plain_to_cpu_int4(Q.pack_nibbles(codes)), want)
 
 
 def test_fast_repacker_writes_into_a_given_buffer_and_refuses_a_wrong_one():
@@ -147,39 +151,40 @@ def test_fast_repacker_writes_into_a_given_buffer_and_refuses_a_wrong_one():
     want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     slot = torch.full((48 * 32 + 8,), 0xAA, dtype=torch.uint8)  # a cache slot with a neighbour after the matrix
     out = slot[: 48 * 32].view(48, 32)
-    assert Q.plain_to_cpu_int4(Q.pack_nibbles(codes), out=out) is out and torch.equal(out, want)
+    assert K.plain_to_cpu_int4(Q.pack_nibbles(codes), out=out) is out and torch.equal(out, want)
     assert torch.equal(slot[48 * 32:], torch.full((8,), 0xAA, dtype=torch.uint8))  # nothing written past it
     with pytest.raises(ValueError, match="out must be a contiguous uint8"):
-        Q.plain_to_cpu_int4(Q.pack_nibbles(codes), out=torch.empty(48, 16, dtype=torch.uint8))
+        K.plain_to_cpu_int4(Q.pack_nibbles(codes), out=torch.empty(48, 16, dtype=torch.uint8))
 
 
 def test_int8_kernel_pack_writes_into_a_given_buffer():
     q = Q.quantize(_w(32, 64), Q.QuantScheme(8, None, True))
-    want_w, want_s = Q.int8_kernel_pack(q)
+    want_w, want_s = K.int8_kernel_pack(q)
     out = torch.empty(32, 64, dtype=torch.int8)
-    w, s = Q.int8_kernel_pack(q, out=out)
+    w, s = K.int8_kernel_pack(q, out=out)
     assert w is out and torch.equal(out, want_w) and torch.equal(s, want_s)
     with pytest.raises(ValueError, match="out must be a contiguous int8"):
-        Q.int8_kernel_pack(q, out=torch.empty(32, 64, dtype=torch.uint8))
+        K.int8_kernel_pack(q, out=torch.empty(32, 64, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("group_size, kernel_group", [(128, 128), (256, 64), (64, 32)])
 def test_tinygemm_scales_and_zeros_repeat_each_checkpoint_group(group_size, kernel_group):
     gen = torch.Generator().manual_seed(group_size)
     scales, zeros = torch.rand(16, 3, generator=gen), torch.randint(0, 16, (16, 3), generator=gen).float()
-    got = Q.int4_scales_and_zeros(scales, zeros, group_size, kernel_group)
+    got = K.int4_scales_and_zeros(scales, zeros, group_size, kernel_group)
     reps = group_size // kernel_group
     assert got.shape == (3 * reps, 16, 2) and got.dtype == torch.bfloat16
     for g in range(3 * reps):  # kernel group g lies in checkpoint group g // reps: (s, s * (8 - zero))
         s, z = scales[:, g // reps], zeros[:, g // reps]
         assert torch.equal(got[g, :, 0], s.to(torch.bfloat16)) and torch.equal(got[g, :, 1], (s * (8 - z)).bfloat16())
     out = torch.empty_like(got)
-    assert Q.int4_scales_and_zeros(scales, zeros, group_size, kernel_group, out=out) is out and torch.equal(out, got)
+    assert K.int4_scales_and_zeros(scales, zeros, group_size, kernel_group, out=out) is out and torch.equal(out, got)
 
 
 _OTHER_CAPABILITY = """
 import torch
-from offload.experts.quant import cpu_int4_layout, pack_nibbles, plain_to_cpu_int4
+from offload.experts.kernels.torch_cpu import cpu_int4_layout, plain_to_cpu_int4
+from offload.experts.quant import pack_nibbles
 codes = torch.randint(0, 16, (208, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
 want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
 layout = cpu_int4_layout()
@@ -210,10 +215,10 @@ def test_fast_repacker_on_other_cpu_capabilities():
 def test_int4_linear_matches_dequantized_matmul(bits, group, sym, n, tokens, dtype):
     q = Q.quantize(_w(n, 1024, seed=n), Q.QuantScheme(bits, group, sym))
     x = _w(tokens, 1024, seed=7).to(dtype)
-    packed, sz = Q.int4_kernel_pack(q)
-    kernel_group = Q.int4_kernel_group(n, 1024, group)
+    packed, sz = K.int4_kernel_pack(q)
+    kernel_group = K.int4_kernel_group(n, 1024, group)
     assert kernel_group == min(group or 1024, 256) == 1024 // sz.shape[0]
-    y = Q.int4_linear(x, packed, kernel_group, sz)
+    y = K.int4_linear(x, packed, kernel_group, sz)
     ref = R.ref_linear(x, R.ref_dequantize(q.codes, q.scales, q.zeros, group))
     assert y.dtype == dtype and y.shape == (tokens, n)
     assert _rel(y, ref) < KERNEL_TOL  # bf16 activations, scales and outputs: see the module docstring
@@ -223,8 +228,8 @@ def test_int4_linear_matches_dequantized_matmul(bits, group, sym, n, tokens, dty
 def test_int8_linear_matches_dequantized_matmul(n, tokens, dtype):
     q = Q.quantize(_w(n, 256, seed=n), Q.QuantScheme(8, None, True))
     x = _w(tokens, 256, seed=3).to(dtype)
-    w, scales = Q.int8_kernel_pack(q)
-    y = Q.int8_linear(x, w, scales)
+    w, scales = K.int8_kernel_pack(q)
+    y = K.int8_linear(x, w, scales)
     ref = R.ref_linear(x, R.ref_dequantize(q.codes, q.scales, q.zeros, None))
     assert y.dtype == dtype and y.shape == (tokens, n)
     assert _rel(y, ref) < KERNEL_TOL  # bf16 activations, scales and outputs: see the module docstring
@@ -232,10 +237,10 @@ def test_int8_linear_matches_dequantized_matmul(n, tokens, dtype):
 
 def test_linear_wrappers_keep_leading_dims():
     q4 = Q.quantize(_w(32, 64), Q.QuantScheme(4, 32, True))
-    packed, sz = Q.int4_kernel_pack(q4)
+    packed, sz = K.int4_kernel_pack(q4)
     x = _w(6, 64).view(2, 3, 64)
-    assert Q.int4_linear(x, packed, 32, sz).shape == (2, 3, 32)
-    assert Q.dequant_linear(x, q4).shape == (2, 3, 32)
+    assert K.int4_linear(x, packed, 32, sz).shape == (2, 3, 32)
+    assert K.dequant_linear(x, q4).shape == (2, 3, 32)
 
 
 @pytest.mark.parametrize("bits, group, sym", SCHEMES)
@@ -243,7 +248,7 @@ def test_dequant_linear_matches_reference(bits, group, sym):
     q = Q.quantize(_w(24, 64), Q.QuantScheme(bits, group, sym))
     x = _w(3, 64, seed=1)
     ref = R.ref_linear(x, R.ref_dequantize(q.codes, q.scales, q.zeros, group))
-    torch.testing.assert_close(Q.dequant_linear(x, q), ref, rtol=1e-6, atol=1e-6)  # the same float32 matmul
+    torch.testing.assert_close(K.dequant_linear(x, q), ref, rtol=1e-6, atol=1e-6)  # the same float32 matmul
 
 
 @pytest.mark.parametrize("out, in_, scheme, kernel", [
@@ -252,32 +257,37 @@ def test_dequant_linear_matches_reference(bits, group, sym):
     (32, 24, "int8", None),         # K % 16: the int8 kernel would return NaN or crash
 ])
 def test_kernel_choice(out, in_, scheme, kernel):
-    assert Q.kernel_for(out, in_, Q.parse_scheme(scheme)) == kernel
+    assert K.kernel_for(out, in_, Q.parse_scheme(scheme)) == kernel
 
 
 def test_kernel_packers_refuse_what_they_cannot_run():
     with pytest.raises(ConfigError) as e:
-        Q.int4_kernel_pack(Q.quantize(_w(24, 64), Q.QuantScheme(4, 32, True)))
+        K.int4_kernel_pack(Q.quantize(_w(24, 64), Q.QuantScheme(4, 32, True)))
     assert "[24, 64]" in _one_line(e)
     with pytest.raises(ConfigError):
-        Q.int4_kernel_pack(Q.quantize(_w(32, 64), Q.QuantScheme(4, 16, True)))  # groups under 32
+        K.int4_kernel_pack(Q.quantize(_w(32, 64), Q.QuantScheme(4, 16, True)))  # groups under 32
     with pytest.raises(ConfigError):
-        Q.int8_kernel_pack(Q.quantize(_w(32, 64), Q.QuantScheme(8, None, False)))
+        K.int8_kernel_pack(Q.quantize(_w(32, 64), Q.QuantScheme(8, None, False)))
 
 
 def test_kernel_bytes_match_packed_tensors():
     q4 = Q.quantize(_w(64, 512), Q.QuantScheme(4, 64, False))
-    packed, sz = Q.int4_kernel_pack(q4)
-    assert Q.int4_kernel_nbytes(64, 512, 64) == packed.nbytes + sz.nbytes == Q.quantized_nbytes(64, 512, q4.scheme)
-    w8, s8 = Q.int8_kernel_pack(Q.quantize(_w(64, 512), Q.QuantScheme(8, None, True)))
-    assert Q.int8_kernel_nbytes(64, 512) == w8.nbytes + s8.nbytes
+    packed, sz = K.int4_kernel_pack(q4)
+    assert K.int4_kernel_nbytes(64, 512, 64) == packed.nbytes + sz.nbytes == K.quantized_nbytes(64, 512, q4.scheme)
+    w8, s8 = K.int8_kernel_pack(Q.quantize(_w(64, 512), Q.QuantScheme(8, None, True)))
+    assert K.int8_kernel_nbytes(64, 512) == w8.nbytes + s8.nbytes
     # a Mixtral-8x7B expert (3 x 14336 x 4096) in int4 g128: a quarter of bf16 plus 3% for scales and zeros
-    expert = 3 * Q.quantized_nbytes(14336, 4096, Q.parse_scheme("int4-g128"))
+    expert = 3 * K.quantized_nbytes(14336, 4096, Q.parse_scheme("int4-g128"))
     assert expert == 3 * (14336 * 4096 // 2 + 32 * 14336 * 4)
-    assert Q.quantized_nbytes(24, 32, Q.QuantScheme(4, 8, False)) == 24 * 16 + 24 * 4 * 3  # portable layout
+    assert K.quantized_nbytes(24, 32, Q.QuantScheme(4, 8, False)) == 24 * 16 + 24 * 4 * 3  # portable layout
 
 
 # ------------------------------------------------------------------------------------------------ GPTQ
+
+
+def _method_and_scheme(quantization_config: dict):
+    fmt = format_from_config(quantization_config)
+    return fmt.quant_method, fmt.scheme
 
 
 def _random_gptq(out: int, in_: int, bits: int, group: int, seed: int = 0):
@@ -292,7 +302,7 @@ def _random_gptq(out: int, in_: int, bits: int, group: int, seed: int = 0):
 @pytest.mark.parametrize("bits, group", [(4, 8), (4, 32), (4, 64), (8, 16), (8, 64)])
 def test_gptq_unpack_matches_reference(bits, group):
     tensors = _random_gptq(32, 64, bits, group, seed=bits + group)
-    q = Q.gptq_unpack(*tensors, bits, group)
+    q = G.gptq_unpack(*tensors, bits, group)
     assert q.shape == (32, 64) and q.group_size == group
     assert torch.equal(Q.dequantize(q), R.ref_gptq_dequantize(*tensors, bits))
 
@@ -300,8 +310,8 @@ def test_gptq_unpack_matches_reference(bits, group):
 @pytest.mark.parametrize("bits, group, sym", SCHEMES)
 def test_gptq_round_trip_and_autogptq_packing(bits, group, sym):
     q = Q.quantize(_w(32, 64), Q.QuantScheme(bits, group, sym), scale_dtype=torch.float16)
-    t = Q.gptq_pack(q)
-    back = Q.gptq_unpack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, group or -1)
+    t = G.gptq_pack(q)
+    back = G.gptq_unpack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, group or -1)
     assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
     assert torch.equal(back.zeros, q.zeros) and back.scheme == q.scheme
     qweight, qzeros = autogptq_pack(q.codes, q.zeros, bits)  # the fixture's independent AutoGPTQ loops
@@ -312,15 +322,15 @@ def test_gptq_round_trip_and_autogptq_packing(bits, group, sym):
 def test_gptq_zero_point_zero_survives():
     q = Q.quantize(torch.rand(16, 32) + 0.1, Q.QuantScheme(4, 8, False))  # all-positive groups: zero 0
     assert (q.zeros == 0).all()
-    t = Q.gptq_pack(q)
-    assert torch.equal(Q.gptq_unpack(t["qweight"], t["qzeros"], t["scales"], None, 4, 8).zeros, q.zeros)
+    t = G.gptq_pack(q)
+    assert torch.equal(G.gptq_unpack(t["qweight"], t["qzeros"], t["scales"], None, 4, 8).zeros, q.zeros)
 
 
 def test_gptq_plain_is_the_nibble_packing():
     q = Q.quantize(_w(32, 64), Q.QuantScheme(4, 32, True))
-    assert torch.equal(Q.gptq_plain(Q.gptq_pack(q)["qweight"], 4), Q.pack_nibbles(q.codes))
+    assert torch.equal(G.gptq_plain(G.gptq_pack(q)["qweight"], 4), Q.pack_nibbles(q.codes))
     q8 = Q.quantize(_w(32, 64), Q.QuantScheme(8, None, True))
-    assert torch.equal(Q.gptq_plain(Q.gptq_pack(q8)["qweight"], 8), q8.codes)
+    assert torch.equal(G.gptq_plain(G.gptq_pack(q8)["qweight"], 8), q8.codes)
 
 
 @pytest.mark.parametrize("which, shape", [("qweight", (8, 31)), ("qzeros", (2, 3)), ("scales", (2, 31)),
@@ -329,28 +339,28 @@ def test_gptq_bad_shapes_name_the_tensor(which, shape):
     tensors = dict(zip(("qweight", "qzeros", "scales", "g_idx"), _random_gptq(32, 64, 4, 32)))
     tensors[which] = torch.zeros(shape, dtype=tensors[which].dtype)
     with pytest.raises(CheckpointError) as e:
-        Q.gptq_unpack(*tensors.values(), 4, 32, name="model.layers.0.mlp.experts.3.up_proj", shape=(32, 64))
+        G.gptq_unpack(*tensors.values(), 4, 32, name="model.layers.0.mlp.experts.3.up_proj", shape=(32, 64))
     assert f"model.layers.0.mlp.experts.3.up_proj.{which}" in _one_line(e) and str(list(shape)) in str(e.value)
 
 
 def test_gptq_rejects_act_order_and_odd_bits():
     qweight, qzeros, scales, g_idx = _random_gptq(32, 64, 4, 32)
     with pytest.raises(UnsupportedModelError) as e:
-        Q.gptq_unpack(qweight, qzeros, scales, g_idx.flip(0), 4, 32, name="layer")
+        G.gptq_unpack(qweight, qzeros, scales, g_idx.flip(0), 4, 32, name="layer")
     assert "layer.g_idx" in _one_line(e)
     with pytest.raises(UnsupportedModelError):
-        Q.gptq_unpack(qweight, qzeros, scales, g_idx, 3, 32)
+        G.gptq_unpack(qweight, qzeros, scales, g_idx, 3, 32)
     with pytest.raises(CheckpointError):
-        Q.gptq_unpack(qweight, qzeros, scales, g_idx, 4, 48)  # does not divide 64
+        G.gptq_unpack(qweight, qzeros, scales, g_idx, 4, 48)  # does not divide 64
 
 
 def test_gptq_config_parsing():
     real = REAL_CONFIGS["qwen3-30b-a3b-gptq-int4"]
-    assert Q.scheme_from_config(real) == ("gptq", Q.QuantScheme(4, 128, True))
+    assert _method_and_scheme(real) == ("gptq", Q.QuantScheme(4, 128, True))
     with pytest.raises(UnsupportedModelError):
-        Q.gptq_scheme({"bits": 4, "group_size": 128, "desc_act": True})
+        G.gptq_scheme({"bits": 4, "group_size": 128, "desc_act": True})
     with pytest.raises(UnsupportedModelError) as e:
-        Q.scheme_from_config({"quant_method": "awq", "bits": 4})
+        format_from_config({"quant_method": "awq", "bits": 4})
     assert "awq" in _one_line(e)
 
 
@@ -363,9 +373,9 @@ def test_compressed_tensors_round_trip_and_reference(bits, group, sym, out, in_)
     if group and in_ % group:
         pytest.skip("group does not divide in")
     q = Q.quantize(_w(out, in_), Q.QuantScheme(bits, group, sym), scale_dtype=torch.bfloat16)
-    t = Q.compressed_tensors_pack(q)
+    t = CT.compressed_tensors_pack(q)
     assert ("weight_zero_point" in t) == (not sym)
-    back = Q.compressed_tensors_unpack(t["weight_packed"], t["weight_scale"], t["weight_shape"],
+    back = CT.compressed_tensors_unpack(t["weight_packed"], t["weight_scale"], t["weight_shape"],
                                        t.get("weight_zero_point"), bits=bits, group_size=group, symmetric=sym)
     assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales) and torch.equal(back.zeros, q.zeros)
     ref = R.ref_compressed_tensors_dequantize(t["weight_packed"], t["weight_scale"], t["weight_shape"],
@@ -378,7 +388,7 @@ def test_compressed_tensors_round_trip_and_reference(bits, group, sym, out, in_)
 def test_compressed_tensors_library_is_the_oracle(bits):
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
     q = Q.quantize(_w(24, 40), Q.QuantScheme(bits, 8, False))
-    t = Q.compressed_tensors_pack(q)
+    t = CT.compressed_tensors_pack(q)
     signed = (q.codes.int() - (1 << (bits - 1))).to(torch.int8)
     assert torch.equal(t["weight_packed"], helpers.pack_to_int32(signed, bits))
     zp = (q.zeros.int() - (1 << (bits - 1))).to(torch.int8)
@@ -388,30 +398,30 @@ def test_compressed_tensors_library_is_the_oracle(bits):
 
 def test_compressed_tensors_errors_name_the_tensor():
     q = Q.quantize(_w(32, 48), Q.QuantScheme(4, 8, False))
-    t = Q.compressed_tensors_pack(q)
+    t = CT.compressed_tensors_pack(q)
     kw = {"bits": 4, "group_size": 8, "symmetric": False, "name": "model.layers.1.mlp.experts.0.down_proj"}
     with pytest.raises(CheckpointError) as e:
-        Q.compressed_tensors_unpack(t["weight_packed"], t["weight_scale"][:, :3], t["weight_shape"],
+        CT.compressed_tensors_unpack(t["weight_packed"], t["weight_scale"][:, :3], t["weight_shape"],
                                     t["weight_zero_point"], **kw)
     assert "experts.0.down_proj.weight_scale" in _one_line(e) and "[32, 6]" in str(e.value)
     with pytest.raises(CheckpointError) as e:
-        Q.compressed_tensors_unpack(t["weight_packed"], t["weight_scale"], t["weight_shape"], None, **kw)
+        CT.compressed_tensors_unpack(t["weight_packed"], t["weight_scale"], t["weight_shape"], None, **kw)
     assert "weight_zero_point" in _one_line(e)
     with pytest.raises(CheckpointError):
-        Q.compressed_tensors_unpack(t["weight_packed"][:, :-1], t["weight_scale"], t["weight_shape"],
+        CT.compressed_tensors_unpack(t["weight_packed"][:, :-1], t["weight_scale"], t["weight_shape"],
                                     t["weight_zero_point"], **kw)
 
 
 def test_compressed_tensors_config_round_trips_through_its_parser():
     for scheme in (Q.parse_scheme("int4-g32"), Q.parse_scheme("int4-g128-asym"), Q.parse_scheme("int8")):
-        config = Q.compressed_tensors_config(scheme, ignore=["lm_head"])
-        assert Q.scheme_from_config(config) == ("compressed-tensors", scheme)
+        config = CT.compressed_tensors_config(scheme, ignore=["lm_head"])
+        assert _method_and_scheme(config) == ("compressed-tensors", scheme)
     kimi = REAL_CONFIGS["kimi-k2.6"]
-    assert Q.compressed_tensors_scheme(kimi) == Q.QuantScheme(4, 32, True)
-    assert Q.compressed_tensors_config(Q.QuantScheme(4, 32, True), kimi["ignore"]) == kimi  # what we write = Kimi's
-    assert Q.compressed_tensors_ignored("model.layers.3.self_attn.q_a_proj", kimi["ignore"])
-    assert Q.compressed_tensors_ignored("model.layers.0.mlp.gate_proj", kimi["ignore"])  # the dense first layer
-    assert not Q.compressed_tensors_ignored("model.layers.3.mlp.experts.7.gate_proj", kimi["ignore"])
+    assert CT.compressed_tensors_scheme(kimi) == Q.QuantScheme(4, 32, True)
+    assert CT.compressed_tensors_config(Q.QuantScheme(4, 32, True), kimi["ignore"]) == kimi  # what we write = Kimi's
+    assert CT.compressed_tensors_ignored("model.layers.3.self_attn.q_a_proj", kimi["ignore"])
+    assert CT.compressed_tensors_ignored("model.layers.0.mlp.gate_proj", kimi["ignore"])  # the dense first layer
+    assert not CT.compressed_tensors_ignored("model.layers.3.mlp.experts.7.gate_proj", kimi["ignore"])
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -427,13 +437,13 @@ def test_gptq_fixture_reads_back(tiny_dir, tmp_path, family, bits, group, sym):
     deq = write_gptq(tiny_dir(family), tmp_path, bits, group, sym)
     tensors = load_state_dict(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert Q.scheme_from_config(config["quantization_config"]) == ("gptq", Q.QuantScheme(bits, group, sym))
+    assert _method_and_scheme(config["quantization_config"]) == ("gptq", Q.QuantScheme(bits, group, sym))
     names = _quantized_names(tensors, ".qweight")
     assert any(".experts." in n for n in names) and any("self_attn.o_proj" in n for n in names)
     assert not any(n.endswith(".gate") for n in names) and "lm_head.weight" in tensors  # routers, head stay plain
     for name in names:
         assert f"{name}.weight" not in tensors
-        q = Q.gptq_unpack(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"],
+        q = G.gptq_unpack(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"],
                           tensors[f"{name}.g_idx"], bits, group or -1, name=name, shape=deq[f"{name}.weight"].shape)
         assert torch.equal(Q.dequantize(q), deq[f"{name}.weight"]), name
 
@@ -443,15 +453,15 @@ def test_compressed_tensors_fixture_reads_back(tiny_dir, tmp_path, family, bits,
     deq = write_compressed_tensors(tiny_dir(family), tmp_path, bits, group, sym)
     tensors = load_state_dict(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert Q.scheme_from_config(config) == ("compressed-tensors", Q.QuantScheme(bits, group, sym))
+    assert _method_and_scheme(config) == ("compressed-tensors", Q.QuantScheme(bits, group, sym))
     names = _quantized_names(tensors, ".weight_packed")
     assert names and all(".experts." in n for n in names)
     for name in names:
-        q = Q.compressed_tensors_unpack(tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"],
+        q = CT.compressed_tensors_unpack(tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"],
                                         tensors[f"{name}.weight_shape"], tensors.get(f"{name}.weight_zero_point"),
                                         bits=bits, group_size=group, symmetric=sym, name=name)
         assert torch.equal(Q.dequantize(q), deq[f"{name}.weight"]), name
-        assert not Q.compressed_tensors_ignored(name, config["ignore"])
+        assert not CT.compressed_tensors_ignored(name, config["ignore"])
 
 
 @pytest.mark.parametrize("family, bits", [("mixtral", 4), ("qwen2_moe", 8)])
@@ -478,13 +488,13 @@ def test_transformers_loads_compressed_tensors_fixture(tiny_dir, tmp_path, famil
 def test_formats_and_portable_path_on_cuda():
     q = Q.quantize(_w(64, 256), Q.QuantScheme(4, 32, False), scale_dtype=torch.float16)
     x = _w(3, 256, seed=1)
-    want = Q.dequant_linear(x, q)
-    ct = {k: v.cuda() for k, v in Q.compressed_tensors_pack(q, torch.float16).items()}
-    back = Q.compressed_tensors_unpack(ct["weight_packed"], ct["weight_scale"], ct["weight_shape"],
+    want = K.dequant_linear(x, q)
+    ct = {k: v.cuda() for k, v in CT.compressed_tensors_pack(q, torch.float16).items()}
+    back = CT.compressed_tensors_unpack(ct["weight_packed"], ct["weight_scale"], ct["weight_shape"],
                                        ct["weight_zero_point"], bits=4, group_size=32, symmetric=False)
-    gptq = {k: v.cuda() for k, v in Q.gptq_pack(q).items()}
-    back_gptq = Q.gptq_unpack(gptq["qweight"], gptq["qzeros"], gptq["scales"], gptq["g_idx"], 4, 32)
+    gptq = {k: v.cuda() for k, v in G.gptq_pack(q).items()}
+    back_gptq = G.gptq_unpack(gptq["qweight"], gptq["qzeros"], gptq["scales"], gptq["g_idx"], 4, 32)
     for b in (back, back_gptq):
         assert b.codes.is_cuda and torch.equal(b.codes.cpu(), q.codes) and torch.equal(b.zeros.cpu(), q.zeros)
         # float32 matmuls on two devices: a few ulps apart (TF32 is off by default for matmuls)
-        torch.testing.assert_close(Q.dequant_linear(x.cuda(), b).cpu(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(K.dequant_linear(x.cuda(), b).cpu(), want, rtol=1e-5, atol=1e-5)

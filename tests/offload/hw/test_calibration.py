@@ -11,19 +11,13 @@ import pytest
 import torch
 
 from offload.errors import ConfigError
-from offload.experts.formats.quantized import QuantFormat
-from offload.experts.layouts import DenseFormat
+from offload.experts.formats.compressed_tensors import CompressedTensorsFormat
+from offload.experts.formats.dense import DenseFormat
 from offload.experts.quant import QuantScheme
-from offload.hw.calibration import (
-    DEFAULT_CPU_GEMV,
-    FORMATS,
-    VERSION,
+from offload.hw.calibration import DEFAULT_CPU_GEMV, FORMATS, VERSION, Calibration, default_path
+from offload.tools.benchhw import (
     BenchSizes,
-    Calibration,
     calibrate,
-    default_path,
-    gemv_format,
-    host_copy_format,
     measure_cpu_gemv,
     measure_cuda_transfers,
     measure_disk_bandwidth,
@@ -97,15 +91,15 @@ def test_expert_time_interpolates_between_measured_token_counts():
 
 
 def test_the_gemv_key_follows_the_slot_layout_each_device_computes_with():
-    int4 = QuantFormat("compressed-tensors", QuantScheme(4, 128, False))
-    assert gemv_format(DenseFormat(torch.bfloat16), torch.float32, torch.bfloat16, "cpu") == "float32"
-    assert gemv_format(int4, torch.bfloat16, torch.bfloat16, "cpu") == "int4"
-    assert gemv_format(int4, torch.bfloat16, torch.float32, "cpu") == "float32"  # dequantize + exact matmul
-    assert gemv_format(int4, torch.bfloat16, torch.bfloat16, "cuda") == "int4"
+    int4 = CompressedTensorsFormat(QuantScheme(4, 128, False))
+    assert DenseFormat(torch.bfloat16).compute_key(torch.float32, torch.bfloat16, "cpu") == "float32"
+    assert int4.compute_key(torch.bfloat16, torch.bfloat16, "cpu") == "int4"
+    assert int4.compute_key(torch.bfloat16, torch.float32, "cpu") == "float32"  # dequantize + exact matmul
+    assert int4.compute_key(torch.bfloat16, torch.bfloat16, "cuda") == "int4"
     # the RAM tier's host copy is in the device's slot layout: on CUDA the dequantizing one, at bf16's rate
-    assert host_copy_format(int4, torch.bfloat16, torch.bfloat16, "cuda") == "bfloat16"
-    assert host_copy_format(int4, torch.bfloat16, torch.bfloat16, "cpu") == "int4"
-    assert host_copy_format(DenseFormat(torch.bfloat16), torch.float32, torch.bfloat16, "cuda") == "float32"
+    assert int4.host_compute_key(torch.bfloat16, torch.bfloat16, "cuda") == "bfloat16"
+    assert int4.host_compute_key(torch.bfloat16, torch.bfloat16, "cpu") == "int4"
+    assert DenseFormat(torch.bfloat16).host_compute_key(torch.float32, torch.bfloat16, "cuda") == "float32"
 
 
 def test_memory_and_disk_measurements_return_rates_and_leave_no_file(tmp_path):

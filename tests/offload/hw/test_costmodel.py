@@ -13,7 +13,9 @@ import torch
 from offload.checkpoint.plan import plan_checkpoint
 from offload.errors import ConfigError
 from offload.hw.calibration import Calibration
-from offload.hw.costmodel import HYBRID_MODES, ExpertCostModel, HybridStats, MissCosts, check_mode, decide
+from offload.hw.costmodel import HYBRID_MODES, ExpertCostModel, MissCosts, check_mode, decide
+from offload.memory.hostcompute import expert_cost_model
+from offload.stats import HybridStats
 
 
 def costs(h2d: float = 1e9, cpu_rate: float = 1e9, device: str = "cuda", tier: str = "ram",
@@ -76,7 +78,7 @@ def test_the_disk_tier_reads_either_way_and_a_cpu_device_is_the_degenerate_case(
 
 def test_from_plan_reads_the_checkpoints_sizes(tiny_dir):
     plan = plan_checkpoint(tiny_dir("mixtral", torch.bfloat16))
-    m = ExpertCostModel.from_plan(plan, Calibration(), "cuda", "ram", torch.bfloat16)
+    m = expert_cost_model(plan, Calibration(), "cuda", "ram", torch.bfloat16)
     spec = plan.spec
     assert (m.params, m.hidden, m.activation_itemsize) == (spec.expert_params, spec.hidden_size, 2)
     assert m.slot_nbytes == m.stored_nbytes == spec.expert_params * 2

@@ -23,9 +23,9 @@ from offload.hw.perfmodel import (
     predict,
     recommend,
     token_cost,
-    trace_miss_rate,
     uniform_miss_rate,
 )
+from offload.tools.plan import model_sizes, trace_miss_rate
 from offload.traces.format import TraceHeader, TraceRecord, write_trace
 
 SIZES = ModelSizes(dense_nbytes=5 * 10**6, dense_nbytes_per_token=10**6, stored_nbytes=2 * 10**6,
@@ -121,12 +121,12 @@ def test_the_recommendation_is_the_fewest_slots_within_five_percent_and_cuda_add
 
 def test_sizes_from_a_checkpoint(tiny_dir):
     plan = plan_checkpoint(tiny_dir("mixtral"))
-    spec, sizes = plan.spec, ModelSizes.from_plan(plan, "cpu")
+    spec, sizes = plan.spec, model_sizes(plan, "cpu")
     assert sizes.dense_nbytes == plan.dense_nbytes  # float32 on disk, float32 compute
     embed = spec.vocab_size * spec.hidden_size * 4
     assert sizes.dense_nbytes_per_token == plan.dense_nbytes - embed  # the embedding is a lookup
     assert (sizes.stored_nbytes, sizes.slot_nbytes, sizes.params) == (plan.expert_nbytes(),) * 2 + (spec.expert_params,)
     assert sizes.active == spec.num_moe_layers * spec.top_k and sizes.fmt == sizes.dense_fmt == "float32"
-    half = ModelSizes.from_plan(plan, "cpu", torch.bfloat16)
+    half = model_sizes(plan, "cpu", torch.bfloat16)
     assert half.slot_nbytes == plan.expert_nbytes() // 2 and half.fmt == "bfloat16" and half.itemsize == 2
     assert half.dense_fmt == "bfloat16"  # the dense GEMVs run at the compute dtype's calibrated rate

@@ -18,7 +18,7 @@ import offload
 from offload.checkpoint.plan import plan_checkpoint
 from offload.errors import BudgetError
 from offload.memory import budget
-from offload.spec import RuntimeConfig
+from offload.runtime.config import RuntimeConfig
 
 MiB = 2**20
 EXPERT = 3 * 32 * 48 * 4                 # one float32 expert: 18,432 bytes
@@ -133,7 +133,7 @@ def test_the_fit_error_comes_before_any_weight_is_read(tiny_dir, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("a weight was read before the budget was checked")
 
-    monkeypatch.setattr(offload.runtime.load, "safe_open", no_reads)
+    monkeypatch.setattr(offload.runtime.assemble, "safe_open", no_reads)
     monkeypatch.setattr(offload.memory.transfer.DirectReader, "read", no_reads)
     with pytest.raises(BudgetError, match="does not fit"):
         offload.from_pretrained(tiny_dir("mixtral"), device="cpu", expert_budget=4)

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import offload
+from offload.amounts import parse_prefetch_budget
 from offload.errors import BudgetError, ConfigError
 from offload.memory.cache import ExpertCache
 from offload.memory.policies import make_policy
-from offload.spec import parse_prefetch_budget
 from offload.stats import Stats
 from predictors import PREDICTORS, MoEShape, Predictor, RouteContext
 from tests.offload.memory.test_cache import LAYOUT, FakeStore, run

@@ -18,7 +18,7 @@ def test_softmax_top_k(tiny_dir, normalize, fp32):
                                router_fp32_weights=fp32)
     weight = torch.randn(spec.num_experts, spec.hidden_size, dtype=torch.bfloat16)
     x = torch.randn(6, spec.hidden_size, dtype=torch.bfloat16)
-    experts, weights = SoftmaxTopK(spec, {"weight": weight})(x)
+    experts, weights = SoftmaxTopK(spec, {"weight": weight}).select(x)
     probs = torch.softmax((x @ weight.T).float(), dim=-1)  # the reference: float32 softmax, then top-k
     ref_w, ref_e = torch.topk(probs, spec.top_k, dim=-1)
     if normalize:

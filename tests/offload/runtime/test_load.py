@@ -8,7 +8,7 @@ import torch
 
 import offload
 from offload.errors import ConfigError, DeviceError, PolicyError
-from offload.spec import RuntimeConfig
+from offload.runtime.config import RuntimeConfig
 from tests.offload.checkpoint.test_plan import expect
 
 PROMPT = torch.tensor([[5, 17, 33, 60, 8]])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from offload.checkpoint.plan import BUNDLED_DIR
+from offload.checkpoint.locate import BUNDLED_DIR
 from offload.errors import CheckpointError, ConfigError
 from offload.serve.chat import (
     FALLBACK_TEMPLATE,

@@ -20,7 +20,7 @@ import torch
 
 import offload
 from offload.errors import BudgetError, CheckpointError, UnsupportedModelError
-from offload.experts.formats.quantized import DequantMatrix, Int4Matrix, Int8Matrix
+from offload.experts.formats.integer import DequantMatrix, Int4Matrix, Int8Matrix
 from tests import reference
 from tests.offload.model.test_forward import _min_gap, _prompts
 from tests.quant_checkpoints import write_compressed_tensors, write_dequantized, write_gptq
@@ -196,7 +196,7 @@ def test_cuda_dequantizes_into_the_compute_dtype(quantized):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mxfp4_dequantize_equals_the_bitwise_reference(dtype):
-    from offload.experts.formats.quantized import mxfp4_dequantize
+    from offload.experts.formats.mxfp4 import mxfp4_dequantize
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (6, 3, 16), dtype=torch.uint8, generator=g)
@@ -208,7 +208,7 @@ def test_mxfp4_dequantize_equals_the_bitwise_reference(dtype):
 
 @pytest.mark.parametrize("shape", [(256, 384), (200, 300)])  # whole blocks, and ragged edge blocks
 def test_fp8_block_dequantize_equals_the_bitwise_reference(shape):
-    from offload.experts.formats.quantized import fp8_block_dequantize
+    from offload.experts.formats.fp8 import fp8_block_dequantize
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(shape, generator=g) * 50).to(torch.float8_e4m3fn)
@@ -224,7 +224,8 @@ def test_vendor_formats_dense_slot_on_cpu_computes_as_the_native_bytes(fmt_name)
     native bytes and dequantizes per matmul. Both must compute the same projections."""
     from types import SimpleNamespace
 
-    from offload.experts.formats.quantized import Fp8BlockFormat, Mxfp4Format
+    from offload.experts.formats.fp8 import Fp8BlockFormat
+    from offload.experts.formats.mxfp4 import Mxfp4Format
     from offload.experts.layouts import DenseMatrix
 
     spec = SimpleNamespace(hidden_size=64, expert_intermediate_size=96)

@@ -1,0 +1,101 @@
+"""Where a checkpoint is (a bundled model's name, a folder, or a hub repo id through huggingface_hub's
+cache) and its JSON files: config.json (or a multimodal wrapper's text_config), generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from offload.checkpoint.families import family_for_config
+from offload.errors import CheckpointError, UnsupportedModelError
+
+BUNDLED_DIR = Path(__file__).parents[1] / "bundled"
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A bundled model name, a local directory, or a hub repo id (through huggingface_hub's cache)."""
+    text = str(name_or_path)
+    if text in bundled_models():
+        return BUNDLED_DIR / text
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file, not a checkpoint directory",
+                                  "pass the folder that holds config.json and *.safetensors")
+        return path
+    if _looks_like_repo_id(text) and not path.parent.exists():
+        return _download(text)
+    hint = "give a checkpoint directory, a hub repo id (org/name)"
+    if bundled_models():
+        hint += f" or a bundled model ({', '.join(bundled_models())})"
+    raise CheckpointError(f"no such model directory: {path}", hint)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download  # imported lazily: only needed for hub ids
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "additional_chat_templates/*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as online_error:  # noqa: BLE001 - any hub failure ends in the same user-facing error
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001
+            raise CheckpointError(
+                f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
+                f"({type(online_error).__name__})",
+                "check the repo id and your network, or download it once with `huggingface-cli download`",
+            ) from None
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict; a clear error when it is missing or not JSON."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {model_dir}", "a Hugging Face checkpoint folder needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+
+
+def read_json_if_present(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+
+
+def language_config(cfg: dict) -> dict:
+    """The language model's config: the top level, or a multimodal wrapper's ``text_config`` (Kimi-K2.6)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict) or not (text.get("architectures") or text.get("model_type")):
+        return cfg
+    try:
+        family_for_config(cfg)
+        return cfg
+    except UnsupportedModelError:
+        qc = quantization_config(cfg)
+        return {**text, **({"quantization_config": qc} if qc else {})}
+
+
+def quantization_config(cfg: dict) -> dict | None:
+    """config.json's quantization_config, at the top level or nested in text_config (Kimi-K2.6)."""
+    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    return qc if isinstance(qc, dict) else None

@@ -1,0 +1,94 @@
+"""The model from a validated checkpoint plan: every resident tensor loaded once, in the compute dtype on the
+device, and each decoder layer built from the pieces its family adapter names (attention, router, MLPs).
+
+This is where checkpoint names meet model pieces: the family adapter (checkpoint/families.py) lists each layer's
+tensors by piece, and the pieces (model/) take them by names relative to their own module, so neither layer
+knows the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from offload.checkpoint.families import Family
+from offload.checkpoint.plan import CheckpointPlan, QuantizedTensor
+from offload.checkpoint.tensors import TensorInfo
+from offload.errors import CheckpointError
+from offload.experts.layouts import Expert
+from offload.model.attention import attention_class
+from offload.model.forward import DecoderLayer, ExpertSource, MoEModel
+from offload.model.routers import router_class
+from offload.spec import ModelSpec
+from offload.stats import Stats
+
+# progress(stage, done, total): stage is "dense" or "experts"
+ProgressFn = Callable[[str, int, int], None]
+
+
+class TensorLoader:
+    """Loads tensors through safetensors' memory map, one open handle per file; a quantized resident
+    projection (GPTQ attention) is dequantized to float32 here, once."""
+
+    def __init__(self) -> None:
+        self._handles: dict[Path, object] = {}
+
+    def __call__(self, info: TensorInfo | QuantizedTensor) -> torch.Tensor:
+        if isinstance(info, QuantizedTensor):
+            parts = {suffix: self(t) for suffix, t in info.parts.items()}
+            return info.fmt.dense_weight(parts, info.name.removesuffix(".weight"), *info.shape)
+        if info.path not in self._handles:
+            self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
+        try:
+            return self._handles[info.path].get_tensor(info.name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"cannot read tensor {info.name!r} from {info.path} ({e})",
+                                  "re-download the file") from None
+
+
+def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
+    gate, up, down = group.values()  # gate, up, down in the order families.py lists them
+    return Expert.dense(gate, up, down)
+
+
+def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str], torch.Tensor]) -> DecoderLayer:
+    """Layer ``layer``'s pieces from its tensors, named once in ``Family.layer_tensors``."""
+    groups = {piece: {name: get(name) for name in shapes}
+              for piece, shapes in family.layer_tensors(spec, layer).items()}
+    prefix = f"model.layers.{layer}"
+
+    def relative(piece: str, to: str) -> dict[str, torch.Tensor]:
+        return {name.removeprefix(f"{prefix}.{to}."): t for name, t in groups[piece].items()}  # names under ``to``
+
+    out = DecoderLayer(
+        input_norm=next(iter(groups["input_norm"].values())), post_norm=next(iter(groups["post_norm"].values())),
+        attention=attention_class(family.attention)(spec, relative("attention", "self_attn")))
+    if "router" in groups:
+        router = f"{family.moe_prefix}.{family.router_module}"
+        out.router = router_class(family.router)(spec, relative("router", router))
+    if "dense_mlp" in groups:
+        out.dense_mlp = _mlp(groups["dense_mlp"])
+    if "shared_mlp" in groups:
+        out.shared_mlp = _mlp(groups["shared_mlp"])
+    if "shared_gate" in groups:
+        out.shared_gate = next(iter(groups["shared_gate"].values()))
+    return out
+
+
+def build_model(plan: CheckpointPlan, experts: ExpertSource, stats: Stats, dtype: torch.dtype, device: torch.device,
+                progress: ProgressFn | None = None) -> MoEModel:
+    """Load every resident tensor once, in the compute dtype on the device, and assemble the layers."""
+    loader = TensorLoader()
+    dense: dict[str, torch.Tensor] = {}
+    for n, (name, info) in enumerate(plan.dense.items()):
+        dense[name] = loader(info).to(device=device, dtype=dtype)
+        if progress:
+            progress("dense", n + 1, len(plan.dense))
+    spec, family = plan.spec, plan.family
+    layers = [build_layer(spec, family, i, dense.__getitem__) for i in range(spec.num_layers)]
+    embed = dense["model.embed_tokens.weight"]
+    return MoEModel(spec, embed, layers, dense["model.norm.weight"], dense.get("lm_head.weight", embed), experts,
+                    stats, activation=family.activation, attention=family.attention)
