@@ -149,9 +149,8 @@ def plan(
     from offload.checkpoint.plan import plan_checkpoint
     from offload.hw import perfmodel
     from offload.hw.calibration import Calibration, default_path
-    from offload.hw.machine import gpu_memories, host_memory
     from offload.spec import parse_dtype
-    from offload.tools.plan import model_sizes, trace_miss_rate
+    from offload.tools.plan import fits_for, model_sizes, trace_miss_rate
 
     on = _plan_device(device)
     tiers, budgets = _names(offload_to), _names(expert_budget)
@@ -166,9 +165,8 @@ def plan(
     ckpt = plan_checkpoint(model)
     sizes = model_sizes(ckpt, on, parse_dtype(dtype))
     rate = trace_miss_rate(str(trace), sizes) if trace else perfmodel.uniform_miss_rate(sizes)
-    gpus = gpu_memories()
-    memory = perfmodel.Memory(host_memory().available, gpus[0].available if gpus else None)
-    predictions = perfmodel.predict(sizes, cal, on, tiers, budgets, rate, memory)
+    compute = parse_dtype(dtype) or ckpt.spec.checkpoint_dtype
+    predictions = perfmodel.predict(sizes, cal, on, tiers, budgets, rate, fits_for(ckpt, on, compute))
     best = perfmodel.recommend(predictions)
     Console().print(_plan_table(predictions, best))
     source = f"{cal_path} ({len(cal.measured)} figures measured)" if cal.measured else \

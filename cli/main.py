@@ -162,12 +162,12 @@ def _gib(n: float) -> str:
 
 @app.command()
 def info(model: ModelArg) -> None:
-    """Describe a checkpoint: family, sizes, and the expert budgets this machine's memory can hold."""
+    """Describe a checkpoint: family, sizes, and the expert budget this machine's memory holds (what --expert-budget
+    auto would take for run, serve and chat with their defaults)."""
     from offload.checkpoint.locate import resolve_model_dir
     from offload.checkpoint.plan import plan_checkpoint, plan_config
-    from offload.hw.machine import gpu_memories, host_memory
 
-    path = resolve_model_dir(model)
+    path = resolve_model_dir(model, weights=False)
     config_only = (path / "config.json").is_file() and not any(path.glob("*.safetensors"))
     plan = plan_config(path) if config_only else plan_checkpoint(path)
     spec = plan.spec
@@ -184,15 +184,30 @@ def info(model: ModelArg) -> None:
         ("dense bytes", _gib(plan.dense_nbytes)), ("bytes per expert", f"{_gib(per_expert)} stored, "
                                                                       f"{_gib(slot)} in a CPU cache slot"),
         ("all experts", _gib(experts_total)), ("total", _gib(experts_total + plan.dense_nbytes)),
+        *_fit_rows(plan),
     ]
-    for memory in [host_memory(), *gpu_memories()]:
-        slots = max(0, int((memory.available - plan.dense_nbytes) // slot))
-        fit = min(slots, spec.total_experts)
-        rows.append((f"fits in {memory.name}", f"{fit} experts ({fit / spec.total_experts:.0%}) of "
-                                               f"{_gib(memory.available)} free -> --expert-budget {fit}"))
     for k, v in rows:
         table.add_row(f"[bold]{k}[/bold]", v)
     Console().print(table)
+
+
+def _fit_rows(plan) -> list[tuple[str, str]]:
+    """Per memory (host RAM; each GPU), what ``--expert-budget auto`` would take with run's defaults (disk tier,
+    the model's context up to 4096, batch size 8), or why not one slot fits, with the numbers."""
+    from offload.hw.machine import gpu_memories, host_memory
+    from offload.memory.budget import Placement, memory_plan
+
+    spec, rows = plan.spec, []
+    dtype = spec.checkpoint_dtype
+    for i, memory in enumerate([host_memory(), *gpu_memories()]):
+        device = torch.device("cpu") if i == 0 else torch.device("cuda", i - 1)
+        mp = memory_plan(plan, Placement(device, dtype), memory=memory)
+        why = mp.shortfall(spec.architecture)
+        verdict = (f"does not fit: {why}" if why else
+                   f"{mp.slots} experts ({mp.slots / spec.total_experts:.0%}) of {_gib(memory.available)} free -> "
+                   f"--expert-budget {mp.slots} (what auto takes)")
+        rows.append((f"fits in {memory.name}", verdict))
+    return rows
 
 
 @app.command()

@@ -26,8 +26,9 @@ def _looks_like_repo_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A bundled model name, a local directory, or a hub repo id (through huggingface_hub's cache)."""
+def resolve_model_dir(name_or_path: str | os.PathLike, weights: bool = True) -> Path:
+    """A bundled model name, a local directory, or a hub repo id (through huggingface_hub's cache; with
+    ``weights=False`` only its JSON files are fetched, as `offload info` needs)."""
     text = str(name_or_path)
     if text in bundled_models():
         return BUNDLED_DIR / text
@@ -38,17 +39,18 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
                                   "pass the folder that holds config.json and *.safetensors")
         return path
     if _looks_like_repo_id(text) and not path.parent.exists():
-        return _download(text)
+        return _download(text, weights)
     hint = "give a checkpoint directory, a hub repo id (org/name)"
     if bundled_models():
         hint += f" or a bundled model ({', '.join(bundled_models())})"
     raise CheckpointError(f"no such model directory: {path}", hint)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, weights: bool = True) -> Path:
     from huggingface_hub import snapshot_download  # imported lazily: only needed for hub ids
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "additional_chat_templates/*"]
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "additional_chat_templates/*"] if weights else \
+        ["config.json", "generation_config.json"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as online_error:  # noqa: BLE001 - any hub failure ends in the same user-facing error
@@ -58,7 +60,7 @@ def _download(repo_id: str) -> Path:
             raise CheckpointError(
                 f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
                 f"({type(online_error).__name__})",
-                "check the repo id and your network, or download it once with `huggingface-cli download`",
+                "check the repo id and your network, or download it once with `hf download REPO`",
             ) from None
 
 

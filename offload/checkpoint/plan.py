@@ -186,7 +186,12 @@ class ConfigPlan:
     family: Family
     expert_format: ExpertFormat
     expert_nbytes: int   # one expert as stored
-    dense_nbytes: int    # resident tensors, at the checkpoint's float dtype
+    dense_numel: int     # elements of the resident tensors
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Resident tensors at the checkpoint's float dtype."""
+        return self.dense_numel * self.spec.checkpoint_dtype.itemsize
 
 
 def plan_config(name_or_path: str | os.PathLike) -> ConfigPlan:
@@ -202,5 +207,5 @@ def plan_config(name_or_path: str | os.PathLike) -> ConfigPlan:
         raise CheckpointError(f"{config} lacks or mis-types a field ({e})", "fix or re-download config.json") from None
     qc = quantization_config(cfg)
     fmt = format_from_config(qc, str(config)) if qc is not None else DenseFormat(spec.checkpoint_dtype)
-    dense = sum(math.prod(shape) for shape in family.dense_tensors(spec).values()) * spec.checkpoint_dtype.itemsize
+    dense = sum(math.prod(shape) for shape in family.dense_tensors(spec).values())
     return ConfigPlan(path, spec, family, fmt, stored_nbytes(family, spec, fmt), dense)

@@ -148,38 +148,24 @@ class Prediction:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 
 
-@dataclass(frozen=True)
-class Memory:
-    """Free bytes the plan may use: host RAM, and the GPU's (None: unknown)."""
-
-    host: int
-    gpu: int | None = None
-
-
-def _fits(sizes: ModelSizes, device: str, tier: str, slots: int, memory: Memory) -> tuple[int, bool | None]:
-    on_device = sizes.dense_nbytes + slots * sizes.slot_nbytes
-    ram_tier = sizes.total_experts * sizes.slot_nbytes if tier == "ram" else 0
-    if device == "cpu":
-        return on_device, on_device + ram_tier <= memory.host
-    if ram_tier > memory.host:
-        return on_device, False
-    return on_device, None if memory.gpu is None else on_device <= memory.gpu
+Fits = Callable[[str, int], "bool | None"]  # (tier, slots) -> fits this machine (None: unknown), memory/budget.py
 
 
 def predict(sizes: ModelSizes, calibration: Calibration, device: str, tiers: Sequence[str], budgets: Sequence[str],
-            miss_rate: MissRate, memory: Memory) -> list[Prediction]:
-    """Every (tier, budget) and, on CUDA, hybrid off and auto: the predictions in that order."""
+            miss_rate: MissRate, fits: Fits) -> list[Prediction]:
+    """Every (tier, budget) and, on CUDA, hybrid off and auto: the predictions in that order. ``fits`` says
+    whether a tier's slots fit this machine (the fit check, memory/budget.py, which the planner passes in)."""
     out = []
     modes = ("off", "auto") if device == "cuda" else ("off",)
     for tier in tiers:
         for budget in budgets:
             slots = parse_budget(budget, sizes.total_experts, sizes.slot_nbytes)
             hit, misses = miss_rate(slots)
-            memory_nbytes, fits = _fits(sizes, device, tier, slots, memory)
+            memory_nbytes, fit = sizes.dense_nbytes + slots * sizes.slot_nbytes, fits(tier, slots)
             for mode in modes:
                 cost = token_cost(sizes, calibration, device, tier, misses, mode, reuse=hit)
                 out.append(Prediction(tier, budget, slots, device, mode, hit, misses, cost.cpu_experts,
-                                      cost.bytes_moved, cost.stall_s, cost.seconds, memory_nbytes, fits))
+                                      cost.bytes_moved, cost.stall_s, cost.seconds, memory_nbytes, fit))
     return out
 
 

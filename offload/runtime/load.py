@@ -20,11 +20,10 @@ import torch
 from offload.amounts import parse_budget, parse_prefetch_budget
 from offload.checkpoint.locate import read_json_if_present
 from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
-from offload.errors import CheckpointError, ConfigError, DeviceError, OffloadError
+from offload.errors import CheckpointError, ConfigError, DeviceError
 from offload.experts.layouts import ExpertLayout
 from offload.hw.calibration import Calibration
-from offload.hw.machine import gpu_memories, host_memory
-from offload.memory.budget import resolve_expert_budget
+from offload.memory.budget import Placement, fit_budget, is_auto, memory_plan
 from offload.memory.cache import ExpertCache
 from offload.memory.hostcompute import HostCompute, expert_cost_model
 from offload.memory.policies import make_policy
@@ -170,8 +169,8 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     device = resolve_device(runtime.device)
     plan = plan_checkpoint(name_or_path)
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
+    runtime = fit_runtime_budget(plan, runtime, compute_dtype, device)  # auto -> slots; does it fit?
     slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
-    runtime = resolve_expert_budget(plan, runtime, slot_layout, compute_dtype, device)  # auto -> slots; fits?
     stats = Stats()
     host = plan.expert_format.host_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
     store = _make_store(plan, runtime, host, device, progress)
@@ -188,13 +187,31 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     return OffloadModel(plan, model, runtime, tokenizer, generation_config)
 
 
+def placement(plan: CheckpointPlan, runtime: RuntimeConfig, dtype: torch.dtype, device: torch.device) -> Placement:
+    """What the fit check needs of a runtime config: device, dtypes, tier, and the KV cache's context and rows
+    (the batching pool of ``batch_size``, which run, serve and chat all keep)."""
+    return Placement(device, dtype, runtime.offload_to, runtime.quant_activations, runtime.context,
+                     BatchConfig(batch_size=runtime.batch_size).pool)
+
+
+def fit_runtime_budget(plan: CheckpointPlan, runtime: RuntimeConfig, dtype: torch.dtype,
+                       device: torch.device) -> RuntimeConfig:
+    """``runtime`` with an ``auto`` budget replaced by the slots that fit (memory/budget.py); an explicit budget
+    is checked to fit. Runs after the headers are read and before any weight is."""
+    mp = memory_plan(plan, placement(plan, runtime, dtype, device))
+    slots = fit_budget(runtime.expert_budget, mp, plan.spec.architecture)
+    if not is_auto(runtime.expert_budget):
+        return runtime
+    log.info("expert budget auto: %d of %d experts (%s)", slots, plan.spec.total_experts, mp.describe())
+    return dataclasses.replace(runtime, expert_budget=slots)
+
+
 def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, host: ExpertLayout, device: torch.device,
                 progress: ProgressFn | None) -> ExpertStore:
     """The slow tier: the checkpoint on disk, or every expert read once into RAM in the ``host`` layout."""
     disk = DiskExpertStore(plan.experts, DirectReader(), plan.source_layout)
     if runtime.offload_to == "disk":
         return disk
-    _check_ram_fits(plan, host.nbytes)
     report = (lambda d, t: progress("experts", d, t)) if progress else None
     return RamExpertStore(disk, list(plan.experts), host, pin=device.type == "cuda", progress=report)
 
@@ -239,12 +256,4 @@ def _load_tokenizer(path: Path):
         raise CheckpointError(f"{path / 'tokenizer.json'} cannot be read ({e})", "re-download it") from None
 
 
-def _check_ram_fits(plan: CheckpointPlan, expert_nbytes: int) -> None:
-    need = plan.spec.total_experts * expert_nbytes
-    have = host_memory().available
-    if need > have:
-        raise OffloadError(f"--offload-to ram needs {need / 2**30:.1f} GiB for the experts but "
-                           f"{have / 2**30:.1f} GiB is free", "use --offload-to disk")
-
-
-__all__ = ["OffloadModel", "from_pretrained", "plan_checkpoint", "resolve_device", "gpu_memories", "host_memory"]
+__all__ = ["OffloadModel", "from_pretrained", "plan_checkpoint", "resolve_device"]

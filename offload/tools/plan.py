@@ -7,7 +7,9 @@ import torch
 
 from offload.checkpoint.plan import CheckpointPlan
 from offload.errors import ConfigError
-from offload.hw.perfmodel import MissRate, ModelSizes
+from offload.hw.machine import gpu_memories
+from offload.hw.perfmodel import Fits, MissRate, ModelSizes
+from offload.memory.budget import DEFAULT_SEQUENCES, Placement, memory_plan
 from offload.sim.simulate import AccessStream, simulate
 from offload.traces.format import PHASES, read_trace
 
@@ -47,3 +49,19 @@ def trace_miss_rate(path: str, sizes: ModelSizes) -> MissRate:
         result = simulate(stream, "lru", "global", slots)
         return result.hit_rate, result.misses_per_token
     return rate
+
+
+def fits_for(plan: CheckpointPlan, device: str, dtype: torch.dtype, activations: torch.dtype = torch.bfloat16,
+             context: int = 0, sequences: int = DEFAULT_SEQUENCES) -> Fits:
+    """Whether a tier's slots fit this machine, by the fit check that ``--expert-budget auto`` uses (None: planning
+    for a GPU this machine does not have, whose free memory is unknown)."""
+    def fits(tier: str, slots: int) -> bool | None:
+        if device == "cuda" and not gpu_memories() and not torch.cuda.is_available():
+            return None
+        return slots <= auto_slots(plan, Placement(torch.device(device), dtype, tier, activations, context, sequences))
+    return fits
+
+
+def auto_slots(plan: CheckpointPlan, placement: Placement) -> int:
+    """The slots ``--expert-budget auto`` would take for this placement (0: not one fits)."""
+    return memory_plan(plan, placement).slots

@@ -18,7 +18,6 @@ from offload.checkpoint.plan import plan_checkpoint
 from offload.errors import ConfigError
 from offload.hw.calibration import Calibration
 from offload.hw.perfmodel import (
-    Memory,
     ModelSizes,
     predict,
     recommend,
@@ -93,11 +92,19 @@ def test_uniform_routing_hits_in_proportion_to_the_slots():
     assert rate(4) == (0.5, 1.0) and rate(8) == (1.0, 0.0) and rate(2) == (0.25, 1.5)
 
 
+def _fits_in(host: int):
+    """A stand-in for the fit check: dense + slots (+ every expert in the RAM tier) within ``host`` bytes."""
+    def fits(tier: str, slots: int) -> bool:
+        ram_tier = SIZES.total_experts * SIZES.slot_nbytes if tier == "ram" else 0
+        return SIZES.dense_nbytes + slots * SIZES.slot_nbytes + ram_tier <= host
+    return fits
+
+
 def test_plan_predicts_every_budget_and_recommends_the_fastest_that_fits():
     rate = uniform_miss_rate(SIZES)
     # 25e6 free bytes: the RAM tier holds all 8 experts (16e6) + 5e6 dense + its slots, so only 25% (2 slots) fits
     # there; the disk tier fits at 100% (21e6) and, missing nothing, runs at 0.5 ms + 2 x 1 ms = 2.5 ms a token.
-    plan = predict(SIZES, CAL, "cpu", ("ram", "disk"), ("100%", "50%", "25%"), rate, Memory(host=25 * 10**6))
+    plan = predict(SIZES, CAL, "cpu", ("ram", "disk"), ("100%", "50%", "25%"), rate, _fits_in(25 * 10**6))
     assert [(p.tier, p.slots, p.fits) for p in plan] == [
         ("ram", 8, False), ("ram", 4, False), ("ram", 2, True), ("disk", 8, True), ("disk", 4, True), ("disk", 2, True)]
     ram25, disk100, disk50 = plan[2], plan[3], plan[4]
@@ -112,9 +119,9 @@ def test_plan_predicts_every_budget_and_recommends_the_fastest_that_fits():
 def test_the_recommendation_is_the_fewest_slots_within_five_percent_and_cuda_adds_hybrid():
     def rate(slots):  # half the experts already catch every access
         return (1.0, 0.0) if slots >= 4 else (0.5, 1.0)
-    plan = predict(SIZES, CAL, "cpu", ("ram",), ("100%", "50%", "25%"), rate, Memory(host=10**9))
+    plan = predict(SIZES, CAL, "cpu", ("ram",), ("100%", "50%", "25%"), rate, _fits_in(10**9))
     assert recommend(plan).budget == "50%"
-    gpu = predict(SIZES, CAL, "cuda", ("ram",), ("25%",), rate, Memory(host=10**9))
+    gpu = predict(SIZES, CAL, "cuda", ("ram",), ("25%",), rate, lambda tier, slots: None)
     assert [(p.hybrid, p.fits) for p in gpu] == [("off", None), ("auto", None)]  # no GPU here: fit unknown
     assert gpu[1].cpu_experts_per_token == 1.0 and gpu[1].tokens_per_s > gpu[0].tokens_per_s
 

@@ -18,7 +18,9 @@ import offload
 from offload.checkpoint.plan import plan_checkpoint
 from offload.errors import BudgetError
 from offload.memory import budget
+from offload.memory.budget import Placement
 from offload.runtime.config import RuntimeConfig
+from offload.runtime.load import fit_runtime_budget
 
 MiB = 2**20
 EXPERT = 3 * 32 * 48 * 4                 # one float32 expert: 18,432 bytes
@@ -49,8 +51,10 @@ def mock_gpus(monkeypatch, *free: int) -> None:
 
 
 def resolve(plan, device="cpu", **runtime):
-    layout = plan.expert_format.slot_layout(plan.spec, torch.float32, torch.device("cpu"), torch.bfloat16)
-    return budget.resolve_expert_budget(plan, RuntimeConfig(**runtime), layout, torch.float32, torch.device(device))
+    return fit_runtime_budget(plan, RuntimeConfig(**runtime), torch.float32, torch.device(device))
+
+
+CPU = torch.device("cpu")
 
 
 def test_kv_and_context_arithmetic(plan):
@@ -64,7 +68,7 @@ def test_auto_on_the_cpu_takes_what_is_left_after_dense_kv_ram_tier_and_headroom
     # RAM tier on the CPU: slots are the packed layout (18,432 bytes), and the tier's 12 experts come first.
     free = 600 * MiB + dense_bytes(plan) + KV + 12 * EXPERT + 5 * EXPERT + 100
     mock_ram(monkeypatch, free)
-    mp = budget.memory_plan(plan, RuntimeConfig(offload_to="ram"), EXPERT, EXPERT, torch.float32, torch.device("cpu"))
+    mp = budget.memory_plan(plan, Placement(CPU, torch.float32, "ram"))
     assert (mp.free, mp.dense, mp.kv, mp.ram_tier) == (free, dense_bytes(plan), KV, 12 * EXPERT)
     assert mp.headroom == 512 * MiB                        # 10% of ~600 MiB is 60 MiB: the floor wins
     assert mp.for_experts == 88 * MiB + 5 * EXPERT + 100
@@ -74,7 +78,7 @@ def test_auto_on_the_cpu_takes_what_is_left_after_dense_kv_ram_tier_and_headroom
 def test_headroom_floor_and_fraction(plan, monkeypatch):
     for free, headroom in ((2 * 2**30, 512 * MiB), (20 * 2**30, 2 * 2**30)):
         mock_ram(monkeypatch, free)
-        mp = budget.memory_plan(plan, RuntimeConfig(), EXPERT, EXPERT, torch.float32, torch.device("cpu"))
+        mp = budget.memory_plan(plan, Placement(CPU, torch.float32))
         assert mp.headroom == headroom
 
 
@@ -107,8 +111,8 @@ def test_auto_on_cuda_reads_that_gpu_from_pynvml(plan, monkeypatch):
 
 def test_the_disk_tier_counts_the_aligned_read_per_slot(plan):
     layout = plan.expert_format.slot_layout(plan.spec, torch.float32, torch.device("cpu"), torch.bfloat16)
-    disk = budget.slot_nbytes(plan, RuntimeConfig(offload_to="disk"), layout)
-    assert budget.slot_nbytes(plan, RuntimeConfig(offload_to="ram"), layout) == layout.nbytes == EXPERT
+    disk = budget.slot_nbytes(plan, "disk", layout, CPU)
+    assert budget.slot_nbytes(plan, "ram", layout, CPU) == layout.nbytes == EXPERT
     assert disk >= EXPERT and disk % 4096 == 0
 
 
