@@ -163,9 +163,7 @@ class CompressedTensorsFormat(IntegerFormat):
 
     quant_method: ClassVar[str] = "compressed-tensors"
 
-    @classmethod
-    def from_config(cls, quantization_config: dict) -> CompressedTensorsFormat:
-        return cls(compressed_tensors_scheme(quantization_config))
+    read_scheme = staticmethod(compressed_tensors_scheme)
 
     def tensor_suffixes(self) -> tuple[str, ...]:
         zero = () if self.scheme.symmetric else ("weight_zero_point",)

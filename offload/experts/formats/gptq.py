@@ -154,9 +154,7 @@ class GptqFormat(IntegerFormat):
 
     quant_method: ClassVar[str] = "gptq"
 
-    @classmethod
-    def from_config(cls, quantization_config: dict) -> GptqFormat:
-        return cls(gptq_scheme(quantization_config))
+    read_scheme = staticmethod(gptq_scheme)
 
     def tensor_suffixes(self) -> tuple[str, ...]:
         return ("qweight", "qzeros", "scales", "g_idx")

@@ -164,6 +164,15 @@ class IntegerFormat(ExpertFormat):
     scheme: QuantScheme
     checks_values: ClassVar[bool] = True  # GPTQ's g_idx (act-order) and zero points are only seen by unpacking
 
+    @classmethod
+    def from_config(cls, quantization_config: dict) -> IntegerFormat:
+        return cls(cls.read_scheme(quantization_config))
+
+    @staticmethod
+    @abstractmethod
+    def read_scheme(quantization_config: dict) -> QuantScheme:
+        """The scheme a quantization_config names; raises on what the format's unpacker cannot read."""
+
     @property
     def name(self) -> str:
         return f"{self.scheme} ({self.quant_method})"
