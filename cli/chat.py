@@ -1,5 +1,5 @@
 """`offload chat`: an interactive terminal chat. Replies stream as they are generated; the conversation goes
-through the checkpoint's chat template each turn (offload/chat.py, as the server's chat endpoint does).
+through the checkpoint's chat template each turn (offload/serve/chat.py, as the server's chat endpoint does).
 
 Ctrl-C during a reply stops it at the next token (the signal only sets a flag: stopping inside a forward pass
 would leave the expert cache's pins mid-layer) and keeps the session, the partial reply in the history as the

@@ -1,6 +1,6 @@
 """`offload bench-hw` (measure this machine once) and `offload plan` (predict decode speed per budget and tier).
 
-Thin, as the rest of cli/: the measurements are offload/calibrate.py's, the predictions offload/perfmodel.py's.
+Thin, as the rest of cli/: the measurements are offload/hw/calibration.py's, the predictions offload/hw/perfmodel.py's.
 The simulator and the trace reader are analysis code and load only inside `plan` (via perfmodel), so
 importing the CLI never pulls them in.
 """
@@ -173,7 +173,7 @@ def plan(
         "the defaults (run `offload bench-hw` to measure this machine)"
     hits = f"{trace} (decode tokens, global LRU)" if trace else "uniform routing (no --trace given)"
     err.print(f"calibration: {source}; hit rates: {hits}; the model ignores attention, Python overhead and "
-              "overlap of loads with compute (offload/perfmodel.py)", soft_wrap=True)
+              "overlap of loads with compute (offload/hw/perfmodel.py)", soft_wrap=True)
     if best is None:
         err.print("no configuration fits this machine's free memory", soft_wrap=True)
     else:

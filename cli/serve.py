@@ -1,4 +1,4 @@
-"""`offload serve`: the OpenAI-compatible server (offload/server.py) on uvicorn, the model loading meanwhile."""
+"""`offload serve`: the OpenAI-compatible server (offload/serve/server.py) on uvicorn, the model loading meanwhile."""
 
 from __future__ import annotations
 

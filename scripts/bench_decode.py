@@ -521,7 +521,7 @@ def schedule(configs: list[str], repeats: int) -> list[tuple[int, str]]:
 
 
 class Predicted:
-    """offload/perfmodel.py's decode tok/s beside an offload sample: the time per token of the sample's tier,
+    """offload/hw/perfmodel.py's decode tok/s beside an offload sample: the time per token of the sample's tier,
     format and device with the misses per decode token the sample measured (so it tests the time model; the hit
     rates, which the simulator reproduces exactly, are not what is being checked), from the calibration loaded
     once at the start of the run. Prefetches are not modelled: a +PREDICTOR run is predicted as its misses."""
@@ -611,7 +611,7 @@ def report(opts: Options, path: Path, samples: list[dict], before: dict, t_start
         "notes": [f"{HF_ACCEL} gets max_memory cpu = dense bytes + {ACCEL_BUDGET} of expert bytes (our 25% budget)",
                   ("page_cache.resident_bytes_* are mincore() samples taken just before a drop: what the page cache "
                    "held of the disk files; pages a process keeps memory-mapped cannot be dropped"),
-                  ("predicted_tokens_per_s (offload samples): offload/perfmodel.py's decode time per token from "
+                  ("predicted_tokens_per_s (offload samples): offload/hw/perfmodel.py's decode time per token from "
                    "`calibration` and the misses per decode token the sample measured")],
         "samples": samples, "summary": summary,
     }

@@ -210,7 +210,7 @@ def ref_simulate_steps(stream: Sequence[int], policy: str, capacity: int, num_ex
 
 
 # ================================================================================================
-# Quantization oracles (checked against offload/quant.py)
+# Quantization oracles (checked against offload/experts/quant.py)
 #
 # Plain-Python loops over words and bits, written from the formats' descriptions (AutoGPTQ's pack and
 # dequantization, compressed-tensors' pack_to_int32), not from offload's code. W[o, i] is the weight of

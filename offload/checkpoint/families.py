@@ -1,6 +1,6 @@
 """One small adapter per model family: how config.json spells things, what the tensors are called,
 which attention / router / activation pieces its decoder layers are made of, and its quirks as
-fields. The forward pass (model.py) is family-agnostic: it reads only ModelSpec and the pieces.
+fields. The forward pass (model/forward.py) is family-agnostic: it reads only ModelSpec and the pieces.
 """
 
 from __future__ import annotations

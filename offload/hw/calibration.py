@@ -1,6 +1,6 @@
 """What this machine's memory, disk, CPU (and GPU) really do: measured once by ``offload bench-hw``, stored as a
-small versioned JSON in the user's cache directory, and read by the per-miss cost model (hybrid.py) and the
-performance model (perfmodel.py), which fall back to the documented defaults below when there is no file.
+small versioned JSON in the user's cache directory, and read by the per-miss cost model (hw/costmodel.py) and the
+performance model (hw/perfmodel.py), which fall back to the documented defaults below when there is no file.
 
 Conventions (so that numbers from different machines compare):
 

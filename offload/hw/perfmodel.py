@@ -14,7 +14,7 @@ One decode token (batch 1), ``a = moe_layers x top_k`` expert uses of which ``m`
                                                                     reaches only half of on this CPU)
           + (a - m) x expert(1)                                    (hits: compute on the device)
           + m x miss(1)                                            (fetch: read + copy + compute; hybrid: the
-                                                                    cheaper of that and the CPU, hybrid.py)
+                                                                    cheaper of that and the CPU, hw/costmodel.py)
     stall = m x (miss(1) - expert(1)),   bytes moved = m x the bytes a miss moves into the cache
 
 ``m`` comes from a routing trace replayed through the simulator with one global LRU cache of the budget's slots

@@ -1,7 +1,7 @@
 """The fast-tier expert cache: a fixed number of equal slots on the compute device.
 
-It owns residency, pinning and the counts; a policy (policies.py) only picks victims, and a mover
-(transfer.py, one per device type) owns the slot memory and moves the bytes. An expert that a layer
+It owns residency, pinning and the counts; a policy (memory/policies.py) only picks victims, and a mover
+(memory/transfer.py, one per device type) owns the slot memory and moves the bytes. An expert that a layer
 is using is pinned and never evicted.
 
 Loads are asynchronous when the cache has a loader thread (``async_loads=True``, which the

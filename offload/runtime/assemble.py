@@ -50,7 +50,7 @@ class TensorLoader:
 
 
 def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
-    gate, up, down = group.values()  # gate, up, down in the order families.py lists them
+    gate, up, down = group.values()  # gate, up, down in the order checkpoint/families.py lists them
     return Expert.dense(gate, up, down)
 
 

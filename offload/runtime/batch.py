@@ -3,7 +3,7 @@
 A :class:`BatchEngine` owns a KV pool. Submitted requests wait until a row is free, are prefilled
 into it (in chunks of ``prefill_chunk`` prompt tokens, so a long prompt never needs more experts at
 once than a chunk routes to) and are then "ready". Each decode step the scheduler
-(offload/rearrange.py) picks up to ``batch_size`` ready requests; a finished or cancelled request
+(offload/runtime/rearrange.py) picks up to ``batch_size`` ready requests; a finished or cancelled request
 frees its row and the next one joins. A request's tokens do not depend on which others share its
 steps: every row attends only to its own keys, each expert runs over the tokens routed to it, and
 each request is sampled with its own config and generator.

@@ -32,7 +32,7 @@ class RuntimeConfig:
 
     device: str = "auto"                  # "auto" (cuda when present), "cpu" or "cuda[:N]"
     dtype: torch.dtype | str | None = None  # compute dtype; None / "auto" = the checkpoint's
-    expert_budget: int | str = "100%"     # slots, "25%", bytes ("6GiB"), or "auto" (what fits: budget.py)
+    expert_budget: int | str = "100%"     # slots, "25%", bytes ("6GiB"), or "auto" (what fits: memory/budget.py)
     offload_to: str = "disk"              # slow tier: "disk" (the safetensors files) or "ram" (packed host copy)
     policy: str = "lru"                   # policies.POLICIES name
     predictor: str = "none"               # predictors.PREDICTORS name ("none": load on demand only)
@@ -46,7 +46,7 @@ class RuntimeConfig:
     max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
     context: int = 0                      # tokens per sequence the KV cache holds (0: max positions, <= 4096)
     hybrid: str = "off"                   # on CUDA, per missed expert: "off" (fetch), "auto" (cost model), "always"
-    #                                       (compute it on the CPU from its host copy); hybrid.py has the formula
+    #                                       (compute it on the CPU from its host copy); hw/costmodel.py has the formula
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))

@@ -1,10 +1,10 @@
 """from_pretrained(): checkpoint -> validated plan -> resident dense weights + expert cache -> OffloadModel.
 
 The path of one token: the CLI (cli/main.py) or the caller builds a RuntimeConfig and calls
-``from_pretrained``; ``OffloadModel.generate`` (generate.py) runs prefill and decode steps of
-``MoEModel.forward`` (model.py); each MoE layer routes, asks the ExpertCache (cache.py) for its
-experts, whose mover (transfer.py) brings misses in from the disk or RAM tier, and runs each
-expert's layout-bound forward (experts.py); sampling.sample() picks the next token.
+``from_pretrained``; ``OffloadModel.generate`` (runtime/generate.py) runs prefill and decode steps of
+``MoEModel.forward`` (model/forward.py); each MoE layer routes, asks the ExpertCache (memory/cache.py) for its
+experts, whose mover (memory/transfer.py) brings misses in from the disk or RAM tier, and runs each
+expert's layout-bound forward (experts/layouts.py); sampling.sample() picks the next token.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ order prompts are admitted.
 A decode step runs every expert that any request of the batch routes to, so the step's cost in
 expert loads grows with the number of *distinct* (layer, expert) keys of the batch, not with its
 size. The schedulers here choose each step's batch among the ready requests; the runtime
-(``offload/batch.py``) and the trace simulation (``offload/sim/batching.py``) both call them through
+(``offload/runtime/batch.py``) and the trace simulation (``offload/sim/batching.py``) both call them through
 the same small interface:
 
 * ``fifo``: the first ``batch_size`` ready requests in arrival order (classic continuous batching);

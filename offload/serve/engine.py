@@ -2,7 +2,7 @@
 
 ``offload serve`` gets requests on an asyncio event loop, but a decode step is seconds of blocking torch work
 and the model, its KV pool and its expert cache are not safe to share. So one thread loads the model and then
-loops: it takes newly submitted requests from a thread-safe inbox into the BatchEngine (batch.py: requests join
+loops: it takes newly submitted requests from a thread-safe inbox into the BatchEngine (runtime/batch.py: requests join
 and leave between decode steps, each in its own KV row, the scheduler picking each step's batch), runs a step,
 and hands each request's new text to the ``deliver`` callback its submitter gave (the server turns that into
 ``loop.call_soon_threadsafe``). Nothing else ever touches the model.
@@ -12,7 +12,7 @@ and hands each request's new text to the ``deliver`` callback its submitter gave
   (BusyError). So a request that cannot run never stalls the others.
 - ``Ticket.cancel()`` (a client that went away) is a flag the engine reads at the next step boundary, where
   the BatchEngine frees the request's KV row; a request still in the inbox is dropped when it is taken.
-- Each request's text goes through a TextStream (textstream.py): stop strings end the request in the same
+- Each request's text goes through a TextStream (serve/textstream.py): stop strings end the request in the same
   step (``on_token`` returns True) and are never delivered.
 - ``stop()`` ends the loop at the next step boundary and cancels what is left; every request that was accepted
   gets exactly one final event (its ``finish_reason`` set), whatever happens.

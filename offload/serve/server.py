@@ -1,6 +1,6 @@
 """``offload serve``'s HTTP side: OpenAI's completions and chat completions API over the serving Engine.
 
-The event loop only parses, checks, encodes and streams; the engine thread (engine.py) does the model's work.
+The event loop only parses, checks, encodes and streams; the engine thread (serve/engine.py) does the model's work.
 What a client sees follows OpenAI's API, so its official clients and the tools built on them work unchanged:
 
 - ``POST /v1/completions`` and ``POST /v1/chat/completions`` take ``model``, ``prompt`` / ``messages``,

@@ -3,7 +3,7 @@
 Every decode sequence of a routing trace is a request whose steps are its decode tokens' routes, in
 order. :func:`make_workload` samples as many requests as asked (sequences drawn with replacement,
 each from a random start offset, seeded). :func:`simulate_batching` then runs the runtime's loop
-(``offload/batch.py``) over them: requests arrive (all at step 0, or as a Poisson process), are
+(``offload/runtime/batch.py``) over them: requests arrive (all at step 0, or as a Poisson process), are
 admitted into a pool of ``pool`` ready requests (a KV row each), and each step the scheduler picks a
 batch; every picked request emits its next route from the trace. The scheduler sees a request's
 previous route as its prediction (``prediction="prev-token"``, what the runtime has) or, as an upper

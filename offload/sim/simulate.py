@@ -327,7 +327,7 @@ def _lru_kernel(keys: np.ndarray, part: np.ndarray, num_parts: int,
 
 
 # --------------------------------------------------------------------- step-pinned kernels
-# With ``pin_steps`` the stream is replayed the way the runtime's MoE layer runs a step (cache.py's
+# With ``pin_steps`` the stream is replayed the way the runtime's MoE layer runs a step (memory/cache.py's
 # LayerStep): the top-k keys of one (token, layer) step are accessed resident ones first, each group
 # in key order, and all of them stay pinned until the step ends. A miss evicts a key outside the
 # step; when every resident key belongs to the step (a cache smaller than a step), the step's
@@ -704,7 +704,7 @@ class _PyCaches:
         return False, victim
 
     def step(self, keys: list[int]) -> list[Access]:
-        """A pinned layer step, as cache.py's LayerStep runs it: resident keys first, each group in key order.
+        """A pinned layer step, as memory/cache.py's LayerStep runs it: resident keys first, each group in key order.
 
         Every key stays pinned to the end of the step; when all resident keys are the step's own
         (a cache smaller than a step), the earliest used is released and evicted.

@@ -1,4 +1,4 @@
-"""offload/config.py: budgets as users write them, RuntimeConfig rejecting every bad name and budget
+"""offload/spec.py: budgets as users write them, RuntimeConfig rejecting every bad name and budget
 before any I/O, and ModelSpec refusing config fields that contradict each other."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""offload/experts.py: parts view the right bytes, layouts convert between formats, the SwiGLU forward
+"""offload/experts/layouts.py: parts view the right bytes, layouts convert between formats, the SwiGLU forward
 equals its formula, and every bound expert computes what plain matrices compute."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""offload/quant.py against tests/reference.py's loops, torch's own int4 converter, the compressed-tensors
+"""offload/experts/quant.py against tests/reference.py's loops, torch's own int4 converter, the compressed-tensors
 library and transformers.
 
 Tolerances. Format readers and the quantizer are exact: they compute the same float32 products as the

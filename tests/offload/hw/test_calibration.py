@@ -1,4 +1,4 @@
-"""offload/calibrate.py: the calibration file's round trip and defaults, the rate interpolation the models use,
+"""offload/hw/calibration.py: the calibration file's round trip and defaults, the rate interpolation the models use,
 and every measurement run once at a tiny size (what they return is checked for shape and sign, never for speed:
 these machines are shared, so no timing is asserted)."""
 

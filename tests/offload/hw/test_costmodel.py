@@ -1,4 +1,4 @@
-"""offload/hybrid.py: the per-miss choice on hand-made costs, worked out by hand in each test, and its counters.
+"""offload/hw/costmodel.py: the per-miss choice on hand-made costs, worked out by hand in each test, and its counters.
 
 The expert of these tests has 1e6 parameters, 2e6 bytes in a slot and hidden size 100 (bf16 activations). The GPU
 computes 1e11 parameters/s (10 us for it at any batch here), the CPU 1e9 at one token (1 ms), and the round trip

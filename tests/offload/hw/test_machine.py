@@ -1,4 +1,4 @@
-"""offload/hardware.py: host memory from psutil, no GPUs without a driver, machine info for results."""
+"""offload/hw/machine.py: host memory from psutil, no GPUs without a driver, machine info for results."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""offload/perfmodel.py against predictions worked out by hand.
+"""offload/hw/perfmodel.py against predictions worked out by hand.
 
 The hand-made model: 2 MoE layers x 4 experts, top-1 (2 expert uses per token), 1e6 bytes of dense weights read
 per token (5e6 resident), experts of 1e6 parameters and 2e6 bytes. The hand-made machine: host memory 1e9 B/s,

@@ -1,4 +1,4 @@
-"""offload/budget.py: the auto budget's arithmetic on mocked psutil / pynvml readings, and the fit error.
+"""offload/memory/budget.py: the auto budget's arithmetic on mocked psutil / pynvml readings, and the fit error.
 
 The tiny Mixtral (tests/tiny_models.py) is small enough to work every number out by hand: float32, hidden 32,
 3 layers of 4 experts with intermediate 48, 2 kv heads of 8 dims, 256 positions.

@@ -1,4 +1,4 @@
-"""offload/policies.py: each policy's victim on hand-made sequences, demotion, the layer clock, the
+"""offload/memory/policies.py: each policy's victim on hand-made sequences, demotion, the layer clock, the
 layer-aware policies' rules, and the registry."""
 
 from __future__ import annotations

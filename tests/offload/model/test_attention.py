@@ -1,4 +1,4 @@
-"""offload/attention.py: RMSNorm, RoPE and masks against their formulas; the GQA piece declares exactly
+"""offload/model/attention.py: RMSNorm, RoPE and masks against their formulas; the GQA piece declares exactly
 the tensors its options need."""
 
 from __future__ import annotations

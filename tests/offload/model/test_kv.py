@@ -1,4 +1,4 @@
-"""offload/kv.py: a KV pool row computes what its own KV cache computes; lengths and masks per row."""
+"""offload/model/kv.py: a KV pool row computes what its own KV cache computes; lengths and masks per row."""
 
 from __future__ import annotations
 

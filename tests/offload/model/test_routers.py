@@ -1,4 +1,4 @@
-"""offload/routers.py: softmax top-k routing as each family's transformers code computes it."""
+"""offload/model/routers.py: softmax top-k routing as each family's transformers code computes it."""
 
 from __future__ import annotations
 

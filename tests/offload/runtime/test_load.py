@@ -1,4 +1,4 @@
-"""offload/runtime.py: from_pretrained takes a RuntimeConfig and/or overrides, OffloadModel's options
+"""offload/runtime/load.py: from_pretrained takes a RuntimeConfig and/or overrides, OffloadModel's options
 reach the sampling and batching configs, and bad options are one-line errors."""
 
 from __future__ import annotations

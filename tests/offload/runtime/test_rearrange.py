@@ -1,4 +1,4 @@
-"""offload/rearrange.py: fifo order, expert-aware picks on hand-made routes and against brute force,
+"""offload/runtime/rearrange.py: fifo order, expert-aware picks on hand-made routes and against brute force,
 bounded unfairness under adversarial routes, admission order, distinct_experts, the registry."""
 
 from __future__ import annotations

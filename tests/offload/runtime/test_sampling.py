@@ -1,4 +1,4 @@
-"""offload/sampling.py: the filters equal transformers' logits warpers, configs take generation_config's
+"""offload/runtime/sampling.py: the filters equal transformers' logits warpers, configs take generation_config's
 defaults, and sampling draws from the filtered distribution (seeded: reproducible)."""
 
 from __future__ import annotations

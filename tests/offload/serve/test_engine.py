@@ -1,4 +1,4 @@
-"""offload/engine.py without HTTP: the engine thread's text equals generate()'s, alone or beside others; stop
+"""offload/serve/engine.py without HTTP: the engine thread's text equals generate()'s, alone or beside others; stop
 strings, cancellation (the KV row comes back), the queue and context limits, stop() and a failed load all end
 every accepted request with exactly one final event. Every wait is bounded."""
 

@@ -1,4 +1,4 @@
-"""offload/server.py through a real `offload serve` process on 127.0.0.1, talked to with the official openai
+"""offload/serve/server.py through a real `offload serve` process on 127.0.0.1, talked to with the official openai
 client and raw HTTP (httpx); plus the app in-process while its model is still loading, and the SSE pieces.
 
 One server process serves the whole module (started once: it is the slow part). Every loop here is bounded

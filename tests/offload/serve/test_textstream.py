@@ -1,4 +1,4 @@
-"""offload/textstream.py: stop strings end the text and are not returned; nothing that could still become one
+"""offload/serve/textstream.py: stop strings end the text and are not returned; nothing that could still become one
 is sent early; split UTF-8 is held back; the pieces add up to the decoded text."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""offload/perplexity.py: windows score every token once with the context they allow, and the value
+"""offload/tools/perplexity.py: windows score every token once with the context they allow, and the value
 equals transformers' sliding-window recipe on the same weights, at any expert budget."""
 
 from __future__ import annotations

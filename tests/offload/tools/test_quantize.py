@@ -1,4 +1,4 @@
-"""offload/quantize.py and `offload quantize`: the output is a compressed-tensors checkpoint that offload,
+"""offload/tools/quantize.py and `offload quantize`: the output is a compressed-tensors checkpoint that offload,
 transformers and an independent unpacker read alike; the source is never touched; nothing half-written
 is ever left under the output's name."""
 

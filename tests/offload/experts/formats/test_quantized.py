@@ -1,4 +1,4 @@
-"""Quantized checkpoints end to end (offload/quant_experts.py and the runtime around it): GPTQ and
+"""Quantized checkpoints end to end (offload/experts/formats and the runtime around it): GPTQ and
 compressed-tensors checkpoints as released load without conversion, and offload computes what
 transformers computes on the dequantized weights, at every budget, tier and batch shape.
 
