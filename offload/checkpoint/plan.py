@@ -1,10 +1,7 @@
-"""Reads a checkpoint in Hugging Face layout: resolves where it is, parses config.json and every
-safetensors header, and checks that each expected tensor exists with the expected shape, giving a
-validated :class:`CheckpointPlan` before any weight is loaded.
-
-Headers are parsed here (they are a documented 8-byte length + JSON) because the disk tier needs
-each tensor's absolute byte offset to read experts on demand; dense tensors are loaded with
-``safetensors.safe_open`` (memory-mapped, never pickle).
+"""The validated plan of a checkpoint in Hugging Face layout: where it is (locate.py), its config read by its
+family's adapter (families.py), every tensor's place (safetensors.py), the experts' format (experts/formats/) and
+storage (storage.py), each expected tensor checked for shape and dtype: a :class:`CheckpointPlan`, made before
+any weight is loaded. A config.json alone gives a :class:`ConfigPlan` (sizes estimated), for `offload info`.
 """
 
 from __future__ import annotations

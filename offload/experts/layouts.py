@@ -1,15 +1,12 @@
-"""Expert layouts, expert formats and the expert's forward.
+"""Expert layouts: where an expert's matrices sit in its one contiguous buffer, and the Expert they compute as.
 
 One expert = one contiguous byte buffer (mixtral-offloading's idea: a move is one copy). A layout
 says where each of the expert's matrices (gate, up, down) sits in that buffer and in what format;
 it binds a buffer to an :class:`Expert` whose projections compute from those bytes, and converts
 bytes from another layout into its own (a cast for dense formats, a repack for quantized ones).
-An :class:`ExpertFormat` is what a checkpoint stores: which tensors make an expert, what shapes
-they must have, their layout once read, and the layout a cache slot holds them in. The cache and
-the movers only see bytes and layouts, so a new storage format is a new format and its matrices,
-never a new cache or a branch in the model.
-
-The activation (how the projections combine) is the family's, picked from ``ACTIVATIONS``.
+Which layouts a checkpoint's experts are read in, held in RAM in and computed from is their format's
+to say (formats/); the cache and the movers only see bytes and layouts, so a new storage format is a
+new format and its matrices, never a new cache or a branch in the model.
 """
 
 from __future__ import annotations
@@ -228,16 +225,6 @@ def packed_layout(hidden: int, intermediate: int, dtype: torch.dtype) -> ExpertL
         DenseMatrix(Part(n, dtype, (intermediate, hidden))),
         DenseMatrix(Part(2 * n, dtype, (hidden, intermediate))),
     )
-
-
-# -- formats: what a checkpoint stores per expert ---------------------------------------------------------
-
-
-    # optional: host_layout(...) -> ExpertLayout, what the RAM tier holds when it is not the slot's layout
-    # (vendor formats, dequantized per miss on CPU); see host_layout() below
-
-
-# -- activations: how an expert's projections combine ------------------------------------------------
 
 
 def projection_shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
