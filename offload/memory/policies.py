@@ -139,7 +139,8 @@ class LFU(EvictionPolicy):
         pass  # counts survive eviction: frequency is a property of the key, not of its residency
 
     def victim(self, candidates: Iterable[Hashable], incoming: Hashable | None = None) -> Hashable:
-        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
+        # keys never accessed (loaded ahead of use) tie at (0, 0): the smaller key goes, whatever the candidates' order
+        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0), k))
 
 
 # ------------------------------------------------------------------------------ layer-aware policies
