@@ -136,6 +136,14 @@ class TaskPattern:
         order = np.lexsort((experts, layers, -self.frequency[layers, experts], -self.importance[layers, experts]))
         return list(zip(layers[order].tolist(), experts[order].tolist()))
 
+    def warm_keys(self, last: np.ndarray | None, slots: int) -> list[tuple[int, int]]:
+        """What a warm start keeps and loads, (MoE layer, expert), at most ``slots``: the prompt's last token's
+        route ``last`` ([layers, top_k]) first, then the ranked keys. The last token's experts are the likeliest
+        of the first decode token's (a token's route resembles its predecessor's), and prefill has just loaded
+        them: a warm start that evicted them for the task's average choice missed more, on tiny-moe's traces."""
+        route = [] if last is None else [(m, int(e)) for m, row in enumerate(np.asarray(last)) for e in row]
+        return list(dict.fromkeys(route + self.ranked_keys()))[:slots]
+
     def coverage(self, mass: float) -> np.ndarray:
         """[layers]: how many experts (best first) hold ``mass`` of each layer's importance."""
         ranked = np.take_along_axis(self.importance, self.ranking, axis=1)

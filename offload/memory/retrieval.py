@@ -3,9 +3,10 @@
 * ``TaskRetrieval`` is the model's request hook (model/forward.py's RequestHook). When a request's prompt has
   routed, it picks the request's task pattern (the prompt's own routing matched against the patterns file, or
   the task the user forced), then, before decode:
-  - warm start: loads the task's most important experts (memory/patterns.py's ranking across layers) into the
-    cache while slots last, never evicting what other running requests use. Lossless: it only decides what is
-    resident, so tokens never change; a warm-loaded expert's first demand is a hit instead of a miss;
+  - warm start: keeps the prompt's last token's experts and loads the task's most important ones (memory/
+    patterns.py's ranking across layers) into the cache while slots last, never evicting what other running
+    requests use. Lossless: it only decides what is resident, so tokens never change; a warm-loaded expert's
+    first demand is a hit instead of a miss;
   - hands the task's frequencies to the eviction policy (``on_prior``) and the predictor (``set_prior``).
 * ``prune`` restricts every MoE layer's router to the task's ``keep`` most important experts and loads exactly
   those into a cache of that many slots, once (lossy, opt-in: the routing weight dropped is counted per layer).
@@ -53,7 +54,8 @@ class TaskRetrieval:
         self.stats.task.record(match.task, match.confidence)
         pattern = self.patterns.task(match.task)
         if self.warm:
-            keys = [(self.moe_layers[m], e) for m, e in pattern.ranked_keys()[: self.cache.num_slots]]
+            last = np.asarray(routes)[-1] if len(routes) else None
+            keys = [(self.moe_layers[m], e) for m, e in pattern.warm_keys(last, self.cache.num_slots)]
             self.cache.warm(keys, protect=running)
         prior = np.exp(pattern.log_frequency(self.patterns.model.top_k))  # [MoE layers, experts]
         for m, layer in enumerate(self.moe_layers):

@@ -35,9 +35,9 @@ def warm_starts(trace: Trace, patterns: Patterns, capacity: int, scope: str = "g
                 task: str | None = None) -> tuple[dict[int, list[int]], dict[int, Match]]:
     """{token index: keys to load before it} at each sequence's first decode token, and {seq: its match}.
 
-    The match uses the sequence's prefill tokens (``task`` forces one, as --task does); the keys are the task's
-    ranked (layer, expert) pairs as simulator keys, as many as the cache holds (``capacity`` in all for the
-    ``global`` scope, per layer for ``per-layer``).
+    The match uses the sequence's prefill tokens (``task`` forces one, as --task does); the keys are the runtime's
+    (TaskPattern.warm_keys: the last prompt token's route, then the task's ranked pairs) as simulator keys, as
+    many as the cache holds (``capacity`` in all for the ``global`` scope, per layer for ``per-layer``).
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}")
@@ -51,7 +51,10 @@ def warm_starts(trace: Trace, patterns: Patterns, capacity: int, scope: str = "g
             continue
         prompt = index[index < decode[0]]
         match = Match(task, 1.0, forced=True) if task else patterns.match(trace.experts[prompt])
-        ranked = patterns.task(match.task).ranked_keys()
+        pattern = patterns.task(match.task)
+        last = trace.experts[prompt[-1]] if len(prompt) else None
+        ranked = pattern.warm_keys(last, capacity) if scope == "global" else pattern.warm_keys(last, len(
+            pattern.ranking.ravel()))
         warm[int(decode[0])], matches[int(seq)] = _keys(ranked, e, capacity, scope), match
     return warm, matches
 

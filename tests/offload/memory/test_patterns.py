@@ -55,6 +55,9 @@ def test_ranking_ranked_keys_and_coverage():
     assert t.top(2).tolist() == [[0, 1], [2, 3]]
     # across layers by score: (1,2) .583, (0,0) .567, (0,1) .4, (1,3) .25, (1,0) .167, (0,2) .033; unused experts never
     assert t.ranked_keys() == [(1, 2), (0, 0), (0, 1), (1, 3), (1, 0), (0, 2)]
+    # warm start: the last prompt token's route first, then the ranked keys not in it, at most the slots given
+    assert t.warm_keys(np.array([[3, 0], [1, 2]]), 5) == [(0, 3), (0, 0), (1, 1), (1, 2), (0, 1)]
+    assert t.warm_keys(None, 2) == [(1, 2), (0, 0)]
     # 50%: layer 0 needs e0 (.567 of 1); 80%: e0 + e1 (.967); 95%: the same two; layer 1: 2, 2, 3 (.583, .833, 1)
     assert [t.coverage(m).tolist() for m in (0.5, 0.8, 0.95)] == [[1, 1], [2, 2], [2, 3]]
 

@@ -56,23 +56,23 @@ def test_the_runtime_cache_warm_started_counts_what_the_simulator_counts(policy,
 
 def test_warm_start_windows_by_hand():
     # One layer, 4 experts, top-1, capacity 2. Sequence 0: prefill e0, decode e1 e2 e1; sequence 1: prefill e3,
-    # decode e2 e1. Its pattern ranks e1 then e2.
+    # decode e2 e1. The pattern ranks e1 then e2; a warm start keeps the last prompt token's expert first.
     experts = np.array([0, 1, 2, 1, 3, 2, 1])[:, None, None]
     trace = _trace(experts, seq=[0, 0, 0, 0, 1, 1, 1], phase=[0, 1, 1, 1, 0, 1, 1])
     task = TaskPattern("t", 4, np.array([[0, 0.6, 0.4, 0]]), np.array([[0, 0.6, 0.4, 0]]))
     patterns = Patterns(ModelIdentity("m", "", (0,), 4, 1), {"t": task, GENERIC: task})
     warm, _ = warm_starts(trace, patterns, 2)
-    assert warm == {1: [1, 2], 5: [1, 2]}
+    assert warm == {1: [0, 1], 5: [3, 1]}
     cold = simulate_prefetch(AccessStream.from_experts(experts, 4), "lru", "global", 2)
     warmed = simulate_prefetch(AccessStream.from_experts(experts, 4), "lru", "global", 2, warm=warm)
-    # cold: e0 e1 e2 miss, e1 hits; e3 misses (evicts e2), e2 misses (evicts e1), e1 misses -> 6 misses
+    # cold: e0 e1 e2 miss, e1 hits; e3 misses (evicts e2), e2 misses (evicts e1), e1 misses
     assert cold.token_misses.tolist() == [1, 1, 1, 0, 1, 1, 1]
-    # warm: e1 e2 loaded before token 1 (e2 evicting e0), all of sequence 0's decode hits; e3 misses, evicting
-    # e2 (LRU); the second warm start finds e1 resident and loads e2 over e3: its decode hits too
-    assert warmed.token_misses.tolist() == [1, 0, 0, 0, 1, 0, 0]
-    assert (warmed.warm_loads, warmed.warm_hits) == (3, 3)
+    # warm: e1 loads into the free slot before token 1 and hits; e2 evicts e0, e1 hits, e3 evicts e2; the second
+    # warm start finds e3 and e1 resident; e2 evicts e1, e1 evicts e3
+    assert warmed.token_misses.tolist() == [1, 0, 1, 0, 1, 1, 1]
+    assert (warmed.warm_loads, warmed.warm_hits) == (1, 1)
     per = request_misses(warmed, trace, first=1)
-    assert [(r.seq, r.first_misses, r.decode_misses, r.misses) for r in per] == [(0, 0, 0, 1), (1, 0, 0, 1)]
+    assert [(r.seq, r.first_misses, r.decode_misses, r.misses) for r in per] == [(0, 0, 1, 2), (1, 1, 2, 3)]
     assert [(r.first_misses, r.decode_misses) for r in request_misses(cold, trace, first=1)] == [(1, 2), (1, 2)]
 
 
@@ -92,7 +92,7 @@ def test_the_match_uses_each_sequence_s_prefill():
     high = TaskPattern("high", 10, np.array([[0, 0, 0.5, 0.5]]), np.array([[0, 0, 0.5, 0.5]]))
     patterns = Patterns(ModelIdentity("m", "", (0,), 4, 1), {"low": low, "high": high, GENERIC: pooled([low, high])})
     warm, matches = warm_starts(trace, patterns, 1)
-    assert {s: m.task for s, m in matches.items()} == {0: "low", 1: "high"} and warm == {2: [0], 5: [2]}
-    assert warm_starts(trace, patterns, 2, scope="per-layer")[0] == {2: [0, 1], 5: [2, 3]}
+    assert {s: m.task for s, m in matches.items()} == {0: "low", 1: "high"} and warm == {2: [0], 5: [3]}
+    assert warm_starts(trace, patterns, 2, scope="per-layer")[0] == {2: [0, 1], 5: [3, 2]}
     single = dataclasses.replace(trace, phase=np.ones(6, dtype=np.int8))  # decode only: matched on nothing
     assert {m.task for m in warm_starts(single, patterns, 1)[1].values()} == {GENERIC}
