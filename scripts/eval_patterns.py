@@ -51,7 +51,7 @@ TASKS = ("code", "prose")
 WORKLOADS = {"code": "stdlib-heldout", "prose": "stdlib-prose"}
 TRACES = ROOT / "scripts" / "results" / "traces"
 HUMANEVAL = ROOT / "tests" / "data" / "mixtral-8x7b-humaneval.jsonl.gz"
-KEEP = (1.0, 0.5, 0.25, 0.125)
+KEEP = (1.0, 0.875, 0.75, 0.5, 0.25, 0.125)
 DISK_BYTES_PER_S = 1.2e9  # O_DIRECT sequential reads on these machines (/work/shared/NOTES.md)
 MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2  # one Mixtral-8x7B expert in bf16
 TARGETS = {"warm_first16_cut": 0.40, "prune50_ppl_increase": 0.05}  # issue 26
@@ -60,8 +60,8 @@ TARGETS = {"warm_first16_cut": 0.40, "prune50_ppl_increase": 0.05}  # issue 26
 # ---------------------------------------------------------------------------------------------- the texts
 
 
-def texts() -> dict[str, tuple[list[str], list[str]]]:
-    """task -> (profile half, evaluation half)."""
+def texts(profile_chars: int = 0) -> dict[str, tuple[list[str], list[str]]]:
+    """task -> (profile half, evaluation half); ``profile_chars`` > 0 cuts the profile half to that many characters."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     sources, _ = collect_sources(stdlib, 300_000)
     code = [s.text for s in sources if is_held_out(s.module, 5, 0)]
@@ -70,7 +70,10 @@ def texts() -> dict[str, tuple[list[str], list[str]]]:
         if (stdlib / name).is_file():
             paragraphs += [" ".join(p.split()) for p in re.split(r"\n\s*\n", (stdlib / name).read_text(
                 encoding="utf-8", errors="replace")) if len(p.split()) >= 8]
-    return {"code": (code[0::2], code[1::2]), "prose": (paragraphs[0::2], paragraphs[1::2])}
+    halves = {"code": (code[0::2], code[1::2]), "prose": (paragraphs[0::2], paragraphs[1::2])}
+    if profile_chars:
+        halves = {t: (["\n".join(a)[:profile_chars]], b) for t, (a, b) in halves.items()}
+    return halves
 
 
 def prompts(task: str) -> list[str]:
@@ -121,7 +124,7 @@ def pruning(name: str, halves: dict, folder: Path, max_tokens: int, context: int
 
 
 def threshold_sweep(name: str, halves: dict, folder: Path, max_tokens: int, context: int,
-                    thresholds: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)) -> list[dict]:
+                    thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)) -> list[dict]:
     """Own-pattern perplexity at 50% and 25% kept for TCESS thresholds r: the choice of the default."""
     base = offload.from_pretrained(name)
     routes = {task: model_routes(base, halves[task][0], context) for task in TASKS}
@@ -174,10 +177,11 @@ def warm_start(name: str, folder: Path, new_tokens: int, budget: str, count: int
         m = offload.from_pretrained(name, expert_budget=budget, offload_to="disk", **options)
         requests = []
         for task, text in order:
-            snap = MissSnapshots(m)
+            snap, matched = MissSnapshots(m), sum(m.stats.task.matches.values())
             m.generate(m.encode(text), max_new_tokens=new_tokens, streamer=snap)
             s = snap.misses  # s[1]: after prefill; s[1 + i]: after decode step i
-            requests.append({"task": task, "matched": m.stats.task.last or None,
+            decoded = sum(m.stats.task.matches.values()) > matched  # no match when the first token ended it
+            requests.append({"task": task, "matched": m.stats.task.last if decoded else None,
                              "confidence": m.stats.task.confidence, "prefill": s[1] - s[0],
                              "first16": s[min(17, len(s) - 1)] - s[1], "decode": s[-1] - s[1], "all": s[-1] - s[0]})
         t = m.stats.total
@@ -188,19 +192,23 @@ def warm_start(name: str, folder: Path, new_tokens: int, budget: str, count: int
     return runs
 
 
-def cosine_accuracy(name: str, patterns_path: Path, count: int = 20) -> float:
-    """The matching accuracy of the cosine of per-layer frequency vectors (the issue's first suggestion)."""
+def matching_accuracy(name: str, patterns_path: Path, count: int = 20) -> dict[str, float]:
+    """TAER's accuracy on the held-apart prompts' prefill routing: the runtime's log-likelihood match (a generic
+    fallback counts as wrong) and, beside it, the cosine of per-layer frequency vectors (the issue's suggestion)."""
     m, patterns = offload.from_pretrained(name), load_patterns(patterns_path)
-    right = 0
+    right = {"loglik": 0, "cosine": 0, "generic_fallbacks": 0}
     for task in TASKS:
         for text in prompts(task)[20:20 + count]:
             experts, _ = model_routes(m, [text])
+            match = patterns.match(experts)
+            right["loglik"] += match.task == task
+            right["generic_fallbacks"] += match.task == GENERIC
             q = np.zeros_like(patterns.tasks[task].frequency)
             np.add.at(q, (np.arange(q.shape[0])[None, :, None], experts), 1.0)
             cos = {t: float(np.mean([(a @ b) / np.linalg.norm(a) / np.linalg.norm(b)
                                      for a, b in zip(q, patterns.tasks[t].frequency)])) for t in TASKS}
-            right += max(cos, key=cos.get) == task
-    return right / (2 * count)
+            right["cosine"] += max(cos, key=cos.get) == task
+    return {k: v / (2 * count) if k != "generic_fallbacks" else v for k, v in right.items()}
 
 
 # -------------------------------------------------------------------------------------------- simulated
@@ -289,11 +297,12 @@ def run(
     budget: Annotated[str, typer.Option(help="Expert budget of the warm-start runs.")] = "25%",
     sweep: Annotated[bool, typer.Option(help="Also sweep the TCESS threshold r.")] = True,
     count: Annotated[int, typer.Option(help="Held-apart prompts per task in the warm-start runs (at most 20).")] = 20,
+    profile_chars: Annotated[int, typer.Option(help="Profile on this many characters of each half (0: all).")] = 0,
     out: Annotated[Path, typer.Option(help="JSON to write (a .md table beside it).")] = Path("eval_patterns.json"),
 ) -> None:
     """Pruning's perplexity, warm start's misses and the matching accuracy on the bundled models."""
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each avoids OpenMP spinning against others
-    halves = texts()
+    halves = texts(profile_chars)
     result: dict[str, Any] = {"pruning": [], "warm_start": {}, "threshold_sweep": []}
     tiny = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,15 +312,16 @@ def run(
             result["pruning"] += pruned["rows"]
             tiny[name] = pruned["patterns"]
             runs = warm_start(name, folder, new_tokens, budget, count)
-            matched = runs["matched"]["requests"]
-            result["warm_start"][name] = {
-                "runs": runs, "accuracy": float(np.mean([r["matched"] == r["task"] for r in matched])),
-                "cosine_accuracy": cosine_accuracy(name, folder / f"{name}-prompt-patterns.json", count)}
+            accuracy = matching_accuracy(name, folder / f"{name}-prompt-patterns.json", count)
+            result["warm_start"][name] = {"runs": runs, "accuracy": accuracy["loglik"],
+                                          "cosine_accuracy": accuracy["cosine"],
+                                          "generic_fallbacks": accuracy["generic_fallbacks"]}
             if sweep:
                 result["threshold_sweep"] += threshold_sweep(name, halves, folder, max_tokens, context)
     result["simulated"] = simulations(tiny)
     result["params"] = {"models": models, "max_tokens": max_tokens, "context": context, "new_tokens": new_tokens,
-                        "budget": budget, "count": count, "disk_bytes_per_s": DISK_BYTES_PER_S, "targets": TARGETS}
+                        "budget": budget, "count": count, "profile_chars": profile_chars,
+                        "disk_bytes_per_s": DISK_BYTES_PER_S, "targets": TARGETS}
     write_json(out, {"benchmark": "eval_patterns", "machine": machine_info(), **result})
     write_text(out.with_suffix(".md"), tables(result) + "\n")
     print(tables(result))
