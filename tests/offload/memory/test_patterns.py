@@ -34,7 +34,7 @@ WEIGHTS = np.array([[[0.6, 0.4], [0.3, 0.1]],
 
 
 def test_tcess_by_hand():
-    importance, frequency = tcess(EXPERTS, WEIGHTS, 4)
+    importance, frequency = tcess(EXPERTS, WEIGHTS, 4, threshold=0.0)
     # layer 0: e0 = (0.6 + 0.9 + 0.2) / 3, e1 = (0.4 + 0.8) / 3, e2 = 0.1 / 3, e3 never
     # layer 1: e2 = (0.75 + 0.5 + 0.5) / 3, e3 = (0.25 + 0.5) / 3, e0 = 0.5 / 3
     np.testing.assert_allclose(importance, [[1.7 / 3, 1.2 / 3, 0.1 / 3, 0], [0.5 / 3, 0, 1.75 / 3, 0.75 / 3]])
@@ -46,11 +46,11 @@ def test_the_threshold_drops_low_confidence_selections():
     importance, frequency = tcess(EXPERTS, WEIGHTS, 4, threshold=0.3)
     # layer 0 drops 0.2 (e0, token 2) and 0.1 (e2); layer 1 drops 0.25 (e3, token 0)
     np.testing.assert_allclose(importance, [[1.5 / 3, 1.2 / 3, 0, 0], [0.5 / 3, 0, 1.75 / 3, 0.5 / 3]])
-    np.testing.assert_allclose(frequency, tcess(EXPERTS, WEIGHTS, 4)[1])  # frequency ignores the threshold
+    np.testing.assert_allclose(frequency, tcess(EXPERTS, WEIGHTS, 4, threshold=0.0)[1])  # it ignores r
 
 
 def test_ranking_ranked_keys_and_coverage():
-    t = TaskPattern.measure("code", EXPERTS, WEIGHTS, 4)
+    t = TaskPattern.measure("code", EXPERTS, WEIGHTS, 4, threshold=0.0)
     assert t.ranking.tolist() == [[0, 1, 2, 3], [2, 3, 0, 1]]
     assert t.top(2).tolist() == [[0, 1], [2, 3]]
     # across layers by score: (1,2) .583, (0,0) .567, (0,1) .4, (1,3) .25, (1,0) .167, (0,2) .033; unused experts never
@@ -65,7 +65,7 @@ def test_ranking_ranked_keys_and_coverage():
 def test_ties_rank_the_more_frequent_then_the_lower_id():
     experts = np.array([[[0, 1]], [[2, 3]], [[2, 1]]])  # one layer
     weights = np.array([[[0.5, 0.5]], [[0.5, 0.5]], [[0.5, 0.5]]])  # e1 and e2: score 1/3, used twice; e0, e3 once
-    assert TaskPattern.measure("t", experts, weights, 4).ranking.tolist() == [[1, 2, 0, 3]]
+    assert TaskPattern.measure("t", experts, weights, 4, threshold=0.0).ranking.tolist() == [[1, 2, 0, 3]]
 
 
 def test_the_generic_pattern_is_the_pooled_tokens():
@@ -87,7 +87,7 @@ def test_a_patterns_file_round_trips(tmp_path):
     p = make_patterns()
     p.save(tmp_path / "p.json")
     back = load_patterns(tmp_path / "p.json")
-    assert back.model == MODEL and list(back.tasks) == ["code", "prose", GENERIC] and back.threshold == 0.0
+    assert back.model == MODEL and list(back.tasks) == ["code", "prose", GENERIC] and back.threshold == p.threshold
     for name, t in p.tasks.items():
         np.testing.assert_array_equal(back.tasks[name].importance, t.importance)
         np.testing.assert_array_equal(back.tasks[name].ranking, t.ranking)

@@ -25,7 +25,7 @@ def write_trace(path, experts, weights, model="tiny", moe_layers=(0, 2)):
 def test_patterns_of_traces_by_hand(tmp_path):
     code = write_trace(tmp_path / "code.jsonl.gz", EXPERTS[:2], WEIGHTS[:2])
     prose = write_trace(tmp_path / "prose.jsonl", EXPERTS[2:], WEIGHTS[2:])
-    p = profile(None, {}, {"code": [code], "prose": [prose]}, ident="tiny")
+    p = profile(None, {}, {"code": [code], "prose": [prose]}, threshold=0.0, ident="tiny")
     assert p.model == ModelIdentity("tiny", "", (0, 2), 4, 2) and list(p.tasks) == ["code", "prose", GENERIC]
     # code's two tokens: layer 0 e0 (0.6 + 0.9) / 2, e1 0.4 / 2, e2 0.1 / 2; layer 1 e2 (0.75 + 0.5) / 2, ...
     np.testing.assert_allclose(p.tasks["code"].importance, [[0.75, 0.2, 0.05, 0], [0.25, 0, 0.625, 0.125]])
