@@ -24,7 +24,7 @@ import offload
 from cli.main import app as cli_app
 from offload.serve.chat import encode_chat, resolve_chat_template
 from offload.serve.engine import Engine, Event
-from offload.serve.server import Reply, create_app, prometheus_text
+from offload.serve.server import Reply, ServerConfig, create_app, prometheus_text
 from tests.serve_process import REQUEST_S, start_server, stop_server
 from tests.tiny_models import add_char_tokenizer
 
@@ -271,7 +271,7 @@ def test_the_app_answers_503_while_loading_then_serves(model):
 
     gate = threading.Event()
     engine = Engine(lambda: gate.wait(REQUEST_S) and model)
-    with TestClient(create_app(engine, "m")) as http:
+    with TestClient(create_app(engine, ServerConfig("m"))) as http:
         assert http.get("/health").status_code == 503 and http.get("/health").json() == {"status": "loading"}
         r = http.post("/v1/completions", json={"model": "m", "prompt": "ab", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
