@@ -35,8 +35,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, weights: bool = True) -> 
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CheckpointError(f"{path} is a file, not a checkpoint directory",
-                                  "pass the folder that holds config.json and *.safetensors")
+            raise _not_a_folder(path)
         return path
     if _looks_like_repo_id(text) and not path.parent.exists():
         return _download(text, weights)
@@ -44,6 +43,17 @@ def resolve_model_dir(name_or_path: str | os.PathLike, weights: bool = True) -> 
     if bundled_models():
         hint += f" or a bundled model ({', '.join(bundled_models())})"
     raise CheckpointError(f"no such model directory: {path}", hint)
+
+
+def _not_a_folder(path: Path) -> CheckpointError:
+    """A file given where a checkpoint folder belongs, said for what it is. (GGUF: until its reader lands, this is
+    the one place that says so.)"""
+    if path.suffix.lower() == ".gguf":
+        return UnsupportedModelError(f"{path} is a GGUF file: offload does not read GGUF yet",
+                                     "give the model's Hugging Face checkpoint (a folder with config.json and "
+                                     "*.safetensors, or its hub id)")
+    return CheckpointError(f"{path} is a file, not a checkpoint directory",
+                           "pass the folder that holds config.json and *.safetensors")
 
 
 def _download(repo_id: str, weights: bool = True) -> Path:
@@ -69,19 +79,27 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no config.json in {model_dir}", "a Hugging Face checkpoint folder needs config.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+    return _read_json(path)
 
 
 def read_json_if_present(path: Path) -> dict:
-    if not path.is_file():
-        return {}
+    return _read_json(path) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file, or an error naming the file and where it breaks (never echoing its bytes)."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start})", "re-download the checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})",
+                              "re-download the checkpoint") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not valid JSON (nested too deeply)", "re-download the checkpoint") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds no JSON object", "re-download the checkpoint")
+    return value
 
 
 def language_config(cfg: dict) -> dict:

@@ -232,9 +232,7 @@ class ExpertCache:
         if self._loader is not None:
             self._loader.shutdown(wait=True)
             self._loader = None
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            close()
+        self.store.close()
 
     def check(self, idle: bool = True) -> None:
         """Raise CacheStateError unless the bookkeeping is consistent: every slot is free or holds exactly one

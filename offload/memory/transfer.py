@@ -194,6 +194,10 @@ class DiskExpertStore:
     def tier(self) -> str:
         return "disk"
 
+    def close(self) -> None:
+        """Close the checkpoint files (a later fetch reopens them)."""
+        self.reader.close()
+
     def fetch(self, key: Key, scratch: torch.Tensor) -> tuple[torch.Tensor, ExpertLayout]:
         """Read the expert's bytes into ``scratch`` (aligned, >= raw_nbytes); return it with the layout."""
         parts: list[Part | None] = [None] * self._count
@@ -228,6 +232,10 @@ class RamExpertStore:
             layout.convert_from(src_layout, src, self._packed[i])
             if progress:
                 progress(i + 1, len(keys))
+        source.close()  # every expert is in RAM now: nothing reads the files again
+
+    def close(self) -> None:
+        """Nothing to close: the experts are in RAM."""
 
     @property
     def tier(self) -> str:
@@ -247,6 +255,8 @@ class ExpertStore(Protocol):
     native_format: ExpertLayout   # the format of the bytes it hands over (offsets may differ per expert)
 
     def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]: ...
+
+    def close(self) -> None: ...  # release open files (the cache's close() calls it)
 
 
 class Mover(ABC):

@@ -62,6 +62,16 @@ class OffloadModel:
         self.tokenizer = tokenizer
         self.generation_config = generation_config
 
+    def close(self) -> None:
+        """Stop the cache's loader and close the checkpoint files (``with from_pretrained(...) as m:`` does it)."""
+        self.model.cache.close()
+
+    def __enter__(self) -> OffloadModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def stats(self) -> Stats:
         return self.model.stats

@@ -32,6 +32,9 @@ class FakeStore:
         buf = torch.full((LAYOUT.nbytes // 4,), float(10 * key[0] + key[1])).view(torch.uint8)
         return buf, LAYOUT
 
+    def close(self) -> None:
+        pass
+
 
 def make_cache(slots: int, policy: str) -> tuple[ExpertCache, FakeStore, Stats]:
     store, stats = FakeStore(), Stats()
