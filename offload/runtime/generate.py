@@ -93,11 +93,22 @@ def check_token_ids(ids: list[int], vocab_size: int, what: str) -> None:
                           "encode with this model's tokenizer")
 
 
+def max_positions(spec: ModelSpec) -> int:
+    """The longest sequence the model is made for: max_position_embeddings, or what a scaled RoPE stretches its
+    original context to (YaRN / linear: original x factor, as vLLM derives its max_model_len)."""
+    rope = spec.rope
+    if rope.kind == "default":
+        return spec.max_position_embeddings
+    return max(spec.max_position_embeddings, int((rope.original_max_positions or spec.max_position_embeddings)
+                                                 * rope.factor))
+
+
 def check_length(spec: ModelSpec, prompt_tokens: int, max_new_tokens: int) -> None:
-    """A sequence must fit the model's positions: checked before its KV cache is allocated."""
-    if prompt_tokens + max_new_tokens > spec.max_position_embeddings:
+    """A sequence must fit the model's positions: checked before its KV cache is allocated (max_new_tokens=10**12
+    is this one line, not a 256 TB allocation)."""
+    if prompt_tokens + max_new_tokens > max_positions(spec):
         raise ContextError(f"the prompt's {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the "
-                           f"model's {spec.max_position_embeddings} positions (max_position_embeddings)",
+                           f"model's {max_positions(spec)} positions (max_position_embeddings)",
                            "shorten the prompt or lower max_new_tokens")
 
 
