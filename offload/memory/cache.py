@@ -151,6 +151,7 @@ class ExpertCache:
                 layer_stats.stall_time_s += time.perf_counter() - start
             del self._inflight[key]
             if load.exception() is not None:
+                del self._pins[key]  # its holder's release() becomes a no-op
                 self._dropped.add(key)
                 self._free.append(self._forget(key))
                 raise load.exception()
