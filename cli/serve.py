@@ -130,10 +130,10 @@ def serve(
     if shutdown_timeout < 0:
         raise ConfigError(f"invalid --shutdown-timeout {shutdown_timeout}", "give seconds >= 0")
     key = api_key_of(api_key, api_key_file)
+    _warn_about_exposure(host, key, api_key is not None and os.environ.get("OFFLOAD_API_KEY") != api_key)
     config = ServerConfig(served_name(model), key, max_request_bytes, max_tokens_default)
     _check_port(host, port)
     plan_checkpoint(model)  # a missing or broken checkpoint is one line now, not after the server is up
-    _warn_about_exposure(host, key, api_key is not None and os.environ.get("OFFLOAD_API_KEY") != api_key)
 
     def ready(m) -> None:
         budget = f"expert budget {'auto' if is_auto(runtime.expert_budget) else runtime.expert_budget}"

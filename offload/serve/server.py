@@ -190,8 +190,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _too_large(size: int, limit: int, more: bool = False) -> ApiError:
-    return ApiError(413, f"the request body is {'over ' if more else ''}{size} bytes, over this server's limit of "
-                         f"{limit} (--max-request-bytes)", code="request_too_large")
+    return ApiError(413, f"the request body ({'over ' if more else ''}{size} bytes) is larger than this server's "
+                         f"limit of {limit} bytes (--max-request-bytes)", code="request_too_large")
 
 
 def parse_body(raw: bytes, schema: type[_Generation]) -> _Generation:
