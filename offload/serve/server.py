@@ -7,15 +7,23 @@ What a client sees follows OpenAI's API, so its official clients and the tools b
   ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop``, ``n`` = 1,
   ``stream`` and ``stream_options.include_usage`` (and ``top_k``, as vLLM does). Unset sampling fields take the
   checkpoint's generation_config.json, as ``offload run`` does; temperature 0 is greedy. ``max_tokens``
-  defaults to 16 for completions (OpenAI's default) and to the rest of the context for chat.
+  defaults to 16 for completions (OpenAI's default) and to ``--max-tokens-default`` for chat (within the
+  context's rest).
+- Every field is validated by type and range in one schema per endpoint (below), straight from the body's bytes;
+  a body over ``--max-request-bytes`` is a 413 before it is read whole; text is rendered and tokenized on the
+  encoder threads, never on the event loop, and text longer than any that fits the context is refused before
+  the tokenizer sees it.
 - Streams are Server-Sent Events as OpenAI sends them: ``data: {json}\\n\\n`` chunks of
   ``text_completion`` / ``chat.completion.chunk`` (a chat's first delta carries ``role: "assistant"``), a
   last chunk with ``finish_reason`` "stop" or "length", a usage chunk with empty ``choices`` when asked for,
   then ``data: [DONE]``. A client that goes away cancels its request (the engine frees its KV row).
 - Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON or fields and for a prompt
   over the context, 401 for a missing or wrong API key (``/v1`` only; ``/health`` and ``/metrics`` stay open
-  for probes and scrapers), 404 for another model's name or an unknown path, 503 while loading, stopping or
-  at the queue limit. Nothing a client sends stops the server.
+  for probes and scrapers), 404 for another model's name or an unknown path, 413 for a body over the limit,
+  500 when generating failed (that request only: the engine serves on), 503 while loading, stopping or at the
+  queue limit. Nothing a client sends stops the server.
+- SIGINT / SIGTERM (DrainingServer): running requests get ``--shutdown-timeout`` seconds, then each open one ends
+  with its final event (a stream: an error chunk and ``[DONE]``) before uvicorn closes the connections.
 - ``GET /health``, ``GET /v1/models`` and ``GET /metrics`` (Prometheus text: the cache's and the engine's
   counters and the expert budget in use).
 """
