@@ -118,7 +118,7 @@ def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
 
     if not chat:
         return m.encode(prompt)[0].tolist()
-    text = resolve_chat_template(m.plan.path).render([{"role": "user", "content": prompt}])
+    text = resolve_chat_template(m.plan.path, m.plan.metadata).render([{"role": "user", "content": prompt}])
     return encode_chat(m.tokenizer, text)
 
 
