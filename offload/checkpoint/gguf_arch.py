@@ -38,11 +38,10 @@ _LAYER_MODULES = {
     "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
     "self_attn.kv_b_proj": "attn_kv_b",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
-    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
-    "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+# the shared expert's module: Qwen2-MoE's gated one is singular, DeepSeek's and GLM's plain ones plural
+_SHARED = {"gated": "mlp.shared_expert", "plain": "mlp.shared_experts", "none": "mlp.shared_expert"}
 _LAYER_TENSORS = {"self_attn.sinks": "attn_sinks.weight", "mlp.gate.e_score_correction_bias": "exp_probs_b.bias"}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
@@ -99,8 +98,9 @@ def _qwen2moe(m: Meta) -> dict:
 def _gpt_oss(m: Meta) -> dict:
     layers = int(m.need("block_count"))
     window = m.get("attention.sliding_window")
+    clamp = m.get("swiglu_clamp_exp", 7.0)  # llama.cpp's fixed 7.0 unless the file says (per layer)
     # llama.cpp's swa pattern 2: even layers slide, as gpt-oss's layer_types; YaRN untruncated, as its config says
-    return {"sliding_window": window, "swiglu_limit": 7.0,
+    return {"sliding_window": window, "swiglu_limit": float(max(clamp) if isinstance(clamp, list) else clamp),
             "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
             "rope_scaling": {**(_rope_scaling(m) or {}), "truncate": False}}
 
@@ -212,8 +212,10 @@ def gguf_config(m: Meta, arch: GgufArch, family: Family) -> dict:
 
 def _layer_names(arch: GgufArch, family: Family) -> dict[str, str]:
     """Hugging Face tensor (under model.layers.N.) -> GGUF tensor (under blk.N.) for this architecture."""
+    shared = _SHARED[family.shared_expert]
     modules = {**_LAYER_MODULES, "post_attention_layernorm": arch.post_norm,
-               f"{family.moe_prefix}.{family.router_module}": "ffn_gate_inp"}
+               f"{family.moe_prefix}.{family.router_module}": "ffn_gate_inp",
+               **{f"{shared}.{p}_proj": f"ffn_{p}_shexp" for p in ("gate", "up", "down")}}
     return {**{f"{hf}.{s}": f"{g}.{s}" for hf, g in modules.items() for s in ("weight", "bias")}, **_LAYER_TENSORS}
 
 
