@@ -49,6 +49,11 @@ def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, sca
     elif kind == "Q6_K":  # ql, qh, int8 scales, then d f16
         raw[:, 192:208] = rng.integers(-40, 40, (n, 16), dtype=np.int8).view(np.uint8)
         raw[:, 208:210] = _f16(rng, n, scale / 500, scale / 250)
+    elif kind == "Q2_K":  # scales, quants, then d and dmin f16
+        raw[:, 80:82] = _f16(rng, n, scale / 100, scale / 50)
+        raw[:, 82:84] = _f16(rng, n, scale / 400, scale / 200)
+    elif kind == "Q3_K":  # high bits, quants, scales, then d f16
+        raw[:, 108:110] = _f16(rng, n, scale / 200, scale / 100)
     elif kind in ("IQ4_NL", "IQ4_XS"):  # d f16 first
         raw[:, 0:2] = _f16(rng, n, scale / 300, scale / 100)
     else:
