@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,22 @@ class CheckpointPlan:
             return self.spec.expert_params * dtype.itemsize
         return round(sum(t.nbytes for infos in self.experts.values() for t in infos) / len(self.experts))
 
+    def stored_types(self) -> dict[str, str]:
+        """How each group of resident tensors is stored ("attention": "Q8_0", "norms": "F32", ...): a GGUF file's
+        ggml types, a safetensors checkpoint's dtypes (a group of several lists each with its count)."""
+        groups: dict[str, Counter] = {}
+        shapes = {**{n: "embeddings" for n in ("model.embed_tokens.weight",)}, "lm_head.weight": "output",
+                  "model.norm.weight": "norms"}
+        for layer in range(self.spec.num_layers):
+            for piece, names in self.family.layer_tensors(self.spec, layer).items():
+                shapes |= dict.fromkeys(names, "norms" if piece.endswith("norm") else piece.replace("_", " "))
+        for name, info in self.dense.items():
+            parts = info.parts.values() if isinstance(info, QuantizedTensor) else (info,)
+            for part in parts:
+                groups.setdefault(shapes.get(name, "other"), Counter())[_stored_type(part)] += 1
+        return {group: ", ".join(kind if len(c) == 1 else f"{kind} x{n}" for kind, n in c.most_common())
+                for group, c in groups.items()}
+
     def source_layout(self, key: tuple[int, int], parts: Sequence[Part]) -> ExpertLayout:
         """Expert ``key``'s layout in the checkpoint's format from the places of its tensors in a buffer."""
         return storage_of(self.family).source_layout(self.spec, self.expert_format.layer_format(key[0]), parts)
@@ -80,6 +97,10 @@ class CheckpointPlan:
         layouts = {layer: fmt.layer_format(layer).host_layout(spec, dtype, device, activations)
                    for layer in {key[0] for key in self.experts}}
         return lambda key: layouts[key[0]]
+
+
+def _stored_type(info: TensorInfo) -> str:
+    return info.encoding or str(info.dtype).removeprefix("torch.")
 
 
 def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
