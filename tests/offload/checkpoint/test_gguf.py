@@ -188,3 +188,26 @@ def test_a_missing_tensor_is_named_as_the_file_would_hold_it(sources, tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(CheckpointError, match=r"less.gguf: tensor 'blk.1.attn_k_norm.weight' is missing"):
         plan_checkpoint(tmp_path / "less.gguf")
+
+
+def test_a_miss_is_one_read_per_stacked_tensor_of_the_files_own_bytes(sources, tmp_path):
+    """An expert is slice e of each stacked tensor: the disk tier reads exactly those bytes, one read each (O_DIRECT
+    widens each to 4 KiB alignment), and the RAM tier holds the same blocks."""
+    from offload.memory.transfer import DirectReader, DiskExpertStore, RamExpertStore, aligned_empty
+
+    path = tmp_path / "m.gguf"
+    write_gguf(sources("qwen3_moe", wide=True), path, "qwen3_moe", types=experts_as("Q4_K"))
+    plan = plan_checkpoint(path)
+    store = DiskExpertStore(plan.experts, DirectReader(), plan.source_layout)
+    per_expert = 3 * 256 * 256 // 256 * 144  # three 256x256 matrices of Q4_K: 144 bytes per 256 weights
+    for key, infos in plan.experts.items():
+        runs = store._runs[key]
+        assert len(runs) == 3 and sum(r.end - r.start for r in runs) == per_expert == sum(i.nbytes for i in infos)
+    ram = RamExpertStore(store, list(plan.experts), plan.host_layout(torch.float32, torch.device("cpu"),
+                                                                      torch.float32), pin=False)
+    scratch = aligned_empty(store.raw_nbytes)
+    for key in list(plan.experts)[:4]:
+        disk_buf, disk_layout = store.fetch(key, scratch)
+        ram_buf, ram_layout = ram.fetch(key, None)
+        for a, b in zip(disk_layout.parts, ram_layout.parts, strict=True):
+            assert torch.equal(a.view(disk_buf), b.view(ram_buf))
