@@ -25,8 +25,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v
 # Qwen2-MoE in GGUF has no dense layers (llama.cpp's qwen2moe has no ffn_gate); gpt-oss's MXFP4 needs 32-wide rows
 CHANGES = {"qwen2_moe": {"mlp_only_layers": []}, "gpt_oss": {"intermediate_size": 32}}
 # K-quants and IQ4_XS need rows of 256: a wider tiny model
-WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_hidden_layers=2, head_dim=64,
-            num_experts=4, num_experts_per_tok=2)
+WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_hidden_layers=2, head_dim=64)
 
 
 @pytest.fixture(scope="module")
