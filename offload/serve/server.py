@@ -292,7 +292,7 @@ class Api:
 
     @cached_property
     def template(self) -> ChatTemplate:
-        return resolve_chat_template(self.engine.model.plan.path)
+        return resolve_chat_template(self.engine.model.plan.path, self.engine.model.plan.metadata)
 
     async def gate(self, request: Request) -> None:
         """/v1's dependency: the API key first (as OpenAI answers 401 before anything else), then readiness."""
