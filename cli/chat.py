@@ -202,7 +202,7 @@ def chat(
     m = load_model(model, runtime.config(batch_size=1, context=context))
     if m.tokenizer is None:
         raise ConfigError(f"{m.plan.path} has no tokenizer.json", "offload chat needs one to read and write text")
-    template = resolve_chat_template(m.plan.path)
+    template = resolve_chat_template(m.plan.path, m.plan.metadata)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature or 1.0, top_p=top_p, seed=seed)
     session = ChatSession(m, template, sampling, kv_context(m.spec, context), system)

@@ -146,7 +146,7 @@ def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
 
     if not chat:
         return m.encode(prompt)[0].tolist()
-    text = resolve_chat_template(m.plan.path).render([{"role": "user", "content": prompt}])
+    text = resolve_chat_template(m.plan.path, m.plan.metadata).render([{"role": "user", "content": prompt}])
     return encode_chat(m.tokenizer, text)
 
 
@@ -213,6 +213,7 @@ def info(model: ModelArg) -> None:
         ("layers", f"{spec.num_layers} ({spec.num_moe_layers} MoE)"),
         ("experts", f"{spec.num_experts} per MoE layer, top-{spec.top_k}, {spec.total_experts} in all"),
         ("dtype", str(spec.checkpoint_dtype).removeprefix("torch.")), ("expert format", plan.expert_format.name),
+        *([] if config_only else [("stored as", "; ".join(f"{k} {v}" for k, v in plan.stored_types().items()))]),
         ("dense bytes", _gib(plan.dense_nbytes)), ("bytes per expert", f"{_gib(per_expert)} stored, "
                                                                       f"{_gib(slot)} in a CPU cache slot"),
         ("all experts", _gib(experts_total)), ("total", _gib(experts_total + plan.dense_nbytes)),

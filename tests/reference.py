@@ -347,3 +347,30 @@ def ref_fp8_block_dequantize(w_bytes, scale_inv, block: tuple[int, int]):
     rows = torch.arange(out)[:, None] // block[0]
     cols = torch.arange(inn)[None, :] // block[1]
     return w * scale_inv.double()[rows, cols]
+
+
+def ref_spm_tokenize(text: str, tokens: list[str], scores: list[float], byte_tokens: bool = True,
+                     space_prefix: bool = True) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm), slowly: a space in front, spaces as "▁", then merge
+    the adjacent pair whose concatenation is the best-scoring token (the leftmost among equals) until none is; a
+    piece that is not a token becomes its UTF-8 bytes as <0xXX> tokens."""
+    ids = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    text = ((" " if space_prefix else "") + text).replace(" ", "\u2581")
+    symbols = list(text)
+    while True:
+        best = None
+        for i in range(len(symbols) - 1):
+            merged = symbols[i] + symbols[i + 1]
+            if merged in ids and (best is None or scores[ids[merged]] > scores[ids[best[1]]]):
+                best = (i, merged)
+        if best is None:
+            break
+        i, merged = best
+        symbols[i:i + 2] = [merged]
+    out = []
+    for s in symbols:
+        if s in ids:
+            out.append(ids[s])
+        elif byte_tokens:
+            out.extend(ids[f"<0x{b:02X}>"] for b in s.encode())
+    return out

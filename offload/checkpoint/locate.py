@@ -1,4 +1,4 @@
-"""Where a checkpoint is (a bundled model's name, a folder, or a hub repo id through huggingface_hub's
+"""Where a checkpoint is (a bundled model's name, a folder, a GGUF file, or a hub repo id through huggingface_hub's
 cache) and its JSON files: config.json (or a multimodal wrapper's text_config), generation_config.json.
 """
 
@@ -27,16 +27,17 @@ def _looks_like_repo_id(name: str) -> bool:
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike, weights: bool = True) -> Path:
-    """A bundled model name, a local directory, or a hub repo id (through huggingface_hub's cache; with
-    ``weights=False`` only its JSON files are fetched, as `offload info` needs)."""
+    """A bundled model name, a local directory, a .gguf file (a folder holding one GGUF model resolves to it, a
+    split set to its first part), or a hub repo id (through huggingface_hub's cache; with ``weights=False`` only its
+    JSON files are fetched, as `offload info` needs)."""
     text = str(name_or_path)
     if text in bundled_models():
         return BUNDLED_DIR / text
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise _not_a_folder(path)
-        return path
+            return _checkpoint_file(path)
+        return _gguf_in_folder(path) or path
     if _looks_like_repo_id(text) and not path.parent.exists():
         return _download(text, weights)
     hint = "give a checkpoint directory, a hub repo id (org/name)"
@@ -45,15 +46,24 @@ def resolve_model_dir(name_or_path: str | os.PathLike, weights: bool = True) -> 
     raise CheckpointError(f"no such model directory: {path}", hint)
 
 
-def _not_a_folder(path: Path) -> CheckpointError:
-    """A file given where a checkpoint folder belongs, said for what it is. (GGUF: until its reader lands, this is
-    the one place that says so.)"""
-    if path.suffix.lower() == ".gguf":
-        return UnsupportedModelError(f"{path} is a GGUF file: offload does not read GGUF yet",
-                                     "give the model's Hugging Face checkpoint (a folder with config.json and "
-                                     "*.safetensors, or its hub id)")
-    return CheckpointError(f"{path} is a file, not a checkpoint directory",
-                           "pass the folder that holds config.json and *.safetensors")
+def _checkpoint_file(path: Path) -> Path:
+    """A file given as the checkpoint: a .gguf file, or the first part of a split GGUF set."""
+    if path.suffix.lower() != ".gguf":
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory",
+                              "pass the folder that holds config.json and *.safetensors, or a .gguf file")
+    m = re.match(r"^(.+)-(\d{5})-of-(\d{5})\.gguf$", path.name)
+    return path if m is None else path.with_name(f"{m[1]}-00001-of-{m[3]}.gguf")
+
+
+def _gguf_in_folder(folder: Path) -> Path | None:
+    """The GGUF model a folder without config.json holds (llama.cpp's projector files, mmproj*, are not models)."""
+    if (folder / "config.json").is_file():
+        return None
+    models = sorted({_checkpoint_file(p) for p in folder.glob("*.gguf") if not p.name.lower().startswith("mmproj")})
+    if len(models) > 1:
+        raise CheckpointError(f"{folder} holds {len(models)} GGUF models ({', '.join(p.name for p in models)})",
+                              "pass the .gguf file to use")
+    return models[0] if models else None
 
 
 def _download(repo_id: str, weights: bool = True) -> Path:

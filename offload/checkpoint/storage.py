@@ -1,6 +1,7 @@
 """How a family's checkpoint lays its experts out in tensors: one module per expert (Mixtral, Qwen,
 DeepSeek, GLM: ``experts.N.gate_proj.*``), or one fused tensor per layer and kind holding every expert
-(gpt-oss: ``experts.gate_up_proj`` [E, hidden, 2 x inter], or its MXFP4 ``_blocks`` / ``_scales``).
+(gpt-oss: ``experts.gate_up_proj`` [E, hidden, 2 x inter], or its MXFP4 ``_blocks`` / ``_scales``; every GGUF file:
+``blk.N.ffn_gate_exps.weight`` [E, inter, hidden] and its kin).
 
 Either way an expert is a list of byte ranges in the files, so the disk tier reads it with one read
 per run of adjacent ranges (a fused tensor's slice e is contiguous), and a layout of matrices in the
@@ -105,7 +106,22 @@ class FusedPerLayer:
         return math.prod(shape[1:])
 
 
-STORAGES: dict[str, ExpertStorage] = {s.name: s for s in (PerExpert(), FusedPerLayer())}
+class Stacked(FusedPerLayer):
+    """GGUF, for every family: per layer ``blk.N.ffn_{gate,up,down}_exps.weight`` [E, out, in] (gpt-oss adds
+    ``.bias`` [E, out]), llama.cpp's stacked experts; the format names the tensors (experts/formats/gguf.py)."""
+
+    name = "stacked"
+
+    def names(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, layer: int,
+              expert: int) -> list[tuple[str, tuple[int, ...], str]]:
+        return [(f"blk.{layer}.{name}", shape, name.rsplit(".", 1)[-1])
+                for name, shape in fmt.fused_tensors(spec).items()]
+
+    def probe(self, family: Family, spec: ModelSpec) -> str:
+        return f"blk.{spec.moe_layers.index(True)}.ffn_down_exps.weight"
+
+
+STORAGES: dict[str, ExpertStorage] = {s.name: s for s in (PerExpert(), FusedPerLayer(), Stacked())}
 
 
 def storage_of(family: Family) -> ExpertStorage:

@@ -98,12 +98,19 @@ class Footprint:
     total_experts: int
 
 
+def ram_tier_nbytes(plan: Plan, placement: Placement) -> int:
+    """Every expert in its host layout (a GGUF file's layers may differ in type): what RamExpertStore allocates."""
+    spec, fmt, p = plan.spec, plan.expert_format, placement
+    if not isinstance(plan, CheckpointPlan):  # config.json alone: one format for every layer
+        return spec.total_experts * fmt.host_layout(spec, p.dtype, p.device, p.activations).nbytes
+    return transfer.ram_tier_nbytes(plan.experts, plan.host_layout(p.dtype, p.device, p.activations))
+
+
 def footprint(plan: Plan, placement: Placement) -> Footprint:
     spec, fmt, p = plan.spec, plan.expert_format, placement
     layout = fmt.slot_layout(spec, p.dtype, p.device, p.activations)
-    host = fmt.host_layout(spec, p.dtype, p.device, p.activations)
     kv = kv_nbytes(spec, p.dtype, kv_context(spec, p.context), p.sequences, plan.family.attention)
-    ram_tier = spec.total_experts * host.nbytes if p.tier == "ram" else 0
+    ram_tier = ram_tier_nbytes(plan, p) if p.tier == "ram" else 0
     return Footprint(plan.dense_numel * p.dtype.itemsize, kv, slot_nbytes(plan, p.tier, layout, p.device), ram_tier,
                      spec.total_experts)
 

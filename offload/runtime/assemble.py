@@ -9,14 +9,12 @@ knows the other.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from offload.checkpoint.families import Family
-from offload.checkpoint.plan import CheckpointPlan, QuantizedTensor
-from offload.checkpoint.tensors import TensorInfo
+from offload.checkpoint.plan import CheckpointPlan
+from offload.checkpoint.tensors import QuantizedTensor, TensorInfo, read_tensor
 from offload.errors import CheckpointError
 from offload.experts.layouts import Expert
 from offload.model.attention import attention_class
@@ -30,23 +28,15 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 class TensorLoader:
-    """Loads tensors through safetensors' memory map, one open handle per file; a quantized resident
-    projection (GPTQ attention) is dequantized to float32 here, once."""
-
-    def __init__(self) -> None:
-        self._handles: dict[Path, object] = {}
+    """Reads resident tensors from their byte ranges (checkpoint/tensors.py: safetensors and GGUF alike; GGUF blocks
+    dequantized to float32); a projection made of stored parts (GPTQ attention, FP8, GGUF's split MLA kv_b) is made
+    into its float32 weight here, once."""
 
     def __call__(self, info: TensorInfo | QuantizedTensor) -> torch.Tensor:
         if isinstance(info, QuantizedTensor):
             parts = {suffix: self(t) for suffix, t in info.parts.items()}
             return info.fmt.dense_weight(parts, info.name.removesuffix(".weight"), *info.shape)
-        if info.path not in self._handles:
-            self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
-        try:
-            return self._handles[info.path].get_tensor(info.name)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"cannot read tensor {info.name!r} from {info.path} ({e})",
-                                  "re-download the file") from None
+        return read_tensor(info)
 
 
 def check_finite(tensor: torch.Tensor, info: TensorInfo | QuantizedTensor) -> torch.Tensor:

@@ -369,7 +369,7 @@ class Api:
 
     @cached_property
     def template(self) -> ChatTemplate:
-        return resolve_chat_template(self.engine.model.plan.path)
+        return resolve_chat_template(self.engine.model.plan.path, self.engine.model.plan.metadata)
 
     @cached_property
     def text_limit(self) -> int:

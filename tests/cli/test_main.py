@@ -247,9 +247,7 @@ def test_files_the_cli_cannot_use_are_one_line(model_dir, tmp_path):
     assert binary.exit_code == 1 and binary.stderr.startswith(f"Error: prompts file {tmp_path / 'p.txt'} is not UTF-8")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     gguf = invoke("run", tmp_path / "m.gguf", "x")
-    assert gguf.exit_code == 1 and gguf.stderr.startswith(
-        f"Error: {tmp_path / 'm.gguf'} is a GGUF file: offload does not read GGUF yet (hint: give the model's Hugging "
-        "Face checkpoint")
+    assert gguf.exit_code == 1 and gguf.stderr.startswith(f"Error: {tmp_path / 'm.gguf'} is not a readable GGUF file")
 
 
 def test_a_predictor_that_can_never_prefetch_is_said_once(caplog):

@@ -155,18 +155,20 @@ def test_shards_symlinked_as_the_hub_cache_does_load(tiny_dir, tmp_path):
     assert torch.equal(linked.generate(prompt, max_new_tokens=4), plain.generate(prompt, max_new_tokens=4))
 
 
-def test_a_fifo_named_like_the_weights_is_refused_without_blocking(broken):
+@pytest.mark.parametrize("name", ["model.safetensors", "model.gguf"])
+def test_a_fifo_named_like_the_weights_is_refused_without_blocking(broken, name):
     import os
     import threading
 
     (broken / "model.safetensors").unlink()
-    os.mkfifo(broken / "model.safetensors")
+    os.mkfifo(broken / name)
+    target = broken if name == "model.safetensors" else broken / name
     errors: list[BaseException] = []
     reader = threading.Thread(target=lambda: errors.append(pytest.raises(CheckpointError, offload.from_pretrained,
-                                                                           broken, device="cpu").value), daemon=True)
+                                                                           target, device="cpu").value), daemon=True)
     reader.start()
     reader.join(60)                                        # a liveness bound: it used to block forever
-    assert not reader.is_alive() and "model.safetensors is not a regular file" in str(errors[0])
+    assert not reader.is_alive() and f"{name} is not a regular file" in str(errors[0])
 
 
 @pytest.mark.parametrize("victim", ["model.layers.1.block_sparse_moe.experts.2.w1.weight",   # an expert: read by
@@ -225,13 +227,6 @@ def test_nan_in_an_expert_is_an_error_at_the_step_not_silent_tokens(broken):
     m = offload.from_pretrained(broken, device="cpu")     # experts are not read at load: it loads
     with pytest.raises(NumericError, match="NaN or Inf logits"):
         m.generate(torch.tensor([[3, 9, 27]]), max_new_tokens=3)
-
-
-def test_a_gguf_file_says_gguf_is_not_supported_yet(tmp_path):
-    path = tmp_path / "model-Q4_K_M.gguf"
-    path.write_bytes(b"GGUF" + bytes(60))
-    err = expect(UnsupportedModelError, "is a GGUF file: offload does not read GGUF yet", path)
-    assert "Hugging Face checkpoint" in err.hint
 
 
 def test_a_predictor_file_beside_the_weights_is_not_a_weight_file():
