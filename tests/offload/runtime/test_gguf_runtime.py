@@ -4,6 +4,8 @@ the types of every tensor group."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
@@ -19,10 +21,9 @@ from tests.serve_process import start_server, stop_server
 PROMPTS = ["def f(x):", "class A:\n", "import os", "x = [1, 2", "# note: ünï 🚀", "while True:"]
 
 
-@pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory):
+def write_tiny_gguf(root: Path) -> Path:
     """A tiny Qwen3-MoE with a byte-level BPE vocabulary, Q4_0 experts and Q8_0 attention, tokenizer and chat
-    template in the file."""
+    template in the file (what docs/gguf.md's examples run on, too)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from tests.offload.checkpoint.test_gguf_vocab import QWEN2
@@ -33,7 +34,6 @@ def gguf_file(tmp_path_factory):
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     kv = _bpe_kv(tok)
-    root = tmp_path_factory.mktemp("gguf-run")
     src = _make("qwen3_moe", root / "src", vocab_size=len(kv["tokenizer.ggml.tokens"]), hidden_size=64,
                 moe_intermediate_size=64, head_dim=16, bos_token_id=kv["tokenizer.ggml.bos_token_id"],
                 eos_token_id=kv["tokenizer.ggml.eos_token_id"], pad_token_id=0)
@@ -46,6 +46,11 @@ def gguf_file(tmp_path_factory):
     path = root / "tiny-Q4_0.gguf"
     write_gguf(src, path, "qwen3_moe", types=experts_as("Q4_0", "Q8_0"), vocab=vocab)
     return path
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf-run"))
 
 
 def test_budgets_tiers_policies_predictors_and_batching_give_the_resident_tokens(gguf_file):
