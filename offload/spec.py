@@ -19,6 +19,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
 }
 QK_NORMS = ("none", "head", "full")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -118,6 +119,15 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # per layer: "full_attention" | "sliding_attention" | "linear_attention" (config.json's layer_types; () reads as
+    # attention everywhere); the family adapter maps each type to an attention piece
+    layer_types: tuple[str, ...] = ()
+    # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): its heads, head dims and causal conv kernel
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -149,6 +159,23 @@ class ModelSpec:
             self._fail("MLA needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim > 0")
         if self.qk_norm not in QK_NORMS:
             self._fail(f"qk_norm {self.qk_norm!r} is not one of {QK_NORMS}")
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            self._fail(f"layer_types has {len(self.layer_types)} entries for num_hidden_layers={self.num_layers}")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            self._fail(f"layer_types names {unknown[0]!r}, not one of {LAYER_TYPES}")
+        if "linear_attention" not in self.layer_types:
+            return
+        heads, dims = (self.linear_num_key_heads, self.linear_num_value_heads), (self.linear_key_head_dim,
+                                                                                  self.linear_value_head_dim)
+        if min(*heads, *dims) <= 0 or self.linear_conv_kernel < 1:
+            self._fail("linear attention layers need linear_num_key_heads, linear_num_value_heads, "
+                       "linear_key_head_dim, linear_value_head_dim and linear_conv_kernel_dim > 0")
+        if heads[1] % heads[0]:
+            self._fail(f"linear_num_key_heads={heads[0]} does not divide linear_num_value_heads={heads[1]}")
 
     @staticmethod
     def _fail(what: str) -> None:
@@ -157,6 +184,10 @@ class ModelSpec:
     @property
     def rope_theta(self) -> float:
         return self.rope.theta
+
+    def layer_type(self, layer: int) -> str:
+        """The layer's attention type ("full_attention" where config.json names none)."""
+        return self.layer_types[layer] if self.layer_types else "full_attention"
 
     @property
     def num_moe_layers(self) -> int:

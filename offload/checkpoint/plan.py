@@ -19,8 +19,8 @@ from safetensors import safe_open
 
 from offload.checkpoint.families import Family, family_for_config
 from offload.checkpoint.locate import language_config, quantization_config, read_config, resolve_model_dir
-from offload.checkpoint.safetensors import index_tensors
-from offload.checkpoint.storage import first_tensor, storage_of, stored_nbytes
+from offload.checkpoint.safetensors import index_tensors, language_model_tensors
+from offload.checkpoint.storage import ExpertStorage, first_tensor, storage_of, stored_nbytes
 from offload.checkpoint.tensors import FLOAT_DTYPES, TensorInfo, check_tensor
 from offload.errors import CheckpointError
 from offload.experts.formats.base import ExpertFormat
@@ -63,6 +63,7 @@ class CheckpointPlan:
     dense: dict[str, TensorInfo | QuantizedTensor]  # every resident tensor, by name
     experts: dict[tuple[int, int], ExpertTensors]
     expert_format: ExpertFormat
+    storage: ExpertStorage  # how the files lay the experts out (one module each, or fused per layer)
 
     @property
     def dense_numel(self) -> int:
@@ -81,7 +82,7 @@ class CheckpointPlan:
 
     def source_layout(self, parts: Sequence[Part]) -> ExpertLayout:
         """An expert's layout in the checkpoint's format from the places of its tensors in a buffer."""
-        return storage_of(self.family).source_layout(self.spec, self.expert_format, parts)
+        return self.storage.source_layout(self.spec, self.expert_format, parts)
 
 
 def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
@@ -107,30 +108,30 @@ def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
     path = resolve_model_dir(name_or_path)
     cfg = language_config(read_config(path))
     family = family_for_config(cfg)
-    tensors = index_tensors(path)
+    tensors = language_model_tensors(index_tensors(path))
     spec = _read_spec(path, family, cfg, tensors)
-    fmt = expert_format(family, spec, tensors, quantization_config(cfg), path)
+    storage = storage_of(family, spec, tensors)
+    fmt = expert_format(family, spec, storage, tensors, quantization_config(cfg), path)
     dense = {name: _dense_tensor(tensors, name, shape, fmt) for name, shape in family.dense_tensors(spec).items()}
-    storage = storage_of(family)
     experts = {(layer, e): storage.tensors(family, spec, fmt, tensors, check_tensor, layer, e)
                for layer in (n for n, moe in enumerate(spec.moe_layers) if moe) for e in range(spec.num_experts)}
     _note_skipped_layers(tensors, spec, path)
-    plan = CheckpointPlan(path, spec, family, tensors, dense, experts, fmt)
+    plan = CheckpointPlan(path, spec, family, tensors, dense, experts, fmt, storage)
     _check_first_expert(plan)
     return plan
 
 
-def expert_format(family: Family, spec: ModelSpec, tensors: dict[str, TensorInfo], qc: dict | None,
-                  path: Path) -> ExpertFormat:
+def expert_format(family: Family, spec: ModelSpec, storage: ExpertStorage, tensors: dict[str, TensorInfo],
+                  qc: dict | None, path: Path) -> ExpertFormat:
     """The format the checkpoint stores its experts in: float (the first expert's weight dtype) or the
     quantization_config's (experts/formats/registry.py; anything else is refused by name)."""
-    probe = storage_of(family).probe(family, spec)
+    probe = storage.probe(family, spec)
     if probe in tensors and tensors[probe].dtype in FLOAT_DTYPES:
         return DenseFormat(tensors[probe].dtype)  # float experts (whatever else the config quantizes)
     if qc is None:
         check_tensor(tensors, probe, ())  # raises: names the missing or non-float tensor
     fmt = format_from_config(qc, str(path / "config.json"))
-    first = first_tensor(family, spec, fmt)
+    first = first_tensor(storage, family, spec, fmt)
     if first not in tensors:
         raise CheckpointError(f"tensor {first!r} is missing from the checkpoint ({fmt.name} experts)",
                               "the tensors do not match config.json's quantization_config")

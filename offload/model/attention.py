@@ -1,8 +1,10 @@
 """Attention variants behind a registry, and the pieces they share: RMSNorm, RoPE, masks.
 
-A family adapter names its attention (``Family.attention``); each variant declares the tensors it
-needs (names relative to the layer's ``self_attn.`` prefix, with shapes from the spec), so the
-checkpoint reader validates and loads exactly what the forward pass uses, from one list.
+A family adapter names the attention of each layer type (``Family.attention``, ``Family.attention_by_type``);
+each variant declares the tensors it needs (names relative to its module, ``self_attn.`` or ``linear_attn.``,
+with shapes from the spec), so the checkpoint reader validates and loads exactly what the forward pass uses,
+from one list; and what it keeps per sequence (``store``: keys and values per token, or a fixed-size state),
+so the KV structures and the fit check allocate and count exactly that.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
-from offload.model.kv import KVCache, KVPool
+from offload.model.deltanet import GatedDeltaNet, GroupedGatedDeltaNet
+from offload.model.kv import KVCache, KVPool, LayerStore
 from offload.model.rope import apply_rope, softmax_scale_factor
 from offload.registry import lookup
 from offload.spec import ModelSpec
@@ -46,13 +49,24 @@ def attention_masks(attention_mask: torch.Tensor, q_pos: torch.Tensor,
 
 
 class Attention(Protocol):
-    """One layer's attention with its resident weights. x: [batch, seq, hidden] -> [batch, seq, hidden]."""
+    """One layer's attention with its resident weights. x: [batch, seq, hidden] -> [batch, seq, hidden].
 
-    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                 kv: KVCache | KVPool | None) -> torch.Tensor: ...
+    ``mask`` is what its ``masking`` names: "causal", the boolean [batch, 1, seq, total] mask of the layer's
+    window; "padding", the real tokens [batch, seq]. ``rope`` is None for a piece whose rotary_dim is 0.
+    """
 
+    module: ClassVar[str]   # the module its tensors sit under in a decoder layer
+    masking: ClassVar[str]
+    norms: ClassVar[tuple[str, ...]]  # its RMSNorm weights (which a family may store zero-centred)
 
-CacheShapes = tuple[tuple[int, int], tuple[int, int]]  # (heads, dim) of what the cache stores as "k" and "v"
+    @staticmethod
+    def rotary_dim(spec: ModelSpec) -> int: ...
+
+    @staticmethod
+    def store(spec: ModelSpec) -> LayerStore: ...
+
+    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 mask: torch.Tensor, kv: KVCache | KVPool | None) -> torch.Tensor: ...
 
 
 def _sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
@@ -77,24 +91,28 @@ class GroupedQueryAttention:
     q/k/v/o biases and q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE)."""
 
     name: ClassVar[str] = "gqa"
+    module: ClassVar[str] = "self_attn"
+    masking: ClassVar[str] = "causal"
+    norms: ClassVar[tuple[str, ...]] = ("q_norm.weight", "k_norm.weight")
+    query_rows: ClassVar[int] = 1  # q_proj's rows per query dim (the gated variant adds a gate per head)
 
     @staticmethod
     def rotary_dim(spec: ModelSpec) -> int:
         return spec.rope.dim or spec.head_dim
 
     @staticmethod
-    def cache_shapes(spec: ModelSpec) -> CacheShapes:
-        return (spec.num_kv_heads, spec.head_dim), (spec.num_kv_heads, spec.head_dim)
+    def store(spec: ModelSpec) -> LayerStore:
+        return LayerStore(((spec.num_kv_heads, spec.head_dim), (spec.num_kv_heads, spec.head_dim)))
 
-    @staticmethod
-    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    @classmethod
+    def tensors(cls, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Tensor names under the layer's ``self_attn.`` prefix, with their shapes."""
         h, hd = spec.hidden_size, spec.head_dim
         q_out, kv_out = spec.num_heads * hd, spec.num_kv_heads * hd
-        shapes = {"q_proj.weight": (q_out, h), "k_proj.weight": (kv_out, h), "v_proj.weight": (kv_out, h),
-                  "o_proj.weight": (h, q_out)}
+        shapes = {"q_proj.weight": (cls.query_rows * q_out, h), "k_proj.weight": (kv_out, h),
+                  "v_proj.weight": (kv_out, h), "o_proj.weight": (h, q_out)}
         if spec.qkv_bias:
-            shapes |= {"q_proj.bias": (q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)}
+            shapes |= {"q_proj.bias": (cls.query_rows * q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)}
         if spec.o_bias:
             shapes["o_proj.bias"] = (h,)
         if spec.qk_norm == "head":
@@ -117,11 +135,15 @@ class GroupedQueryAttention:
         eps = self.spec.rms_norm_eps
         return rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
 
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[b, t, heads * head_dim] queries, and the output gate (None: ungated)."""
+        return F.linear(x, self.q, self.q_bias), None
+
     def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                  kv: KVCache | KVPool | None) -> torch.Tensor:
         spec = self.spec
         b, t, _ = x.shape
-        q, k, v = F.linear(x, self.q, self.q_bias), F.linear(x, self.k, self.k_bias), F.linear(x, self.v, self.v_bias)
+        (q, gate), k, v = self._queries(x), F.linear(x, self.k, self.k_bias), F.linear(x, self.v, self.v_bias)
         if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
             q, k = self._qk_norm(q, k)
         q, k = q.view(b, t, -1, spec.head_dim), k.view(b, t, -1, spec.head_dim)
@@ -138,7 +160,24 @@ class GroupedQueryAttention:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         else:
             out = _sdpa_with_sinks(q, k, v, mask, self.sinks, scale, gqa)
-        return F.linear(out.transpose(1, 2).reshape(b, t, -1), self.o, self.o_bias)
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return F.linear(out, self.o, self.o_bias)
+
+
+class GatedAttention(GroupedQueryAttention):
+    """GQA with an output gate (Qwen3-Next, Qwen3.5; Qiu et al. 2025, "Gated Attention for Large Language
+    Models"): q_proj emits each head's query and a gate of the same width side by side, and the attention
+    output is multiplied by sigmoid(gate) before o_proj."""
+
+    name: ClassVar[str] = "gated-full"
+    query_rows: ClassVar[int] = 2
+
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q, gate = F.linear(x, self.q, self.q_bias).view(b, t, self.spec.num_heads, -1).chunk(2, dim=-1)
+        return q.reshape(b, t, -1), gate.reshape(b, t, -1)
 
 
 class MultiHeadLatentAttention:
@@ -151,6 +190,9 @@ class MultiHeadLatentAttention:
     """
 
     name: ClassVar[str] = "mla"
+    module: ClassVar[str] = "self_attn"
+    masking: ClassVar[str] = "causal"
+    norms: ClassVar[tuple[str, ...]] = ("q_a_layernorm.weight", "kv_a_layernorm.weight")
     LATENT_EPS = 1e-6
 
     @staticmethod
@@ -158,8 +200,8 @@ class MultiHeadLatentAttention:
         return spec.qk_rope_head_dim
 
     @staticmethod
-    def cache_shapes(spec: ModelSpec) -> CacheShapes:
-        return (1, spec.kv_lora_rank), (1, spec.qk_rope_head_dim)
+    def store(spec: ModelSpec) -> LayerStore:
+        return LayerStore(((1, spec.kv_lora_rank), (1, spec.qk_rope_head_dim)))
 
     @staticmethod
     def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -220,7 +262,9 @@ class MultiHeadLatentAttention:
 
 
 
-ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (GroupedQueryAttention, MultiHeadLatentAttention)}
+ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (GroupedQueryAttention, GatedAttention,
+                                                          MultiHeadLatentAttention, GatedDeltaNet,
+                                                          GroupedGatedDeltaNet)}
 
 
 def attention_class(name: str) -> type:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from offload.experts.activations import Activation, make_activation
 from offload.experts.layouts import Expert, Key
-from offload.model.attention import Attention, attention_class, attention_masks, rms_norm
+from offload.model.attention import Attention, attention_masks, rms_norm
 from offload.model.kv import KVCache, KVPool
 from offload.model.rope import RotaryEmbedding
 from offload.model.routers import Router
@@ -75,8 +75,7 @@ class MoEModel:
     """A decoder-only MoE transformer whose experts are served by an ExpertCache."""
 
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], final_norm: torch.Tensor,
-                 lm_head: torch.Tensor, cache: ExpertSource, stats: Stats, activation: str = "swiglu",
-                 attention: str = "gqa") -> None:
+                 lm_head: torch.Tensor, cache: ExpertSource, stats: Stats, activation: str = "swiglu") -> None:
         self.spec = spec
         self.embed = embed
         self.layers = layers
@@ -90,9 +89,13 @@ class MoEModel:
         self.host_compute: HostBranch | None = None  # set by from_pretrained with --hybrid auto|always
         self.device = embed.device
         self.dtype = embed.dtype
-        attention = attention_class(attention)
-        self.rope = RotaryEmbedding(spec.rope, attention.rotary_dim(spec), self.dtype, self.device)
-        self.kv_shapes = [attention.cache_shapes(spec)] * spec.num_layers  # what a KV cache stores per layer
+        self.layer_stores = [lw.attention.store(spec) for lw in layers]  # what a KV cache keeps per layer
+        # Each layer's RoPE table by its rotary dims (0: none, e.g. linear attention), and its mask: the causal
+        # mask of its sliding window, or the real-token mask for pieces that only need to know the padding.
+        self.rotary_dims = [lw.attention.rotary_dim(spec) for lw in layers]
+        self.ropes = {d: RotaryEmbedding(spec.rope, d, self.dtype, self.device) for d in set(self.rotary_dims) if d}
+        self.mask_keys: list[int | str | None] = [
+            "padding" if lw.attention.masking == "padding" else spec.sliding_windows[i] for i, lw in enumerate(layers)]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -195,14 +198,15 @@ class MoEModel:
         spec = self.spec
         seq = input_ids.shape[1]
         h = F.embedding(input_ids, self.embed)
-        rope = self.rope(position_ids)
+        ropes = {dim: rope(position_ids) for dim, rope in self.ropes.items()}
         q_pos = kv.storage_positions(seq) if kv is not None else torch.arange(seq, device=h.device)[None]
-        masks = attention_masks(attention_mask, q_pos, set(spec.sliding_windows))
         valid = kv.valid(attention_mask, seq) if kv is not None else attention_mask[:, -seq:].bool()
+        windows = {key for key in self.mask_keys if key != "padding"}
+        masks = {**attention_masks(attention_mask, q_pos, windows), "padding": valid}
         self._begin_prefetch(valid, kv)
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.input_norm, spec.rms_norm_eps)
-            h = h + lw.attention(i, x, rope, masks[spec.sliding_windows[i]], kv)
+            h = h + lw.attention(i, x, ropes.get(self.rotary_dims[i]), masks[self.mask_keys[i]], kv)
             x = rms_norm(h, lw.post_norm, spec.rms_norm_eps)
             h = h + self._mlp(i, lw, x, h, valid)
         if self.prefetcher is not None:

@@ -127,6 +127,21 @@ class SigmoidGroups(SoftmaxTopK):
         return self._choice(torch.sigmoid(F.linear(x.float(), self.weight.float())))
 
 
+class SigmoidBias(SigmoidGroups):
+    """MiniMax-M2: DeepSeek-V3's rule with one group and no scale (sigmoid scores, a selection-only correction
+    bias, weights the unbiased scores renormalised), its bias held by the MoE block beside the ``gate``."""
+
+    name: ClassVar[str] = "sigmoid-bias"
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        return {"gate.weight": (spec.num_experts, spec.hidden_size), "e_score_correction_bias": (spec.num_experts,)}
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, {"weight": weights["gate.weight"],
+                                "e_score_correction_bias": weights["e_score_correction_bias"]})
+
+
 class SoftmaxGroups(SoftmaxTopK):
     """DeepSeek-V2: softmax over all experts in float32, top-k (greedy; "group_limited_greedy" first keeps the
     ``topk_group`` groups with the highest single score), weights times ``routed_scaling_factor``, no
@@ -157,7 +172,7 @@ class SoftmaxGroups(SoftmaxTopK):
 
 
 ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups,
-                                                                    SoftmaxGroups)}
+                                                                    SigmoidBias, SoftmaxGroups)}
 
 
 def router_class(name: str) -> type[SoftmaxTopK]:

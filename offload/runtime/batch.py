@@ -139,7 +139,7 @@ class BatchEngine:
         self.model = model
         self.config = config
         self.scheduler: Scheduler = make_scheduler(config.scheduler, config.batch_size, config.max_wait)
-        self.kv = KVPool(model.spec, rows, capacity, model.dtype, model.device, model.kv_shapes)
+        self.kv = KVPool(model.spec, rows, capacity, model.dtype, model.device, model.layer_stores)
         self.moe_index = {layer: m for m, layer in enumerate(i for i, moe in enumerate(model.spec.moe_layers) if moe)}
         self.waiting: deque[BatchRequest] = deque()
         self.ready: list[BatchRequest] = []  # in admission order
