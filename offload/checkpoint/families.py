@@ -51,8 +51,10 @@ def _rope_spec(cfg: dict, head_dim: int, interleave: bool) -> RopeSpec:
     partial = float(first(cfg, "partial_rotary_factor", default=None) or params.get("partial_rotary_factor", 0) or
                     (int(cfg["rotary_dim"]) / head_dim if cfg.get("rotary_dim") and head_dim else 1.0))  # MiniMax
     get = lambda key, default=0.0: float(scaling.get(key) or default)  # noqa: E731
+    proportional = kind == "proportional"  # Gemma-4: the whole head turns, a share of its frequencies nonzero
     return RopeSpec(
-        theta=theta, dim=int(head_dim * partial) if partial < 1 else 0, kind=kind,
+        theta=theta, dim=int(head_dim * partial) if partial < 1 and not proportional else 0, kind=kind,
+        proportion=partial if proportional else 1.0,
         factor=get("factor", 1.0) if kind in ("linear", "yarn") else 1.0,
         original_max_positions=int(get("original_max_position_embeddings", cfg.get("max_position_embeddings", 0))),
         beta_fast=get("beta_fast", 32.0), beta_slow=get("beta_slow", 1.0), mscale=get("mscale"),
@@ -97,6 +99,30 @@ def _linear_attention_options(cfg: dict) -> dict:
             "linear_conv_kernel": int(cfg.get("linear_conv_kernel_dim") or 0)}
 
 
+def _gemma_options(cfg: dict) -> dict:
+    """Gemma-4: sqrt(hidden) embedding scale, final logit soft-capping, RoPE per layer type (rope_parameters keyed by
+    it), and the full-attention layers' own head dim and kv heads (per_layer_config as transformers saves it, or
+    global_head_dim / num_global_key_value_heads as released configs spell them; the kv heads only with
+    attention_k_eq_v, as transformers reads them)."""
+    for name in ("hidden_size_per_layer_input", "num_kv_shared_layers"):
+        if cfg.get(name):
+            raise UnsupportedModelError(f"Gemma-4 with {name}={cfg[name]} (the small dense models' per-layer "
+                                        "embeddings / shared KV) is not supported", "offload runs Gemma-4's MoE")
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise UnsupportedModelError("Gemma-4 with bidirectional attention is not supported", "use a causal model")
+    full = next((v for v in (cfg.get("per_layer_config") or {}).values() if isinstance(v, dict)), {})
+    k_eq_v = bool(cfg.get("attention_k_eq_v", False))
+    head_dim = int(full.get("head_dim") or cfg.get("global_head_dim") or cfg.get("head_dim") or 0)
+    kv_heads = int(full.get("num_key_value_heads") or (cfg.get("num_global_key_value_heads") if k_eq_v else 0) or 0)
+    ropes = cfg.get("rope_parameters") or {}
+    rope = lambda kind, dim: _rope_spec({"rope_parameters": ropes.get(kind) or {}}, dim, False)  # noqa: E731
+    return {"embed_scale": float(cfg["hidden_size"]) ** 0.5, "attention_k_eq_v": k_eq_v,
+            "final_logit_softcapping": float(cfg.get("final_logit_softcapping") or 0.0),
+            "rope": rope("sliding_attention", int(cfg.get("head_dim") or 0)),
+            "global_rope": rope("full_attention", head_dim), "global_head_dim": head_dim,
+            "global_num_kv_heads": kv_heads}
+
+
 def _gpt_oss_options(cfg: dict) -> dict:
     return {"router_bias": True, "expert_bias": True, "attention_sinks": True,
             "swiglu_limit": float(cfg.get("swiglu_limit") or 7.0),
@@ -133,6 +159,13 @@ class Family:
     attention_by_type: dict[str, str] = field(default_factory=dict)
     layer_types: Callable[[dict, int], tuple[str, ...]] | None = None  # None: from config.json's layer_types
     norm_offset: float = 0.0             # RMSNorm weights stored zero-centred: the norm scales by (1 + w) (Qwen3-Next)
+    hidden_act: str = "silu"             # config.json's hidden_act / hidden_activation that ``activation`` computes
+    # DecoderLayer norm -> its module under the layer; Gemma-4's sandwich adds output norms, and in MoE layers
+    # (moe_norms) the norms of the dense MLP and the expert branches beside each other
+    norms: dict[str, str] = field(default_factory=lambda: dict(_PRE_NORMS))
+    moe_norms: dict[str, str] = field(default_factory=dict)
+    dense_beside_moe: bool = False       # Gemma-4: a dense MLP in every layer, summed with the MoE block's output
+    layer_scale: str = ""                # Gemma-4: a per-layer output scale [1] ("layer_scalar")
 
     @property
     def router_path(self) -> str:
@@ -146,7 +179,7 @@ class Family:
     # -- tensor names --------------------------------------------------------------------------
     def expert_modules(self, layer: int, expert: int) -> tuple[str, str, str]:
         """The gate, up and down projections' module names (their tensors are ``<module>.<suffix>``)."""
-        base = f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}"
+        base = ".".join(p for p in (f"model.layers.{layer}", self.moe_prefix, f"experts.{expert}") if p)
         return tuple(f"{base}.{n}" for n in self.expert_names)  # type: ignore[return-value]
 
     def global_tensors(self, spec: ModelSpec) -> Shapes:
@@ -158,13 +191,16 @@ class Family:
 
     def layer_tensors(self, spec: ModelSpec, i: int) -> dict[str, Shapes]:
         """Every resident tensor of layer ``i``, grouped by the piece that uses it (names -> shapes)."""
-        p, h = f"model.layers.{i}", spec.hidden_size
+        p, h, moe = f"model.layers.{i}", spec.hidden_size, spec.moe_layers[i]
         attention = attention_class(self.layer_pieces(spec)[i])
-        groups = {"input_norm": {f"{p}.input_layernorm.weight": (h,)},
-                  "post_norm": {f"{p}.post_attention_layernorm.weight": (h,)},
-                  "attention": _prefixed(f"{p}.{attention.module}.", attention.tensors(spec))}
-        if not spec.moe_layers[i]:
+        norms = {**self.norms, **(self.moe_norms if moe else {})}
+        groups = {slot: {f"{p}.{module}.weight": (h,)} for slot, module in norms.items()}
+        groups["attention"] = _prefixed(f"{p}.{attention.module}.", attention.tensors(spec))
+        if self.layer_scale:
+            groups["layer_scale"] = {f"{p}.{self.layer_scale}": (1,)}
+        if not moe or self.dense_beside_moe:
             groups["dense_mlp"] = _mlp_tensors(f"{p}.mlp", h, spec.dense_intermediate_size)
+        if not moe:
             return groups
         groups["router"] = _prefixed(f"{p}.{self.router_path}.", router_class(self.router).tensors(spec))
         if spec.shared_expert_intermediate_size:
@@ -207,15 +243,17 @@ class Family:
         if num_experts <= 0:
             raise UnsupportedModelError(f"config.json declares no experts for {self.name}",
                                         "offload runs Mixture-of-Experts checkpoints only")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"activation {cfg['hidden_act']!r} is not supported", "offload supports silu")
+        act = first(cfg, "hidden_act", "hidden_activation", default=self.hidden_act)
+        if act != self.hidden_act:
+            raise UnsupportedModelError(f"activation {act!r} is not supported for {self.name}",
+                                        f"{self.name} checkpoints use {self.hidden_act}")
         norm = bool(cfg.get("norm_topk_prob", False)) if self.norm_topk_prob is None else self.norm_topk_prob
         windows = self.sliding_windows(cfg, layers)
         return ModelSpec(
             family=self.name, architecture=(cfg.get("architectures") or [self.architectures[0]])[0],
             vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=layers,
             num_experts=num_experts,
-            top_k=int(first(cfg, "num_experts_per_tok", "experts_per_token", "moe_topk", default=2)),
+            top_k=int(first(cfg, "num_experts_per_tok", "experts_per_token", "moe_topk", "top_k_experts", default=2)),
             expert_intermediate_size=int(first(cfg, "moe_intermediate_size", "intermediate_size")),
             dense_intermediate_size=int(cfg.get("intermediate_size") or 0),
             shared_expert_intermediate_size=self._shared_intermediate(cfg),
@@ -228,7 +266,7 @@ class Family:
             checkpoint_dtype=checkpoint_dtype, bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_eos_ids(cfg.get("eos_token_id")), pad_token_id=cfg.get("pad_token_id"),
             mlp_only_layers=tuple(sorted(set(cfg.get("mlp_only_layers") or []))),
-            **self._attention_fields(cfg, hidden, heads), **(self.options(cfg) if self.options else {}),
+            **{**self._attention_fields(cfg, hidden, heads), **(self.options(cfg) if self.options else {})},
         )
 
 
@@ -283,6 +321,11 @@ def _qwen3_windows(cfg: dict, layers: int) -> tuple[int | None, ...]:
 
 
 _HF_MLP = ("gate_proj", "up_proj", "down_proj")
+_PRE_NORMS = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm"}
+_SANDWICH_NORMS = {"input_norm": "input_layernorm", "attention_out_norm": "post_attention_layernorm",
+                   "post_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
+_PARALLEL_MOE_NORMS = {"dense_out_norm": "post_feedforward_layernorm_1", "moe_norm": "pre_feedforward_layernorm_2",
+                       "moe_out_norm": "post_feedforward_layernorm_2"}
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -326,6 +369,15 @@ FAMILIES: dict[str, Family] = {
         Family("minimax_m2", ("MiniMaxM2ForCausalLM",), ("minimax_m2",), "block_sparse_moe", ("w1", "w3", "w2"),
                _no_window, qk_norm="full", norm_topk_prob=True, router="sigmoid-bias", router_module="",
                router_fp32_weights=True),
+        # Gemma-4's MoE (the text model of Gemma4ForConditionalGeneration with enable_moe_block): sandwich norms, a
+        # dense MLP beside the experts, a router on the residual stream with learned scales, GeGLU-tanh, sliding and
+        # full layers with their own head dims and RoPE, q/k/v norms, soft-capped logits
+        Family("gemma4", ("Gemma4ForCausalLM",), ("gemma4_text",), "", _HF_MLP, _layer_type_windows, qk_norm="head",
+               attention="gemma-sliding", attention_by_type={"full_attention": "gemma-global"},
+               router="scaled-softmax", router_module="router", router_fp32_weights=True, activation="geglu-tanh",
+               hidden_act="gelu_pytorch_tanh", expert_storage=("fused-gate-up",), norms=_SANDWICH_NORMS,
+               moe_norms=_PARALLEL_MOE_NORMS, dense_beside_moe=True, layer_scale="layer_scalar",
+               options=_gemma_options),
     )
 }
 

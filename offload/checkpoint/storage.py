@@ -47,6 +47,8 @@ class ExpertStorage(Protocol):
 
     def marker(self, family: Family, spec: ModelSpec) -> str: ...  # what the first expert's tensor names start with
 
+    fused: bool  # one tensor holds a layer's experts (so an expert is a slice, not tensors of its own)
+
     def accepts(self, fmt: ExpertFormat) -> bool: ...  # whether experts of this format can be stored this way
 
 
@@ -59,6 +61,7 @@ class PerExpert:
     """``<moe_prefix>.experts.N.<projection>.<suffix>``, the suffixes the format names (weight; qweight, ...)."""
 
     name = "per-expert"
+    fused = False
 
     def names(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, layer: int,
               expert: int) -> list[tuple[str, tuple[int, ...], str]]:
@@ -102,6 +105,7 @@ class FusedPerLayer:
     kinds: gate_up_proj and down_proj with biases in float, their _blocks / _scales in MXFP4); expert e is slice e."""
 
     name = "fused"
+    fused = True
 
     def names(self, family: Family, spec: ModelSpec, fmt: ExpertFormat, layer: int,
               expert: int) -> list[tuple[str, tuple[int, ...], str]]:

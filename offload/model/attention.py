@@ -19,7 +19,7 @@ from offload.model.deltanet import GatedDeltaNet, GroupedGatedDeltaNet
 from offload.model.kv import KVCache, KVPool, LayerStore
 from offload.model.rope import apply_rope, softmax_scale_factor
 from offload.registry import lookup
-from offload.spec import ModelSpec
+from offload.spec import ModelSpec, RopeSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,7 +52,7 @@ class Attention(Protocol):
     """One layer's attention with its resident weights. x: [batch, seq, hidden] -> [batch, seq, hidden].
 
     ``mask`` is what its ``masking`` names: "causal", the boolean [batch, 1, seq, total] mask of the layer's
-    window; "padding", the real tokens [batch, seq]. ``rope`` is None for a piece whose rotary_dim is 0.
+    window; "padding", the real tokens [batch, seq]. ``rope`` (cos, sin) is None for a piece without RoPE.
     """
 
     module: ClassVar[str]   # the module its tensors sit under in a decoder layer
@@ -60,7 +60,7 @@ class Attention(Protocol):
     norms: ClassVar[tuple[str, ...]]  # its RMSNorm weights (which a family may store zero-centred)
 
     @staticmethod
-    def rotary_dim(spec: ModelSpec) -> int: ...
+    def rotary(spec: ModelSpec) -> tuple[RopeSpec, int] | None: ...  # its RoPE and rotated dims (None: no RoPE)
 
     @staticmethod
     def store(spec: ModelSpec) -> LayerStore: ...
@@ -97,18 +97,25 @@ class GroupedQueryAttention:
     query_rows: ClassVar[int] = 1  # q_proj's rows per query dim (the gated variant adds a gate per head)
 
     @staticmethod
-    def rotary_dim(spec: ModelSpec) -> int:
-        return spec.rope.dim or spec.head_dim
+    def dims(spec: ModelSpec) -> tuple[int, int]:
+        """(head dim, kv heads) of this piece's layers."""
+        return spec.head_dim, spec.num_kv_heads
 
-    @staticmethod
-    def store(spec: ModelSpec) -> LayerStore:
-        return LayerStore(((spec.num_kv_heads, spec.head_dim), (spec.num_kv_heads, spec.head_dim)))
+    @classmethod
+    def rotary(cls, spec: ModelSpec) -> tuple[RopeSpec, int] | None:
+        """The RoPE its layers use and the dims it rotates (None: none)."""
+        return spec.rope, spec.rope.dim or cls.dims(spec)[0]
+
+    @classmethod
+    def store(cls, spec: ModelSpec) -> LayerStore:
+        head_dim, kv_heads = cls.dims(spec)
+        return LayerStore(((kv_heads, head_dim), (kv_heads, head_dim)))
 
     @classmethod
     def tensors(cls, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Tensor names under the layer's ``self_attn.`` prefix, with their shapes."""
-        h, hd = spec.hidden_size, spec.head_dim
-        q_out, kv_out = spec.num_heads * hd, spec.num_kv_heads * hd
+        h, (hd, kv_heads) = spec.hidden_size, cls.dims(spec)
+        q_out, kv_out = spec.num_heads * hd, kv_heads * hd
         shapes = {"q_proj.weight": (cls.query_rows * q_out, h), "k_proj.weight": (kv_out, h),
                   "v_proj.weight": (kv_out, h), "o_proj.weight": (h, q_out)}
         if spec.qkv_bias:
@@ -126,10 +133,14 @@ class GroupedQueryAttention:
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
         self.spec = spec
         get = weights.get
-        self.q, self.k, self.v, self.o = (weights[f"{n}_proj.weight"] for n in "qkvo")
+        self.q, self.k, self.o = (weights[f"{n}_proj.weight"] for n in "qko")
+        self.v = get("v_proj.weight")
         self.q_bias, self.k_bias, self.v_bias, self.o_bias = (get(f"{n}_proj.bias") for n in "qkvo")
         self.q_norm, self.k_norm = get("q_norm.weight"), get("k_norm.weight")
         self.sinks = get("sinks")
+        self.head_dim = self.dims(spec)[0]
+        self.scale = self.head_dim**-0.5
+        self.interleave = self.rotary(spec)[0].interleave
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.spec.rms_norm_eps
@@ -139,27 +150,31 @@ class GroupedQueryAttention:
         """[b, t, heads * head_dim] queries, and the output gate (None: ungated)."""
         return F.linear(x, self.q, self.q_bias), None
 
-    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                 kv: KVCache | KVPool | None) -> torch.Tensor:
-        spec = self.spec
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v [b, heads, t, head_dim] before RoPE, and the output gate (or None)."""
+        spec, hd = self.spec, self.head_dim
         b, t, _ = x.shape
         (q, gate), k, v = self._queries(x), F.linear(x, self.k, self.k_bias), F.linear(x, self.v, self.v_bias)
         if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
             q, k = self._qk_norm(q, k)
-        q, k = q.view(b, t, -1, spec.head_dim), k.view(b, t, -1, spec.head_dim)
+        q, k = q.view(b, t, -1, hd), k.view(b, t, -1, hd)
         if spec.qk_norm == "head":  # Qwen3 normalises each head
             q, k = self._qk_norm(q, k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)          # [b, heads, t, head_dim]
-        v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, -1, hd).transpose(1, 2), gate
+
+    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 kv: KVCache | KVPool | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v, gate = self._project(x)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin, spec.rope.interleave), apply_rope(k, cos, sin, spec.rope.interleave)
+        q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
         if kv is not None:
             k, v = kv.update(layer, k, v)
-        gqa, scale = spec.num_kv_heads != spec.num_heads, spec.head_dim**-0.5
+        gqa = k.shape[1] != q.shape[1]
         if self.sinks is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         else:
-            out = _sdpa_with_sinks(q, k, v, mask, self.sinks, scale, gqa)
+            out = _sdpa_with_sinks(q, k, v, mask, self.sinks, self.scale, gqa)
         out = out.transpose(1, 2).reshape(b, t, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
@@ -180,6 +195,56 @@ class GatedAttention(GroupedQueryAttention):
         return q.reshape(b, t, -1), gate.reshape(b, t, -1)
 
 
+def _unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a scale (Gemma-4's value norm), in float32 and cast back."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class GemmaAttention(GroupedQueryAttention):
+    """Gemma-4's sliding-window layers: per-head RMSNorm of q and k (scaled) and of v (unscaled), and an attention
+    scale of 1, the norms having set the logits' size."""
+
+    name: ClassVar[str] = "gemma-sliding"
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, weights)
+        self.scale = 1.0
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hd, eps = self.head_dim, self.spec.rms_norm_eps
+        b, t, _ = x.shape
+        k = F.linear(x, self.k, self.k_bias).view(b, t, -1, hd)
+        v = k if self.v is None else F.linear(x, self.v, self.v_bias).view(b, t, -1, hd)  # keys as values
+        q = rms_norm(F.linear(x, self.q, self.q_bias).view(b, t, -1, hd), self.q_norm, eps)
+        k, v = rms_norm(k, self.k_norm, eps), _unit_rms_norm(v, eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None
+
+
+class GemmaGlobalAttention(GemmaAttention):
+    """Gemma-4's full-attention layers: their own head dim, kv heads and RoPE (proportional: a quarter of the
+    frequencies rotate), and, with attention_k_eq_v, no v_proj: the keys before their norm are the values."""
+
+    name: ClassVar[str] = "gemma-global"
+
+    @staticmethod
+    def dims(spec: ModelSpec) -> tuple[int, int]:
+        return spec.global_head_dim or spec.head_dim, spec.global_num_kv_heads or spec.num_kv_heads
+
+    @classmethod
+    def rotary(cls, spec: ModelSpec) -> tuple[RopeSpec, int] | None:
+        rope = spec.global_rope or spec.rope
+        return rope, rope.dim or cls.dims(spec)[0]
+
+    @classmethod
+    def tensors(cls, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        shapes = super().tensors(spec)
+        if spec.attention_k_eq_v:
+            shapes.pop("v_proj.weight")
+            shapes.pop("v_proj.bias", None)
+        return shapes
+
+
 class MultiHeadLatentAttention:
     """Multi-head Latent Attention (DeepSeek-V2, 2024): keys and values come from one compressed latent per
     token (kv_lora_rank wide) plus one rotary key shared by all heads (qk_rope_head_dim wide), and that
@@ -196,8 +261,8 @@ class MultiHeadLatentAttention:
     LATENT_EPS = 1e-6
 
     @staticmethod
-    def rotary_dim(spec: ModelSpec) -> int:
-        return spec.qk_rope_head_dim
+    def rotary(spec: ModelSpec) -> tuple[RopeSpec, int] | None:
+        return spec.rope, spec.qk_rope_head_dim
 
     @staticmethod
     def store(spec: ModelSpec) -> LayerStore:
@@ -262,9 +327,9 @@ class MultiHeadLatentAttention:
 
 
 
-ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (GroupedQueryAttention, GatedAttention,
-                                                          MultiHeadLatentAttention, GatedDeltaNet,
-                                                          GroupedGatedDeltaNet)}
+ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (GroupedQueryAttention, GatedAttention, GemmaAttention,
+                                                          GemmaGlobalAttention, MultiHeadLatentAttention,
+                                                          GatedDeltaNet, GroupedGatedDeltaNet)}
 
 
 def attention_class(name: str) -> type:

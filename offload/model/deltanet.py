@@ -133,8 +133,8 @@ class GatedDeltaNet:
     norms: ClassVar[tuple[str, ...]] = ()  # its gated norm's weight is a plain scale (ones at init)
 
     @staticmethod
-    def rotary_dim(spec: ModelSpec) -> int:
-        return 0  # no positions: order enters through the conv and the recurrence
+    def rotary(spec: ModelSpec) -> None:
+        return None  # no positions: order enters through the conv and the recurrence
 
     @staticmethod
     def store(spec: ModelSpec) -> LayerStore:

@@ -54,6 +54,15 @@ def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
     return Expert.dense(gate, up, down)
 
 
+# DecoderLayer's norms, each the group of one tensor that Family.layer_tensors names after it
+NORM_SLOTS = ("input_norm", "post_norm", "attention_out_norm", "mlp_out_norm", "dense_out_norm", "moe_norm",
+              "moe_out_norm")
+
+
+def _single(group: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return next(iter(group.values()))
+
+
 def _norm(weight: torch.Tensor, family: Family) -> torch.Tensor:
     """An RMSNorm weight as the forward multiplies by it: zero-centred ones (Qwen3-Next's 1 + w) shifted once here."""
     return weight + family.norm_offset if family.norm_offset else weight
@@ -71,9 +80,10 @@ def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str]
     attention = attention_class(family.layer_pieces(spec)[layer])
     weights = relative("attention", attention.module)
     weights |= {name: _norm(weights[name], family) for name in attention.norms if name in weights}
-    out = DecoderLayer(input_norm=_norm(next(iter(groups["input_norm"].values())), family),
-                       post_norm=_norm(next(iter(groups["post_norm"].values())), family),
-                       attention=attention(spec, weights))
+    norms = {slot: _norm(_single(groups[slot]), family) for slot in NORM_SLOTS if slot in groups}
+    out = DecoderLayer(attention=attention(spec, weights), **norms)
+    if "layer_scale" in groups:
+        out.layer_scale = _single(groups["layer_scale"])
     if "router" in groups:
         out.router = router_class(family.router)(spec, relative("router", family.router_path))
     if "dense_mlp" in groups:
@@ -81,7 +91,7 @@ def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str]
     if "shared_mlp" in groups:
         out.shared_mlp = _mlp(groups["shared_mlp"])
     if "shared_gate" in groups:
-        out.shared_gate = next(iter(groups["shared_gate"].values()))
+        out.shared_gate = _single(groups["shared_gate"])
     return out
 
 
