@@ -290,3 +290,57 @@ def test_multi_token_prediction_weights_are_left_alone(tiny_dir, tmp_path):
     ids = torch.tensor([[5, 17, 33, 60, 8]])
     assert torch.equal(offload.from_pretrained(path, device="cpu").generate(ids, max_new_tokens=4),
                        offload.from_pretrained(tiny_dir("qwen3_next"), device="cpu").generate(ids, max_new_tokens=4))
+
+
+def test_serve_engine_and_chat_on_a_linear_attention_model(tiny_dir, tmp_path):
+    """`offload serve`'s engine (continuous batching, a cancelled request's state row given to the next) and
+    `offload chat` on Qwen3.5: each request's text is what generate() gives it alone."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from offload.serve.engine import Engine, GenerationRequest
+    from tests.offload.serve.test_engine import WAIT_S, Collector
+    from tests.tiny_models import add_char_tokenizer
+
+    path = add_char_tokenizer(shutil.copytree(tiny_dir("qwen3_5_moe"), tmp_path / "m"))
+    (path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}>")
+    model = offload.from_pretrained(path, device="cpu", expert_budget=6, batch_size=2, context=64)
+    prompts = ["def f(x):", "class A:", "import os", "x = [1, 2"]
+    alone = {p: model.generate_text(p, max_new_tokens=8) for p in prompts}
+    engine = Engine(lambda: model).start()
+    try:
+        assert engine.wait_ready(WAIT_S)
+        sampling = model.sampling_config(max_new_tokens=8, do_sample=False)
+        cancelled = Collector()
+        ticket = engine.submit(GenerationRequest(tuple(model.encode("while True:")[0].tolist()), sampling), cancelled)
+        cancelled.seen.append(cancelled.events.get(timeout=WAIT_S))
+        ticket.cancel()
+        outs = {p: Collector() for p in prompts}
+        for p, out in outs.items():
+            engine.submit(GenerationRequest(tuple(model.encode(p)[0].tolist()), sampling), out)
+        assert {p: out.result()[0] for p, out in outs.items()} == alone
+    finally:
+        engine.stop()
+    result = CliRunner().invoke(app, ["chat", str(path), "--device", "cpu", "--max-new-tokens", "8"], input="hello\n")
+    assert result.exit_code == 0, result.output
+    ids = model.encode("[user] hello\n>")
+    assert model.tokenizer.decode(model.generate(ids, max_new_tokens=8)[0, ids.shape[1]:].tolist()) in result.stdout
+
+
+def test_the_quantize_tool_on_a_hybrid(tiny_dir, tmp_path):
+    """`offload quantize` (int8 per channel) on Qwen3-Next: the experts quantized, the linear-attention layers left
+    as they were, and the result computes what transformers computes on the weights an independent unpacker reads."""
+    from offload.experts.quant import parse_scheme
+    from offload.tools.quantize import quantize_checkpoint
+    from tests.offload.tools.test_quantize import _dequantized_reference
+
+    src = tiny_dir("qwen3_next")
+    report = quantize_checkpoint(src, tmp_path / "q", parse_scheme("int8"))
+    assert report.experts == 4 * 8
+    deq = write_dequantized(src, tmp_path / "deq", _dequantized_reference(tmp_path / "q", 8, None))
+    ids, mask = _prompts(3)
+    tokens, scores, _ = _reference(deq, 3, torch.float32)
+    assert _min_gap(scores, tokens) > 1e-3
+    model = offload.from_pretrained(tmp_path / "q", device="cpu", expert_budget=3, quant_activations="float32")
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2,
+                                      pad_token_id=0), tokens)
