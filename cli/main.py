@@ -212,6 +212,7 @@ def info(model: ModelArg) -> None:
         ("family", f"{spec.family} ({spec.architecture})"),
         ("layers", f"{spec.num_layers} ({spec.num_moe_layers} MoE)"),
         ("experts", f"{spec.num_experts} per MoE layer, top-{spec.top_k}, {spec.total_experts} in all"),
+        *_attention_rows(plan),
         ("dtype", str(spec.checkpoint_dtype).removeprefix("torch.")), ("expert format", plan.expert_format.name),
         *([] if config_only else [("stored as", "; ".join(f"{k} {v}" for k, v in plan.stored_types().items()))]),
         ("dense bytes", _gib(plan.dense_nbytes)), ("bytes per expert", f"{_gib(per_expert)} stored, "
@@ -222,6 +223,22 @@ def info(model: ModelArg) -> None:
     for k, v in rows:
         table.add_row(f"[bold]{k}[/bold]", v)
     Console().print(table)
+
+
+def _attention_rows(plan) -> list[tuple[str, str]]:
+    """Each layer's attention piece, counted, and what one sequence keeps: keys and values per token of context,
+    plus the fixed-size state of linear-attention layers (which does not grow with the context)."""
+    from collections import Counter
+
+    from offload.memory.budget import sequence_nbytes
+
+    pieces = plan.family.layer_pieces(plan.spec)
+    per_token, fixed = sequence_nbytes(plan.spec, plan.spec.checkpoint_dtype, pieces)
+    kept = f"{_gib(per_token)} of keys and values per token of context" if per_token else "no keys or values"
+    if fixed:
+        kept += f" + {_gib(fixed)} of linear-attention state (constant in the context)"
+    return [("attention", ", ".join(f"{n} x {piece}" for piece, n in Counter(pieces).items())),
+            ("per sequence", kept)]
 
 
 def _fit_rows(plan) -> list[tuple[str, str]]:

@@ -312,5 +312,5 @@ def gguf_source(path: Path) -> Source:
     cfg = gguf_config(meta, arch, family)
     layer_names = _layer_names(arch, family)
     tensors = _hf_names(file.tensors, layer_names)
-    return Source(path, cfg, f"{path} (GGUF metadata)", replace(family, expert_storage="stacked"), tensors,
+    return Source(path, cfg, f"{path} (GGUF metadata)", replace(family, expert_storage=("stacked",)), tensors,
                   _checker(path, layer_names), expert_format(file), None, _split_kv_b(tensors, cfg), file.metadata)

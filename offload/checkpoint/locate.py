@@ -121,8 +121,9 @@ def language_config(cfg: dict) -> dict:
         family_for_config(cfg)
         return cfg
     except UnsupportedModelError:
-        qc = quantization_config(cfg)
-        return {**text, **({"quantization_config": qc} if qc else {})}
+        qc = quantization_config(cfg)  # the wrapper's architecture names the checkpoint where the text has none
+        return {**text, "architectures": text.get("architectures") or cfg.get("architectures"),
+                **({"quantization_config": qc} if qc else {})}
 
 
 def quantization_config(cfg: dict) -> dict | None:

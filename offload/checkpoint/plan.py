@@ -25,7 +25,7 @@ from offload.checkpoint.gguf import is_gguf
 from offload.checkpoint.gguf_arch import gguf_source
 from offload.checkpoint.locate import language_config, quantization_config, read_config, resolve_model_dir
 from offload.checkpoint.source import Check, Source, folder_source
-from offload.checkpoint.storage import first_tensor, storage_of, stored_nbytes
+from offload.checkpoint.storage import ExpertStorage, first_tensor, storage_of, stored_nbytes
 from offload.checkpoint.tensors import FLOAT_DTYPES, QuantizedTensor, TensorInfo, check_tensor
 from offload.errors import CheckpointError
 from offload.experts.formats.base import ExpertFormat
@@ -53,6 +53,7 @@ class CheckpointPlan:
     dense: dict[str, TensorInfo | QuantizedTensor]  # every resident tensor, by name
     experts: dict[tuple[int, int], ExpertTensors]
     expert_format: ExpertFormat
+    storage: ExpertStorage  # how the files lay the experts out (one module each, or fused per layer)
     metadata: Mapping[str, Any] = field(default_factory=dict)  # what the file embeds besides (GGUF: tokenizer, ...)
 
     @property
@@ -89,7 +90,7 @@ class CheckpointPlan:
 
     def source_layout(self, key: tuple[int, int], parts: Sequence[Part]) -> ExpertLayout:
         """Expert ``key``'s layout in the checkpoint's format from the places of its tensors in a buffer."""
-        return storage_of(self.family).source_layout(self.spec, self.expert_format.layer_format(key[0]), parts)
+        return self.storage.source_layout(self.spec, self.expert_format.layer_format(key[0]), parts)
 
     def host_layout(self, dtype: torch.dtype, device: torch.device, activations: torch.dtype) -> Callable:
         """key -> the layout the RAM tier holds that expert in (its layer's format's host layout)."""
@@ -151,29 +152,29 @@ def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
     source = read_source(resolve_model_dir(name_or_path))
     path, family, tensors = source.path, source.family, source.tensors
     spec = _read_spec(source)
-    fmt = source.expert_format or expert_format(family, spec, tensors, source.quantization_config, path)
+    storage = storage_of(family, spec, tensors)
+    fmt = source.expert_format or expert_format(family, spec, storage, tensors, source.quantization_config, path)
     dense = {name: source.derived.get(name) or _dense_tensor(tensors, name, shape, fmt, source.check)
              for name, shape in family.dense_tensors(spec).items()}
-    storage = storage_of(family)
     experts = {(layer, e): storage.tensors(family, spec, fmt, tensors, source.check, layer, e)
                for layer in (n for n, moe in enumerate(spec.moe_layers) if moe) for e in range(spec.num_experts)}
     _note_skipped_layers(tensors, spec, path)
-    plan = CheckpointPlan(path, spec, family, dict(tensors), dense, experts, fmt, source.metadata)
+    plan = CheckpointPlan(path, spec, family, dict(tensors), dense, experts, fmt, storage, source.metadata)
     _check_first_expert(plan)
     return plan
 
 
-def expert_format(family: Family, spec: ModelSpec, tensors: Mapping[str, TensorInfo], qc: dict | None,
-                  path: Path) -> ExpertFormat:
+def expert_format(family: Family, spec: ModelSpec, storage: ExpertStorage, tensors: Mapping[str, TensorInfo],
+                  qc: dict | None, path: Path) -> ExpertFormat:
     """The format the checkpoint stores its experts in: float (the first expert's weight dtype) or the
     quantization_config's (experts/formats/registry.py; anything else is refused by name)."""
-    probe = storage_of(family).probe(family, spec)
+    probe = storage.probe(family, spec)
     if probe in tensors and tensors[probe].dtype in FLOAT_DTYPES:
         return DenseFormat(tensors[probe].dtype)  # float experts (whatever else the config quantizes)
     if qc is None:
         check_tensor(tensors, probe, ())  # raises: names the missing or non-float tensor
     fmt = format_from_config(qc, str(path / "config.json"))
-    first = first_tensor(family, spec, fmt)
+    first = first_tensor(storage, family, spec, fmt)
     if first not in tensors:
         raise CheckpointError(f"tensor {first!r} is missing from the checkpoint ({fmt.name} experts)",
                               "the tensors do not match config.json's quantization_config")

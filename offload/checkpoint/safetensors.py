@@ -151,3 +151,25 @@ def index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     for path in weight_files(model_dir):
         tensors.update(read_safetensors_header(path))
     return tensors
+
+
+# Multimodal wrappers keep their text model under a prefix (Qwen3.5's and Gemma-4's ForConditionalGeneration:
+# model.language_model.*; Kimi-K2.6 and LLaVA-style ones: language_model.model.*, language_model.lm_head.*).
+_TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                        ("language_model.lm_head.", "lm_head."))
+
+
+def language_model_tensors(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The text model's tensors under the names of a text-only checkpoint (``model.layers.N...``, ``lm_head``), so
+    one family adapter reads both; each TensorInfo keeps its name in the file. Vision towers keep their names and
+    are never read."""
+    if any(name.startswith("model.layers.") for name in tensors):
+        return tensors
+    renamed = {}
+    for name, info in tensors.items():
+        for wrapped, plain in _TEXT_MODEL_PREFIXES:
+            if name.startswith(wrapped):
+                name = plain + name[len(wrapped):]
+                break
+        renamed[name] = info
+    return renamed

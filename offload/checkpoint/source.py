@@ -13,7 +13,7 @@ from typing import Any
 
 from offload.checkpoint.families import Family, family_for_config
 from offload.checkpoint.locate import language_config, quantization_config, read_config
-from offload.checkpoint.safetensors import index_tensors
+from offload.checkpoint.safetensors import index_tensors, language_model_tensors
 from offload.checkpoint.tensors import QuantizedTensor, TensorInfo, check_tensor
 from offload.experts.formats.base import ExpertFormat
 
@@ -39,5 +39,6 @@ class Source:
 def folder_source(path: Path) -> Source:
     """A Hugging Face checkpoint folder: config.json (or a multimodal wrapper's text_config) and safetensors."""
     cfg = language_config(read_config(path))
-    return Source(path, cfg, str(path / "config.json"), family_for_config(cfg), index_tensors(path),
+    tensors = language_model_tensors(index_tensors(path))
+    return Source(path, cfg, str(path / "config.json"), family_for_config(cfg), tensors,
                   quantization_config=quantization_config(cfg))

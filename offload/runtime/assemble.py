@@ -55,6 +55,20 @@ def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
     return Expert.dense(gate, up, down)
 
 
+# DecoderLayer's norms, each the group of one tensor that Family.layer_tensors names after it
+NORM_SLOTS = ("input_norm", "post_norm", "attention_out_norm", "mlp_out_norm", "dense_out_norm", "moe_norm",
+              "moe_out_norm")
+
+
+def _single(group: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return next(iter(group.values()))
+
+
+def _norm(weight: torch.Tensor, family: Family) -> torch.Tensor:
+    """An RMSNorm weight as the forward multiplies by it: zero-centred ones (Qwen3-Next's 1 + w) shifted once here."""
+    return weight + family.norm_offset if family.norm_offset else weight
+
+
 def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str], torch.Tensor]) -> DecoderLayer:
     """Layer ``layer``'s pieces from its tensors, named once in ``Family.layer_tensors``."""
     groups = {piece: {name: get(name) for name in shapes}
@@ -64,18 +78,21 @@ def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str]
     def relative(piece: str, to: str) -> dict[str, torch.Tensor]:
         return {name.removeprefix(f"{prefix}.{to}."): t for name, t in groups[piece].items()}  # names under ``to``
 
-    out = DecoderLayer(
-        input_norm=next(iter(groups["input_norm"].values())), post_norm=next(iter(groups["post_norm"].values())),
-        attention=attention_class(family.attention)(spec, relative("attention", "self_attn")))
+    attention = attention_class(family.layer_pieces(spec)[layer])
+    weights = relative("attention", attention.module)
+    weights |= {name: _norm(weights[name], family) for name in attention.norms if name in weights}
+    norms = {slot: _norm(_single(groups[slot]), family) for slot in NORM_SLOTS if slot in groups}
+    out = DecoderLayer(attention=attention(spec, weights), **norms)
+    if "layer_scale" in groups:
+        out.layer_scale = _single(groups["layer_scale"])
     if "router" in groups:
-        router = f"{family.moe_prefix}.{family.router_module}"
-        out.router = router_class(family.router)(spec, relative("router", router))
+        out.router = router_class(family.router)(spec, relative("router", family.router_path))
     if "dense_mlp" in groups:
         out.dense_mlp = _mlp(groups["dense_mlp"])
     if "shared_mlp" in groups:
         out.shared_mlp = _mlp(groups["shared_mlp"])
     if "shared_gate" in groups:
-        out.shared_gate = next(iter(groups["shared_gate"].values()))
+        out.shared_gate = _single(groups["shared_gate"])
     return out
 
 
@@ -91,5 +108,5 @@ def build_model(plan: CheckpointPlan, experts: ExpertSource, stats: Stats, dtype
     spec, family = plan.spec, plan.family
     layers = [build_layer(spec, family, i, dense.__getitem__) for i in range(spec.num_layers)]
     embed = dense["model.embed_tokens.weight"]
-    return MoEModel(spec, embed, layers, dense["model.norm.weight"], dense.get("lm_head.weight", embed), experts,
-                    stats, activation=family.activation, attention=family.attention)
+    return MoEModel(spec, embed, layers, _norm(dense["model.norm.weight"], family), dense.get("lm_head.weight", embed),
+                    experts, stats, activation=family.activation)

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from offload.errors import ConfigError
 from offload.model.attention import rms_norm
@@ -133,8 +132,8 @@ def first_layer_routes(model: MoEModel, prompts: Sequence[list[int]]) -> list[np
     layer = next(lw for lw in model.layers if lw.router is not None)
     routes = []
     for ids in prompts:
-        x = rms_norm(F.embedding(torch.tensor(ids, device=model.device), model.embed), layer.post_norm,
-                     model.spec.rms_norm_eps)
+        h = model.embed_tokens(torch.tensor(ids, device=model.device))
+        x = layer.router_input(rms_norm(h, layer.post_norm, model.spec.rms_norm_eps), h)
         routes.append(layer.router.select(x)[0].numpy(force=True))  # the router's own top-k, best first
     return routes
 
@@ -146,7 +145,7 @@ class BatchEngine:
         self.model = model
         self.config = config
         self.scheduler: Scheduler = make_scheduler(config.scheduler, config.batch_size, config.max_wait)
-        self.kv = KVPool(model.spec, rows, capacity, model.dtype, model.device, model.kv_shapes)
+        self.kv = KVPool(model.spec, rows, capacity, model.dtype, model.device, model.layer_stores)
         self.moe_index = {layer: m for m, layer in enumerate(i for i, moe in enumerate(model.spec.moe_layers) if moe)}
         self.waiting: deque[BatchRequest] = deque()
         self.ready: list[BatchRequest] = []  # in admission order

@@ -140,7 +140,7 @@ def generate(
     model.cache.check()  # nothing pinned or half-loaded is left from an earlier, interrupted call
     generator = generator or sampling.make_generator(device)
     eos = torch.tensor(sampling.eos_token_ids, device=device)
-    kv = KVCache(model.spec, batch, prompt_len + sampling.max_new_tokens, model.dtype, device, model.kv_shapes)
+    kv = KVCache(model.spec, batch, prompt_len + sampling.max_new_tokens, model.dtype, device, model.layer_stores)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(ids.cpu())

@@ -63,6 +63,9 @@ def _check_scheme(plan: CheckpointPlan, scheme: QuantScheme) -> None:
     if plan.expert_format.float_dtype is None:
         raise ConfigError(f"{plan.path} is already quantized ({plan.expert_format.name})",
                           "quantize a float checkpoint")
+    if plan.storage.fused:  # compressed-tensors quantizes Linear modules: one per expert projection
+        raise ConfigError(f"{plan.path} fuses each layer's experts into one tensor ({plan.storage.name})",
+                          "quantize a checkpoint with one module per expert (as transformers' save_pretrained writes)")
     for dim in {plan.spec.hidden_size, plan.spec.expert_intermediate_size}:
         scheme.groups(dim)  # raises when the group size does not divide an expert matrix's inputs
 

@@ -22,8 +22,11 @@ from tests.offload.model.test_forward import _min_gap, _prompts
 
 NEW_TOKENS = 8
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "deepseek_v2", "glm4_moe")
-# Qwen2-MoE in GGUF has no dense layers (llama.cpp's qwen2moe has no ffn_gate); gpt-oss's MXFP4 needs 32-wide rows
-CHANGES = {"qwen2_moe": {"mlp_only_layers": []}, "gpt_oss": {"intermediate_size": 32}}
+# Qwen2-MoE in GGUF has no dense layers (llama.cpp's qwen2moe has no ffn_gate); gpt-oss's MXFP4 needs 32-wide rows,
+# and llama.cpp stores no layer types for it: every other layer slides, from the first, as gpt-oss's release does
+CHANGES = {"qwen2_moe": {"mlp_only_layers": []},
+           "gpt_oss": {"intermediate_size": 32,
+                       "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}}
 # K-quants and IQ4_XS need rows of 256: a wider tiny model
 WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, num_hidden_layers=2, head_dim=64)
 
