@@ -128,7 +128,7 @@ def fail_on_call(target, name: str, calls: set[int], error: type[BaseException])
 def test_a_failed_disk_read_is_an_error_and_later_generations_are_right(fresh_tokens, predictor):
     with offload.from_pretrained("tiny-moe", device="cpu", expert_budget=4, predictor=predictor) as m:
         reader = m.cache.store.reader                     # the disk tier's O_DIRECT reader
-        fail_on_call(reader, "read", {3, 40}, lambda msg: OSError(5, "Input/output error"))
+        reads = fail_on_call(reader, "read", {3, 40}, lambda msg: OSError(5, "Input/output error"))
         failed = 0
         for p in FAILURE_PROMPTS * 2:
             try:
@@ -138,7 +138,10 @@ def test_a_failed_disk_read_is_an_error_and_later_generations_are_right(fresh_to
                 failed += 1
                 continue
             assert out == fresh_tokens[p]                 # every generation that returns is right
-        assert failed >= 1                                # (a pregate prefetch that fails unused is just reloaded)
+        assert reads[0] > 40
+        # with synchronous loads each injected failure is an error; a pregate prefetch that fails may instead be
+        # evicted unused (its failure then costs nothing) or demanded (an error), depending on the loader's timing
+        assert failed == 2 if predictor == "none" else failed <= 2
         assert generations(m) == fresh_tokens
         m.cache.check()
 
@@ -146,10 +149,13 @@ def test_a_failed_disk_read_is_an_error_and_later_generations_are_right(fresh_to
 @pytest.mark.parametrize("point, call", [("activation", 1), ("activation", 23), ("load", 2), ("load", 17),
                                          ("after_route", 4), ("router", 6), ("wait", 9)])
 def test_an_interrupt_at_any_point_of_a_step_leaves_later_generations_right(fresh_tokens, point, call):
-    with offload.from_pretrained("tiny-moe", device="cpu", expert_budget=4, predictor="pregate") as m:
+    # Ctrl-C lands on the main thread: in a load when loads are synchronous (no predictor), in a wait for the
+    # loader thread when they are not (pregate)
+    predictor = "none" if point == "load" else "pregate"
+    with offload.from_pretrained("tiny-moe", device="cpu", expert_budget=4, predictor=predictor) as m:
         targets = {"activation": (m.model, "activation"), "load": (m.cache.mover, "load"),
-                   "after_route": (m.model.prefetcher, "after_route"), "router": (m.model.layers[2].router, "select"),
-                   "wait": (m.cache, "wait")}
+                   "after_route": (m.model.prefetcher, "after_route"),
+                   "router": (m.model.layers[2].router, "select"), "wait": (m.cache, "wait")}
         count = fail_on_call(*targets[point], {call}, KeyboardInterrupt)
         with pytest.raises(KeyboardInterrupt):
             generations(m)
