@@ -104,6 +104,8 @@ def _check_split_count(path: Path, meta: Mapping[str, Any], found: int) -> None:
 
 
 def _read_part(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
+    if not path.is_file():  # a FIFO or a device named like a model would block or stream forever
+        raise CheckpointError(f"{path} is not a regular file", "point at the model's real .gguf file")
     try:
         reader = _HeaderReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:

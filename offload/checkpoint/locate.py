@@ -89,19 +89,27 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no config.json in {model_dir}", "a Hugging Face checkpoint folder needs config.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+    return _read_json(path)
 
 
 def read_json_if_present(path: Path) -> dict:
-    if not path.is_file():
-        return {}
+    return _read_json(path) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file, or an error naming the file and where it breaks (never echoing its bytes)."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-download the checkpoint") from None
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start})", "re-download the checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})",
+                              "re-download the checkpoint") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not valid JSON (nested too deeply)", "re-download the checkpoint") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds no JSON object", "re-download the checkpoint")
+    return value
 
 
 def language_config(cfg: dict) -> dict:

@@ -111,8 +111,25 @@ def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
     return next(t.dtype for t in tensors.values() if t.dtype in FLOAT_DTYPES)
 
 
+def check_layer_count(cfg: dict, tensors: Mapping[str, TensorInfo], config: str) -> None:
+    """config.json's num_hidden_layers against the layers the weights hold, before anything is built per layer
+    (a 24-byte edit to 10,000,000 layers would otherwise cost gigabytes before the first missing tensor is seen).
+    The weights may hold more (DeepSeek's multi-token-prediction layers), never fewer."""
+    layers = cfg.get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool):
+        return  # absent or mis-typed: the family's reader names the field
+    held = {int(m.group(1)) for name in tensors if (m := _LAYER.search(name))}
+    if layers > len(held):
+        raise CheckpointError(f"{config}: num_hidden_layers={layers} but the weights hold {len(held)} layers",
+                              "the config does not match the weights: fix or re-download config.json")
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 def _read_spec(source: Source) -> ModelSpec:
     config, family, cfg = source.config_name, source.family, source.cfg
+    check_layer_count(cfg, source.tensors, config)
     try:
         return family.spec_from_config(cfg, _checkpoint_dtype(cfg, source.tensors))
     except (KeyError, TypeError, ValueError, StopIteration) as e:

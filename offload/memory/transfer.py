@@ -199,6 +199,10 @@ class DiskExpertStore:
     def tier(self) -> str:
         return "disk"
 
+    def close(self) -> None:
+        """Close the checkpoint files (a later fetch reopens them)."""
+        self.reader.close()
+
     def fetch(self, key: Key, scratch: torch.Tensor) -> tuple[torch.Tensor, ExpertLayout]:
         """Read the expert's bytes into ``scratch`` (aligned, >= raw_nbytes); return it with the layout."""
         parts: list[Part | None] = [None] * self._count
@@ -247,6 +251,10 @@ class RamExpertStore:
             self._layouts[key].convert_from(src_layout, src, self.fetch(key, None)[0])
             if progress:
                 progress(i + 1, len(keys))
+        source.close()  # every expert is in RAM now: nothing reads the files again
+
+    def close(self) -> None:
+        """Nothing to close: the experts are in RAM."""
 
     @property
     def tier(self) -> str:
@@ -268,6 +276,8 @@ class ExpertStore(Protocol):
     #                                      None when experts differ in format (GGUF layers of different types)
 
     def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]: ...
+
+    def close(self) -> None: ...  # release open files (the cache's close() calls it)
 
 
 class Mover(ABC):

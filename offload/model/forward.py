@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,8 +36,13 @@ class ExpertSource(Protocol):
 
     def __contains__(self, key: Key) -> bool: ...  # resident now (a hit)
 
-    def step(self, layer: int, needed: list[int]) -> Iterable[tuple[int, Expert]]:
-        """One layer step: yields (expert id, Expert) for every id in ``needed``, each usable until the next."""
+    def step(self, layer: int, needed: list[int]) -> AbstractContextManager[Iterable[tuple[int, Expert]]]:
+        """One layer step: yields (expert id, Expert) for every id in ``needed``, each usable until the next;
+        leaving its ``with`` block, however, releases what it holds."""
+        ...
+
+    def check(self) -> None:
+        """Raise unless the bookkeeping is consistent and nothing is held between steps."""
         ...
 
 
@@ -153,17 +159,18 @@ class MoEModel:
             misses = [e for e in needed if (layer, e) not in self.cache]
             on_host = set(misses) - set(self._host_misses(layer, misses, experts, weights, x, buf))
             needed = [e for e in needed if e not in on_host]
-        step = self.cache.step(layer, needed)  # pins every expert that fits and queues the missing ones' loads
-        if self.prefetcher is not None:
-            self.prefetcher.after_route(layer, experts, residual)
         layer_stats = self.stats.layer(layer)
         layer_stats.steps += 1
         layer_stats.distinct_experts += distinct
-        for e, expert in step:
-            start = time.perf_counter()
-            rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
-            buf[rows, slot] = self.activation(expert, x[rows]) * weights[rows, slot, None]
-            layer_stats.compute_time_s += time.perf_counter() - start
+        # pins every expert that fits and queues the missing ones' loads; the pins go however the block ends
+        with self.cache.step(layer, needed) as step:
+            if self.prefetcher is not None:
+                self.prefetcher.after_route(layer, experts, residual)
+            for e, expert in step:
+                start = time.perf_counter()
+                rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
+                buf[rows, slot] = self.activation(expert, x[rows]) * weights[rows, slot, None]
+                layer_stats.compute_time_s += time.perf_counter() - start
 
     def _host_misses(self, layer: int, misses: list[int], experts: torch.Tensor, weights: torch.Tensor,
                      x: torch.Tensor, buf: torch.Tensor) -> list[int]:

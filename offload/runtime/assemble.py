@@ -15,6 +15,7 @@ import torch
 from offload.checkpoint.families import Family
 from offload.checkpoint.plan import CheckpointPlan
 from offload.checkpoint.tensors import QuantizedTensor, TensorInfo, read_tensor
+from offload.errors import CheckpointError
 from offload.experts.layouts import Expert
 from offload.model.attention import attention_class
 from offload.model.forward import DecoderLayer, ExpertSource, MoEModel
@@ -36,6 +37,17 @@ class TensorLoader:
             parts = {suffix: self(t) for suffix, t in info.parts.items()}
             return info.fmt.dense_weight(parts, info.name.removesuffix(".weight"), *info.shape)
         return read_tensor(info)
+
+
+def check_finite(tensor: torch.Tensor, info: TensorInfo | QuantizedTensor) -> torch.Tensor:
+    """A resident tensor holding NaN or Inf would silently turn every logit into NaN: refuse it by name at load.
+    One pass over the dense bytes (memory bandwidth, once); experts are read later, and a NaN that reaches
+    the logits from one of them is sampling's NumericError."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        where = info.path.name if isinstance(info, TensorInfo) else next(iter(info.parts.values())).path.name
+        raise CheckpointError(f"tensor {info.name!r} in {where} holds NaN or Inf values",
+                              "the file is corrupt: re-download it")
+    return tensor
 
 
 def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
@@ -90,7 +102,7 @@ def build_model(plan: CheckpointPlan, experts: ExpertSource, stats: Stats, dtype
     loader = TensorLoader()
     dense: dict[str, torch.Tensor] = {}
     for n, (name, info) in enumerate(plan.dense.items()):
-        dense[name] = loader(info).to(device=device, dtype=dtype)
+        dense[name] = check_finite(loader(info), info).to(device=device, dtype=dtype)
         if progress:
             progress("dense", n + 1, len(plan.dense))
     spec, family = plan.spec, plan.family

@@ -70,6 +70,16 @@ class OffloadModel:
         self.tokenizer = tokenizer
         self.generation_config = generation_config
 
+    def close(self) -> None:
+        """Stop the cache's loader and close the checkpoint files (``with from_pretrained(...) as m:`` does it)."""
+        self.model.cache.close()
+
+    def __enter__(self) -> OffloadModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def stats(self) -> Stats:
         return self.model.stats
@@ -185,7 +195,7 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     store = _make_store(plan, runtime, host, device, progress)
     cache = _make_cache(plan, runtime, store, slot_layout, device, stats)
     model = build_model(plan, cache, stats, compute_dtype, device, progress)
-    if runtime.predictor != "none":
+    if runtime.predictor != "none" and _can_prefetch(model, runtime):
         model.prefetcher = _make_prefetcher(model, runtime, plan.path)
     if runtime.hybrid != "off":
         model.host_compute = _make_host_compute(plan, runtime, store, compute_dtype, device, stats)
@@ -232,6 +242,20 @@ def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore
     layers = [i for i, moe in enumerate(spec.moe_layers) if moe]  # decode's layer cycle, for layer-aware policies
     return ExpertCache(store, num_slots, slot_layout, device, make_policy(runtime.policy), stats,
                        async_loads=runtime.predictor != "none", layers=layers)
+
+
+def _can_prefetch(model: MoEModel, runtime: RuntimeConfig) -> bool:
+    """Whether a prefetch could ever find a slot: one outside the experts the current layer uses (its top-k at
+    batch 1), within the prefetch budget. If not, the predictor would only cost time: say so once and run none."""
+    slots, top_k = model.cache.num_slots, model.spec.top_k
+    budget = parse_prefetch_budget(runtime.prefetch_budget, slots)
+    if slots > top_k and budget > 0:
+        return True
+    why = (f"the cache's {slots} slots are all needed by one layer's top-{top_k} experts (give --expert-budget more "
+           f"than {top_k} slots)" if slots <= top_k else
+           f"--prefetch-budget {runtime.prefetch_budget} leaves no slot to prefetch into")
+    log.warning("prefetching is off for --predictor %s: %s", runtime.predictor, why)
+    return False
 
 
 def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, folder: Path):

@@ -165,3 +165,51 @@ def test_cli_batch_errors(text_model, tmp_path, args, match):
     result = CliRunner().invoke(app, ["run", str(text_model), *args, "--device", "cpu"])
     assert result.exit_code != 0
     assert result.output.count("\n") == 1 and match in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode", "callback"])
+def test_a_request_that_fails_ends_alone_and_the_engine_goes_on(reference, monkeypatch, where):
+    # One request (prompt 2) fails at its first sampling (prefill), at a later one (decode), or in its token
+    # callback: it ends with finish reason "error" and its exception; the others get what they get alone, and
+    # a request submitted after it as well.
+    from offload.runtime import batch
+    from offload.runtime.batch import BatchEngine, BatchRequest, Completion
+    from offload.runtime.sampling import SamplingConfig
+
+    path, alone = reference
+    model = offload.from_pretrained(path, device="cpu", expert_budget=2)
+    sampling = SamplingConfig(max_new_tokens=NEW, eos_token_ids=())
+    bad = sampling if where == "callback" else SamplingConfig(max_new_tokens=NEW, eos_token_ids=(), top_k=7)
+    calls = {"n": 0}
+    real_sample = batch.sample
+
+    def sample(logits, config, generator=None):
+        if config is bad and where != "callback":
+            calls["n"] += 1
+            if calls["n"] == (1 if where == "prefill" else 3):
+                raise RuntimeError("injected")
+        return real_sample(logits, config, generator)
+
+    monkeypatch.setattr(batch, "sample", sample)
+    engine = BatchEngine(model.model, BatchConfig(batch_size=3), rows=4, capacity=32)
+    requests = [BatchRequest(list(p), bad if i == 2 else sampling, Completion(i, None, len(p)))
+                for i, p in enumerate(PROMPTS[:4])]
+    if where == "callback":
+        requests[2].on_token = lambda completion, token: 1 / 0
+    for r in requests:
+        engine.submit(r)
+    done = []
+    while engine.busy:
+        done += engine.step()
+    failed = [r for r in done if r.completion.finish_reason == "error"]
+    assert failed == [requests[2]] and isinstance(requests[2].error, (RuntimeError, ZeroDivisionError))
+    assert [r.completion.token_ids for r in requests if r is not requests[2]] == [alone[0], alone[1], alone[3]]
+    later = engine.submit(BatchRequest(list(PROMPTS[4]), sampling, Completion(9, None, len(PROMPTS[4]))))
+    while engine.busy:
+        engine.step()
+    assert later.completion.token_ids == alone[4] and sorted(engine.free_rows) == [0, 1, 2, 3]
+    model.cache.check()
+    if where != "callback":  # generate_many is an API call: the failure is raised, not returned
+        calls["n"] = 0
+        with pytest.raises(RuntimeError, match="injected"):
+            batch.generate_many(model.model, [list(PROMPTS[0])], BatchConfig(), bad)
