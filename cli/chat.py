@@ -14,9 +14,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -26,9 +25,12 @@ from offload.serve.textstream import TextStream
 from .load import load_model
 from .options import Context, ModelArg, RuntimeOptions, Seed, Temperature, TopP, with_runtime_options
 
+if TYPE_CHECKING:
+    import torch
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-COMMANDS = "/reset forgets the conversation, /stats shows the expert cache's counters, /exit or Ctrl-D leaves; " \
-           "Ctrl-C stops a reply"
+COMMANDS = "/reset forgets the conversation, /stats shows the expert cache's counters, /help lists these, /exit or " \
+           "Ctrl-D leaves; Ctrl-C stops a reply; arrow keys edit the line and recall earlier ones"
 
 
 class _Stopped(Exception):
@@ -79,6 +81,8 @@ class ChatSession:
         """Generate the assistant's answer to ``text`` (streamed to ``out``); (reply, stopped by Ctrl-C).
 
         Raises ContextError when the conversation no longer leaves room in the context for a reply."""
+        import torch
+
         from offload.errors import ContextError
         from offload.serve.chat import encode_chat
 
@@ -124,10 +128,23 @@ def stats_table(m: Any) -> Table:
     return table
 
 
+def line_editing() -> bool:
+    """Give input() line editing and this session's history (arrow keys) where the terminal allows: importing
+    readline is what does it. Nothing is written to disk: the history lives as long as the session."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        import readline  # noqa: F401 - imported for its effect on input()
+    except ImportError:  # Windows without pyreadline: plain input
+        return False
+    return True
+
+
 def converse(session: ChatSession, console: Console) -> None:
     """The read-reply loop, until end of input or /exit."""
     from offload.errors import OffloadError
 
+    line_editing()
     while True:
         try:
             line = console.input("[bold cyan]>>> [/bold cyan]")
@@ -145,6 +162,8 @@ def converse(session: ChatSession, console: Console) -> None:
             err.print("[dim]conversation forgotten[/dim]")
         elif text == "/stats":
             console.print(stats_table(session.model))
+        elif text in ("/help", "/?"):
+            err.print(COMMANDS)
         elif text.startswith("/"):
             err.print(f"unknown command {text.split()[0]}: {COMMANDS}")
         elif text:
@@ -183,7 +202,7 @@ def chat(
     m = load_model(model, runtime.config(batch_size=1, context=context))
     if m.tokenizer is None:
         raise ConfigError(f"{m.plan.path} has no tokenizer.json", "offload chat needs one to read and write text")
-    template = resolve_chat_template(m.plan.path)
+    template = resolve_chat_template(m.plan.path, m.plan.metadata)
     sampling = m.sampling_config(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature or 1.0, top_p=top_p, seed=seed)
     session = ChatSession(m, template, sampling, kv_context(m.spec, context), system)

@@ -34,13 +34,24 @@ def one_line_errors() -> Iterator[None]:
         fail(_os_error(e))
 
 
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C stopped
+
+
 class OneLineErrors(TyperGroup):
     """Every known failure ends as one line on stderr and a non-zero exit, never a traceback or a panel."""
+
+    def invoke(self, ctx):
+        """A command's run; Ctrl-C ends it with exit code 130 and a line saying so (typer would turn it into an
+        Exit(130) that, outside standalone mode, comes back as a plain return value and the exit code 0)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            fail("interrupted", code=INTERRUPTED)
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
             with one_line_errors():
-                return super().main(*args, standalone_mode=False, **kwargs)
+                code = super().main(*args, standalone_mode=False, **kwargs)
         except typer.Exit as e:
             sys.exit(e.exit_code)
         except typer.Abort:
@@ -50,3 +61,6 @@ class OneLineErrors(TyperGroup):
             if not message:  # bare `offload`: help was printed already
                 sys.exit(getattr(e, "exit_code", 2))
             fail(message, "see `offload COMMAND --help`", code=getattr(e, "exit_code", 2))
+        if isinstance(code, int) and code:  # outside standalone mode typer returns an Exit's code: pass it on
+            sys.exit(code)
+        return code

@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from offload.checkpoint.locate import bundled_models
 from offload.errors import ConfigError
 from offload.files import write_json_atomic, write_text_atomic
 
@@ -40,6 +38,20 @@ register_hw(app)  # bench-hw, plan
 register_patterns(app)  # profile
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from offload.version import __version__
+
+        print(f"offload {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False) -> None:
+    """Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache."""
+
+
 
 def _check_run_options(prompt: str | None, prompts_file: Path | None, out: Path | None,
                        stats_json: Path | None, max_new_tokens: int, temperature: float) -> None:
@@ -63,7 +75,8 @@ def _check_run_options(prompt: str | None, prompts_file: Path | None, out: Path 
 def run(
     model: ModelArg,
     runtime: RuntimeOptions,
-    prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompts-file).")] = None,
+    prompt: Annotated[str | None, typer.Argument(
+        help="Text to continue ('-': read it from stdin; or use --prompts-file).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to generate at most.")] = 64,
     temperature: Temperature = 0.0,
     top_k: Annotated[int | None, typer.Option(
@@ -91,6 +104,8 @@ def run(
     from offload.files import read_prompts
 
     _check_run_options(prompt, prompts_file, out, stats_json, max_new_tokens, temperature)
+    if prompt == "-":
+        prompt = _stdin_prompt()
     texts = read_prompts(prompts_file) if prompts_file is not None else None
     m = load_model(model, runtime.config(scheduler=scheduler, batch_size=batch_size, max_wait=max_wait,
                                          context=_run_context(texts or [prompt], max_new_tokens)))
@@ -108,6 +123,19 @@ def run(
                                        "total_experts": m.spec.total_experts, **m.stats.to_dict()})
 
 
+def _stdin_prompt() -> str:
+    """The prompt piped in (`offload run MODEL -`), without the one newline that ends a line of input."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"the prompt on stdin is not UTF-8 text (byte {e.start})", "pipe in UTF-8 text") from None
+    text = text.removesuffix("\n")
+    if not text:
+        raise ConfigError("the prompt on stdin is empty", 'e.g. echo "def f(x):" | offload run MODEL -')
+    return text
+
+
 def _run_context(prompts: list[str], max_new_tokens: int) -> int:
     """Tokens per sequence for the auto budget's KV cache: a prompt's UTF-8 bytes bound its tokens (byte-level
     and character tokenizers never give more), plus the new tokens and a few special ones."""
@@ -120,16 +148,17 @@ def _prompt_ids(m, prompt: str, chat: bool) -> list[int]:
 
     if not chat:
         return m.encode(prompt)[0].tolist()
-    text = resolve_chat_template(m.plan.path).render([{"role": "user", "content": prompt}])
+    text = resolve_chat_template(m.plan.path, m.plan.metadata).render([{"role": "user", "content": prompt}])
     return encode_chat(m.tokenizer, text)
 
 
 def _run_one(m, prompt: str, sampling, chat: bool = False) -> None:
     import torch
 
-    from offload.runtime.generate import TextStreamer
+    from offload.runtime.generate import TextStreamer, check_length
 
     ids = torch.tensor([_prompt_ids(m, prompt, chat)])
+    check_length(m.spec, ids.shape[1], sampling.max_new_tokens)  # before the prompt is echoed
     if not chat:
         sys.stdout.write(prompt)
     m.generate(ids, sampling=sampling, streamer=TextStreamer(m.tokenizer))
@@ -168,6 +197,8 @@ def info(model: ModelArg, patterns: Annotated[Path | None, typer.Option(
              "each task's routing mass, the number --prune needs.")] = None) -> None:
     """Describe a checkpoint: family, sizes, and the expert budget this machine's memory holds (what --expert-budget
     auto would take for run, serve and chat with their defaults)."""
+    import torch
+
     from offload.checkpoint.locate import resolve_model_dir
     from offload.checkpoint.plan import plan_checkpoint, plan_config
     from offload.memory.patterns import load_patterns
@@ -176,7 +207,8 @@ def info(model: ModelArg, patterns: Annotated[Path | None, typer.Option(
     from .patterns import coverage_table, prune_hint
 
     path = resolve_model_dir(model, weights=False)
-    config_only = (path / "config.json").is_file() and not any(path.glob("*.safetensors"))
+    config_only = (path / "config.json").is_file() and not any(
+        (path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json"))
     plan = plan_config(path) if config_only else plan_checkpoint(path)
     spec = plan.spec
     per_expert = plan.expert_nbytes if config_only else plan.expert_nbytes()
@@ -188,7 +220,9 @@ def info(model: ModelArg, patterns: Annotated[Path | None, typer.Option(
         ("family", f"{spec.family} ({spec.architecture})"),
         ("layers", f"{spec.num_layers} ({spec.num_moe_layers} MoE)"),
         ("experts", f"{spec.num_experts} per MoE layer, top-{spec.top_k}, {spec.total_experts} in all"),
+        *_attention_rows(plan),
         ("dtype", str(spec.checkpoint_dtype).removeprefix("torch.")), ("expert format", plan.expert_format.name),
+        *([] if config_only else [("stored as", "; ".join(f"{k} {v}" for k, v in plan.stored_types().items()))]),
         ("dense bytes", _gib(plan.dense_nbytes)), ("bytes per expert", f"{_gib(per_expert)} stored, "
                                                                       f"{_gib(slot)} in a CPU cache slot"),
         ("all experts", _gib(experts_total)), ("total", _gib(experts_total + plan.dense_nbytes)),
@@ -204,9 +238,27 @@ def info(model: ModelArg, patterns: Annotated[Path | None, typer.Option(
         Console().print(f"to keep 80% of every layer's routing mass: {prune_hint(found)}", highlight=False)
 
 
+def _attention_rows(plan) -> list[tuple[str, str]]:
+    """Each layer's attention piece, counted, and what one sequence keeps: keys and values per token of context,
+    plus the fixed-size state of linear-attention layers (which does not grow with the context)."""
+    from collections import Counter
+
+    from offload.memory.budget import sequence_nbytes
+
+    pieces = plan.family.layer_pieces(plan.spec)
+    per_token, fixed = sequence_nbytes(plan.spec, plan.spec.checkpoint_dtype, pieces)
+    kept = f"{_gib(per_token)} of keys and values per token of context" if per_token else "no keys or values"
+    if fixed:
+        kept += f" + {_gib(fixed)} of linear-attention state (constant in the context)"
+    return [("attention", ", ".join(f"{n} x {piece}" for piece, n in Counter(pieces).items())),
+            ("per sequence", kept)]
+
+
 def _fit_rows(plan) -> list[tuple[str, str]]:
     """Per memory (host RAM; each GPU), what ``--expert-budget auto`` would take with run's defaults (disk tier,
     the model's context up to 4096, batch size 8), or why not one slot fits, with the numbers."""
+    import torch
+
     from offload.hw.machine import gpu_memories, host_memory
     from offload.memory.budget import Placement, memory_plan
 
@@ -308,6 +360,8 @@ def quantize(
 @app.command()
 def models() -> None:
     """List the models bundled with the package (usable by name, offline)."""
+    from offload.checkpoint.locate import bundled_models
+
     names = bundled_models()
     if not names:
         err.print("no bundled models in this installation")

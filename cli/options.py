@@ -8,12 +8,14 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from offload.errors import ConfigError
-from offload.runtime.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    from offload.runtime.config import RuntimeConfig
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub repo id (org/name) or bundled model name.")]
 PANEL = "Runtime"  # --help lists the shared runtime options together, after each command's own
@@ -119,6 +121,8 @@ def runtime_config(device: str = "auto", dtype: str = "auto", expert_budget: str
                    predictor_file: Path | None = None, hybrid: str = "off", patterns: Path | None = None,
                    task: str | None = None, prune: str | None = None, **batching) -> RuntimeConfig:
     """The RuntimeConfig of a command's shared options (validated here, before any file is read)."""
+    from offload.runtime.config import RuntimeConfig  # torch and the registries: not for --help
+
     return RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, offload_to=offload_to, policy=policy,
                          predictor=predictor, lookahead=lookahead, prefetch_budget=prefetch_budget,
                          predictor_options=predictor_options(predictor, predictor_file), hybrid=hybrid,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -61,6 +63,37 @@ def _load_for_serving(model: str, runtime):
     return m
 
 
+def api_key_of(api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The key from --api-key / OFFLOAD_API_KEY or from a file (its first line), never both."""
+    if api_key_file is None:
+        return api_key
+    if api_key is not None:
+        raise ConfigError("give --api-key (or OFFLOAD_API_KEY) or --api-key-file, not both")
+    try:
+        lines = api_key_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--api-key-file {api_key_file} cannot be read ({getattr(e, 'strerror', None) or e})",
+                          "give a UTF-8 text file holding the key") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"--api-key-file {api_key_file} is empty", "write the key on its first line")
+    return key
+
+
+def _warn_about_exposure(host: str, api_key: str | None, key_from_argv: bool) -> None:
+    """Say once, before loading, what a reachable server without a key (or a key in `ps`) means."""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if api_key is None and not local:
+        err.print(f"Warning: serving on {host} without an API key: anyone who can reach this port can use the model "
+                  "(set OFFLOAD_API_KEY or --api-key-file)", highlight=False, soft_wrap=True)
+    if key_from_argv:
+        err.print("Note: --api-key on the command line is visible to other users of this machine (ps); prefer "
+                  "OFFLOAD_API_KEY or --api-key-file", highlight=False, soft_wrap=True)
+
+
 @with_runtime_options()
 def serve(
     model: ModelArg,
@@ -75,43 +108,46 @@ def serve(
         help="Requests that may wait for a KV row; more are refused with 503.")] = 64,
     api_key: Annotated[str | None, typer.Option(
         envvar="OFFLOAD_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set OFFLOAD_API_KEY).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="Read the API key from this file's first line (kept out of `ps`, unlike --api-key).")] = None,
+    max_request_bytes: Annotated[int, typer.Option(
+        help="Largest request body accepted; larger ones get 413 before they are read.")] = 4 * 2**20,
+    max_tokens_default: Annotated[int, typer.Option(
+        help="max_tokens of chat requests that give none (as llama-server's -n; completions keep OpenAI's 16).")
+    ] = 512,
     shutdown_timeout: Annotated[float, typer.Option(
-        help="After SIGINT / SIGTERM, seconds running requests get to finish before they are cancelled.")] = 3.0,
+        help="After SIGINT / SIGTERM, seconds running requests get to finish before they are ended.")] = 3.0,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level (info logs every request).")] = "warning",
 ) -> None:
     """Serve MODEL with OpenAI's API: /v1/completions, /v1/chat/completions (streamed or not), /v1/models,
     /health and /metrics. Concurrent requests share decode steps (continuous batching)."""
-    import uvicorn
-
     from offload.checkpoint.plan import plan_checkpoint
     from offload.memory.budget import is_auto
     from offload.serve.engine import Engine
-    from offload.serve.server import create_app
+    from offload.serve.server import ServerConfig, make_server
 
     runtime_config = runtime.config(scheduler=scheduler, batch_size=max_batch, max_wait=max_wait, context=context)
     if shutdown_timeout < 0:
         raise ConfigError(f"invalid --shutdown-timeout {shutdown_timeout}", "give seconds >= 0")
+    key = api_key_of(api_key, api_key_file)
+    _warn_about_exposure(host, key, api_key is not None and os.environ.get("OFFLOAD_API_KEY") != api_key)
+    config = ServerConfig(served_name(model), key, max_request_bytes, max_tokens_default)
     _check_port(host, port)
     plan_checkpoint(model)  # a missing or broken checkpoint is one line now, not after the server is up
-    name = served_name(model)
 
     def ready(m) -> None:
         budget = f"expert budget {'auto' if is_auto(runtime.expert_budget) else runtime.expert_budget}"
-        err.print(f"serving {name} at http://{host}:{port}/v1 ({budget}: {m.cache.num_slots} of "
+        err.print(f"serving {config.model_name} at http://{host}:{port}/v1 ({budget}: {m.cache.num_slots} of "
                   f"{m.spec.total_experts} experts; context {engine.context} tokens, batch {max_batch}, {scheduler})",
                   soft_wrap=True, highlight=False)
 
     engine = Engine(lambda: _load_for_serving(model, runtime_config), max_queue, on_ready=ready)
-    server = uvicorn.Config(create_app(engine, name, api_key), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout,
-                            access_log=log_level in ("info", "debug", "trace"))
     err.print(f"loading {model} ...", highlight=False)
-    _run(uvicorn.Server(server), engine)
+    _run(make_server(engine, config, host, port, shutdown_timeout, log_level), engine)
 
 
 def _run(server, engine) -> None:
     """Run uvicorn until a signal, or until the engine fails (then its error is this command's error line)."""
-    engine.on_fatal = lambda error: setattr(server, "should_exit", True)
     with _signals_end_quietly() as caught:
         server.run()
     if engine.error is not None:

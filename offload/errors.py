@@ -53,3 +53,11 @@ class ContextError(ConfigError):
 
 class BusyError(OffloadError):
     """A request refused for now: the model is loading, the queue is at its limit, or the server is stopping."""
+
+
+class NumericError(OffloadError):
+    """The forward produced NaN or Inf: weights holding such values, or a compute dtype whose range they overflow."""
+
+
+class OutputError(OffloadError):
+    """An output could not be written (disk full, no permission, a path that exists): nothing of the user's changed."""

@@ -2,26 +2,41 @@
 
 Every output goes to a temporary name beside its target and is renamed over it only when complete,
 so an interrupted or failed command never leaves a truncated file under the user's name and never
-destroys an existing file before its replacement is whole (rename is atomic within a directory).
+destroys an existing file before its replacement is whole (rename is atomic within a directory). The
+temporary's name is unique and created exclusively, so the only thing ever removed is what was created here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from offload.errors import ConfigError
+from offload.errors import ConfigError, OutputError
 
 PARTIAL = ".partial"
 
 
-def partial_path(path: Path) -> Path:
-    """Where ``path`` is written before it is complete: beside it, so the final rename stays on one file system."""
-    return path.with_name(path.name + PARTIAL)
+def _new_partial(path: Path, directory: bool) -> Path:
+    """Create an empty temporary beside ``path`` under a name no one else holds, ``NAME.partial-<pid>-<random>``,
+    with mkdir / O_EXCL: it is this call's own, so removing it can never remove a user's file or folder (an
+    existing ``NAME.partial``, even the source of the very command, is never touched)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(16):
+        tmp = path.with_name(f"{path.name}{PARTIAL}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            if directory:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise OutputError(f"cannot create a temporary beside {path}", "check the folder's permissions")
 
 
 @contextmanager
@@ -33,23 +48,21 @@ def atomic_output(path: str | os.PathLike, directory: bool = False) -> Iterator[
     then not exist or be an empty directory, since a rename cannot replace a non-empty one.
     """
     path = Path(path)
-    tmp = partial_path(path)
-    _remove(tmp)  # a stale temporary from an earlier interrupted run
-    if directory:
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(f"{path} exists and is not an empty directory", "give a new output directory")
-        tmp.mkdir(parents=True)
+    if directory and (path.is_symlink() or path.exists() and (not path.is_dir() or any(path.iterdir()))):
+        raise ConfigError(f"{path} exists and is not an empty directory", "give a new output directory")
+    tmp = _new_partial(path, directory)
     try:
         yield tmp
+        if directory and path.is_dir():
+            path.rmdir()  # empty (checked above): os.replace cannot replace a directory
+        os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
-    if directory and path.is_dir():
-        path.rmdir()  # empty (checked above): os.replace cannot replace a directory
-    os.replace(tmp, path)
 
 
 def _remove(path: Path) -> None:
+    """Remove a temporary this module created (never called on any other path)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -72,7 +85,7 @@ def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"prompts file {path} does not exist", "give a .txt (one prompt per line) or .jsonl file")
     prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
@@ -81,6 +94,18 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise ConfigError(f"prompts file {path} holds no prompts")
     return prompts
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file's content, or a ConfigError naming it and where it stops being text (a binary file)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start})", "give a UTF-8 text file") from None
+    if "\x00" in text:
+        raise ConfigError(f"{what} {path} is not text (it holds NUL bytes)", "give a UTF-8 text file")
+    return text
 
 
 def _jsonl_prompt(line: str, where: str) -> str:

@@ -19,6 +19,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
 }
 QK_NORMS = ("none", "head", "full")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+ROPE_KINDS = ("default", "linear", "yarn", "proportional")
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -59,11 +61,16 @@ class RopeSpec:
     attention_factor: float = 0.0   # YaRN: explicit cos/sin scale (0: derived from factor and mscales)
     truncate: bool = True           # YaRN: round the correction range to whole dims
     interleave: bool = False        # rotate (x0, x1), (x2, x3) pairs (DeepSeek) instead of the two halves
+    proportion: float = 1.0         # "proportional" (Gemma-4's global layers): the share of the head's frequencies
+    #                                 that rotate, with exponents over the whole head; the rest are 0 (no rotation)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("default", "linear", "yarn"):
+        if self.kind not in ROPE_KINDS:
             raise UnsupportedModelError(f"rope type {self.kind!r} is not supported yet",
-                                        "offload supports default, linear and yarn RoPE")
+                                        f"offload supports {', '.join(ROPE_KINDS)} RoPE")
+        if not 0 < self.proportion <= 1:
+            raise CheckpointError(f"config.json: partial_rotary_factor={self.proportion} must lie in (0, 1]",
+                                  "fix config.json")
         if self.theta <= 0 or self.factor <= 0 or self.dim < 0 or self.dim % 2:
             raise CheckpointError(f"config.json: rope_theta={self.theta}, factor={self.factor} and the rotary dim "
                                   f"{self.dim} must be positive (and the dim even)", "fix config.json")
@@ -118,6 +125,23 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # per layer: "full_attention" | "sliding_attention" | "linear_attention" (config.json's layer_types; () reads as
+    # attention everywhere); the family adapter maps each type to an attention piece
+    layer_types: tuple[str, ...] = ()
+    # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): its heads, head dims and causal conv kernel
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    # Gemma-4: embeddings scaled by sqrt(hidden); the full-attention layers' own head dim, kv heads and RoPE, and
+    # keys that double as values there (attention_k_eq_v); the final logits soft-capped (tanh) at a value
+    embed_scale: float = 1.0
+    global_head_dim: int = 0               # 0: as head_dim
+    global_num_kv_heads: int = 0           # 0: as num_kv_heads
+    global_rope: RopeSpec | None = None    # None: as rope
+    attention_k_eq_v: bool = False
+    final_logit_softcapping: float = 0.0   # 0: none
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -149,6 +173,28 @@ class ModelSpec:
             self._fail("MLA needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim > 0")
         if self.qk_norm not in QK_NORMS:
             self._fail(f"qk_norm {self.qk_norm!r} is not one of {QK_NORMS}")
+        self._check_layer_types()
+        if self.global_num_kv_heads and self.num_heads % self.global_num_kv_heads:
+            self._fail(f"num_global_key_value_heads={self.global_num_kv_heads} does not divide "
+                       f"num_attention_heads={self.num_heads}")
+        if self.embed_scale <= 0 or self.final_logit_softcapping < 0:
+            self._fail("the embedding scale must be > 0 and final_logit_softcapping >= 0")
+
+    def _check_layer_types(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            self._fail(f"layer_types has {len(self.layer_types)} entries for num_hidden_layers={self.num_layers}")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            self._fail(f"layer_types names {unknown[0]!r}, not one of {LAYER_TYPES}")
+        if "linear_attention" not in self.layer_types:
+            return
+        heads, dims = (self.linear_num_key_heads, self.linear_num_value_heads), (self.linear_key_head_dim,
+                                                                                  self.linear_value_head_dim)
+        if min(*heads, *dims) <= 0 or self.linear_conv_kernel < 1:
+            self._fail("linear attention layers need linear_num_key_heads, linear_num_value_heads, "
+                       "linear_key_head_dim, linear_value_head_dim and linear_conv_kernel_dim > 0")
+        if heads[1] % heads[0]:
+            self._fail(f"linear_num_key_heads={heads[0]} does not divide linear_num_value_heads={heads[1]}")
 
     @staticmethod
     def _fail(what: str) -> None:
@@ -157,6 +203,10 @@ class ModelSpec:
     @property
     def rope_theta(self) -> float:
         return self.rope.theta
+
+    def layer_type(self, layer: int) -> str:
+        """The layer's attention type ("full_attention" where config.json names none)."""
+        return self.layer_types[layer] if self.layer_types else "full_attention"
 
     @property
     def num_moe_layers(self) -> int:

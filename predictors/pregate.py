@@ -32,19 +32,20 @@ class PreGate(Predictor):
     @classmethod
     def from_model(cls, model: Any, shape: MoEShape, checkpoint_dir: Path, **options: Any) -> PreGate:
         """The routers of the model's MoE layers (each scoring by its own selection rule: a bias, sigmoid scores
-        with a correction bias and groups) and the norms in front of them."""
+        with a correction bias and groups) and the norms in front of them (None where the router reads the
+        residual stream and normalises it itself, as Gemma-4's)."""
         layers = [model.layers[i] for i in model.moe_layers]
-        return cls(shape, routers=[lw.router for lw in layers], norms=[lw.post_norm for lw in layers],
-                   eps=model.spec.rms_norm_eps, **options)
+        norms = [None if lw.router.reads_residual else lw.post_norm for lw in layers]
+        return cls(shape, routers=[lw.router for lw in layers], norms=norms, eps=model.spec.rms_norm_eps, **options)
 
-    def __init__(self, shape: MoEShape, routers: Sequence[Router] = (), norms: Sequence[torch.Tensor] = (),
+    def __init__(self, shape: MoEShape, routers: Sequence[Router] = (), norms: Sequence[torch.Tensor | None] = (),
                  eps: float = 1e-6) -> None:
         super().__init__(shape)
         if len(routers) != shape.num_layers or len(norms) != shape.num_layers:
             raise ConfigError("the pregate predictor needs the router and norm weights of every MoE layer",
                               "use it through the runtime (offload run --predictor pregate)")
         self.routers = list(routers)
-        self.norms = [n.float() for n in norms]
+        self.norms = [None if n is None else n.float() for n in norms]
         self.eps = eps
 
     def predict(self, ctx: RouteContext, lookahead: int) -> np.ndarray:
@@ -54,6 +55,7 @@ class PreGate(Predictor):
         first, last = ctx.layer + 1, min(ctx.layer + 1 + lookahead, self.shape.num_layers)
         if first >= last:
             return np.zeros((0, ctx.tokens, self.shape.num_experts), dtype=np.float32)
-        h = ctx.hidden.float()  # [tokens, hidden]
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # the RMSNorm before each router
-        return np.stack([self.routers[m].scores(h * self.norms[m]).numpy(force=True) for m in range(first, last)])
+        raw = ctx.hidden.float()  # [tokens, hidden]
+        h = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + self.eps)  # the RMSNorm before each router
+        return np.stack([self.routers[m].scores(raw if self.norms[m] is None else h * self.norms[m]).numpy(force=True)
+                         for m in range(first, last)])

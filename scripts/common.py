@@ -27,7 +27,7 @@ if sys.path[:1] != [str(ROOT)]:
 
 # After the path: these must come from this checkout.
 from cli.errors import one_line_errors  # noqa: E402
-from offload.files import atomic_output, partial_path, write_text_atomic  # noqa: E402
+from offload.files import atomic_output, write_text_atomic  # noqa: E402
 from offload.hw import machine as hardware  # noqa: E402
 
 err = Console(stderr=True)  # progress, hints and errors; results go to stdout
@@ -118,14 +118,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to give a writer that takes a file name (csv, matplotlib's savefig); when the
     block ends without an exception it is renamed over ``path``, otherwise removed, ``path`` left as it was.
 
-    The temporary ends in ``path``'s own suffix (``sweep.png.partial.png``), since matplotlib picks the
+    The temporary ends in ``path``'s own suffix (``sweep.png.partial-<pid>-<random>.png``), since matplotlib picks the
     image format from the file name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
-        named = partial_path(path).with_name(tmp.name + path.suffix)
-        named.unlink(missing_ok=True)  # a stale one from an interrupted run
+        named = tmp.with_name(tmp.name + path.suffix)  # beside atomic_output's own unique temporary
         try:
             yield named
             named.replace(tmp)  # atomic_output renames tmp over path once this block is left

@@ -250,18 +250,20 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     return q, scale, q.float() * full
 
 
-def write_fp8(src: Path, out: Path, block: tuple[int, int] = (16, 16)) -> dict[str, torch.Tensor]:
+def write_fp8(src: Path, out: Path, block: tuple[int, int] = (16, 16), targets=FP8_LINEAR.fullmatch,
+              fmt: str = "e4m3") -> dict[str, torch.Tensor]:
     """DeepSeek-V3's released layout: every linear projection (attention, experts, shared experts, dense MLPs)
-    as float8_e4m3fn with ``weight_scale_inv`` blocks; routers, norms, embeddings, lm_head as they were."""
+    as float8_e4m3fn with ``weight_scale_inv`` blocks; routers, norms, embeddings, lm_head as they were.
+    ``fmt``: quantization_config's spelling of the FP8 type (MiniMax-M2 writes "float8_e4m3fn")."""
     _copy_side_files(src, out)
     tensors, dequantized = {}, {}
     for name, w in load_state_dict(src).items():
-        if not FP8_LINEAR.fullmatch(name):
+        if not targets(name):
             tensors[name] = dequantized[name] = w
             continue
         q, scale, deq = fp8_quantize(w, block)
         tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
         dequantized[name] = deq
-    _write(out, tensors, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+    _write(out, tensors, {"quant_method": "fp8", "fmt": fmt, "activation_scheme": "dynamic",
                           "weight_block_size": list(block)})
     return dequantized

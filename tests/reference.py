@@ -347,3 +347,70 @@ def ref_fp8_block_dequantize(w_bytes, scale_inv, block: tuple[int, int]):
     rows = torch.arange(out)[:, None] // block[0]
     cols = torch.arange(inn)[None, :] // block[1]
     return w * scale_inv.double()[rows, cols]
+
+
+def ref_spm_tokenize(text: str, tokens: list[str], scores: list[float], byte_tokens: bool = True,
+                     space_prefix: bool = True) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm), slowly: a space in front, spaces as "▁", then merge
+    the adjacent pair whose concatenation is the best-scoring token (the leftmost among equals) until none is; a
+    piece that is not a token becomes its UTF-8 bytes as <0xXX> tokens."""
+    ids = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    text = ((" " if space_prefix else "") + text).replace(" ", "\u2581")
+    symbols = list(text)
+    while True:
+        best = None
+        for i in range(len(symbols) - 1):
+            merged = symbols[i] + symbols[i + 1]
+            if merged in ids and (best is None or scores[ids[merged]] > scores[ids[best[1]]]):
+                best = (i, merged)
+        if best is None:
+            break
+        i, merged = best
+        symbols[i:i + 2] = [merged]
+    out = []
+    for s in symbols:
+        if s in ids:
+            out.append(ids[s])
+        elif byte_tokens:
+            out.extend(ids[f"<0x{b:02X}>"] for b in s.encode())
+    return out
+
+
+# ================================================================================================
+# Gated DeltaNet oracles (checked against offload/model/deltanet.py): the rule token by token, in
+# float64, as its paper writes it (Yang, Kautz & Hatamizadeh 2024, eq. 10), and the causal conv as a sum.
+# ================================================================================================
+
+
+def ref_gated_delta_rule(q, k, v, g, beta, state):
+    """q, k [b, h, t, dk], v [b, h, t, dv], g, beta [b, h, t], state [b, h, dk, dv] -> (outputs, final state), float64.
+
+    Per token: S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = S^T q, with one loop over (row, head, token).
+    """
+    import torch
+
+    q, k, v, g, beta, s = (x.double() for x in (q, k, v, g, beta, state))
+    s = s.clone()
+    out = torch.zeros(*v.shape, dtype=torch.float64)
+    b, h, t, _ = k.shape
+    for r in range(b):
+        for head in range(h):
+            for i in range(t):
+                s[r, head] *= torch.exp(g[r, head, i])
+                predicted = s[r, head].t() @ k[r, head, i]            # [dv]: what the state recalls for k
+                s[r, head] += torch.outer(k[r, head, i], beta[r, head, i] * (v[r, head, i] - predicted))
+                out[r, head, i] = s[r, head].t() @ q[r, head, i]
+    return out, s
+
+
+def ref_causal_conv(x, weight):
+    """x [b, t, c] from zeros, weight [c, 1, kernel] -> silu(sum_j w[c, kernel-1-j] x[t-j]) [b, t, c], float64."""
+    import torch
+
+    x, w = x.double(), weight.double()[:, 0]
+    kernel = w.shape[1]
+    out = torch.zeros_like(x)
+    for i in range(x.shape[1]):
+        for j in range(min(kernel, i + 1)):
+            out[:, i] += w[:, kernel - 1 - j] * x[:, i - j]
+    return out * torch.sigmoid(out)

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of the four families, made with transformers and save_pretrained.
+"""Tiny random checkpoints of every family, made with transformers and save_pretrained.
 
 Each keeps the real config's field spellings (see ../shared/configs) and scales sizes down.
 initializer_range is large (0.2) so that logits and router scores are well separated: with the
@@ -15,6 +15,10 @@ VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
               pad_token_id=0, tie_word_embeddings=False)
+
+
+_LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+               linear_num_value_heads=4)
 
 
 def family_configs():
@@ -37,7 +41,7 @@ def family_configs():
         # with biases and a clamped SwiGLU (limit low enough to clamp at this init)
         "gpt_oss": ("GptOssConfig", dict(COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
                                          head_dim=8, sliding_window=4, swiglu_limit=1.5,
-                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+                                         layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
         # MLA with a q bottleneck, interleaved YaRN RoPE with mscale, sigmoid routing over 2 groups (1 kept) with
         # a correction bias and a scale, a dense first layer, a shared expert
         "deepseek_v3": ("DeepseekV3Config", dict(
@@ -57,6 +61,33 @@ def family_configs():
             COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
             num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, head_dim=8,
             partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True, routed_scaling_factor=1.5)),
+        # GLM-4.7-Flash: MLA with a q bottleneck, the DeepSeek-V3 router, mlp_layer_types naming the dense layer
+        "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(
+            COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            n_shared_experts=1, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8, routed_scaling_factor=1.8,
+            mlp_layer_types=["dense", "sparse", "sparse"])),
+        # Gated DeltaNet in three of four layers (2 key heads serving 4 value heads; conv kernel 4, shorter than the
+        # prompts), gated full attention with a quarter of the head rotated in the fourth, zero-centred norms, a
+        # gated shared expert
+        "qwen3_next": ("Qwen3NextConfig", dict(
+            COMMON, num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=16,
+            shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2, head_dim=16, **_LINEAR)),
+        # Qwen3.5: the same hybrid with split linear-attention projections, top-k always renormalised
+        "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(
+            COMMON, num_hidden_layers=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+            num_experts_per_tok=3, head_dim=16, **_LINEAR)),
+        # q/k norm over the whole projection, half the head rotated (rotary_dim), sigmoid routing with a
+        # correction bias held by the MoE block
+        "minimax_m2": ("MiniMaxM2Config", dict(COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                                               head_dim=8, rotary_dim=4)),
+        # Gemma-4's MoE: sliding layers (window 4 < the prompts) and a full layer with a wider head, one kv head
+        # whose keys are also its values and proportional RoPE; a dense MLP beside the experts, soft-capped logits
+        "gemma4": ("Gemma4TextConfig", dict(
+            COMMON, intermediate_size=24, enable_moe_block=True, num_experts=8, top_k_experts=2,
+            moe_intermediate_size=16, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
+            attention_k_eq_v=True, sliding_window=4, hidden_size_per_layer_input=0, final_logit_softcapping=5.0,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
     }
 
 
@@ -91,10 +122,15 @@ def add_char_tokenizer(out: Path) -> Path:
 
 
 def _randomize_zero_starts(model, seed: int) -> None:
-    """Biases, sinks and router correction biases start at zero, which would leave their code untested:
-    give every all-zero bias-like tensor seeded random values (the norms' ones stay as they are)."""
+    """Biases, sinks and router correction biases start at zero, and zero-centred norms (Qwen3-Next's 1 + w), dt_bias
+    and Gemma-4's router and layer scales at a constant, which would leave their code untested: give every such
+    tensor seeded random values (ones-initialised norms stay as they are)."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point() and ("bias" in name or "sinks" in name) and not t.any():
+            if not t.is_floating_point():
+                continue
+            if ("bias" in name or "sinks" in name or "norm" in name) and not t.any():
                 t.copy_(torch.randn(t.shape, generator=gen) * 0.2)
+            elif name.endswith(("dt_bias", "scale", "layer_scalar")) and bool((t == t.flatten()[0]).all()):
+                t.add_(torch.randn(t.shape, generator=gen) * 0.2)

@@ -1,7 +1,8 @@
-"""The validated plan of a checkpoint in Hugging Face layout: where it is (locate.py), its config read by its
-family's adapter (families.py), every tensor's place (safetensors.py), the experts' format (experts/formats/) and
-storage (storage.py), each expected tensor checked for shape and dtype: a :class:`CheckpointPlan`, made before
-any weight is loaded. A config.json alone gives a :class:`ConfigPlan` (sizes estimated), for `offload info`.
+"""The validated plan of a checkpoint: where it is (locate.py), what its reader hands over (source.py: a Hugging
+Face folder's config.json and safetensors, or a GGUF file's metadata and tensors, gguf_arch.py), its config read by
+its family's adapter (families.py), the experts' format (experts/formats/) and storage (storage.py), each expected
+tensor checked for shape and dtype: a :class:`CheckpointPlan`, made before any weight is loaded. A config.json alone
+gives a :class:`ConfigPlan` (sizes estimated), for `offload info`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from offload.checkpoint.families import Family, family_for_config
+from offload.checkpoint.gguf import is_gguf
+from offload.checkpoint.gguf_arch import gguf_source
 from offload.checkpoint.locate import language_config, quantization_config, read_config, resolve_model_dir
-from offload.checkpoint.safetensors import index_tensors
-from offload.checkpoint.storage import first_tensor, storage_of, stored_nbytes
-from offload.checkpoint.tensors import FLOAT_DTYPES, TensorInfo, check_tensor
+from offload.checkpoint.source import Check, Source, folder_source
+from offload.checkpoint.storage import ExpertStorage, first_tensor, storage_of, stored_nbytes
+from offload.checkpoint.tensors import FLOAT_DTYPES, QuantizedTensor, TensorInfo, check_tensor
 from offload.errors import CheckpointError
 from offload.experts.formats.base import ExpertFormat
 from offload.experts.formats.dense import DenseFormat
@@ -38,21 +43,6 @@ ExpertTensors = tuple[TensorInfo, ...]  # gate's, up's, down's tensors, in the e
 
 
 @dataclass(frozen=True)
-class QuantizedTensor:
-    """A resident projection stored quantized (GPTQ checkpoints quantize attention too, DeepSeek's FP8
-    quantizes every projection): dequantized to float once, at load, by its format's ``dense_weight``."""
-
-    name: str                      # the ``.weight`` it stands for
-    parts: dict[str, TensorInfo]   # by suffix (qweight, qzeros, ... / weight, weight_scale_inv)
-    fmt: ExpertFormat
-    shape: tuple[int, int]         # (out, in)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.parts.values())
-
-
-@dataclass(frozen=True)
 class CheckpointPlan:
     """A checkpoint read and validated, before any weight is loaded."""
 
@@ -63,6 +53,8 @@ class CheckpointPlan:
     dense: dict[str, TensorInfo | QuantizedTensor]  # every resident tensor, by name
     experts: dict[tuple[int, int], ExpertTensors]
     expert_format: ExpertFormat
+    storage: ExpertStorage  # how the files lay the experts out (one module each, or fused per layer)
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # what the file embeds besides (GGUF: tokenizer, ...)
 
     @property
     def dense_numel(self) -> int:
@@ -74,14 +66,42 @@ class CheckpointPlan:
         return sum(t.nbytes for t in self.dense.values())
 
     def expert_nbytes(self, dtype: torch.dtype | None = None) -> int:
-        """One expert's bytes as stored, or in ``dtype`` (a float format cast on load)."""
+        """One expert's bytes as stored (the mean, where layers store experts in different types), or in ``dtype``
+        (a float format cast on load)."""
         if dtype is not None:
             return self.spec.expert_params * dtype.itemsize
-        return sum(t.nbytes for t in next(iter(self.experts.values())))
+        return round(sum(t.nbytes for infos in self.experts.values() for t in infos) / len(self.experts))
 
-    def source_layout(self, parts: Sequence[Part]) -> ExpertLayout:
-        """An expert's layout in the checkpoint's format from the places of its tensors in a buffer."""
-        return storage_of(self.family).source_layout(self.spec, self.expert_format, parts)
+    def stored_types(self) -> dict[str, str]:
+        """How each group of resident tensors is stored ("attention": "Q8_0", "norms": "F32", ...): a GGUF file's
+        ggml types, a safetensors checkpoint's dtypes (a group of several lists each with its count)."""
+        groups: dict[str, Counter] = {}
+        shapes = {**{n: "embeddings" for n in ("model.embed_tokens.weight",)}, "lm_head.weight": "output",
+                  "model.norm.weight": "norms"}
+        for layer in range(self.spec.num_layers):
+            for piece, names in self.family.layer_tensors(self.spec, layer).items():
+                shapes |= dict.fromkeys(names, "norms" if piece.endswith("norm") else piece.replace("_", " "))
+        for name, info in self.dense.items():
+            parts = info.parts.values() if isinstance(info, QuantizedTensor) else (info,)
+            for part in parts:
+                groups.setdefault(shapes.get(name, "other"), Counter())[_stored_type(part)] += 1
+        return {group: ", ".join(kind if len(c) == 1 else f"{kind} x{n}" for kind, n in c.most_common())
+                for group, c in groups.items()}
+
+    def source_layout(self, key: tuple[int, int], parts: Sequence[Part]) -> ExpertLayout:
+        """Expert ``key``'s layout in the checkpoint's format from the places of its tensors in a buffer."""
+        return self.storage.source_layout(self.spec, self.expert_format.layer_format(key[0]), parts)
+
+    def host_layout(self, dtype: torch.dtype, device: torch.device, activations: torch.dtype) -> Callable:
+        """key -> the layout the RAM tier holds that expert in (its layer's format's host layout)."""
+        fmt, spec = self.expert_format, self.spec
+        layouts = {layer: fmt.layer_format(layer).host_layout(spec, dtype, device, activations)
+                   for layer in {key[0] for key in self.experts}}
+        return lambda key: layouts[key[0]]
+
+
+def _stored_type(info: TensorInfo) -> str:
+    return info.encoding or str(info.dtype).removeprefix("torch.")
 
 
 def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
@@ -91,10 +111,27 @@ def _checkpoint_dtype(cfg: dict, tensors: dict[str, TensorInfo]) -> torch.dtype:
     return next(t.dtype for t in tensors.values() if t.dtype in FLOAT_DTYPES)
 
 
-def _read_spec(path: Path, family: Family, cfg: dict, tensors: dict[str, TensorInfo]) -> ModelSpec:
-    config = path / "config.json"
+def check_layer_count(cfg: dict, tensors: Mapping[str, TensorInfo], config: str) -> None:
+    """config.json's num_hidden_layers against the layers the weights hold, before anything is built per layer
+    (a 24-byte edit to 10,000,000 layers would otherwise cost gigabytes before the first missing tensor is seen).
+    The weights may hold more (DeepSeek's multi-token-prediction layers), never fewer."""
+    layers = cfg.get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool):
+        return  # absent or mis-typed: the family's reader names the field
+    held = {int(m.group(1)) for name in tensors if (m := _LAYER.search(name))}
+    if layers > len(held):
+        raise CheckpointError(f"{config}: num_hidden_layers={layers} but the weights hold {len(held)} layers",
+                              "the config does not match the weights: fix or re-download config.json")
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _read_spec(source: Source) -> ModelSpec:
+    config, family, cfg = source.config_name, source.family, source.cfg
+    check_layer_count(cfg, source.tensors, config)
     try:
-        return family.spec_from_config(cfg, _checkpoint_dtype(cfg, tensors))
+        return family.spec_from_config(cfg, _checkpoint_dtype(cfg, source.tensors))
     except (KeyError, TypeError, ValueError, StopIteration) as e:
         raise CheckpointError(f"{config} lacks or mis-types a field ({e})",
                               "fix or re-download config.json") from None
@@ -102,35 +139,42 @@ def _read_spec(path: Path, family: Family, cfg: dict, tensors: dict[str, TensorI
         raise CheckpointError(e.message.replace("config.json", str(config), 1), e.hint) from None
 
 
+# How each kind of checkpoint path is read: a .gguf file (or the first part of a split set), else a folder.
+READERS: dict[str, Callable[[Path], Source]] = {"gguf": gguf_source, "folder": folder_source}
+
+
+def read_source(path: Path) -> Source:
+    return READERS["gguf" if is_gguf(path) else "folder"](path)
+
+
 def plan_checkpoint(name_or_path: str | os.PathLike) -> CheckpointPlan:
     """Resolve, read and validate a checkpoint: every header, every expected tensor's shape, experts included."""
-    path = resolve_model_dir(name_or_path)
-    cfg = language_config(read_config(path))
-    family = family_for_config(cfg)
-    tensors = index_tensors(path)
-    spec = _read_spec(path, family, cfg, tensors)
-    fmt = expert_format(family, spec, tensors, quantization_config(cfg), path)
-    dense = {name: _dense_tensor(tensors, name, shape, fmt) for name, shape in family.dense_tensors(spec).items()}
-    storage = storage_of(family)
-    experts = {(layer, e): storage.tensors(family, spec, fmt, tensors, check_tensor, layer, e)
+    source = read_source(resolve_model_dir(name_or_path))
+    path, family, tensors = source.path, source.family, source.tensors
+    spec = _read_spec(source)
+    storage = storage_of(family, spec, tensors)
+    fmt = source.expert_format or expert_format(family, spec, storage, tensors, source.quantization_config, path)
+    dense = {name: source.derived.get(name) or _dense_tensor(tensors, name, shape, fmt, source.check)
+             for name, shape in family.dense_tensors(spec).items()}
+    experts = {(layer, e): storage.tensors(family, spec, fmt, tensors, source.check, layer, e)
                for layer in (n for n, moe in enumerate(spec.moe_layers) if moe) for e in range(spec.num_experts)}
     _note_skipped_layers(tensors, spec, path)
-    plan = CheckpointPlan(path, spec, family, tensors, dense, experts, fmt)
+    plan = CheckpointPlan(path, spec, family, dict(tensors), dense, experts, fmt, storage, source.metadata)
     _check_first_expert(plan)
     return plan
 
 
-def expert_format(family: Family, spec: ModelSpec, tensors: dict[str, TensorInfo], qc: dict | None,
-                  path: Path) -> ExpertFormat:
+def expert_format(family: Family, spec: ModelSpec, storage: ExpertStorage, tensors: Mapping[str, TensorInfo],
+                  qc: dict | None, path: Path) -> ExpertFormat:
     """The format the checkpoint stores its experts in: float (the first expert's weight dtype) or the
     quantization_config's (experts/formats/registry.py; anything else is refused by name)."""
-    probe = storage_of(family).probe(family, spec)
+    probe = storage.probe(family, spec)
     if probe in tensors and tensors[probe].dtype in FLOAT_DTYPES:
         return DenseFormat(tensors[probe].dtype)  # float experts (whatever else the config quantizes)
     if qc is None:
         check_tensor(tensors, probe, ())  # raises: names the missing or non-float tensor
     fmt = format_from_config(qc, str(path / "config.json"))
-    first = first_tensor(family, spec, fmt)
+    first = first_tensor(storage, family, spec, fmt)
     if first not in tensors:
         raise CheckpointError(f"tensor {first!r} is missing from the checkpoint ({fmt.name} experts)",
                               "the tensors do not match config.json's quantization_config")
@@ -146,13 +190,13 @@ def _note_skipped_layers(tensors: dict[str, TensorInfo], spec: ModelSpec, path: 
                  ", ".join(map(str, sorted(extra))))
 
 
-def _dense_tensor(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...],
-                  fmt: ExpertFormat) -> TensorInfo | QuantizedTensor:
+def _dense_tensor(tensors: Mapping[str, TensorInfo], name: str, shape: tuple[int, ...],
+                  fmt: ExpertFormat, check: Check = check_tensor) -> TensorInfo | QuantizedTensor:
     """A resident tensor, or, where the format stores this projection quantized, its parts."""
     stored = fmt.dense_parts(tensors, name, shape)
     if stored is None:
-        return check_tensor(tensors, name, shape)
-    parts = {suffix: check_tensor(tensors, part, part_shape, dtypes) for suffix, (part, part_shape, dtypes)
+        return check(tensors, name, shape)
+    parts = {suffix: check(tensors, part, part_shape, dtypes) for suffix, (part, part_shape, dtypes)
              in stored.items()}
     return QuantizedTensor(name, parts, fmt, shape)  # type: ignore[arg-type]
 

@@ -1,4 +1,4 @@
-"""How an expert's projections combine: the activation registry (SwiGLU, gpt-oss's clamped SwiGLU).
+"""How an expert's projections combine: the activation registry (SwiGLU, gpt-oss's clamped SwiGLU, Gemma's GeGLU).
 
 The family adapter names one; the MoE block and the shared and dense MLPs call it on an Expert.
 """
@@ -34,7 +34,13 @@ def clamped_swiglu(expert: Expert, x: torch.Tensor, limit: float, alpha: float) 
     return expert.down_proj((up + 1) * (gate * torch.sigmoid(gate * alpha)))
 
 
-ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {"swiglu": swiglu, "clamped-swiglu": clamped_swiglu}
+def geglu_tanh(expert: Expert, x: torch.Tensor) -> torch.Tensor:
+    """GeGLU, GELU in its tanh approximation (Shazeer 2020; gelu_pytorch_tanh): down(gelu(gate x) * up x)."""
+    return expert.down_proj(F.gelu(expert.gate_proj(x), approximate="tanh") * expert.up_proj(x))
+
+
+ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {"swiglu": swiglu, "clamped-swiglu": clamped_swiglu,
+                                                       "geglu-tanh": geglu_tanh}
 
 
 def make_activation(name: str, spec: ModelSpec | None = None) -> Activation:

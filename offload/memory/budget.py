@@ -9,7 +9,8 @@ for host RAM on the CPU), and from it are taken, in this order:
 
 - the dense weights (attention, norms, embeddings, routers) in the compute dtype;
 - the KV cache: 2 (keys, values) x layers x kv heads x head dim x ``context`` tokens x the sequences the run
-  keeps (the batching pool: 2 x batch size, as BatchConfig.pool), in the compute dtype;
+  keeps (the batching pool: 2 x batch size, as BatchConfig.pool), in the compute dtype; linear-attention layers
+  keep no keys or values but a fixed-size state per sequence, counted once per sequence whatever the context;
 - on the CPU with the RAM tier, the tier itself (every expert in its host layout); on CUDA the tier lives in
   host RAM instead, which must hold it (else nothing fits);
 - a headroom of 10% of the free memory, at least 512 MiB, for what nobody sizes in advance: a forward's
@@ -23,6 +24,7 @@ error (and ``offload info``) says so with the numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +57,21 @@ def kv_context(spec: ModelSpec, context: int = 0) -> int:
     return context or min(spec.max_position_embeddings, DEFAULT_CONTEXT_CAP)
 
 
-def kv_nbytes(spec: ModelSpec, dtype: torch.dtype, context: int, sequences: int, attention: str = "gqa") -> int:
-    """Bytes of keys and values for ``sequences`` rows of ``context`` tokens (KVCache / KVPool's storage)."""
-    (kh, kd), (vh, vd) = attention_class(attention).cache_shapes(spec)  # MLA stores a latent, not heads
-    return spec.num_layers * (kh * kd + vh * vd) * context * sequences * dtype.itemsize
+def sequence_nbytes(spec: ModelSpec, dtype: torch.dtype, pieces: Sequence[str] | None = None) -> tuple[int, int]:
+    """What one sequence keeps over all layers (KVCache / KVPool's storage): (bytes per token of context, fixed bytes).
+
+    Keys and values per token in the layers that keep them (MLA a latent, not heads); a fixed-size state in those
+    that keep one (Gated DeltaNet's conv inputs and float32 recurrent state), constant in the context. ``pieces``:
+    each layer's attention piece (Family.layer_pieces; default GQA everywhere)."""
+    stores = [attention_class(p).store(spec) for p in (pieces or ["gqa"] * spec.num_layers)]
+    return sum(s.token_nbytes(dtype) for s in stores), sum(s.state_nbytes(dtype) for s in stores)
+
+
+def kv_nbytes(spec: ModelSpec, dtype: torch.dtype, context: int, sequences: int,
+              pieces: Sequence[str] | None = None) -> int:
+    """Bytes of what ``sequences`` rows of ``context`` tokens keep (sequence_nbytes, times the rows)."""
+    per_token, fixed = sequence_nbytes(spec, dtype, pieces)
+    return (per_token * context + fixed) * sequences
 
 
 def gib(n: float) -> str:
@@ -98,12 +111,19 @@ class Footprint:
     total_experts: int
 
 
+def ram_tier_nbytes(plan: Plan, placement: Placement) -> int:
+    """Every expert in its host layout (a GGUF file's layers may differ in type): what RamExpertStore allocates."""
+    spec, fmt, p = plan.spec, plan.expert_format, placement
+    if not isinstance(plan, CheckpointPlan):  # config.json alone: one format for every layer
+        return spec.total_experts * fmt.host_layout(spec, p.dtype, p.device, p.activations).nbytes
+    return transfer.ram_tier_nbytes(plan.experts, plan.host_layout(p.dtype, p.device, p.activations))
+
+
 def footprint(plan: Plan, placement: Placement) -> Footprint:
     spec, fmt, p = plan.spec, plan.expert_format, placement
     layout = fmt.slot_layout(spec, p.dtype, p.device, p.activations)
-    host = fmt.host_layout(spec, p.dtype, p.device, p.activations)
-    kv = kv_nbytes(spec, p.dtype, kv_context(spec, p.context), p.sequences, plan.family.attention)
-    ram_tier = spec.total_experts * host.nbytes if p.tier == "ram" else 0
+    kv = kv_nbytes(spec, p.dtype, kv_context(spec, p.context), p.sequences, plan.family.layer_pieces(spec))
+    ram_tier = ram_tier_nbytes(plan, p) if p.tier == "ram" else 0
     return Footprint(plan.dense_numel * p.dtype.itemsize, kv, slot_nbytes(plan, p.tier, layout, p.device), ram_tier,
                      spec.total_experts)
 

@@ -10,13 +10,19 @@ are there. All bookkeeping (residency, policy, counts) happens on the caller's t
 thread only moves bytes, one expert at a time, so one disk is read sequentially and the staging
 buffers have one user. Victims are chosen as if loads were instant, so every count is
 independent of timing; evicting an expert whose load is still in flight first waits for it.
+
+A load that fails (a disk error, an interrupt) leaves nothing behind: the expert is forgotten, its slot
+is free again, and the error reaches the caller that demanded it, so a later step reloads it instead of
+reading a half-filled slot. ``check`` states the invariants; generate() checks them between calls.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -25,6 +31,12 @@ from offload.experts.layouts import Expert, ExpertLayout, Key
 from offload.memory.policies import EvictionPolicy
 from offload.memory.transfer import ExpertStore, make_mover
 from offload.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+class CacheStateError(RuntimeError):
+    """The cache's bookkeeping broke an invariant (a bug, never a user's fault): refuse rather than compute wrong."""
 
 
 class ExpertCache:
@@ -58,6 +70,7 @@ class ExpertCache:
         self._inflight: dict[Hashable, Future] = {}  # key -> its load, until a wait() sees it done
         self._prefetched: set[Hashable] = set()       # resident (or loading) by prefetch, not yet demanded
         self._warmed: set[Hashable] = set()           # resident (or loading) by warm start, not yet demanded
+        self._dropped: set[Hashable] = set()          # pinned when their load failed: forgotten, release() pending
         self.evict_wait_s = 0.0                       # time spent waiting for a victim's load to land
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="offload-loader") if async_loads else None
 
@@ -70,6 +83,10 @@ class ExpertCache:
     def resident_nbytes(self) -> int:
         """Bytes of device memory the slots occupy: fixed by the budget, never exceeded."""
         return self.mover.slots.numel()
+
+    @property
+    def pinned(self) -> set[Hashable]:
+        return set(self._pins)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._slot_of
@@ -123,16 +140,25 @@ class ExpertCache:
         self._pins[key] = self._pins.get(key, 0) + 1
 
     def wait(self, key: Key) -> Expert:
-        """A reserved expert, once its bytes are in the slot (a stall if they are not yet)."""
-        load = self._inflight.pop(key, None)
+        """A reserved expert, once its bytes are in the slot (a stall if they are not yet).
+
+        A failed load is re-raised here, on the caller's thread, after the expert is forgotten (its pin
+        becomes a no-op release). The future leaves ``_inflight`` only once done, so an interrupt while
+        waiting leaves the load tracked."""
+        load = self._inflight.get(key)
         if load is not None:
             if not load.done():
                 start = time.perf_counter()
                 layer_stats = self.stats.layer(key[0])
                 layer_stats.stalls += 1
-                load.result()
+                futures.wait([load])
                 layer_stats.stall_time_s += time.perf_counter() - start
-            load.result()  # re-raises a failed load here, on the caller's thread
+            del self._inflight[key]
+            if load.exception() is not None:
+                del self._pins[key]  # its holder's release() becomes a no-op
+                self._dropped.add(key)
+                self._free.append(self._forget(key))
+                raise load.exception()
         slot = self._slot_of[key]
         self.mover.ready(slot)
         return self._experts[slot]
@@ -191,13 +217,20 @@ class ExpertCache:
     def _insert(self, key: Key, slot: int, layer_stats) -> None:
         self._slot_of[key] = slot
         self.policy.on_insert(key)
-        if self._loader is None:
-            self._load(key, slot, layer_stats)
-        else:
+        if self._loader is not None:
             self._inflight[key] = self._loader.submit(self._load, key, slot, layer_stats)
+            return
+        try:
+            self._load(key, slot, layer_stats)
+        except BaseException:  # a failed or interrupted load: the slot holds nothing usable
+            self._free.append(self._forget(key))
+            raise
 
     def release(self, key: Hashable) -> None:
         """The layer is done with ``key``: it may be evicted again."""
+        if key in self._dropped:  # its load failed: wait() forgot it and raised
+            self._dropped.discard(key)
+            return
         count = self._pins[key] - 1
         if count:
             self._pins[key] = count
@@ -212,15 +245,40 @@ class ExpertCache:
             self._free.append(self._evict(key))
 
     def drain(self) -> None:
-        """Wait for every queued load (e.g. before timing stops, or before the cache goes away)."""
-        for load in list(self._inflight.values()):
-            load.result()
+        """Wait for every queued load (e.g. before timing stops, or before the cache goes away); a failed one
+        that nobody is using is forgotten (its demand will load it again, and raise if it fails again)."""
+        futures.wait(list(self._inflight.values()))
+        for key, load in list(self._inflight.items()):
+            if load.exception() is not None and key not in self._pins:
+                log.warning("loading expert %s failed (%s); it will be loaded again when needed", key,
+                            load.exception())
+                self._free.append(self._forget(key))
 
     def close(self) -> None:
-        """Stop the loader thread (after its queued loads)."""
+        """Stop the loader thread (after its queued loads) and close the store's files."""
         if self._loader is not None:
             self._loader.shutdown(wait=True)
             self._loader = None
+        self.store.close()
+
+    def check(self, idle: bool = True) -> None:
+        """Raise CacheStateError unless the bookkeeping is consistent: every slot is free or holds exactly one
+        expert, pins, loads and prefetches name resident experts, and (``idle``: between steps) nothing is pinned."""
+        used = list(self._slot_of.values())
+        problems = []
+        if len(set(used)) != len(used) or set(used) & set(self._free) or \
+                sorted(used + self._free) != list(range(self.num_slots)):
+            problems.append(f"slots are not partitioned (resident {sorted(used)}, free {sorted(self._free)})")
+        for name, keys in (("pinned", self._pins), ("loading", self._inflight), ("prefetched", self._prefetched),
+                           ("warm-started", self._warmed)):
+            if not set(keys) <= set(self._slot_of):
+                problems.append(f"{name} experts {sorted(set(keys) - set(self._slot_of))} are not resident")
+        if any(self._slot_of[k] not in self._experts for k in self._slot_of if k not in self._inflight):
+            problems.append("a resident expert has no bound expert")
+        if idle and (self._pins or self._dropped):
+            problems.append(f"experts {sorted(self._pins) + sorted(self._dropped)} are still pinned between steps")
+        if problems:
+            raise CacheStateError("expert cache: " + "; ".join(problems))
 
     # -- internals -------------------------------------------------------------------------
     def _take_slot(self, protect: set[Hashable] = frozenset(), incoming: Hashable | None = None) -> int:
@@ -234,17 +292,23 @@ class ExpertCache:
         return self._evict(victim)
 
     def _evict(self, key: Hashable) -> int:
-        load = self._inflight.pop(key, None)
+        load = self._inflight.get(key)
         if load is not None and not load.done() and not load.cancel():
             # Victims are chosen as if every load were instant, so counts never depend on timing;
             # a victim still queued (a prefetch nobody used) is cancelled, one already loading is
-            # waited for before its slot is reused.
+            # waited for before its slot is reused (whether it succeeded does not matter: it goes).
             start = time.perf_counter()
-            load.result()
+            futures.wait([load])
             waited = time.perf_counter() - start
             self.stats.layer(key[0]).stall_time_s += waited
             self.evict_wait_s += waited
+        return self._forget(key)
+
+    def _forget(self, key: Hashable) -> int:
+        """Drop ``key`` from residency (evicted, or its load failed); returns its slot, now unused."""
+        self._inflight.pop(key, None)
         slot = self._slot_of.pop(key)
+        self._experts.pop(slot, None)
         self.policy.on_evict(key)
         if key in self._prefetched:
             self._prefetched.discard(key)
@@ -268,6 +332,10 @@ class LayerStep:
     the cache can give without evicting one in use is reserved up front; when the step needs more
     experts than there are slots, each one handed back frees a slot for the next. Iterating yields
     ``(expert, Expert)``; the previous expert is released when the next is asked for.
+
+    Use it in a ``with`` block (the forward does): however the step ends (an exception, a failed load, a
+    KeyboardInterrupt in the compute) every pin it holds is released. A step that cannot place an expert
+    it needs raises instead of skipping it.
     """
 
     def __init__(self, cache: ExpertCache, layer: int, needed: Iterable[int]) -> None:
@@ -275,17 +343,38 @@ class LayerStep:
         needed = list(needed)
         self.cache, self.layer = cache, layer
         self._order = deque([e for e in needed if (layer, e) in cache] + [e for e in needed if (layer, e) not in cache])
-        self._held: deque[int] = deque()
-        self._reserve()
+        self._held: deque[int] = deque()  # reserved (pinned) and not yet released, in hand-out order
+        try:
+            self._reserve()
+        except BaseException:
+            self.close()
+            raise
 
     def _reserve(self) -> None:
         while self._order and self.cache.can_acquire((self.layer, self._order[0])):
+            self.cache.reserve((self.layer, self._order[0]))
             self._held.append(self._order.popleft())
-            self.cache.reserve((self.layer, self._held[-1]))
+
+    def __enter__(self) -> LayerStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every pin this step still holds (nothing when it ran to the end)."""
+        while self._held:
+            self.cache.release((self.layer, self._held.popleft()))
 
     def __iter__(self) -> Iterator[tuple[int, Expert]]:
-        while self._held:
-            e = self._held.popleft()
-            yield e, self.cache.wait((self.layer, e))
-            self.cache.release((self.layer, e))
-            self._reserve()
+        try:
+            while self._held:
+                e = self._held[0]
+                yield e, self.cache.wait((self.layer, e))
+                self.cache.release((self.layer, self._held.popleft()))
+                self._reserve()
+            if self._order:
+                raise CacheStateError(f"layer {self.layer}: no free slot for expert {self._order[0]}: every slot "
+                                      f"is pinned by an expert outside this step ({sorted(self.cache.pinned)})")
+        finally:
+            self.close()

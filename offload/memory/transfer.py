@@ -164,8 +164,10 @@ def _runs(tensors: Sequence[TensorInfo]) -> list[_Run]:
     return [_Run(r[0][1].path, r[0][1].start, r[-1][1].end, tuple(r)) for r in runs]
 
 
-# parts of an expert's tensors (in the checkpoint format's order) -> its layout
-LayoutOf = Callable[[Sequence[Part]], ExpertLayout]
+# an expert and the parts of its tensors (in the checkpoint format's order) -> its layout (a GGUF file's types, and
+# so its layouts, may differ per layer)
+LayoutOf = Callable[[Key, Sequence[Part]], ExpertLayout]
+HostLayoutOf = Callable[[Key], ExpertLayout]  # an expert -> its layout in the RAM tier
 
 
 class DiskExpertStore:
@@ -185,14 +187,21 @@ class DiskExpertStore:
             sum(align_up(r.end) - align_down(r.start) for r in runs) for runs in self._runs.values()
         )
         self.files = sorted({r.path for runs in self._runs.values() for r in runs})
-        first = next(iter(experts.values()))
-        # The checkpoint's format (offsets vary per expert): tells a mover whether a read can land in a slot as is.
-        self.native_format = layout_of([Part(0, t.dtype, t.shape) for t in first])
-        self._count = len(first)
+        self._count = len(next(iter(experts.values())))
+        # The checkpoint's format (offsets vary per expert), if every expert has the same one: tells a mover whether a
+        # read can land in a slot as is. None when layers differ (a GGUF K-quant mix): then every read is converted.
+        formats = {key[0]: layout_of(key, [Part(0, t.stored_dtype, t.stored_shape) for t in tensors])
+                   for key, tensors in experts.items()}
+        first = next(iter(formats.values()))
+        self.native_format = first if all(f.same_format(first) for f in formats.values()) else None
 
     @property
     def tier(self) -> str:
         return "disk"
+
+    def close(self) -> None:
+        """Close the checkpoint files (a later fetch reopens them)."""
+        self.reader.close()
 
     def fetch(self, key: Key, scratch: torch.Tensor) -> tuple[torch.Tensor, ExpertLayout]:
         """Read the expert's bytes into ``scratch`` (aligned, >= raw_nbytes); return it with the layout."""
@@ -202,39 +211,58 @@ class DiskExpertStore:
             span = align_up(run.end) - align_down(run.start)
             skip = self.reader.read(run.path, run.start, run.end, scratch[cursor : cursor + span])
             for idx, info in run.tensors:
-                parts[idx] = Part(cursor + skip + info.start - run.start, info.dtype, info.shape)
+                parts[idx] = Part(cursor + skip + info.start - run.start, info.stored_dtype, info.stored_shape)
             cursor += span
-        return scratch, self.layout_of(parts)  # type: ignore[arg-type]
+        return scratch, self.layout_of(key, parts)  # type: ignore[arg-type]
+
+
+def ram_tier_nbytes(keys: Iterable[Key], layout_of: HostLayoutOf) -> int:
+    """Bytes of the RAM tier holding ``keys`` in their host layouts (each expert's bytes start 64-aligned)."""
+    return sum(_aligned64(layout_of(key).nbytes) for key in keys)
+
+
+def _aligned64(n: int) -> int:
+    return -(-n // 64) * 64
 
 
 class RamExpertStore:
-    """Every expert held in host RAM in the cache slots' layout (pinned for fast CUDA copies).
+    """Every expert held in host RAM in its host layout (pinned for fast CUDA copies).
 
-    Filled once from a source store (the checkpoint on disk): each expert is read and converted
-    into ``layout`` (cast to the compute dtype, or repacked for a quantized kernel), so a miss is
-    one memcpy and the hot path never converts.
+    Filled once from a source store (the checkpoint on disk): each expert is read and converted into ``layout_of``
+    its key (cast to the compute dtype, repacked for a quantized kernel, or a GGUF layer's own blocks), back to back
+    in one buffer, so a miss is one memcpy or the slot's conversion and never a read.
     """
 
     raw_nbytes = 0  # never needs a scratch buffer
 
-    def __init__(self, source: DiskExpertStore, keys: Sequence[Key], layout: ExpertLayout, pin: bool,
+    def __init__(self, source: DiskExpertStore, keys: Sequence[Key], layout_of: HostLayoutOf, pin: bool,
                  progress: Progress | None = None) -> None:
-        self.layout = self.native_format = layout
-        self._row = {key: i for i, key in enumerate(sorted(keys))}
-        self._packed = torch.empty((len(keys), layout.nbytes), dtype=torch.uint8, pin_memory=pin)
+        order = sorted(keys)
+        self._layouts = {key: layout_of(key) for key in order}
+        first = self._layouts[order[0]]
+        self.native_format = first if all(x.same_format(first) for x in self._layouts.values()) else None
+        self._start, offset = {}, 0
+        for key in order:
+            self._start[key], offset = offset, offset + _aligned64(self._layouts[key].nbytes)
+        self._packed = torch.empty(offset, dtype=torch.uint8, pin_memory=pin)
         scratch = aligned_empty(source.raw_nbytes)
-        for i, key in enumerate(sorted(keys)):
+        for i, key in enumerate(order):
             src, src_layout = source.fetch(key, scratch)
-            layout.convert_from(src_layout, src, self._packed[i])
+            self._layouts[key].convert_from(src_layout, src, self.fetch(key, None)[0])
             if progress:
                 progress(i + 1, len(keys))
+        source.close()  # every expert is in RAM now: nothing reads the files again
+
+    def close(self) -> None:
+        """Nothing to close: the experts are in RAM."""
 
     @property
     def tier(self) -> str:
         return "ram"
 
     def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]:
-        return self._packed[self._row[key]], self.layout
+        layout, start = self._layouts[key], self._start[key]
+        return self._packed[start : start + layout.nbytes], layout
 
 
 # -- movers: the slot memory of the cache and how bytes get into it --------------------------------------
@@ -243,10 +271,13 @@ class RamExpertStore:
 class ExpertStore(Protocol):
     """A slow tier: produces an expert's bytes in a host buffer (reading into ``scratch`` if it must)."""
 
-    raw_nbytes: int               # scratch bytes fetch() needs (0: it hands over its own buffer)
-    native_format: ExpertLayout   # the format of the bytes it hands over (offsets may differ per expert)
+    raw_nbytes: int                      # scratch bytes fetch() needs (0: it hands over its own buffer)
+    native_format: ExpertLayout | None   # the format of the bytes it hands over (offsets may differ per expert);
+    #                                      None when experts differ in format (GGUF layers of different types)
 
     def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]: ...
+
+    def close(self) -> None: ...  # release open files (the cache's close() calls it)
 
 
 class Mover(ABC):
@@ -362,7 +393,8 @@ MOVERS: dict[str, type[Mover]] = {"cpu": CpuMover, "cuda": CudaMover}
 
 def reads_into_slot(store: ExpertStore, slot_layout: ExpertLayout, device: torch.device) -> bool:
     """Whether a fetch can land in the slot as it is: a host slot and bytes already in the slot's format."""
-    return device.type == "cpu" and bool(store.raw_nbytes) and slot_layout.same_format(store.native_format)
+    native = store.native_format
+    return device.type == "cpu" and bool(store.raw_nbytes) and native is not None and slot_layout.same_format(native)
 
 
 def slot_nbytes(store: ExpertStore, slot_layout: ExpertLayout, device: torch.device) -> int:

@@ -1,8 +1,10 @@
 """Attention variants behind a registry, and the pieces they share: RMSNorm, RoPE, masks.
 
-A family adapter names its attention (``Family.attention``); each variant declares the tensors it
-needs (names relative to the layer's ``self_attn.`` prefix, with shapes from the spec), so the
-checkpoint reader validates and loads exactly what the forward pass uses, from one list.
+A family adapter names the attention of each layer type (``Family.attention``, ``Family.attention_by_type``);
+each variant declares the tensors it needs (names relative to its module, ``self_attn.`` or ``linear_attn.``,
+with shapes from the spec), so the checkpoint reader validates and loads exactly what the forward pass uses,
+from one list; and what it keeps per sequence (``store``: keys and values per token, or a fixed-size state),
+so the KV structures and the fit check allocate and count exactly that.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
-from offload.model.kv import KVCache, KVPool
+from offload.model.deltanet import GatedDeltaNet, GroupedGatedDeltaNet
+from offload.model.kv import KVCache, KVPool, LayerStore
 from offload.model.rope import apply_rope, softmax_scale_factor
 from offload.registry import lookup
-from offload.spec import ModelSpec
+from offload.spec import ModelSpec, RopeSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,13 +49,24 @@ def attention_masks(attention_mask: torch.Tensor, q_pos: torch.Tensor,
 
 
 class Attention(Protocol):
-    """One layer's attention with its resident weights. x: [batch, seq, hidden] -> [batch, seq, hidden]."""
+    """One layer's attention with its resident weights. x: [batch, seq, hidden] -> [batch, seq, hidden].
 
-    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                 kv: KVCache | KVPool | None) -> torch.Tensor: ...
+    ``mask`` is what its ``masking`` names: "causal", the boolean [batch, 1, seq, total] mask of the layer's
+    window; "padding", the real tokens [batch, seq]. ``rope`` (cos, sin) is None for a piece without RoPE.
+    """
 
+    module: ClassVar[str]   # the module its tensors sit under in a decoder layer
+    masking: ClassVar[str]
+    norms: ClassVar[tuple[str, ...]]  # its RMSNorm weights (which a family may store zero-centred)
 
-CacheShapes = tuple[tuple[int, int], tuple[int, int]]  # (heads, dim) of what the cache stores as "k" and "v"
+    @staticmethod
+    def rotary(spec: ModelSpec) -> tuple[RopeSpec, int] | None: ...  # its RoPE and rotated dims (None: no RoPE)
+
+    @staticmethod
+    def store(spec: ModelSpec) -> LayerStore: ...
+
+    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 mask: torch.Tensor, kv: KVCache | KVPool | None) -> torch.Tensor: ...
 
 
 def _sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
@@ -77,24 +91,35 @@ class GroupedQueryAttention:
     q/k/v/o biases and q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE)."""
 
     name: ClassVar[str] = "gqa"
+    module: ClassVar[str] = "self_attn"
+    masking: ClassVar[str] = "causal"
+    norms: ClassVar[tuple[str, ...]] = ("q_norm.weight", "k_norm.weight")
+    query_rows: ClassVar[int] = 1  # q_proj's rows per query dim (the gated variant adds a gate per head)
 
     @staticmethod
-    def rotary_dim(spec: ModelSpec) -> int:
-        return spec.rope.dim or spec.head_dim
+    def dims(spec: ModelSpec) -> tuple[int, int]:
+        """(head dim, kv heads) of this piece's layers."""
+        return spec.head_dim, spec.num_kv_heads
 
-    @staticmethod
-    def cache_shapes(spec: ModelSpec) -> CacheShapes:
-        return (spec.num_kv_heads, spec.head_dim), (spec.num_kv_heads, spec.head_dim)
+    @classmethod
+    def rotary(cls, spec: ModelSpec) -> tuple[RopeSpec, int] | None:
+        """The RoPE its layers use and the dims it rotates (None: none)."""
+        return spec.rope, spec.rope.dim or cls.dims(spec)[0]
 
-    @staticmethod
-    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    @classmethod
+    def store(cls, spec: ModelSpec) -> LayerStore:
+        head_dim, kv_heads = cls.dims(spec)
+        return LayerStore(((kv_heads, head_dim), (kv_heads, head_dim)))
+
+    @classmethod
+    def tensors(cls, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Tensor names under the layer's ``self_attn.`` prefix, with their shapes."""
-        h, hd = spec.hidden_size, spec.head_dim
-        q_out, kv_out = spec.num_heads * hd, spec.num_kv_heads * hd
-        shapes = {"q_proj.weight": (q_out, h), "k_proj.weight": (kv_out, h), "v_proj.weight": (kv_out, h),
-                  "o_proj.weight": (h, q_out)}
+        h, (hd, kv_heads) = spec.hidden_size, cls.dims(spec)
+        q_out, kv_out = spec.num_heads * hd, kv_heads * hd
+        shapes = {"q_proj.weight": (cls.query_rows * q_out, h), "k_proj.weight": (kv_out, h),
+                  "v_proj.weight": (kv_out, h), "o_proj.weight": (h, q_out)}
         if spec.qkv_bias:
-            shapes |= {"q_proj.bias": (q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)}
+            shapes |= {"q_proj.bias": (cls.query_rows * q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)}
         if spec.o_bias:
             shapes["o_proj.bias"] = (h,)
         if spec.qk_norm == "head":
@@ -108,37 +133,116 @@ class GroupedQueryAttention:
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
         self.spec = spec
         get = weights.get
-        self.q, self.k, self.v, self.o = (weights[f"{n}_proj.weight"] for n in "qkvo")
+        self.q, self.k, self.o = (weights[f"{n}_proj.weight"] for n in "qko")
+        self.v = get("v_proj.weight")
         self.q_bias, self.k_bias, self.v_bias, self.o_bias = (get(f"{n}_proj.bias") for n in "qkvo")
         self.q_norm, self.k_norm = get("q_norm.weight"), get("k_norm.weight")
         self.sinks = get("sinks")
+        self.head_dim = self.dims(spec)[0]
+        self.scale = self.head_dim**-0.5
+        self.interleave = self.rotary(spec)[0].interleave
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.spec.rms_norm_eps
         return rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
 
-    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                 kv: KVCache | KVPool | None) -> torch.Tensor:
-        spec = self.spec
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[b, t, heads * head_dim] queries, and the output gate (None: ungated)."""
+        return F.linear(x, self.q, self.q_bias), None
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v [b, heads, t, head_dim] before RoPE, and the output gate (or None)."""
+        spec, hd = self.spec, self.head_dim
         b, t, _ = x.shape
-        q, k, v = F.linear(x, self.q, self.q_bias), F.linear(x, self.k, self.k_bias), F.linear(x, self.v, self.v_bias)
+        (q, gate), k, v = self._queries(x), F.linear(x, self.k, self.k_bias), F.linear(x, self.v, self.v_bias)
         if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
             q, k = self._qk_norm(q, k)
-        q, k = q.view(b, t, -1, spec.head_dim), k.view(b, t, -1, spec.head_dim)
+        q, k = q.view(b, t, -1, hd), k.view(b, t, -1, hd)
         if spec.qk_norm == "head":  # Qwen3 normalises each head
             q, k = self._qk_norm(q, k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)          # [b, heads, t, head_dim]
-        v = v.view(b, t, -1, spec.head_dim).transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, -1, hd).transpose(1, 2), gate
+
+    def __call__(self, layer: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 kv: KVCache | KVPool | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v, gate = self._project(x)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin, spec.rope.interleave), apply_rope(k, cos, sin, spec.rope.interleave)
+        q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
         if kv is not None:
             k, v = kv.update(layer, k, v)
-        gqa, scale = spec.num_kv_heads != spec.num_heads, spec.head_dim**-0.5
+        gqa = k.shape[1] != q.shape[1]
         if self.sinks is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         else:
-            out = _sdpa_with_sinks(q, k, v, mask, self.sinks, scale, gqa)
-        return F.linear(out.transpose(1, 2).reshape(b, t, -1), self.o, self.o_bias)
+            out = _sdpa_with_sinks(q, k, v, mask, self.sinks, self.scale, gqa)
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return F.linear(out, self.o, self.o_bias)
+
+
+class GatedAttention(GroupedQueryAttention):
+    """GQA with an output gate (Qwen3-Next, Qwen3.5; Qiu et al. 2025, "Gated Attention for Large Language
+    Models"): q_proj emits each head's query and a gate of the same width side by side, and the attention
+    output is multiplied by sigmoid(gate) before o_proj."""
+
+    name: ClassVar[str] = "gated-full"
+    query_rows: ClassVar[int] = 2
+
+    def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q, gate = F.linear(x, self.q, self.q_bias).view(b, t, self.spec.num_heads, -1).chunk(2, dim=-1)
+        return q.reshape(b, t, -1), gate.reshape(b, t, -1)
+
+
+def _unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a scale (Gemma-4's value norm), in float32 and cast back."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class GemmaAttention(GroupedQueryAttention):
+    """Gemma-4's sliding-window layers: per-head RMSNorm of q and k (scaled) and of v (unscaled), and an attention
+    scale of 1, the norms having set the logits' size."""
+
+    name: ClassVar[str] = "gemma-sliding"
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, weights)
+        self.scale = 1.0
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hd, eps = self.head_dim, self.spec.rms_norm_eps
+        b, t, _ = x.shape
+        k = F.linear(x, self.k, self.k_bias).view(b, t, -1, hd)
+        v = k if self.v is None else F.linear(x, self.v, self.v_bias).view(b, t, -1, hd)  # keys as values
+        q = rms_norm(F.linear(x, self.q, self.q_bias).view(b, t, -1, hd), self.q_norm, eps)
+        k, v = rms_norm(k, self.k_norm, eps), _unit_rms_norm(v, eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None
+
+
+class GemmaGlobalAttention(GemmaAttention):
+    """Gemma-4's full-attention layers: their own head dim, kv heads and RoPE (proportional: a quarter of the
+    frequencies rotate), and, with attention_k_eq_v, no v_proj: the keys before their norm are the values."""
+
+    name: ClassVar[str] = "gemma-global"
+
+    @staticmethod
+    def dims(spec: ModelSpec) -> tuple[int, int]:
+        return spec.global_head_dim or spec.head_dim, spec.global_num_kv_heads or spec.num_kv_heads
+
+    @classmethod
+    def rotary(cls, spec: ModelSpec) -> tuple[RopeSpec, int] | None:
+        rope = spec.global_rope or spec.rope
+        return rope, rope.dim or cls.dims(spec)[0]
+
+    @classmethod
+    def tensors(cls, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        shapes = super().tensors(spec)
+        if spec.attention_k_eq_v:
+            shapes.pop("v_proj.weight")
+            shapes.pop("v_proj.bias", None)
+        return shapes
 
 
 class MultiHeadLatentAttention:
@@ -151,15 +255,18 @@ class MultiHeadLatentAttention:
     """
 
     name: ClassVar[str] = "mla"
+    module: ClassVar[str] = "self_attn"
+    masking: ClassVar[str] = "causal"
+    norms: ClassVar[tuple[str, ...]] = ("q_a_layernorm.weight", "kv_a_layernorm.weight")
     LATENT_EPS = 1e-6
 
     @staticmethod
-    def rotary_dim(spec: ModelSpec) -> int:
-        return spec.qk_rope_head_dim
+    def rotary(spec: ModelSpec) -> tuple[RopeSpec, int] | None:
+        return spec.rope, spec.qk_rope_head_dim
 
     @staticmethod
-    def cache_shapes(spec: ModelSpec) -> CacheShapes:
-        return (1, spec.kv_lora_rank), (1, spec.qk_rope_head_dim)
+    def store(spec: ModelSpec) -> LayerStore:
+        return LayerStore(((1, spec.kv_lora_rank), (1, spec.qk_rope_head_dim)))
 
     @staticmethod
     def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -220,7 +327,9 @@ class MultiHeadLatentAttention:
 
 
 
-ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (GroupedQueryAttention, MultiHeadLatentAttention)}
+ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (GroupedQueryAttention, GatedAttention, GemmaAttention,
+                                                          GemmaGlobalAttention, MultiHeadLatentAttention,
+                                                          GatedDeltaNet, GroupedGatedDeltaNet)}
 
 
 def attention_class(name: str) -> type:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from offload.experts.activations import Activation, make_activation
 from offload.experts.layouts import Expert, Key
-from offload.model.attention import Attention, attention_class, attention_masks, rms_norm
+from offload.model.attention import Attention, attention_masks, rms_norm
 from offload.model.kv import KVCache, KVPool
 from offload.model.rope import RotaryEmbedding
 from offload.model.routers import Router
@@ -35,8 +36,13 @@ class ExpertSource(Protocol):
 
     def __contains__(self, key: Key) -> bool: ...  # resident now (a hit)
 
-    def step(self, layer: int, needed: list[int]) -> Iterable[tuple[int, Expert]]:
-        """One layer step: yields (expert id, Expert) for every id in ``needed``, each usable until the next."""
+    def step(self, layer: int, needed: list[int]) -> AbstractContextManager[Iterable[tuple[int, Expert]]]:
+        """One layer step: yields (expert id, Expert) for every id in ``needed``, each usable until the next;
+        leaving its ``with`` block, however, releases what it holds."""
+        ...
+
+    def check(self) -> None:
+        """Raise unless the bookkeeping is consistent and nothing is held between steps."""
         ...
 
 
@@ -84,23 +90,42 @@ class HostBranch(Protocol):
 
 @dataclass
 class DecoderLayer:
-    """One decoder layer's resident pieces: norms, attention, and a router (MoE) or a dense MLP."""
+    """One decoder layer's resident pieces: norms, attention, and a router (MoE) or a dense MLP.
+
+    A layer computes h += attention(input_norm(h)); h += mlp(post_norm(h)). Gemma-4's "sandwich" layers also
+    normalise the attention's and the MLP block's outputs, run a dense MLP beside the experts (each branch with
+    its own norms, summed), and scale the layer's output; those norms are None elsewhere.
+    """
 
     input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    post_norm: torch.Tensor                 # before the MLP / MoE block
     attention: Attention
     router: Router | None = None            # MoE layers
-    dense_mlp: Expert | None = None         # dense layers (mlp_only_layers, sparse step)
+    dense_mlp: Expert | None = None         # dense layers; in a MoE layer, a dense MLP beside the experts (Gemma-4)
     shared_mlp: Expert | None = None        # shared experts (Qwen2-MoE, DeepSeek, GLM) ...
     shared_gate: torch.Tensor | None = None      # ... and, for Qwen2-MoE, their sigmoid gate [1, hidden]
+    attention_out_norm: torch.Tensor | None = None  # Gemma-4: on the attention's output
+    mlp_out_norm: torch.Tensor | None = None        # Gemma-4: on the MLP block's output
+    dense_out_norm: torch.Tensor | None = None      # Gemma-4: on the dense MLP's output, beside the experts
+    moe_norm: torch.Tensor | None = None            # Gemma-4: the experts' own input norm (of the residual stream)
+    moe_out_norm: torch.Tensor | None = None        # Gemma-4: on the experts' weighted sum
+    layer_scale: torch.Tensor | None = None         # Gemma-4: the layer's output times a learned scalar [1]
+
+    def router_input(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """What the router scores: the MoE block's normed input ``x``, or the residual stream ``h`` (a router
+        that normalises it itself, Gemma-4's)."""
+        return h if self.router.reads_residual else x
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return x if weight is None else rms_norm(x, weight, eps)
 
 
 class MoEModel:
     """A decoder-only MoE transformer whose experts are served by an ExpertCache."""
 
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], final_norm: torch.Tensor,
-                 lm_head: torch.Tensor, cache: ExpertSource, stats: Stats, activation: str = "swiglu",
-                 attention: str = "gqa") -> None:
+                 lm_head: torch.Tensor, cache: ExpertSource, stats: Stats, activation: str = "swiglu") -> None:
         self.spec = spec
         self.embed = embed
         self.layers = layers
@@ -115,9 +140,14 @@ class MoEModel:
         self.request_hook: RequestHook | None = None  # set by from_pretrained with --patterns
         self.device = embed.device
         self.dtype = embed.dtype
-        attention = attention_class(attention)
-        self.rope = RotaryEmbedding(spec.rope, attention.rotary_dim(spec), self.dtype, self.device)
-        self.kv_shapes = [attention.cache_shapes(spec)] * spec.num_layers  # what a KV cache stores per layer
+        self.layer_stores = [lw.attention.store(spec) for lw in layers]  # what a KV cache keeps per layer
+        # Each layer's RoPE table, by (RopeSpec, rotated dims): None for linear attention, and Gemma-4's full layers
+        # have their own; and its mask: the causal mask of its sliding window, or the real-token mask for pieces
+        # that only need to know the padding.
+        self.rope_keys = [lw.attention.rotary(spec) for lw in layers]
+        self.ropes = {key: RotaryEmbedding(*key, self.dtype, self.device) for key in set(self.rope_keys) if key}
+        self.mask_keys: list[int | str | None] = [
+            "padding" if lw.attention.masking == "padding" else spec.sliding_windows[i] for i, lw in enumerate(layers)]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -133,11 +163,12 @@ class MoEModel:
         order, as transformers' grouped experts path does. The result is therefore bit-identical
         whatever order the cache delivers experts in, i.e. for every budget, policy and predictor.
         """
-        experts, weights = lw.router.select(x)  # [tokens, k]
+        routed = lw.router_input(x, residual)
+        experts, weights = lw.router.select(routed)  # [tokens, k]
         if lw.router.dropped is not None:  # pruned: count the routing weight the dropped experts would have had
             layer_stats = self.stats.layer(layer)
             layer_stats.pruned_tokens += len(x)
-            layer_stats.pruned_mass += float(lw.router.dropped_share(x).sum())
+            layer_stats.pruned_mass += float(lw.router.dropped_share(routed).sum())
         for observer in self.route_observers:
             observer(layer, experts, weights)
         needed = experts.unique(sorted=True).tolist()
@@ -158,17 +189,18 @@ class MoEModel:
             misses = [e for e in needed if (layer, e) not in self.cache]
             on_host = set(misses) - set(self._host_misses(layer, misses, experts, weights, x, buf))
             needed = [e for e in needed if e not in on_host]
-        step = self.cache.step(layer, needed)  # pins every expert that fits and queues the missing ones' loads
-        if self.prefetcher is not None:
-            self.prefetcher.after_route(layer, experts, residual)
         layer_stats = self.stats.layer(layer)
         layer_stats.steps += 1
         layer_stats.distinct_experts += distinct
-        for e, expert in step:
-            start = time.perf_counter()
-            rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
-            buf[rows, slot] = self.activation(expert, x[rows]) * weights[rows, slot, None]
-            layer_stats.compute_time_s += time.perf_counter() - start
+        # pins every expert that fits and queues the missing ones' loads; the pins go however the block ends
+        with self.cache.step(layer, needed) as step:
+            if self.prefetcher is not None:
+                self.prefetcher.after_route(layer, experts, residual)
+            for e, expert in step:
+                start = time.perf_counter()
+                rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
+                buf[rows, slot] = self.activation(expert, x[rows]) * weights[rows, slot, None]
+                layer_stats.compute_time_s += time.perf_counter() - start
 
     def _host_misses(self, layer: int, misses: list[int], experts: torch.Tensor, weights: torch.Tensor,
                      x: torch.Tensor, buf: torch.Tensor) -> list[int]:
@@ -188,9 +220,19 @@ class MoEModel:
 
     def _mlp(self, layer: int, lw: DecoderLayer, x: torch.Tensor, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         # x: [batch, seq, hidden] (normed), h: the residual stream; valid: [batch, seq]
-        # (padding never routes, so never loads experts)
-        if lw.dense_mlp is not None:
+        if lw.router is None:
             return self.activation(lw.dense_mlp, x)
+        eps = self.spec.rms_norm_eps
+        moe_x = x if lw.moe_norm is None else rms_norm(h, lw.moe_norm, eps)  # Gemma-4: the experts' own norm
+        routed = self._routed(layer, lw, moe_x, h, valid)
+        if lw.dense_mlp is None:
+            return routed
+        dense = _norm(self.activation(lw.dense_mlp, x), lw.dense_out_norm, eps)  # Gemma-4: both branches, summed
+        return dense + _norm(routed, lw.moe_out_norm, eps)
+
+    def _routed(self, layer: int, lw: DecoderLayer, x: torch.Tensor, h: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+        """The MoE block over the real tokens (padding never routes, so never loads experts)."""
         flat, residual = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
         mask = valid.reshape(-1)
         if bool(mask.all()):
@@ -199,7 +241,23 @@ class MoEModel:
         out[mask] = self._moe(layer, lw, flat[mask], residual[mask])
         return out.view_as(x)
 
+    def _layer(self, i: int, lw: DecoderLayer, h: torch.Tensor, ropes: dict, masks: dict, valid: torch.Tensor,
+               kv: KVCache | KVPool | None) -> torch.Tensor:
+        eps = self.spec.rms_norm_eps
+        out = lw.attention(i, rms_norm(h, lw.input_norm, eps), ropes.get(self.rope_keys[i]), masks[self.mask_keys[i]],
+                           kv)
+        h = h + _norm(out, lw.attention_out_norm, eps)
+        out = self._mlp(i, lw, rms_norm(h, lw.post_norm, eps), h, valid)
+        h = h + _norm(out, lw.mlp_out_norm, eps)
+        return h if lw.layer_scale is None else h * lw.layer_scale
+
     # -- whole model -----------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] embeddings (Gemma-4 scales them by sqrt(hidden), rounded to the compute dtype as transformers
+        does)."""
+        h = F.embedding(input_ids, self.embed)
+        return h if self.spec.embed_scale == 1.0 else h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
+
     def _begin_prefetch(self, valid: torch.Tensor, kv: KVCache | KVPool | None) -> None:
         if self.prefetcher is None:
             return
@@ -223,21 +281,22 @@ class MoEModel:
         """
         spec = self.spec
         seq = input_ids.shape[1]
-        h = F.embedding(input_ids, self.embed)
-        rope = self.rope(position_ids)
+        h = self.embed_tokens(input_ids)
+        ropes = {key: rope(position_ids) for key, rope in self.ropes.items()}
         q_pos = kv.storage_positions(seq) if kv is not None else torch.arange(seq, device=h.device)[None]
-        masks = attention_masks(attention_mask, q_pos, set(spec.sliding_windows))
         valid = kv.valid(attention_mask, seq) if kv is not None else attention_mask[:, -seq:].bool()
+        windows = {key for key in self.mask_keys if key != "padding"}
+        masks = {**attention_masks(attention_mask, q_pos, windows), "padding": valid}
         self._begin_prefetch(valid, kv)
         for i, lw in enumerate(self.layers):
-            x = rms_norm(h, lw.input_norm, spec.rms_norm_eps)
-            h = h + lw.attention(i, x, rope, masks[spec.sliding_windows[i]], kv)
-            x = rms_norm(h, lw.post_norm, spec.rms_norm_eps)
-            h = h + self._mlp(i, lw, x, h, valid)
+            h = self._layer(i, lw, h, ropes, masks, valid, kv)
         if self.prefetcher is not None:
             self.prefetcher.end_step()
         if kv is not None:
             kv.advance(seq)
         if last_only:
             h = h[:, -1:]
-        return F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head)
+        logits = F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head)
+        if spec.final_logit_softcapping:  # Gemma: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / spec.final_logit_softcapping) * spec.final_logit_softcapping
+        return logits

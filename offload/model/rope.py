@@ -53,10 +53,20 @@ def _yarn_inv_freq(rope: RopeSpec, dim: int) -> torch.Tensor:
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
+def _proportional_inv_freq(rope: RopeSpec, dim: int) -> torch.Tensor:
+    """Gemma-4's "proportional" RoPE over a whole head of ``dim``: the first proportion x dim / 2 frequencies are the
+    default ones (exponents over the whole head), the rest 0, so those dims pass unrotated."""
+    angles = int(rope.proportion * dim // 2)
+    freq = 1.0 / (rope.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float32) / dim))
+    return torch.cat((freq, torch.zeros(dim // 2 - angles))) / rope.factor
+
+
 def inv_freq(rope: RopeSpec, dim: int) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [dim / 2], cos/sin scale) of a rotation over ``dim`` dims."""
     if rope.kind == "yarn":
         return _yarn_inv_freq(rope, dim), yarn_attention_factor(rope)
+    if rope.kind == "proportional":
+        return _proportional_inv_freq(rope, dim), 1.0
     freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     return (freq / rope.factor if rope.kind == "linear" else freq), 1.0
 

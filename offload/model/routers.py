@@ -29,6 +29,8 @@ class Router(Protocol):
 
     dropped: torch.Tensor | None  # [experts] bool: the experts pruning took out of its choice (None: none)
 
+    reads_residual: bool  # scores the residual stream, which it normalises itself (Gemma-4), not the MoE input
+
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [tokens, hidden] -> experts [tokens, k] (best first), routing weights [tokens, k]."""
         ...
@@ -54,6 +56,7 @@ class SoftmaxTopK:
     """
 
     name: ClassVar[str] = "softmax-topk"
+    reads_residual: ClassVar[bool] = False
 
     @staticmethod
     def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -103,7 +106,7 @@ class SoftmaxTopK:
             experts, weights = self.select(x)
         finally:
             self.dropped = dropped
-        weights = weights.float()
+        weights = weights.float().abs()  # (Gemma-4's per-expert scales could make a weight negative)
         return (weights * dropped[experts]).sum(-1) / weights.sum(-1).clamp_min(1e-30)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +189,53 @@ class SigmoidGroups(SoftmaxTopK):
         return self._choice(torch.sigmoid(F.linear(x.float(), self.weight.float())))
 
 
+class SigmoidBias(SigmoidGroups):
+    """MiniMax-M2: DeepSeek-V3's rule with one group and no scale (sigmoid scores, a selection-only correction
+    bias, weights the unbiased scores renormalised), its bias held by the MoE block beside the ``gate``."""
+
+    name: ClassVar[str] = "sigmoid-bias"
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        return {"gate.weight": (spec.num_experts, spec.hidden_size), "e_score_correction_bias": (spec.num_experts,)}
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, {"weight": weights["gate.weight"],
+                                "e_score_correction_bias": weights["e_score_correction_bias"]})
+
+
+class ScaledSoftmax(SoftmaxTopK):
+    """Gemma-4: the router normalises the residual stream itself (RMSNorm without a weight), scales it by a learned
+    vector and 1 / sqrt(hidden), then softmax, top-k renormalised, and each chosen expert's weight times a learned
+    per-expert scale (after the choice, so the scale never changes which experts run)."""
+
+    name: ClassVar[str] = "scaled-softmax"
+    reads_residual: ClassVar[bool] = True
+
+    @staticmethod
+    def tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        e, h = spec.num_experts, spec.hidden_size
+        return {"proj.weight": (e, h), "scale": (h,), "per_expert_scale": (e,)}
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(spec, {"weight": weights["proj.weight"]})
+        self.scale, self.per_expert_scale = weights["scale"], weights["per_expert_scale"]
+        self.eps, self.root = spec.rms_norm_eps, spec.hidden_size**-0.5
+
+    def _input(self, h: torch.Tensor) -> torch.Tensor:
+        h32 = h.float()
+        return (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype) * self.scale * self.root
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(self._masked(F.linear(self._input(x), self.weight).float()), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return experts, weights * self.per_expert_scale[experts]
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self._masked(F.linear(self._input(x).float(), self.weight.float()))
+
+
 class SoftmaxGroups(SoftmaxTopK):
     """DeepSeek-V2: softmax over all experts in float32, top-k (greedy; "group_limited_greedy" first keeps the
     ``topk_group`` groups with the highest single score), weights times ``routed_scaling_factor``, no
@@ -216,7 +266,7 @@ class SoftmaxGroups(SoftmaxTopK):
 
 
 ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups,
-                                                                    SoftmaxGroups)}
+                                                                    SigmoidBias, ScaledSoftmax, SoftmaxGroups)}
 
 
 def router_class(name: str) -> type[SoftmaxTopK]:

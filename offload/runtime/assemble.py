@@ -9,14 +9,12 @@ knows the other.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from offload.checkpoint.families import Family
-from offload.checkpoint.plan import CheckpointPlan, QuantizedTensor
-from offload.checkpoint.tensors import TensorInfo
+from offload.checkpoint.plan import CheckpointPlan
+from offload.checkpoint.tensors import QuantizedTensor, TensorInfo, read_tensor
 from offload.errors import CheckpointError
 from offload.experts.layouts import Expert
 from offload.model.attention import attention_class
@@ -30,28 +28,45 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 class TensorLoader:
-    """Loads tensors through safetensors' memory map, one open handle per file; a quantized resident
-    projection (GPTQ attention) is dequantized to float32 here, once."""
-
-    def __init__(self) -> None:
-        self._handles: dict[Path, object] = {}
+    """Reads resident tensors from their byte ranges (checkpoint/tensors.py: safetensors and GGUF alike; GGUF blocks
+    dequantized to float32); a projection made of stored parts (GPTQ attention, FP8, GGUF's split MLA kv_b) is made
+    into its float32 weight here, once."""
 
     def __call__(self, info: TensorInfo | QuantizedTensor) -> torch.Tensor:
         if isinstance(info, QuantizedTensor):
             parts = {suffix: self(t) for suffix, t in info.parts.items()}
             return info.fmt.dense_weight(parts, info.name.removesuffix(".weight"), *info.shape)
-        if info.path not in self._handles:
-            self._handles[info.path] = safe_open(str(info.path), framework="pt", device="cpu")
-        try:
-            return self._handles[info.path].get_tensor(info.name)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"cannot read tensor {info.name!r} from {info.path} ({e})",
-                                  "re-download the file") from None
+        return read_tensor(info)
+
+
+def check_finite(tensor: torch.Tensor, info: TensorInfo | QuantizedTensor) -> torch.Tensor:
+    """A resident tensor holding NaN or Inf would silently turn every logit into NaN: refuse it by name at load.
+    One pass over the dense bytes (memory bandwidth, once); experts are read later, and a NaN that reaches
+    the logits from one of them is sampling's NumericError."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        where = info.path.name if isinstance(info, TensorInfo) else next(iter(info.parts.values())).path.name
+        raise CheckpointError(f"tensor {info.name!r} in {where} holds NaN or Inf values",
+                              "the file is corrupt: re-download it")
+    return tensor
 
 
 def _mlp(group: Mapping[str, torch.Tensor]) -> Expert:
     gate, up, down = group.values()  # gate, up, down in the order checkpoint/families.py lists them
     return Expert.dense(gate, up, down)
+
+
+# DecoderLayer's norms, each the group of one tensor that Family.layer_tensors names after it
+NORM_SLOTS = ("input_norm", "post_norm", "attention_out_norm", "mlp_out_norm", "dense_out_norm", "moe_norm",
+              "moe_out_norm")
+
+
+def _single(group: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return next(iter(group.values()))
+
+
+def _norm(weight: torch.Tensor, family: Family) -> torch.Tensor:
+    """An RMSNorm weight as the forward multiplies by it: zero-centred ones (Qwen3-Next's 1 + w) shifted once here."""
+    return weight + family.norm_offset if family.norm_offset else weight
 
 
 def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str], torch.Tensor]) -> DecoderLayer:
@@ -63,18 +78,21 @@ def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str]
     def relative(piece: str, to: str) -> dict[str, torch.Tensor]:
         return {name.removeprefix(f"{prefix}.{to}."): t for name, t in groups[piece].items()}  # names under ``to``
 
-    out = DecoderLayer(
-        input_norm=next(iter(groups["input_norm"].values())), post_norm=next(iter(groups["post_norm"].values())),
-        attention=attention_class(family.attention)(spec, relative("attention", "self_attn")))
+    attention = attention_class(family.layer_pieces(spec)[layer])
+    weights = relative("attention", attention.module)
+    weights |= {name: _norm(weights[name], family) for name in attention.norms if name in weights}
+    norms = {slot: _norm(_single(groups[slot]), family) for slot in NORM_SLOTS if slot in groups}
+    out = DecoderLayer(attention=attention(spec, weights), **norms)
+    if "layer_scale" in groups:
+        out.layer_scale = _single(groups["layer_scale"])
     if "router" in groups:
-        router = f"{family.moe_prefix}.{family.router_module}"
-        out.router = router_class(family.router)(spec, relative("router", router))
+        out.router = router_class(family.router)(spec, relative("router", family.router_path))
     if "dense_mlp" in groups:
         out.dense_mlp = _mlp(groups["dense_mlp"])
     if "shared_mlp" in groups:
         out.shared_mlp = _mlp(groups["shared_mlp"])
     if "shared_gate" in groups:
-        out.shared_gate = next(iter(groups["shared_gate"].values()))
+        out.shared_gate = _single(groups["shared_gate"])
     return out
 
 
@@ -84,11 +102,11 @@ def build_model(plan: CheckpointPlan, experts: ExpertSource, stats: Stats, dtype
     loader = TensorLoader()
     dense: dict[str, torch.Tensor] = {}
     for n, (name, info) in enumerate(plan.dense.items()):
-        dense[name] = loader(info).to(device=device, dtype=dtype)
+        dense[name] = check_finite(loader(info), info).to(device=device, dtype=dtype)
         if progress:
             progress("dense", n + 1, len(plan.dense))
     spec, family = plan.spec, plan.family
     layers = [build_layer(spec, family, i, dense.__getitem__) for i in range(spec.num_layers)]
     embed = dense["model.embed_tokens.weight"]
-    return MoEModel(spec, embed, layers, dense["model.norm.weight"], dense.get("lm_head.weight", embed), experts,
-                    stats, activation=family.activation, attention=family.attention)
+    return MoEModel(spec, embed, layers, _norm(dense["model.norm.weight"], family), dense.get("lm_head.weight", embed),
+                    experts, stats, activation=family.activation)

@@ -10,6 +10,11 @@ each request is sampled with its own config and generator.
 
 ``generate_many`` runs a fixed list of prompts to completion; ``offload serve`` drives the same
 engine with requests that arrive while others decode.
+
+An exception in a request's prefill, its sampling or its token callback ends that request (finish reason
+"error", the exception kept on it); one in a decode step's forward ends the requests of that step. The
+engine itself goes on: its KV rows are freed and the expert cache releases its pins however a step ends,
+so the next step runs on a consistent state. ``generate_many`` re-raises the first such error.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from offload.errors import ConfigError
 from offload.model.attention import rms_norm
 from offload.model.forward import MoEModel, RouteCollector
 from offload.model.kv import KVPool
+from offload.runtime.generate import check_length, check_token_ids
 from offload.runtime.rearrange import Request, Scheduler, admission_order, make_scheduler
 from offload.runtime.sampling import SamplingConfig, sample
 
@@ -66,7 +71,7 @@ class Completion:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
-    finish_reason: str = "length"  # "eos" | "length" | "stop" (stop string) | "cancelled"
+    finish_reason: str = "length"  # "eos" | "length" | "stop" (stop string) | "cancelled" | "error"
 
     @property
     def completion_tokens(self) -> int:
@@ -95,6 +100,7 @@ class BatchRequest:
     row: int = -1
     next_token: int = -1
     cancelled: bool = False
+    error: Exception | None = None  # what ended it, when its finish reason is "error"
 
     def cancel(self) -> None:
         """Stop at the next step boundary and free the KV row (a client went away)."""
@@ -110,8 +116,8 @@ def first_layer_routes(model: MoEModel, prompts: Sequence[list[int]]) -> list[np
     layer = next(lw for lw in model.layers if lw.router is not None)
     routes = []
     for ids in prompts:
-        x = rms_norm(F.embedding(torch.tensor(ids, device=model.device), model.embed), layer.post_norm,
-                     model.spec.rms_norm_eps)
+        h = model.embed_tokens(torch.tensor(ids, device=model.device))
+        x = layer.router_input(rms_norm(h, layer.post_norm, model.spec.rms_norm_eps), h)
         routes.append(layer.router.select(x)[0].numpy(force=True))  # the router's own top-k, best first
     return routes
 
@@ -123,7 +129,7 @@ class BatchEngine:
         self.model = model
         self.config = config
         self.scheduler: Scheduler = make_scheduler(config.scheduler, config.batch_size, config.max_wait)
-        self.kv = KVPool(model.spec, rows, capacity, model.dtype, model.device, model.kv_shapes)
+        self.kv = KVPool(model.spec, rows, capacity, model.dtype, model.device, model.layer_stores)
         self.moe_index = {layer: m for m, layer in enumerate(i for i, moe in enumerate(model.spec.moe_layers) if moe)}
         self.waiting: deque[BatchRequest] = deque()
         self.ready: list[BatchRequest] = []  # in admission order
@@ -144,6 +150,7 @@ class BatchEngine:
         """Queue a request; it is prefilled when a row is free. Its prompt must fit the pool's capacity."""
         if not request.prompt:
             raise ConfigError("a prompt encodes to no tokens", "remove empty prompts")
+        check_token_ids(request.prompt, self.model.spec.vocab_size, "a prompt")
         if len(request.prompt) + request.sampling.max_new_tokens > self.kv.capacity:
             raise ConfigError(f"prompt of {len(request.prompt)} tokens + {request.sampling.max_new_tokens} new tokens "
                               f"exceeds the context of {self.kv.capacity}", "shorten the prompt or max_new_tokens")
@@ -153,6 +160,7 @@ class BatchEngine:
 
     def step(self) -> list[BatchRequest]:
         """Admit what fits, then run one decode step; returns the requests that finished."""
+        self.model.cache.check()  # an earlier step that failed left nothing pinned or half-loaded
         done = self._drop_cancelled() + self._admit()
         if self.ready:
             done += self._decode()
@@ -189,29 +197,49 @@ class BatchEngine:
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
         return gone + cancelled_waiting
 
+    def _fail(self, requests: list[BatchRequest], error: Exception) -> list[BatchRequest]:
+        """End ``requests`` with ``error`` (their rows are freed; nothing of theirs stays in the engine)."""
+        log.debug("ending %d request(s) on %s", len(requests), error, exc_info=error)
+        for r in requests:
+            r.error = error
+            self._finish(r, "error")
+        return requests
+
     def _admit(self) -> list[BatchRequest]:
         """Prefill waiting requests into free rows (continuous batching: a free row takes the next one)."""
         done = []
         while self.waiting and self.free_rows:
             r = self.waiting.popleft()
             r.row = self.free_rows.pop()
-            self.kv.reset(r.row)
-            start_time = time.perf_counter()
-            chunk = self.config.prefill_chunk or len(r.prompt)
-            chunks = []
-            for start in range(0, len(r.prompt), chunk):
-                ids = torch.tensor([r.prompt[start : start + chunk]], device=self.model.device)
-                positions = torch.arange(start, start + ids.shape[1], device=self.model.device)[None]
-                logits, routes = self._forward([r.row], ids, positions)
-                chunks.append(routes)
-            self.model.stats.prefill_tokens += len(r.prompt)
-            self.model.stats.prefill_time_s += time.perf_counter() - start_time
-            if self._emit(r, int(sample(logits, r.sampling, r.generator)[0]), routes[-1]):
+            try:
+                finished = self._prefill(r)
+            except Exception as e:  # noqa: BLE001 - this request's failure ends this request only
+                done += self._fail([r], e)
+                continue
+            if finished:
                 done.append(r)
             else:
-                self._prefilled(np.concatenate(chunks))
                 self.ready.append(r)
         return done
+
+    def _prefill(self, r: BatchRequest) -> bool:
+        """Prefill ``r`` into its row and emit its first token; True when that already finished it. A request that
+        goes on to decode is announced to the request hook (task patterns) first."""
+        self.kv.reset(r.row)
+        start_time = time.perf_counter()
+        chunk = self.config.prefill_chunk or len(r.prompt)
+        chunks = []
+        for start in range(0, len(r.prompt), chunk):
+            ids = torch.tensor([r.prompt[start : start + chunk]], device=self.model.device)
+            positions = torch.arange(start, start + ids.shape[1], device=self.model.device)[None]
+            logits, routes = self._forward([r.row], ids, positions)
+            chunks.append(routes)
+        self.model.stats.prefill_tokens += len(r.prompt)
+        self.model.stats.prefill_time_s += time.perf_counter() - start_time
+        finished = self._emit(r, int(sample(logits, r.sampling, r.generator)[0]), routes[-1])
+        if not finished:
+            self._prefilled(np.concatenate(chunks))
+        return finished
 
     def _prefilled(self, routes: np.ndarray) -> None:
         """Tell the request hook (task patterns) a request's prompt routed, before it decodes; the experts the
@@ -235,14 +263,25 @@ class BatchEngine:
         rows = [r.row for r in batch]
         ids = torch.tensor([[r.next_token] for r in batch], device=self.model.device)
         positions = self.kv.lengths[torch.tensor(rows, device=self.kv.lengths.device)][:, None]
-        logits, routes = self._forward(rows, ids, positions)
-        done = [r for i, r in enumerate(batch)
-                if self._emit(r, int(sample(logits[i : i + 1], r.sampling, r.generator)[0]), routes[i])]
+        try:
+            logits, routes = self._forward(rows, ids, positions)
+        except Exception as e:  # noqa: BLE001 - the step's requests end with it; the engine goes on
+            done = self._fail(batch, e)
+        else:
+            done = [r for i, r in enumerate(batch) if self._next(r, logits[i : i + 1], routes[i])]
         self.ready = [r for r in self.ready if r not in done]
         self.steps += 1
         self.model.stats.decode_tokens += len(batch)
         self.model.stats.decode_time_s += time.perf_counter() - start_time
         return done
+
+    def _next(self, r: BatchRequest, logits: torch.Tensor, route: np.ndarray) -> bool:
+        """Sample and emit ``r``'s next token; True when it finished (a failure of its own finishes it too)."""
+        try:
+            return self._emit(r, int(sample(logits, r.sampling, r.generator)[0]), route)
+        except Exception as e:  # noqa: BLE001 - this request's failure ends this request only
+            self._fail([r], e)
+            return True
 
 
 @torch.inference_mode()
@@ -262,6 +301,9 @@ def generate_many(
         raise ConfigError("a prompt encodes to no tokens", "remove empty prompts")
     if sampling.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+    check_length(model.spec, max(map(len, prompts)), sampling.max_new_tokens)
+    for n, p in enumerate(prompts):
+        check_token_ids(list(p), model.spec.vocab_size, f"prompt {n}")
     capacity = max(map(len, prompts)) + sampling.max_new_tokens
     engine = BatchEngine(model, config, min(config.pool, len(prompts)), capacity)
     generator = generator or sampling.make_generator(model.device)
@@ -274,6 +316,8 @@ def generate_many(
     try:
         while engine.busy:
             for r in engine.step():
+                if r.error is not None:
+                    raise r.error
                 results[r.completion.id] = r.completion
                 if on_finish:
                     on_finish(r.completion)

@@ -8,10 +8,11 @@ from typing import Protocol, TextIO
 
 import torch
 
-from offload.errors import ConfigError
+from offload.errors import ConfigError, ContextError
 from offload.model.forward import MoEModel, RouteCollector
 from offload.model.kv import KVCache
 from offload.runtime.sampling import SamplingConfig, sample
+from offload.spec import ModelSpec
 
 
 class Streamer(Protocol):
@@ -60,17 +61,55 @@ class TextStreamer:
         self.out.flush()
 
 
-def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, spec: ModelSpec,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids and mask as long tensors on ``device``, or a one-line error."""
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ConfigError("input_ids must be a [batch, length] tensor with at least one token", "pass a 2-D LongTensor")
+    """ids and mask as long tensors on ``device``, or a one-line error naming the argument at fault."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ConfigError(f"input_ids must be a [batch, length] tensor with at least one row and one token, got "
+                          f"{shape}", "pass a 2-D LongTensor, e.g. model.encode(text)")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ConfigError(f"input_ids must hold integer token ids, got {input_ids.dtype}", "pass a LongTensor")
+    check_token_ids(input_ids.reshape(-1).tolist(), spec.vocab_size, "input_ids")
     ids = input_ids.to(device=device, dtype=torch.long)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
     if mask.shape != ids.shape:
         raise ConfigError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}",
                           "pass one mask entry per token")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ConfigError("attention_mask must hold only 0 (padding) and 1 (token)", "pass a 0/1 mask")
+    empty = (mask.sum(-1) == 0).nonzero().reshape(-1).tolist()
+    if empty:
+        raise ConfigError(f"attention_mask row {empty[0]} is all zeros: that row has no token to continue",
+                          "drop the row, or mark its tokens with 1")
     return ids, mask
+
+
+def check_token_ids(ids: list[int], vocab_size: int, what: str) -> None:
+    """Every id a row of the embedding: a ConfigError naming ``what`` and the first id outside [0, vocab_size)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ConfigError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})",
+                          "encode with this model's tokenizer")
+
+
+def max_positions(spec: ModelSpec) -> int:
+    """The longest sequence the model is made for: max_position_embeddings, or what a scaled RoPE stretches its
+    original context to (YaRN / linear: original x factor, as vLLM derives its max_model_len)."""
+    rope = spec.rope
+    if rope.kind == "default":
+        return spec.max_position_embeddings
+    return max(spec.max_position_embeddings, int((rope.original_max_positions or spec.max_position_embeddings)
+                                                 * rope.factor))
+
+
+def check_length(spec: ModelSpec, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A sequence must fit the model's positions: checked before its KV cache is allocated (max_new_tokens=10**12
+    is this one line, not a 256 TB allocation)."""
+    if prompt_tokens + max_new_tokens > max_positions(spec):
+        raise ContextError(f"the prompt's {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the "
+                           f"model's {max_positions(spec)} positions (max_position_embeddings)",
+                           "shorten the prompt or lower max_new_tokens")
 
 
 def _record_time(stats, first: bool, tokens: int, elapsed: float) -> None:
@@ -115,11 +154,13 @@ def generate(
     """Greedy or sampled continuation of a left-padded batch; returns [batch, prompt + new] ids."""
     sampling = sampling or SamplingConfig()
     device = model.device
-    ids, mask = _check_inputs(input_ids, attention_mask, device)
+    ids, mask = _check_inputs(input_ids, attention_mask, model.spec, device)
+    batch, prompt_len = ids.shape
+    check_length(model.spec, prompt_len, sampling.max_new_tokens)
+    model.cache.check()  # nothing pinned or half-loaded is left from an earlier, interrupted call
     generator = generator or sampling.make_generator(device)
     eos = torch.tensor(sampling.eos_token_ids, device=device)
-    batch, prompt_len = ids.shape
-    kv = KVCache(model.spec, batch, prompt_len + sampling.max_new_tokens, model.dtype, device, model.kv_shapes)
+    kv = KVCache(model.spec, batch, prompt_len + sampling.max_new_tokens, model.dtype, device, model.layer_stores)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(ids.cpu())

@@ -20,7 +20,8 @@ import torch
 from offload.amounts import parse_budget, parse_prefetch_budget
 from offload.checkpoint.locate import model_name, read_json_if_present
 from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
-from offload.errors import BudgetError, CheckpointError, ConfigError, DeviceError
+from offload.checkpoint.vocab import load_tokenizer
+from offload.errors import BudgetError, ConfigError, DeviceError
 from offload.experts.layouts import ExpertLayout
 from offload.hw.calibration import Calibration
 from offload.memory.budget import Placement, fit_budget, is_auto, memory_plan
@@ -30,7 +31,14 @@ from offload.memory.patterns import GENERIC, ModelIdentity, Patterns, load_patte
 from offload.memory.policies import make_policy
 from offload.memory.prefetch import PrefetchConfig, Prefetcher
 from offload.memory.retrieval import TaskRetrieval, prune
-from offload.memory.transfer import DirectReader, DiskExpertStore, ExpertStore, RamExpertStore, slot_nbytes
+from offload.memory.transfer import (
+    DirectReader,
+    DiskExpertStore,
+    ExpertStore,
+    HostLayoutOf,
+    RamExpertStore,
+    slot_nbytes,
+)
 from offload.model.forward import MoEModel
 from offload.runtime.assemble import ProgressFn, build_model
 from offload.runtime.batch import BatchConfig, Completion, generate_many
@@ -63,6 +71,16 @@ class OffloadModel:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.generation_config = generation_config
+
+    def close(self) -> None:
+        """Stop the cache's loader and close the checkpoint files (``with from_pretrained(...) as m:`` does it)."""
+        self.model.cache.close()
+
+    def __enter__(self) -> OffloadModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def name(self) -> str:
@@ -110,7 +128,8 @@ class OffloadModel:
     def encode(self, text: str) -> torch.Tensor:
         """Text -> [1, tokens] ids with the checkpoint's tokenizer."""
         if self.tokenizer is None:
-            raise ConfigError(f"{self.plan.path} has no tokenizer.json", "pass token ids to generate() instead of text")
+            raise ConfigError(f"{self.plan.path} has no tokenizer.json (nor a GGUF-embedded tokenizer)",
+                              "pass token ids to generate() instead of text")
         ids = self.tokenizer.encode(text).ids
         if not ids:
             raise ConfigError("the prompt encodes to no tokens", "give a non-empty prompt")
@@ -183,17 +202,17 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     runtime = fit_runtime_budget(plan, runtime, compute_dtype, device)  # auto -> slots; does it fit?
     slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
     stats = Stats()
-    host = plan.expert_format.host_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
+    host = plan.host_layout(compute_dtype, device, runtime.quant_activations)
     store = _make_store(plan, runtime, host, device, progress)
     cache = _make_cache(plan, runtime, store, slot_layout, device, stats)
     model = build_model(plan, cache, stats, compute_dtype, device, progress)
-    if runtime.predictor != "none":
+    if runtime.predictor != "none" and _can_prefetch(model, runtime):
         model.prefetcher = _make_prefetcher(model, runtime, plan.path)
     if runtime.hybrid != "off":
         model.host_compute = _make_host_compute(plan, runtime, store, compute_dtype, device, stats)
     if patterns is not None:
         model.request_hook = _make_retrieval(model, runtime, patterns)
-    tokenizer = _load_tokenizer(plan.path)
+    tokenizer = load_tokenizer(plan.path, plan.metadata)
     generation_config = read_json_if_present(plan.path / "generation_config.json")
     log.info("loaded %s: %d of %d experts fit the cache (%s tier, %s)", plan.path, cache.num_slots,
              plan.spec.total_experts, runtime.offload_to, runtime.policy)
@@ -262,9 +281,9 @@ def _make_retrieval(model: MoEModel, runtime: RuntimeConfig, patterns: Patterns)
                          warm=runtime.prune is None, predictor=predictor)
 
 
-def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, host: ExpertLayout, device: torch.device,
+def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, host: HostLayoutOf, device: torch.device,
                 progress: ProgressFn | None) -> ExpertStore:
-    """The slow tier: the checkpoint on disk, or every expert read once into RAM in the ``host`` layout."""
+    """The slow tier: the checkpoint on disk, or every expert read once into RAM in its ``host`` layout."""
     disk = DiskExpertStore(plan.experts, DirectReader(), plan.source_layout)
     if runtime.offload_to == "disk":
         return disk
@@ -279,6 +298,20 @@ def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore
     layers = [i for i, moe in enumerate(spec.moe_layers) if moe]  # decode's layer cycle, for layer-aware policies
     return ExpertCache(store, num_slots, slot_layout, device, make_policy(runtime.policy), stats,
                        async_loads=runtime.predictor != "none", layers=layers)
+
+
+def _can_prefetch(model: MoEModel, runtime: RuntimeConfig) -> bool:
+    """Whether a prefetch could ever find a slot: one outside the experts the current layer uses (its top-k at
+    batch 1), within the prefetch budget. If not, the predictor would only cost time: say so once and run none."""
+    slots, top_k = model.cache.num_slots, model.spec.top_k
+    budget = parse_prefetch_budget(runtime.prefetch_budget, slots)
+    if slots > top_k and budget > 0:
+        return True
+    why = (f"the cache's {slots} slots are all needed by one layer's top-{top_k} experts (give --expert-budget more "
+           f"than {top_k} slots)" if slots <= top_k else
+           f"--prefetch-budget {runtime.prefetch_budget} leaves no slot to prefetch into")
+    log.warning("prefetching is off for --predictor %s: %s", runtime.predictor, why)
+    return False
 
 
 def _make_prefetcher(model: MoEModel, runtime: RuntimeConfig, folder: Path):
@@ -300,16 +333,6 @@ def _make_host_compute(plan: CheckpointPlan, runtime: RuntimeConfig, store: Expe
                                       runtime.quant_activations)
     return HostCompute(store, costs, runtime.hybrid, stats.hybrid)
 
-
-def _load_tokenizer(path: Path):
-    if not (path / "tokenizer.json").is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions for bad files
-        raise CheckpointError(f"{path / 'tokenizer.json'} cannot be read ({e})", "re-download it") from None
 
 
 __all__ = ["OffloadModel", "from_pretrained", "plan_checkpoint", "resolve_device"]

@@ -6,13 +6,16 @@ top-p), so a seeded sampled run here draws from the same distribution transforme
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from offload.errors import ConfigError
+from offload.errors import ConfigError, NumericError
+
+SEED_RANGE = 2**64  # what torch.Generator.manual_seed takes (as an unsigned 64-bit integer)
 
 
 def _eos_tuple(value: Any) -> tuple[int, ...]:
@@ -40,11 +43,15 @@ class SamplingConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}",
                                   "0 disables top-k filtering" if name == "top_k" else "pass a non-negative number")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}",
+        temperature = self.temperature
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature!r}",
                               "use do_sample=False for greedy decoding")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", "1.0 disables nucleus sampling")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}", "1.0 disables nucleus sampling")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < SEED_RANGE):
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}", "pass a smaller seed")
         object.__setattr__(self, "eos_token_ids", _eos_tuple(self.eos_token_ids))
 
     @classmethod
@@ -84,7 +91,13 @@ class SamplingConfig:
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Temperature, then top-k, then nucleus (top-p), in transformers' order. logits: [batch, vocab] float32."""
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        # A temperature so small that logits / temperature overflows float32 (1e-300: inf - inf = nan in the
+        # softmax). Shifting by the row's max first gives the same distribution with the top token(s) at 0.
+        top = logits.double().amax(dim=-1, keepdim=True)
+        scaled = ((logits.double() - top) / temperature).float()
+    logits = scaled
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -100,6 +113,10 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [batch] from last-position logits [batch, vocab]: argmax, or a draw from the filtered softmax."""
     logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):  # one pass over [batch, vocab]: nothing beside a forward
+        raise NumericError("the model produced NaN or Inf logits",
+                           "the checkpoint's weights may hold NaN/Inf, or the compute dtype overflows: try --dtype "
+                           "float32")
     if not config.do_sample:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, config.temperature, config.top_k, config.top_p).softmax(dim=-1)

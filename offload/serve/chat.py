@@ -41,6 +41,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from offload.checkpoint.gguf_vocab import gguf_special_tokens
 from offload.checkpoint.locate import read_json_if_present
 from offload.errors import CheckpointError, ConfigError
 
@@ -148,9 +149,19 @@ def fallback_chat_template(model_dir: Path) -> ChatTemplate:
     return ChatTemplate(FALLBACK_TEMPLATE, FALLBACK_ORIGIN, read_special_tokens(Path(model_dir)))
 
 
-def resolve_chat_template(model_dir: Path) -> ChatTemplate:
-    """The checkpoint's default template, or the fallback when it has none (see ``is_fallback``)."""
-    return load_chat_template(model_dir) or fallback_chat_template(model_dir)
+def resolve_chat_template(model_dir: Path, metadata: Mapping[str, Any] | None = None) -> ChatTemplate:
+    """The checkpoint's default template: its files (see :func:`load_chat_template`), else the one a GGUF file embeds
+    in its ``metadata`` (``tokenizer.chat_template``), else the fallback (see ``is_fallback``)."""
+    return load_chat_template(model_dir) or gguf_chat_template(model_dir, metadata or {}) or \
+        fallback_chat_template(model_dir)
+
+
+def gguf_chat_template(path: Path, metadata: Mapping[str, Any]) -> ChatTemplate | None:
+    """``tokenizer.chat_template`` of a GGUF file, with the special tokens its metadata names."""
+    source = metadata.get("tokenizer.chat_template")
+    if not isinstance(source, str):
+        return None
+    return ChatTemplate(source, f"{path} (tokenizer.chat_template)", gguf_special_tokens(metadata))
 
 
 def encode_chat(tokenizer: Any, text: str) -> list[int]:

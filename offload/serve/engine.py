@@ -16,6 +16,9 @@ and hands each request's new text to the ``deliver`` callback its submitter gave
   step (``on_token`` returns True) and are never delivered.
 - ``stop()`` ends the loop at the next step boundary and cancels what is left; every request that was accepted
   gets exactly one final event (its ``finish_reason`` set), whatever happens.
+- An exception while serving a request (its prefill, sampling, text, or the decode step it was in) ends that
+  request with finish reason "error" (runtime/batch.py isolates it); the engine goes on serving the others.
+  Only a failure outside any request (loading, a broken cache invariant) stops the engine.
 - Counters for ``/metrics`` are published as one frozen snapshot after each step, so a reader on another
   thread never sees the model's stats mid-update.
 """
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.25  # an idle engine wakes this often to notice stop(); a submit wakes it at once
 # BatchEngine's finish reasons -> OpenAI's: the end-of-sequence token and a stop string are both "stop"
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled", "error": "error"}
 
 
 _NOT_READY = {"loading": "the model is still loading", "stopped": "the server is stopping",
@@ -73,6 +76,17 @@ class Event:
 
 
 Deliver = Callable[[Event], None]  # called on the engine thread: must return at once
+
+
+def _describe(error: Exception | None) -> str:
+    """What a client is told of the error that ended its request: a user's fault in words, a bug only as such
+    (its traceback goes to the log, not to the client)."""
+    if error is None:
+        return ""
+    if isinstance(error, OffloadError):
+        return str(error)
+    log.error("a request failed on an internal error", exc_info=error)
+    return "internal error while generating (see the server's log)"
 
 
 class Ticket:
@@ -190,17 +204,19 @@ class Engine:
         prompt, new = len(request.prompt), request.sampling.max_new_tokens
         if not prompt:
             raise ConfigError("the prompt encodes to no tokens", "give a non-empty prompt")
+        if self._state != "ready":
+            raise BusyError(_NOT_READY[self._state], "retry when /health says ok")
+        if prompt + new > self.context:
+            raise ContextError(f"the prompt's {prompt} tokens + max_tokens {new} exceed the context of "
+                               f"{self.context} tokens", "shorten the prompt or lower max_tokens")
+        live = self._make_live(request, deliver)  # anything that can fail is done before the request is counted
         with self._lock:
             if self._state != "ready":
                 raise BusyError(_NOT_READY[self._state], "retry when /health says ok")
-            if prompt + new > self.context:
-                raise ContextError(f"the prompt's {prompt} tokens + max_tokens {new} exceed the context of "
-                                   f"{self.context} tokens", "shorten the prompt or lower max_tokens")
             if self._pending >= self.max_queue:
                 raise BusyError(f"{self._pending} requests are already waiting (the queue limit, --max-queue)",
                                 "retry later")
             self._pending += 1
-            live = self._make_live(request, deliver)
             self._inbox.put(live)
         return Ticket(live.request)
 
@@ -254,7 +270,12 @@ class Engine:
             live = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
             while live is not None:
                 self._live[live.request] = live
-                self._batch.submit(live.request)  # a cancelled one is dropped at the next step
+                try:
+                    self._batch.submit(live.request)  # a cancelled one is dropped at the next step
+                except OffloadError as e:  # submit() checked it already; should the batch refuse it, it ends
+                    live.request.error = e
+                    live.request.completion.finish_reason = "error"
+                    self._finish(live.request)
                 live = self._inbox.get_nowait()
         except queue.Empty:
             return
@@ -278,8 +299,8 @@ class Engine:
         self._release(live)
         reason = FINISH_REASONS[r.completion.finish_reason]
         self._finished[reason] += 1
-        tail = "" if reason == "cancelled" else live.stream.finish()
-        live.deliver(Event(tail, reason, len(r.prompt), r.completion.completion_tokens))
+        tail = live.stream.finish() if reason in ("stop", "length") else ""
+        live.deliver(Event(tail, reason, len(r.prompt), r.completion.completion_tokens, _describe(r.error)))
 
     def _release(self, live: _Live) -> None:
         with self._lock:

@@ -7,15 +7,23 @@ What a client sees follows OpenAI's API, so its official clients and the tools b
   ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop``, ``n`` = 1,
   ``stream`` and ``stream_options.include_usage`` (and ``top_k``, as vLLM does). Unset sampling fields take the
   checkpoint's generation_config.json, as ``offload run`` does; temperature 0 is greedy. ``max_tokens``
-  defaults to 16 for completions (OpenAI's default) and to the rest of the context for chat.
+  defaults to 16 for completions (OpenAI's default) and to ``--max-tokens-default`` for chat (within the
+  context's rest).
+- Every field is validated by type and range in one schema per endpoint (below), straight from the body's bytes;
+  a body over ``--max-request-bytes`` is a 413 before it is read whole; text is rendered and tokenized on the
+  encoder threads, never on the event loop, and text longer than any that fits the context is refused before
+  the tokenizer sees it.
 - Streams are Server-Sent Events as OpenAI sends them: ``data: {json}\\n\\n`` chunks of
   ``text_completion`` / ``chat.completion.chunk`` (a chat's first delta carries ``role: "assistant"``), a
   last chunk with ``finish_reason`` "stop" or "length", a usage chunk with empty ``choices`` when asked for,
   then ``data: [DONE]``. A client that goes away cancels its request (the engine frees its KV row).
 - Errors are ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON or fields and for a prompt
   over the context, 401 for a missing or wrong API key (``/v1`` only; ``/health`` and ``/metrics`` stay open
-  for probes and scrapers), 404 for another model's name or an unknown path, 503 while loading, stopping or
-  at the queue limit. Nothing a client sends stops the server.
+  for probes and scrapers), 404 for another model's name or an unknown path, 413 for a body over the limit,
+  500 when generating failed (that request only: the engine serves on), 503 while loading, stopping or at the
+  queue limit. Nothing a client sends stops the server.
+- SIGINT / SIGTERM (DrainingServer): running requests get ``--shutdown-timeout`` seconds, then each open one ends
+  with its final event (a stream: an error chunk and ``[DONE]``) before uvicorn closes the connections.
 - ``GET /health``, ``GET /v1/models`` and ``GET /metrics`` (Prometheus text: the cache's and the engine's
   counters and the expert budget in use).
 """
@@ -27,26 +35,32 @@ import dataclasses
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Annotated, Any
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from offload.errors import BusyError, ConfigError, ContextError, OffloadError
-from offload.runtime.sampling import SamplingConfig
-from offload.serve.chat import ChatTemplate, encode_chat, resolve_chat_template
+from offload.runtime.sampling import SEED_RANGE, SamplingConfig
+from offload.serve.chat import ChatTemplate, encode_chat, resolve_chat_template, validate_messages
 from offload.serve.engine import Engine, EngineMetrics, Event, GenerationRequest, Ticket
 
 log = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+TEXT_SLACK = 4         # see Api.text_limit
+DRAIN_S = 10.0         # after the grace period, how long uvicorn waits for the ended streams to close
 DISCONNECT_POLL_S = 0.5  # a non-streamed request checks this often whether its client is still there
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "data: [DONE]\n\n"
@@ -73,30 +87,42 @@ def _offload_error(e: OffloadError, param: str | None) -> ApiError:
 
 
 # -- request schemas -------------------------------------------------------------------------------------
+#
+# One schema per endpoint, parsed straight from the body's bytes by pydantic's own JSON parser: strict types ("5"
+# is not 5, true is not 1), finite floats (NaN, Infinity and 1e400 are refused), bounded integers and lists; a lone
+# surrogate or JSON nested deeper than the parser's limit is invalid JSON. Every refusal is a 400 naming the field.
+
+INT64 = 2**63
+Int = Annotated[int, Field(ge=-INT64, lt=INT64)]   # what a 64-bit client may send
+Tokens = Annotated[int, Field(ge=1, lt=2**31)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)  # unknown fields are ignored, as OpenAI does
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
     """The fields both endpoints share; other fields are ignored, as OpenAI's API ignores unknown ones."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
+    top_k: int | None = Field(None, ge=0, lt=2**31)
+    seed: Int | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    n: Int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of a value this server cannot honour, rather than silently ignoring it."""
@@ -117,11 +143,14 @@ class _Generation(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
+TokenIds = list[Annotated[int, Field(ge=0, lt=INT64)]]
+
+
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | TokenIds | list[str] | list[TokenIds]
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -138,6 +167,14 @@ class ChatRequest(_Generation):
     logprobs: bool | None = None
     tools: list[Any] | None = None
 
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            return validate_messages(messages)  # the structure a chat template may rely on (serve/chat.py)
+        except ConfigError as e:
+            raise ValueError(e.message) from None
+
     def unsupported(self) -> tuple[str, str] | None:
         if self.logprobs:
             return "logprobs", "logprobs is not supported"
@@ -146,22 +183,41 @@ class ChatRequest(_Generation):
         return super().unsupported()
 
 
-async def parse_body(request: Request, schema: type[_Generation]) -> _Generation:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes, refused with a 413 as soon as it is over ``limit`` (before it is all in memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit, more=True)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int, more: bool = False) -> ApiError:
+    return ApiError(413, f"the request body ({'over ' if more else ''}{size} bytes) is larger than this server's "
+                         f"limit of {limit} bytes (--max-request-bytes)", code="request_too_large")
+
+
+def parse_body(raw: bytes, schema: type[_Generation]) -> _Generation:
     """The request's JSON as ``schema``, or a 400 naming the field at fault."""
-    raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        body = schema.model_validate(data)
+        body = schema.model_validate_json(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None
-        message = f"{param} is required" if first["type"] == "missing" else f"{param}: {first['msg']}"
-        raise ApiError(400, message, param=param) from None
+        first = e.errors(include_url=False, include_input=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')})"
+                           ) from None
+        if not first["loc"]:
+            raise ApiError(400, "the request body must be a JSON object") from None
+        param = str(first["loc"][0])
+        where = ".".join(map(str, first["loc"]))
+        message = f"{where} is required" if first["type"] == "missing" else f"{where}: {first['msg']}"
+        raise ApiError(400, message.removeprefix(f"{where}: Value error, ").replace("Value error, ", ""),
+                       param=param) from None
     if (bad := body.unsupported()) is not None:
         raise ApiError(400, bad[1], param=bad[0])
     return body
@@ -218,7 +274,7 @@ class Reply:
 def _ended_badly(event: Event) -> ApiError:
     if event.finish_reason == "cancelled":
         return ApiError(503, "the server is stopping; the request was cancelled", "server_error", code="overloaded")
-    return ApiError(500, f"the engine failed: {event.error}", "server_error")
+    return ApiError(500, f"generation failed: {event.error}", "server_error")
 
 
 async def stream_events(reply: Reply, ticket: Ticket, events: asyncio.Queue[Event]) -> AsyncIterator[str]:
@@ -236,8 +292,9 @@ async def stream_events(reply: Reply, ticket: Ticket, events: asyncio.Queue[Even
                     yield sse(reply.usage_chunk(event))
                 yield DONE
                 return
-            if event.finish_reason is not None:  # as OpenAI reports an error mid-stream
+            if event.finish_reason is not None:  # as OpenAI reports an error mid-stream; the stream still ends
                 yield sse(_ended_badly(event).body())
+                yield DONE
                 return
     finally:
         ticket.cancel()  # nothing when it finished; otherwise its KV row is freed at the next step
@@ -294,22 +351,51 @@ def _labeled(name: str, kind: str, help: str, label: str, values: Mapping) -> li
 # -- the app ----------------------------------------------------------------------------------------------
 
 
-class Api:
-    """The routes, bound to one engine and the model name clients must use."""
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the HTTP side enforces on top of the engine's own limits (context, queue)."""
 
-    def __init__(self, engine: Engine, model_name: str, api_key: str | None = None) -> None:
-        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+    model_name: str                      # the id clients must send as ``model``
+    api_key: str | None = None           # required as a Bearer token on /v1 when set
+    max_request_bytes: int = 4 * 2**20   # larger bodies get a 413 before they are read whole
+    max_tokens_default: int = 512        # chat requests without max_tokens (llama-server's -n); completions keep 16
+    encode_threads: int = 2              # text is tokenized on these threads, never on the event loop
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_tokens_default", "encode_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"invalid --{name.replace('_', '-')} {value!r}", "give a whole number >= 1")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty", "give a non-empty key, or none")
+
+
+class Api:
+    """The routes, bound to one engine and the server's config."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine, self.config, self.model_name = engine, config, config.model_name
         self.created = int(time.time())
+        self.encoder = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="offload-encode")
 
     @cached_property
     def template(self) -> ChatTemplate:
-        return resolve_chat_template(self.engine.model.plan.path)
+        return resolve_chat_template(self.engine.model.plan.path, self.engine.model.plan.metadata)
+
+    @cached_property
+    def text_limit(self) -> int:
+        """UTF-8 bytes of the longest text that could fit the context: ``context`` tokens of the longest
+        token in the vocabulary, 4x for normalizers that shrink text (NFKC folds 3-byte forms into 1-byte
+        ones). Longer text cannot fit, so it is refused before the tokenizer spends time and memory on it."""
+        vocab = self.engine.model.tokenizer.get_vocab(with_added_tokens=True)
+        longest = max((len(token.encode("utf-8", "surrogatepass")) for token in vocab), default=1)
+        return self.engine.context * longest * TEXT_SLACK
 
     async def gate(self, request: Request) -> None:
         """/v1's dependency: the API key first (as OpenAI answers 401 before anything else), then readiness."""
-        if self.api_key is not None:
+        if self.config.api_key is not None:
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode()):
                 message = "Incorrect API key provided" if given else "Missing API key: send 'Authorization: Bearer KEY'"
                 raise ApiError(401, message, code="invalid_api_key")
         if self.engine.state != "ready":
@@ -341,39 +427,55 @@ class Api:
             raise ApiError(404, f"The model '{name}' does not exist (this server serves '{self.model_name}')",
                            param="model", code="model_not_found")
 
-    async def completions(self, request: Request) -> Response:
-        body = await parse_body(request, CompletionRequest)
+    async def _body(self, request: Request, schema: type[_Generation]) -> _Generation:
+        body = parse_body(await read_body(request, self.config.max_request_bytes), schema)
         self._check_model(body.model)
-        prompt = self._completion_prompt(body.prompt)
+        return body
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._body(request, CompletionRequest)
+        prompt = await self._completion_prompt(body.prompt)
         return await self._respond(request, body, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await parse_body(request, ChatRequest)
-        self._check_model(body.model)
-        try:
-            prompt = encode_chat(self.engine.model.tokenizer, self.template.render(body.messages))
-        except ConfigError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        return await self._respond(request, body, prompt, max(self.engine.context - len(prompt), 1), chat=True)
+        body = await self._body(request, ChatRequest)
+        prompt = await self._encode(lambda: self.template.render(body.messages), "messages", chat=True)
+        room = max(self.engine.context - len(prompt), 1)  # a default never overruns the context; an explicit one may
+        return await self._respond(request, body, prompt, min(self.config.max_tokens_default, room), chat=True)
 
-    def _completion_prompt(self, prompt: str | list) -> list[int]:
+    async def _completion_prompt(self, prompt: str | list) -> list[int]:
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt has {len(prompt)} prompts: one per request is supported", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            try:
-                return self.engine.model.encode(prompt)[0].tolist()
-            except ConfigError as e:
-                raise ApiError(400, str(e), param="prompt") from None
+            return await self._encode(lambda: prompt, "prompt", chat=False)
         vocab = self.engine.model.spec.vocab_size
         if not prompt or any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt must be a non-empty list of token ids in [0, {vocab})", param="prompt")
         return list(prompt)
 
+    async def _encode(self, text: Callable[[], str], param: str, chat: bool) -> list[int]:
+        """Token ids of ``text()`` (rendered and) encoded on the encoder threads, so the event loop keeps answering
+        everyone; text longer than any that fits the context is refused before the tokenizer sees it."""
+        def work() -> list[int]:
+            value = text()
+            if len(value.encode("utf-8", "surrogatepass")) > self.text_limit:
+                raise ContextError(f"the {param} is longer than any text that fits the context of "
+                                   f"{self.engine.context} tokens", "shorten it")
+            if chat:
+                return encode_chat(self.engine.model.tokenizer, value)
+            return self.engine.model.encode(value)[0].tolist()
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.encoder, work)
+        except OffloadError as e:
+            raise _offload_error(e, param) from None
+
     def _sampling(self, body: _Generation, default_max: int) -> SamplingConfig:
+        seed = None if body.seed is None else body.seed % SEED_RANGE  # OpenAI's int64 seeds -> torch's uint64
         options: dict[str, Any] = {"max_new_tokens": body.asked_max_tokens or default_max, "top_p": body.top_p,
-                                   "top_k": body.top_k, "seed": body.seed}
+                                   "top_k": body.top_k, "seed": seed}
         if body.temperature is not None:
             options |= {"do_sample": body.temperature > 0, "temperature": body.temperature or 1.0}
         try:
@@ -411,15 +513,16 @@ def _error_response(status: int, message: str, type: str = "invalid_request_erro
     return JSONResponse(ApiError(status, message, type).body(), status_code=status)
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     """The FastAPI app; its lifespan starts the engine (which loads the model) and stops it at shutdown."""
-    api = Api(engine, model_name, api_key)
+    api = Api(engine, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         yield
         await asyncio.to_thread(engine.stop)
+        api.encoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="offload", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_api_route("/health", api.health, methods=["GET"])
@@ -436,6 +539,41 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     return app
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose first SIGINT / SIGTERM also ends the model's open requests after ``grace`` seconds.
+
+    uvicorn stops accepting, waits for open connections, and after its own timeout cancels them mid-response
+    (clients get no final chunk, the log a CancelledError traceback per stream). Here the engine is stopped
+    first, after the grace period: each open request gets its final event (a stream: an error chunk and
+    ``[DONE]``; a waiting request: a 503), so its connection ends on its own well before uvicorn's timeout,
+    which is the grace period plus DRAIN_S."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace: float) -> None:
+        super().__init__(config)
+        self.engine, self.grace = engine, grace
+        self._stopper: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if self._stopper is None:
+            self._stopper = threading.Timer(self.grace, self.engine.stop)
+            self._stopper.daemon = True
+            self._stopper.start()
+
+
+def _uvicorn_config(app: FastAPI, host: str, port: int, grace: float, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + DRAIN_S,
+                          access_log=log_level in ("info", "debug", "trace"))
+
+
+def make_server(engine: Engine, config: ServerConfig, host: str, port: int, grace: float,
+                log_level: str = "warning") -> DrainingServer:
+    """The HTTP server over ``engine``: run() serves until a signal, then drains as DrainingServer says."""
+    server = DrainingServer(_uvicorn_config(create_app(engine, config), host, port, grace, log_level), engine, grace)
+    engine.on_fatal = lambda error: setattr(server, "should_exit", True)
+    return server
+
+
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
@@ -446,5 +584,6 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    """A bug, not the client's fault: the traceback goes to the log, the client gets a 500 that says so."""
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
-    return _error_response(500, f"internal error ({type(error).__name__}: {error})", "server_error")
+    return _error_response(500, "internal error (see the server's log)", "server_error")

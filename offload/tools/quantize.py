@@ -8,8 +8,10 @@ and AVX512 pair different rows) so it cannot be a file format. Only routed exper
 attention, routers, shared experts, dense MLPs, norms, embeddings and lm_head are copied as they are,
 and the config's ``quantization_config`` targets the expert modules only.
 
-The checkpoint is written to ``DIR.partial`` and renamed when complete; ``MODEL`` is only read (the
-bundled models live inside the installed package), a non-empty ``DIR`` is refused.
+The checkpoint is written to a fresh ``DIR.partial-<pid>-<random>`` and renamed when complete; ``MODEL`` is only
+read (the bundled models live inside the installed package), a non-empty ``DIR`` is refused. Every other file of
+the source (tokenizer, generation and chat config, a shipped predictor.safetensors, ...) is copied, and each
+file keeps its source's permission bits.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
 from offload.checkpoint.tensors import TensorInfo
-from offload.errors import ConfigError
+from offload.errors import ConfigError, OutputError
 from offload.experts import quant
 from offload.experts.formats.compressed_tensors import compressed_tensors_config, compressed_tensors_pack
 from offload.experts.quant import QuantScheme
@@ -60,6 +63,9 @@ def _check_scheme(plan: CheckpointPlan, scheme: QuantScheme) -> None:
     if plan.expert_format.float_dtype is None:
         raise ConfigError(f"{plan.path} is already quantized ({plan.expert_format.name})",
                           "quantize a float checkpoint")
+    if plan.storage.fused:  # compressed-tensors quantizes Linear modules: one per expert projection
+        raise ConfigError(f"{plan.path} fuses each layer's experts into one tensor ({plan.storage.name})",
+                          "quantize a checkpoint with one module per expert (as transformers' save_pretrained writes)")
     for dim in {plan.spec.hidden_size, plan.spec.expert_intermediate_size}:
         scheme.groups(dim)  # raises when the group size does not divide an expert matrix's inputs
 
@@ -74,11 +80,30 @@ def _write_config(plan: CheckpointPlan, tmp: Path, scheme: QuantScheme) -> None:
     cfg = json.loads((plan.path / "config.json").read_text())
     cfg["quantization_config"] = compressed_tensors_config(scheme, ["lm_head"], tuple(_expert_targets(plan)))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _same_mode(plan.path / "config.json", tmp / "config.json")
     weights = {t.path for t in plan.tensors.values()}
     for path in plan.path.iterdir():  # tokenizer, generation and chat config, a shipped predictor, ...
-        copied = path.name != "config.json" and path not in weights and not path.name.endswith(".index.json")
-        if path.is_file() and copied:
-            shutil.copy2(path, tmp / path.name)
+        if path.name == "config.json" or path in weights or path.name.endswith(".index.json"):
+            continue
+        if path.is_file():
+            shutil.copy2(path, tmp / path.name)  # content, permission bits and times
+        elif path.is_dir():
+            shutil.copytree(path, tmp / path.name)  # additional_chat_templates/
+
+
+def _same_mode(source: Path, written: Path) -> None:
+    """A written file gets its source's permission bits (not the writer's: safetensors' own are 0600)."""
+    written.chmod(stat.S_IMODE(source.stat().st_mode))
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, like: Path) -> None:
+    """One output shard; a failed write (disk full, a file size limit) is one error naming the file."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:  # safetensors wraps the OSError in its own type
+        raise OutputError(f"cannot write {path.name} of the quantized checkpoint ({e})",
+                          "free disk space (nothing was written to the output folder)") from None
+    _same_mode(like, path)
 
 
 def _shards(plan: CheckpointPlan) -> list[list[TensorInfo]]:
@@ -145,10 +170,11 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, scheme
         for n, shard in enumerate(shards):
             name = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = _quantized_shard(shard, experts, scheme, clip_search, read, tick)
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            _save(tensors, tmp / name, shard[0].path)
             weight_map |= dict.fromkeys(tensors, name)
         if len(shards) > 1:
             total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            _same_mode(shard[0].path, tmp / "model.safetensors.index.json")
     return QuantizeReport(out, scheme, len(experts) // 3, counts[1], counts[2])

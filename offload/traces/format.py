@@ -262,7 +262,7 @@ class TraceWriter:
     """Streams a trace to disk token by token (gzip'd when the name ends in .gz).
 
     Each record is checked with the reader's own rules before it is written, so the runtime can
-    never produce a file that :func:`read_trace` rejects. The records go to ``PATH.partial``,
+    never produce a file that :func:`read_trace` rejects. The records go to a fresh ``PATH.partial-<pid>-<random>``,
     renamed to ``PATH`` when the ``with`` block ends normally; if it raises (an interrupted
     recording) the partial file is removed and an existing ``PATH`` is left as it was.
     """

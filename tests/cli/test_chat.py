@@ -65,11 +65,32 @@ def test_a_system_message_opens_the_conversation(model, model_dir):
     assert result.exit_code == 0 and expected in result.stdout
 
 
-def test_stats_unknown_commands_and_exit(model_dir):
-    result = chat(model_dir, "/stats\n/what\n/exit\nnever read\n")
+def test_stats_help_unknown_commands_and_exit(model_dir):
+    result = chat(model_dir, "/stats\n/help\n/what\n/exit\nnever read\n")
     assert result.exit_code == 0, result.output
     assert "hits / misses" in result.stdout and "expert slots" in result.stdout
-    assert "unknown command /what" in result.stderr
+    assert "unknown command /what" in result.stderr and "unknown command /help" not in result.stderr
+    assert result.stderr.count("/help lists these") == 3   # the greeting, /help, and the unknown command's hint
+
+
+def test_a_terminal_gets_line_editing_and_history():
+    # input() edits lines and recalls earlier ones (arrow keys) once readline is imported, which chat does on a
+    # terminal only: under a pseudo-terminal here, not under a pipe
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.paths import ROOT
+
+    code = "import sys; from cli.chat import line_editing; print(line_editing(), 'readline' in sys.modules)"
+    controller, terminal = pty.openpty()
+    with subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=terminal, stdout=subprocess.PIPE) as proc:
+        os.close(terminal)
+        out = proc.communicate(timeout=60)[0].decode().split()
+    os.close(controller)
+    piped = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out == ["True", "True"] and piped.stdout.split() == ["False", "False"]
 
 
 def test_a_conversation_over_the_context_is_one_line_and_the_session_goes_on(model_dir):

@@ -177,3 +177,84 @@ def test_run_chat_renders_the_prompt_through_the_template(model_dir):
     result = invoke("run", model_dir, "hi", "--chat", "--max-new-tokens", 10, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"   # the reply only, not the rendered conversation
+
+
+# -- what a new user hits, and what an interrupt does ------------------------------------------------------------
+
+
+def test_version_and_help_answer_without_importing_torch():
+    import subprocess
+    import sys
+
+    from offload.version import __version__
+    from tests.paths import ROOT
+
+    version = invoke("--version")
+    assert (version.exit_code, version.stdout) == (0, f"offload {__version__}\n")
+    # -X importtime lists every module the interpreter imports: --help must not need torch (it took ~8 s)
+    for args in (["--help"], ["run", "--help"], ["serve", "--help"]):
+        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "cli.main", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "Usage" in out.stdout
+        imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "offload.runtime.load" not in imported, args
+
+
+@pytest.mark.parametrize("command", ["run", "trace"])
+def test_ctrl_c_exits_130_and_says_so(model_dir, tmp_path, monkeypatch, command):
+    from offload.model.forward import MoEModel
+
+    real, calls = MoEModel.forward, [0]
+
+    def forward(self, *args, **kwargs):                  # Ctrl-C lands in the third forward pass
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoEModel, "forward", forward)
+    (tmp_path / "p.txt").write_text("def f(x):\n")
+    args = {"run": ("run", model_dir, "abc", "--max-new-tokens", 8, "--stats-json", tmp_path / "s.json"),
+            "trace": ("trace", model_dir, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "t.jsonl")}[command]
+    result = invoke(*args)
+    assert (result.exit_code, result.stderr.splitlines()[-1]) == (130, "Error: interrupted"), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]   # no partial output left behind
+
+
+def test_run_reads_the_prompt_from_stdin(model_dir):
+    given = invoke("run", model_dir, "def f(x):", "--max-new-tokens", 6)
+    piped = runner.invoke(app, ["run", str(model_dir), "-", "--max-new-tokens", "6"], input="def f(x):\n")
+    assert piped.exit_code == 0 and piped.stdout == given.stdout
+    binary = runner.invoke(app, ["run", str(model_dir), "-"], input=b"\xff\xfeab")
+    assert (binary.exit_code, binary.stderr) == (1, "Error: the prompt on stdin is not UTF-8 text (byte 0) "
+                                                    "(hint: pipe in UTF-8 text)\n")
+
+
+def test_a_prompt_too_long_for_the_model_is_one_line_before_its_memory(model_dir):
+    from tests.rss import peak_rss
+
+    with peak_rss() as peak:                              # the forward over it once tried a 10 GB mask
+        result = invoke("run", model_dir, "x" * 100_000, "--max-new-tokens", 4)
+    assert result.exit_code == 1 and result.stdout == "" and "Traceback" not in result.output, result.output
+    assert result.stderr.splitlines()[-1].startswith("Error: the prompt's 100000 tokens + max_new_tokens 4 exceed "
+                                                     "the model's 256 positions")
+    assert peak[0] < 2048, f"peak RSS {peak[0]:.0f} MiB"
+
+
+def test_files_the_cli_cannot_use_are_one_line(model_dir, tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    binary = invoke("run", model_dir, "--prompts-file", tmp_path / "p.txt")
+    assert binary.exit_code == 1 and binary.stderr.startswith(f"Error: prompts file {tmp_path / 'p.txt'} is not UTF-8")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    gguf = invoke("run", tmp_path / "m.gguf", "x")
+    assert gguf.exit_code == 1 and gguf.stderr.startswith(f"Error: {tmp_path / 'm.gguf'} is not a readable GGUF file")
+
+
+def test_a_predictor_that_can_never_prefetch_is_said_once(caplog):
+    result = invoke("run", "tiny-moe", "def f(x):", "--max-new-tokens", 4, "--expert-budget", 2,
+                    "--predictor", "learned", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    said = [r for r in caplog.records if "prefetching is off for --predictor learned" in r.getMessage()]
+    assert len(said) == 1 and "2 slots are all needed by one layer's top-2 experts" in said[0].getMessage()
+    with offload.from_pretrained("tiny-moe", device="cpu", expert_budget=3, predictor="learned") as m:
+        assert m.model.prefetcher is not None             # one slot beyond the top-2: it prefetches

@@ -47,3 +47,28 @@ def test_atomic_directory_never_overwrites_a_non_empty_one(tmp_path):
         (tmp / "x").write_text("partial")
         raise ValueError
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+
+
+def test_temporaries_never_collide_with_what_is_there(tmp_path):
+    # OUT.partial existing (a file or a folder of the user's) is neither used nor removed, success or failure
+    for kind in ("file", "dir"):
+        target = tmp_path / kind / "out"
+        target.parent.mkdir()
+        theirs = target.with_name("out.partial")
+        theirs.mkdir() if kind == "dir" else theirs.write_text("mine")
+        with pytest.raises(RuntimeError), atomic_output(target, directory=kind == "dir") as tmp:
+            assert tmp != theirs and tmp.name.startswith("out.partial-")
+            raise RuntimeError
+        with atomic_output(target, directory=kind == "dir") as tmp:
+            (tmp / "x").write_text("new") if kind == "dir" else tmp.write_text("new")
+        assert sorted(p.name for p in target.parent.iterdir()) == ["out", "out.partial"]
+        assert theirs.is_dir() if kind == "dir" else theirs.read_text() == "mine"
+
+
+def test_a_binary_prompts_file_is_one_line(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"ok\n\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=r"prompts file .*p.txt is not UTF-8 text \(byte 3\)"):
+        read_prompts(tmp_path / "p.txt")
+    (tmp_path / "n.txt").write_bytes(b"a\x00b\n")
+    with pytest.raises(ConfigError, match="holds NUL bytes"):
+        read_prompts(tmp_path / "n.txt")

@@ -46,6 +46,11 @@ class ExpertFormat(ABC):
         """The float dtype the experts are stored in, or None when they are quantized."""
         return None
 
+    def layer_format(self, layer: int) -> ExpertFormat:
+        """The format of one MoE layer's experts: this one, unless the file mixes formats across layers (a GGUF
+        K-quant mix keeps some layers' down projections in Q6_K)."""
+        return self
+
     # -- the checkpoint's tensors ----------------------------------------------------------------------------
     @abstractmethod
     def tensor_suffixes(self) -> tuple[str, ...]:

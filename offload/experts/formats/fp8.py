@@ -77,7 +77,7 @@ class Fp8BlockFormat(ExpertFormat):
     def from_config(cls, quantization_config: dict) -> Fp8BlockFormat:
         qc = quantization_config
         block = qc.get("weight_block_size") or [128, 128]
-        if qc.get("fmt", "e4m3") != "e4m3" or len(block) != 2:
+        if qc.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn") or len(block) != 2:  # MiniMax-M2: the dtype's name
             raise UnsupportedModelError(f"fp8 {qc.get('fmt')} with blocks {block}",
                                         "offload reads e4m3 FP8 with 2-D weight_block_size")
         return cls((int(block[0]), int(block[1])))

@@ -72,7 +72,7 @@ def test_gpt_oss_mxfp4_as_released(tmp_path):
     assert isinstance(model.plan.expert_format, Mxfp4Format)
     # the RAM tier keeps 4.25 bits per weight: (16 bytes + 1 scale) per 32 weights, plus a float32 bias per row
     h = i = 32
-    host = model.cache.mover.store.layout
+    host = model.cache.mover.store.native_format  # every expert of the RAM tier in one layout
     assert all(isinstance(m, Mxfp4Matrix) for m in host.matrices)
     assert host.nbytes == pytest.approx(3 * i * h * 17 / 32 + 4 * (2 * i + h), abs=3 * 64)
     # a CPU slot holds the expert dequantized once, in the compute dtype (no CPU kernel computes MXFP4)
@@ -104,7 +104,7 @@ def test_deepseek_fp8_blocks_as_released(tmp_path):
 def test_mla_caches_the_latent_and_decodes_as_a_full_forward(tiny_dir):
     model = offload.from_pretrained(tiny_dir("deepseek_v3"), device="cpu").model
     spec = model.spec
-    kv = KVCache(spec, 1, 16, torch.float32, torch.device("cpu"), model.kv_shapes)
+    kv = KVCache(spec, 1, 16, torch.float32, torch.device("cpu"), model.layer_stores)
     # per token: every layer's latent (kv_lora_rank) and shared rotary key (qk_rope_head_dim), nothing per head
     assert kv.bytes_per_token == spec.num_layers * (spec.kv_lora_rank + spec.qk_rope_head_dim) * 4 == 3 * 12 * 4
     ids = torch.tensor([[5, 17, 33, 60, 8, 9, 10, 11]])

@@ -137,7 +137,7 @@ def test_the_fit_error_comes_before_any_weight_is_read(tiny_dir, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("a weight was read before the budget was checked")
 
-    monkeypatch.setattr(offload.runtime.assemble, "safe_open", no_reads)
+    monkeypatch.setattr(offload.runtime.assemble, "read_tensor", no_reads)
     monkeypatch.setattr(offload.memory.transfer.DirectReader, "read", no_reads)
     with pytest.raises(BudgetError, match="does not fit"):
         offload.from_pretrained(tiny_dir("mixtral"), device="cpu", expert_budget=4)

@@ -1,5 +1,6 @@
 """Continuous batching: a request's tokens do not depend on the scheduler, batch size, budget or
-prefill chunking; results keep the prompts' order; the KV pool computes what a per-request KV cache does."""
+prefill chunking; results keep the prompts' order; the KV pool computes what a per-request KV cache does,
+linear-attention state rows included."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 import offload
 from cli.main import app
 from offload.errors import ConfigError
-from offload.runtime.batch import BatchConfig
+from offload.runtime.batch import BatchConfig, BatchEngine, BatchRequest, Completion
 from tests.tiny_models import add_char_tokenizer
 
 PROMPTS = [[5, 17, 33, 60, 8], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46], [3], [60, 5, 17], [21, 22, 23, 24]]
@@ -82,6 +83,50 @@ def test_unknown_scheduler(reference):
         model.generate_many(PROMPTS, scheduler="random")
 
 
+# ----------------------------------------------------------------------------------- linear-attention state rows
+
+
+@pytest.fixture(scope="module")
+def hybrid(tiny_dir):
+    """Qwen3-Next (Gated DeltaNet state rows beside KV rows), each prompt generated alone."""
+    path = tiny_dir("qwen3_next")
+    model = offload.from_pretrained(path, device="cpu")
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=NEW, eos_token_id=[])[0, len(p):].tolist()
+             for p in PROMPTS]
+    return path, alone
+
+
+@pytest.mark.parametrize("batch_size, pool_size, chunk, predictor", [(2, 2, 0, "none"), (3, 3, 2, "pregate")])
+def test_state_rows_decode_as_alone(hybrid, batch_size, pool_size, chunk, predictor):
+    """Requests of different lengths join as rows free up (a pool smaller than the prompts); a prompt prefilled in
+    chunks continues its conv and recurrent state from chunk to chunk; a row's state starts from zero for each
+    request it serves."""
+    path, alone = hybrid
+    model = offload.from_pretrained(path, device="cpu", expert_budget="50%", predictor=predictor)
+    out = model.generate_many(PROMPTS, max_new_tokens=NEW, batch_size=batch_size, pool_size=pool_size,
+                              prefill_chunk=chunk, scheduler="expert-aware", eos_token_id=[])
+    assert [c.token_ids for c in out] == alone
+    model.cache.close()
+
+
+def test_a_cancelled_requests_state_row_is_reused_cleanly(hybrid):
+    path, alone = hybrid
+    model = offload.from_pretrained(path, device="cpu")
+    engine = BatchEngine(model.model, BatchConfig(batch_size=1, pool_size=1), rows=1, capacity=16)
+    sampling = model.sampling_config(max_new_tokens=NEW, eos_token_id=[])
+    first = engine.submit(BatchRequest(PROMPTS[2], sampling, Completion(0, None, len(PROMPTS[2]))))
+    engine.step()
+    engine.step()  # the row's state now holds request 0's prompt and two decoded tokens
+    first.cancel()
+    second = engine.submit(BatchRequest(PROMPTS[0], sampling, Completion(1, None, len(PROMPTS[0]))))
+    done = []
+    while engine.busy:
+        done += engine.step()
+    assert first.completion.finish_reason == "cancelled" and first.row == second.row == 0
+    assert second.completion.token_ids == alone[0]
+    engine.close()
+
+
 # ----------------------------------------------------------------------------------- CLI
 
 
@@ -120,3 +165,51 @@ def test_cli_batch_errors(text_model, tmp_path, args, match):
     result = CliRunner().invoke(app, ["run", str(text_model), *args, "--device", "cpu"])
     assert result.exit_code != 0
     assert result.output.count("\n") == 1 and match in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode", "callback"])
+def test_a_request_that_fails_ends_alone_and_the_engine_goes_on(reference, monkeypatch, where):
+    # One request (prompt 2) fails at its first sampling (prefill), at a later one (decode), or in its token
+    # callback: it ends with finish reason "error" and its exception; the others get what they get alone, and
+    # a request submitted after it as well.
+    from offload.runtime import batch
+    from offload.runtime.batch import BatchEngine, BatchRequest, Completion
+    from offload.runtime.sampling import SamplingConfig
+
+    path, alone = reference
+    model = offload.from_pretrained(path, device="cpu", expert_budget=2)
+    sampling = SamplingConfig(max_new_tokens=NEW, eos_token_ids=())
+    bad = sampling if where == "callback" else SamplingConfig(max_new_tokens=NEW, eos_token_ids=(), top_k=7)
+    calls = {"n": 0}
+    real_sample = batch.sample
+
+    def sample(logits, config, generator=None):
+        if config is bad and where != "callback":
+            calls["n"] += 1
+            if calls["n"] == (1 if where == "prefill" else 3):
+                raise RuntimeError("injected")
+        return real_sample(logits, config, generator)
+
+    monkeypatch.setattr(batch, "sample", sample)
+    engine = BatchEngine(model.model, BatchConfig(batch_size=3), rows=4, capacity=32)
+    requests = [BatchRequest(list(p), bad if i == 2 else sampling, Completion(i, None, len(p)))
+                for i, p in enumerate(PROMPTS[:4])]
+    if where == "callback":
+        requests[2].on_token = lambda completion, token: 1 / 0
+    for r in requests:
+        engine.submit(r)
+    done = []
+    while engine.busy:
+        done += engine.step()
+    failed = [r for r in done if r.completion.finish_reason == "error"]
+    assert failed == [requests[2]] and isinstance(requests[2].error, (RuntimeError, ZeroDivisionError))
+    assert [r.completion.token_ids for r in requests if r is not requests[2]] == [alone[0], alone[1], alone[3]]
+    later = engine.submit(BatchRequest(list(PROMPTS[4]), sampling, Completion(9, None, len(PROMPTS[4]))))
+    while engine.busy:
+        engine.step()
+    assert later.completion.token_ids == alone[4] and sorted(engine.free_rows) == [0, 1, 2, 3]
+    model.cache.check()
+    if where != "callback":  # generate_many is an API call: the failure is raised, not returned
+        calls["n"] = 0
+        with pytest.raises(RuntimeError, match="injected"):
+            batch.generate_many(model.model, [list(PROMPTS[0])], BatchConfig(), bad)

@@ -55,7 +55,11 @@ def test_generation_config_gives_the_defaults_and_options_win():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=0), "temperature must be > 0"), (dict(top_p=0), "top_p must be in"),
+    (dict(temperature=0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"), (dict(seed=-1), "seed must be"),
+    (dict(seed=True), "seed must be"), (dict(top_p=0), "top_p must be in"),
     (dict(top_p=1.5), "top_p must be in"), (dict(top_k=-1), "top_k must be"),
     (dict(max_new_tokens=-2), "max_new_tokens must be"), (dict(max_new_tokens=2.5), "max_new_tokens must be"),
 ])
@@ -67,3 +71,24 @@ def test_bad_values_are_one_line_errors(kwargs, match):
 def test_unknown_option_names_the_known_ones():
     with pytest.raises(ConfigError, match="unknown sampling option 'typical_p'"):
         SamplingConfig.from_generation_config({}, typical_p=0.5)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
+def test_a_vanishing_temperature_samples_the_top_token_and_never_nan(temperature):
+    # logits / 1e-300 overflows float32 (inf - inf = nan in the softmax, which used to kill the server's engine):
+    # the limit of the distribution as the temperature goes to 0 is the argmax (ties shared)
+    logits = torch.tensor([[0.5, 3.0, -2.0, 2.99], [1.0, 1.0, -5.0, 0.0]])
+    config = SamplingConfig(do_sample=True, temperature=temperature, top_k=0)
+    filtered = filter_logits(logits, temperature, 0, 1.0)
+    probs = filtered.softmax(dim=-1)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2))
+    draws = [sample(logits, config, torch.Generator().manual_seed(s)).tolist() for s in range(20)]
+    assert {d[0] for d in draws} == {1} and {d[1] for d in draws} == {0, 1}   # row 2 ties its top two
+
+
+def test_non_finite_logits_are_an_error_not_a_token():
+    from offload.errors import NumericError
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NumericError, match="NaN or Inf logits"):
+            sample(torch.tensor([[0.0, bad, 1.0]]), SamplingConfig())

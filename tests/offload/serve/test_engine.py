@@ -157,6 +157,42 @@ def test_a_failed_load_is_reported_once(model):
         submit(engine, model, PROMPTS[0])
 
 
+def test_an_exception_while_serving_ends_its_requests_and_the_engine_serves_on(engine, model, alone, monkeypatch):
+    real, calls = model.model.forward, [0]
+
+    def forward(*args, **kwargs):                          # one forward raises: a bug, or a failed disk read
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", forward)
+    results = [c.result() for c in [submit(engine, model, p) for p in PROMPTS[:3]]]
+    errors = [last for _, last in results if last.finish_reason == "error"]
+    assert errors and all(e.error == "internal error while generating (see the server's log)" for e in errors)
+    assert all(text == alone[p] for p, (text, last) in zip(PROMPTS, results) if last.finish_reason != "error")
+    assert engine.state == "ready"
+    assert {p: submit(engine, model, p).result()[0] for p in PROMPTS} == alone   # the engine goes on, right
+    m = engine.metrics()
+    assert (m.requests_running, m.requests_waiting) == (0, 0) and m.requests_finished["error"] == len(errors)
+    model.cache.check()
+
+
+def test_a_request_refused_while_being_made_is_never_counted(engine, model, alone, monkeypatch):
+    # submit() used to count a request before making it, so each one that failed there (a seed torch refused)
+    # left the waiting counter one higher: after max_queue of them every request got "queue limit"
+    def broken(request, deliver):
+        raise ValueError("Overflow when unpacking long long")
+
+    monkeypatch.setattr(engine, "_make_live", broken)
+    for _ in range(engine.max_queue + 6):
+        with pytest.raises(ValueError):
+            engine.submit(request(model, PROMPTS[0]), Collector())
+    assert engine.metrics().requests_waiting == 0
+    monkeypatch.undo()
+    assert submit(engine, model, PROMPTS[0]).result()[0] == alone[PROMPTS[0]]
+
+
 def test_task_patterns_warm_each_request_and_show_in_the_metrics(tmp_path):
     from offload.tools.profile import model_identity, profile
     from tests.paths import ROOT

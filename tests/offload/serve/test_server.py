@@ -24,7 +24,7 @@ import offload
 from cli.main import app as cli_app
 from offload.serve.chat import encode_chat, resolve_chat_template
 from offload.serve.engine import Engine, Event
-from offload.serve.server import Reply, create_app, prometheus_text
+from offload.serve.server import Reply, ServerConfig, create_app, prometheus_text
 from tests.serve_process import REQUEST_S, start_server, stop_server
 from tests.tiny_models import add_char_tokenizer
 
@@ -48,11 +48,23 @@ def model(model_dir):
     return offload.from_pretrained(model_dir, device="cpu", expert_budget=6)
 
 
+DEFAULT_CHAT_TOKENS = 7
+
+
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    proc, base = start_server(model_dir, tmp_path_factory.mktemp("serve-log") / "serve.log", "--api-key", KEY)
-    yield base
+def server_process(model_dir, tmp_path_factory):
+    """The server, its key read from a file (kept out of `ps`), chat's default max_tokens lowered to tell it apart."""
+    folder = tmp_path_factory.mktemp("serve-log")
+    (folder / "key").write_text(KEY + "\n")
+    proc, base = start_server(model_dir, folder / "serve.log", "--api-key-file", str(folder / "key"),
+                              "--max-tokens-default", str(DEFAULT_CHAT_TOKENS))
+    yield proc, base
     stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process[1]
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +202,24 @@ GOOD = {"model": "tiny-mixtral", "prompt": "abc", "max_tokens": 4}
     ({**GOOD, "prompt": "x" * 120, "max_tokens": 20}, 400, "prompt", "context_length_exceeded"),
     ({**GOOD, "prompt": [1, 2, 10_000]}, 400, "prompt", None),                       # token id outside the vocab
     ({**GOOD, "prompt": ["a", "b"]}, 400, "prompt", None),
+    # strict types: nothing is coerced
+    ({**GOOD, "max_tokens": "5"}, 400, "max_tokens", None),
+    ({**GOOD, "max_tokens": True}, 400, "max_tokens", None),
+    ({**GOOD, "max_tokens": 5.0}, 400, "max_tokens", None),
+    ({**GOOD, "stream": "yes"}, 400, "stream", None),
+    ({**GOOD, "stop": 3}, 400, "stop", None),
+    # finite floats, bounded integers
+    (b'{"model": "tiny-mixtral", "prompt": "abc", "temperature": Infinity}', 400, "temperature", None),
+    (b'{"model": "tiny-mixtral", "prompt": "abc", "temperature": NaN}', 400, "temperature", None),
+    (b'{"model": "tiny-mixtral", "prompt": "abc", "top_p": 1e400}', 400, "top_p", None),
+    ({**GOOD, "seed": 2**64}, 400, "seed", None),
+    ({**GOOD, "max_tokens": 2**40}, 400, "max_tokens", None),
+    ({**GOOD, "top_k": -1}, 400, "top_k", None),
+    # text that is not text, JSON nested past the parser's limit, a prompt longer than any that fits (not tokenized)
+    (b'{"model": "tiny-mixtral", "prompt": "a\\ud800b"}', 400, None, None),
+    (b'{"model": "tiny-mixtral", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, None),
+    (b'\xff\xfe{}', 400, None, None),
+    ({**GOOD, "prompt": "x" * 1_000_000}, 400, "prompt", "context_length_exceeded"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param, code):
     r = post(server, "/v1/completions", body)
@@ -197,13 +227,19 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, param, 
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"]) == (param, code)
+    assert "Error" not in error["message"] and "Traceback" not in error["message"]   # no Python exception names
     assert httpx.get(f"{server}/health", timeout=REQUEST_S).json() == {"status": "ok"}   # it keeps serving
 
 
 def test_bad_chat_requests(server):
     cases = [({"model": "tiny-mixtral", "messages": []}, "messages is empty"),
              ({"model": "tiny-mixtral", "messages": [{"role": "user"}]}, "content is missing"),
-             ({"model": "tiny-mixtral", "messages": "hi"}, "messages: ")]
+             ({"model": "tiny-mixtral", "messages": "hi"}, "messages: "),
+             ({"model": "tiny-mixtral", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+              "only text parts are supported"),
+             (b'{"model": "tiny-mixtral", "messages": [{"role": "user", "content": "\\udfff"}]}', "not valid JSON"),
+             ({"model": "tiny-mixtral", "messages": [{"role": "user", "content": "x" * 2_000_000}]},
+              "longer than any text that fits the context")]
     for body, message in cases:
         r = post(server, "/v1/chat/completions", body)
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
@@ -271,7 +307,7 @@ def test_the_app_answers_503_while_loading_then_serves(model):
 
     gate = threading.Event()
     engine = Engine(lambda: gate.wait(REQUEST_S) and model)
-    with TestClient(create_app(engine, "m")) as http:
+    with TestClient(create_app(engine, ServerConfig("m"))) as http:
         assert http.get("/health").status_code == 503 and http.get("/health").json() == {"status": "loading"}
         r = http.post("/v1/completions", json={"model": "m", "prompt": "ab", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
@@ -306,3 +342,86 @@ def test_prometheus_text_lists_every_reason():
                                          pruned_share={0: 0.25, 2: 0.5}, warm_hits=7))
     assert 'offload_task_matches_total{task="code"} 3' in text and "offload_warm_hits_total 7" in text
     assert 'offload_pruned_routing_share{layer="2"} 0.5' in text
+
+
+# -- what a client cannot do to the server ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324])
+def test_a_vanishing_temperature_is_served_as_the_greedy_text(client, server, model, temperature):
+    # 1e-300 passed validation (0 < t <= 2), overflowed to NaN in sampling, and the engine thread's exception
+    # ended the whole process
+    c = client.completions.create(model="tiny-mixtral", prompt=PROMPTS[7], max_tokens=8, temperature=temperature)
+    assert c.choices[0].text == model.generate_text(PROMPTS[7], max_new_tokens=8)
+    assert httpx.get(f"{server}/health", timeout=REQUEST_S).json() == {"status": "ok"}
+
+
+def test_refused_seeds_never_fill_the_queue(server, client, model):
+    # a seed torch refused was a 500 that left the waiting counter one higher: 64 of them and every request got 503
+    for _ in range(70):
+        r = post(server, "/v1/completions", {**GOOD, "seed": 2**64})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    for seed in (-(2**63), -1, 2**63 - 1):                # OpenAI's int64 range is served
+        assert post(server, "/v1/completions", {**GOOD, "seed": seed, "temperature": 1}).status_code == 200
+    assert metrics(server)["offload_requests_waiting"] == 0
+    c = client.completions.create(model="tiny-mixtral", prompt=PROMPTS[0], max_tokens=5, temperature=0)
+    assert c.choices[0].text == model.generate_text(PROMPTS[0], max_new_tokens=5)
+
+
+def test_oversized_bodies_get_413_before_they_cost_memory(server_process):
+    from tests.rss import peak_rss_mib
+
+    proc, server = server_process
+    before = peak_rss_mib(proc.pid)
+    body = b'{"model": "tiny-mixtral", "prompt": "' + b"x" * (50 * 2**20) + b'"}'
+    declared = post(server, "/v1/completions", body)
+
+    def chunks():                                         # no Content-Length: refused as it streams past the limit
+        yield b'{"model": "tiny-mixtral", "prompt": "'
+        for _ in range(800):
+            yield b"x" * 65536
+
+    streamed = httpx.post(f"{server}/v1/completions", content=chunks(), headers={**AUTH, "Content-Type":
+                                                                                   "application/json"},
+                          timeout=REQUEST_S)
+    for r in (declared, streamed):
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert "larger than this server's limit of 4194304 bytes (--max-request-bytes)" in r.json()["error"]["message"]
+    # a 50 MB prompt grew this process by 5 GB (13.7 GB as a chat message) and stalled /health for minutes
+    assert peak_rss_mib(proc.pid) < before + 64, (before, peak_rss_mib(proc.pid))
+    assert httpx.get(f"{server}/health", timeout=REQUEST_S).json() == {"status": "ok"}
+
+
+def test_chat_without_max_tokens_takes_the_servers_default(client, model, model_dir):
+    messages = [{"role": "user", "content": "def"}]
+    whole = client.chat.completions.create(model="tiny-mixtral", messages=messages, temperature=0)
+    assert whole.usage.completion_tokens <= DEFAULT_CHAT_TOKENS   # --max-tokens-default (the context's rest before)
+    assert whole.choices[0].message.content == chat_alone(model, model_dir, messages, DEFAULT_CHAT_TOKENS)
+
+
+def test_a_failed_generation_is_a_500_and_a_closed_stream_and_the_server_serves_on(model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    real, calls = model.model.forward, [0]
+
+    def forward(*args, **kwargs):                         # the first two forward passes fail
+        calls[0] += 1
+        if calls[0] <= 2:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", forward)
+    engine = Engine(lambda: model)
+    body = {"model": "m", "prompt": "ab", "max_tokens": 3, "temperature": 0}
+    with TestClient(create_app(engine, ServerConfig("m"))) as http:
+        assert engine.wait_ready(REQUEST_S)
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"] == {
+            "message": "generation failed: internal error while generating (see the server's log)",
+            "type": "server_error", "param": None, "code": None}
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            events = sse_events(s)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == model.generate_text("ab", max_new_tokens=3)
+        assert http.get("/health").json() == {"status": "ok"}

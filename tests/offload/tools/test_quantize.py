@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
+import shutil
+import signal
+import stat
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import offload
@@ -138,3 +142,60 @@ def test_cli(source, tmp_path):
     assert "int4-g32-sym (compressed-tensors)" in info.stdout
     bad = runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "b"), "--bits", "3"])
     assert bad.exit_code == 1 and bad.stderr.startswith("Error: --bits 3")
+
+
+def test_paths_named_like_its_temporary_are_never_touched(source, tmp_path):
+    # a folder of the user's named OUT.partial, and a source model itself named OUT.partial: the temporary is
+    # OUT.partial-<pid>-<random>, created exclusively, so neither is ever removed or written
+    theirs = tmp_path / "q.partial"
+    theirs.mkdir()
+    (theirs / "mine.txt").write_text("keep")
+    quantize_checkpoint(source, tmp_path / "q", parse_scheme("int8"))
+    assert (theirs / "mine.txt").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "q", "q.partial"]
+    model_partial = tmp_path / "m.partial"
+    shutil.copytree(source, model_partial)
+    before = digest(model_partial)
+    result = CliRunner().invoke(app, ["quantize", str(model_partial), "--out", str(tmp_path / "m"), "--bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert digest(model_partial) == before and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_every_file_and_its_mode_are_kept(source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    save_file({"w": torch.ones(2, 2)}, str(src / "predictor.safetensors"))   # as tiny-moe ships one
+    modes = {"model.safetensors": 0o640, "config.json": 0o644, "predictor.safetensors": 0o600, "notes.txt": 0o604}
+    for name, mode in modes.items():
+        (src / name).chmod(mode)
+    quantize_checkpoint(src, tmp_path / "q", parse_scheme("int8"))
+    out = tmp_path / "q"
+    assert {p.name for p in src.iterdir()} == {p.name for p in out.iterdir()}
+    assert {name: stat.S_IMODE((out / name).stat().st_mode) for name in modes} == modes
+    assert (out / "predictor.safetensors").read_bytes() == (src / "predictor.safetensors").read_bytes()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(source, tmp_path):
+    # a real failed write: a file size limit (RLIMIT_FSIZE) makes write() fail with EFBIG, as a full disk fails it
+    # with ENOSPC; safetensors raises its own error type for either
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    before = digest(source)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        result = CliRunner().invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q"), "--bits", "8"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("Error: cannot write model.safetensors of the quantized checkpoint")
+    assert list(tmp_path.iterdir()) == [] and digest(source) == before
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(source, tmp_path, monkeypatch):
+    import offload.experts.quant as quant
+
+    monkeypatch.setattr(quant, "quantize", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    result = CliRunner().invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q"), "--bits", "8"])
+    assert (result.exit_code, result.stderr) == (130, "Error: interrupted\n")
+    assert list(tmp_path.iterdir()) == []
