@@ -20,7 +20,8 @@ from .chat import chat
 from .errors import OneLineErrors
 from .hw import register as register_hw
 from .load import load_model
-from .options import LOADING, ModelArg, RuntimeOptions, Seed, Temperature, TopP, with_runtime_options
+from .options import LOADING, PATTERNS, ModelArg, RuntimeOptions, Seed, Temperature, TopP, with_runtime_options
+from .patterns import register as register_patterns
 from .serve import serve
 
 err = Console(stderr=True)
@@ -34,6 +35,7 @@ app = typer.Typer(
     help="Run Mixture-of-Experts LLMs larger than your GPU or RAM with a bounded expert cache.",
 )
 register_hw(app)  # bench-hw, plan
+register_patterns(app)  # profile
 
 
 def _print_version(value: bool) -> None:
@@ -190,13 +192,19 @@ def _gib(n: float) -> str:
 
 
 @app.command()
-def info(model: ModelArg) -> None:
+def info(model: ModelArg, patterns: Annotated[Path | None, typer.Option(
+        help="A patterns file of this model (`offload profile`): how many experts per layer hold 50/80/95% of "
+             "each task's routing mass, the number --prune needs.")] = None) -> None:
     """Describe a checkpoint: family, sizes, and the expert budget this machine's memory holds (what --expert-budget
     auto would take for run, serve and chat with their defaults)."""
     import torch
 
     from offload.checkpoint.locate import resolve_model_dir
     from offload.checkpoint.plan import plan_checkpoint, plan_config
+    from offload.memory.patterns import load_patterns
+    from offload.runtime.load import identity
+
+    from .patterns import coverage_table, prune_hint
 
     path = resolve_model_dir(model, weights=False)
     config_only = (path / "config.json").is_file() and not any(
@@ -223,6 +231,11 @@ def info(model: ModelArg) -> None:
     for k, v in rows:
         table.add_row(f"[bold]{k}[/bold]", v)
     Console().print(table)
+    if patterns is not None:
+        found = load_patterns(patterns)
+        found.model.check(identity(plan), str(patterns))
+        Console().print(coverage_table(found))
+        Console().print(f"to keep 80% of every layer's routing mass: {prune_hint(found)}", highlight=False)
 
 
 def _attention_rows(plan) -> list[tuple[str, str]]:
@@ -288,7 +301,7 @@ def trace(
 
 
 @app.command()
-@with_runtime_options(LOADING, expert_budget="100%")
+@with_runtime_options(LOADING + PATTERNS, expert_budget="100%")
 def perplexity(
     model: ModelArg,
     runtime: RuntimeOptions,

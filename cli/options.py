@@ -42,6 +42,15 @@ Hybrid = Annotated[str, typer.Option(
     help="Applies with --device cuda: per missed expert, off (fetch it to the GPU), auto (fetch or compute it on the "
          "CPU from its host copy, whichever the cost model calibrated by `offload bench-hw` says is faster) or "
          "always (the CPU whenever its host copy can compute it).", rich_help_panel=PANEL)]
+PatternsFile = Annotated[Path | None, typer.Option(
+    "--patterns", help="Task expert patterns (`offload profile`): each request's prompt is matched to a task whose "
+                       "experts warm the cache before decode (lossless).", rich_help_panel=PANEL)]
+Task = Annotated[str | None, typer.Option(
+    help="With --patterns: use this task's pattern instead of matching each prompt.", rich_help_panel=PANEL)]
+Prune = Annotated[str | None, typer.Option(
+    help='With --patterns: keep only this many experts per layer ("4", "50%", "0.5") of --task (else the generic '
+         "pattern) and route among them; they load once and the slow tier is never read again (lossy: check "
+         "`offload perplexity` with it).", rich_help_panel=PANEL)]
 PredictorFile = Annotated[Path | None, typer.Option(
     help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.",
     rich_help_panel=PANEL)]
@@ -51,8 +60,10 @@ SHARED: dict[str, tuple[Any, Any]] = {  # option -> (annotation, default)
     "offload_to": (OffloadTo, "disk"), "policy": (Policy, "lru"), "predictor": (Predictor, "none"),
     "lookahead": (Lookahead, 1), "prefetch_budget": (PrefetchBudget, "50%"),
     "predictor_file": (PredictorFile, None), "hybrid": (Hybrid, "off"),
+    "patterns": (PatternsFile, None), "task": (Task, None), "prune": (Prune, None),
 }
 LOADING = ("device", "dtype", "expert_budget", "offload_to", "policy")
+PATTERNS = ("patterns", "task", "prune")
 ALL = tuple(SHARED)
 
 
@@ -107,10 +118,12 @@ def predictor_options(predictor: str, path: Path | None) -> dict | None:
 
 def runtime_config(device: str = "auto", dtype: str = "auto", expert_budget: str = "100%", offload_to: str = "disk",
                    policy: str = "lru", predictor: str = "none", lookahead: int = 1, prefetch_budget: str = "50%",
-                   predictor_file: Path | None = None, hybrid: str = "off", **batching) -> RuntimeConfig:
+                   predictor_file: Path | None = None, hybrid: str = "off", patterns: Path | None = None,
+                   task: str | None = None, prune: str | None = None, **batching) -> RuntimeConfig:
     """The RuntimeConfig of a command's shared options (validated here, before any file is read)."""
     from offload.runtime.config import RuntimeConfig  # torch and the registries: not for --help
 
     return RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, offload_to=offload_to, policy=policy,
                          predictor=predictor, lookahead=lookahead, prefetch_budget=prefetch_budget,
-                         predictor_options=predictor_options(predictor, predictor_file), hybrid=hybrid, **batching)
+                         predictor_options=predictor_options(predictor, predictor_file), hybrid=hybrid,
+                         patterns=patterns, task=task, prune=prune, **batching)

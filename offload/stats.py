@@ -44,10 +44,19 @@ class LayerStats(HitRate):
     prefetch_wasted: int = 0     # ... not used by the layer they were fetched for
     steps: int = 0               # forward steps through this layer's MoE block
     distinct_experts: int = 0    # sum over steps of the distinct experts a step needed (its batch's union)
+    warm_loads: int = 0          # experts a task pattern loaded at a request's start (warm start, --patterns)
+    warm_hits: int = 0           # ... demanded while still resident: misses the warm start turned into hits
+    pruned_tokens: int = 0       # tokens routed among a pruned set of experts (--prune) ...
+    pruned_mass: float = 0.0     # ... and the sum of their unrestricted routing weight that fell on dropped experts
 
     @property
     def distinct_per_step(self) -> float:
         return ratio(self.distinct_experts, self.steps)
+
+    @property
+    def pruned_share(self) -> float:
+        """Mean share of a token's routing weight that pruning dropped at this layer."""
+        return ratio(self.pruned_mass, self.pruned_tokens)
 
     def add(self, other: LayerStats) -> None:
         for f in fields(self):
@@ -55,7 +64,7 @@ class LayerStats(HitRate):
 
     def to_dict(self) -> dict:
         return {**asdict(self), "accesses": self.accesses, "hit_rate": round(self.hit_rate, 6),
-                "distinct_per_step": round(self.distinct_per_step, 6)}
+                "distinct_per_step": round(self.distinct_per_step, 6), "pruned_share": round(self.pruned_share, 6)}
 
 
 @dataclass
@@ -114,6 +123,23 @@ class HybridStats:
 
 
 @dataclass
+class TaskStats:
+    """Which task pattern each request matched (--patterns): counts by task and the latest match."""
+
+    matches: dict[str, int] = field(default_factory=dict)
+    last: str = ""              # the latest request's task ("" before any)
+    confidence: float = 0.0     # ... and its confidence
+    pruned_to: str = ""         # the task whose experts --prune keeps ("" without pruning)
+
+    def record(self, task: str, confidence: float) -> None:
+        self.matches[task] = self.matches.get(task, 0) + 1
+        self.last, self.confidence = task, confidence
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "confidence": round(self.confidence, 6)}
+
+
+@dataclass
 class Stats:
     """Everything a run measured: per-layer cache counts plus generation totals."""
 
@@ -125,6 +151,7 @@ class Stats:
     predictor_time_s: float = 0.0  # asking the predictor and issuing prefetches (waits on loads excluded)
     prediction: dict[int, PredictionStats] = field(default_factory=dict)  # by lookahead
     hybrid: HybridStats = field(default_factory=HybridStats)  # the per-miss CPU/fetch choice (--hybrid)
+    task: TaskStats = field(default_factory=TaskStats)  # task patterns: matches and pruning (--patterns)
 
     def layer(self, index: int) -> LayerStats:
         if index not in self.layers:
@@ -148,6 +175,7 @@ class Stats:
         self.prefill_time_s = self.decode_time_s = self.predictor_time_s = 0.0
         self.prediction.clear()
         self.hybrid = HybridStats()
+        self.task = TaskStats(pruned_to=self.task.pruned_to)  # pruning lasts as long as the model
 
     def to_dict(self) -> dict:
         return {
@@ -161,6 +189,7 @@ class Stats:
             "predictor_time_s": round(self.predictor_time_s, 6),
             "prediction": {str(d): p.to_dict() for d, p in sorted(self.prediction.items())},
             "hybrid": self.hybrid.to_dict(),
+            "task": self.task.to_dict(),
         }
 
     def summary(self) -> str:
@@ -170,6 +199,10 @@ class Stats:
             f"{t.bytes_loaded / 2**20:.1f} MiB loaded in {t.load_time_s:.2f}s, "
             f"{t.stalls} stalls ({t.stall_time_s:.2f}s); "
             + (f"prefetches {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted; "
-               if t.prefetch_issued else "") +
+               if t.prefetch_issued else "")
+            + (f"task {self.task.last} ({self.task.confidence:.0%}), warm start {t.warm_loads} loads, "
+               f"{t.warm_hits} hits; " if self.task.last else "")
+            + (f"pruned to {self.task.pruned_to}: {t.pruned_share:.1%} of the routing weight dropped; "
+               if self.task.pruned_to else "") +
             f"decode {self.decode_tokens} tokens at {self.decode_tokens_per_s:.2f} tokens/s"
         )

@@ -62,6 +62,7 @@ class Predictor(ABC):
     name: ClassVar[str]
     needs_hidden: ClassVar[bool] = False  # True: runtime only (traces carry no hidden states)
     across_tokens: ClassVar[bool] = True  # scores a context with layer -1 (the next token, from prev alone)
+    prior: np.ndarray | None = None       # [layers, experts]: the request's task pattern (see set_prior)
 
     def __init__(self, shape: MoEShape) -> None:
         self.shape = shape
@@ -84,6 +85,15 @@ class Predictor(ABC):
 
     def observe(self, experts: np.ndarray, prev: np.ndarray) -> None:
         """Learn online from completed tokens: ``experts`` [tokens, layers, top_k], ``prev`` as in RouteContext."""
+
+    def set_prior(self, prior: np.ndarray | None) -> None:
+        """A request's task pattern, before its decode: [layers, experts], the probability that a token of the task
+        routes to each expert (offload/memory/patterns.py; None forgets it). Predictors with a prior term (markov,
+        and learned on markov's terms) put it there; the others keep it unused."""
+        if prior is not None and np.shape(prior) != (self.shape.num_layers, self.shape.num_experts):
+            raise ConfigError(f"a prior must be [{self.shape.num_layers}, {self.shape.num_experts}], "
+                              f"got {list(np.shape(prior))}")
+        self.prior = None if prior is None else np.clip(np.asarray(prior, dtype=np.float64), 1e-6, 1.0)
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
         """Scores [..., num_experts] -> the probability that each expert is among the token's top-k.

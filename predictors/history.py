@@ -159,7 +159,9 @@ class Markov(Predictor):
         prev = np.asarray(ctx.prev, dtype=np.int64)[:, tg].transpose(1, 0, 2)  # [d, T, K]
         log_prior = self._smooth(self.unigram[tg], np.asarray(float(self.tokens)))[:, None, None, None]  # [d,1,1,1,E]
         out = np.zeros((len(tg), ctx.tokens, self.shape.num_experts, 2 + self.context))
-        out[..., 0] = log_prior[:, 0, 0]
+        # the first term is the prior: the task's own frequencies when a request's pattern is set (the path and
+        # prev ratios stay relative to the counts' unigram, which is what they were measured against)
+        out[..., 0] = np.log(self.prior[tg])[:, None, :] if self.prior is not None else log_prior[:, 0, 0]
         known = prev >= 0
         safe = np.where(known, prev, 0)
         counts = self.temporal[tg[:, None, None], safe]  # [d, T, K, E]

@@ -470,6 +470,13 @@ class Learned(Predictor):
         if self.markov is not None:
             self.markov.observe(experts, prev)
 
+    def set_prior(self, prior: np.ndarray | None) -> None:
+        """The task's prior replaces the log-prior term of markov's features the MLPs add to (format 2); a format-1
+        net (MLPs only) has no prior term and keeps it unused."""
+        super().set_prior(prior)
+        if self.markov is not None:
+            self.markov.set_prior(prior)
+
 
 def report_dict(report: TrainReport, config: TrainConfig) -> dict[str, Any]:
     """The training report and config as JSON-ready fields (for metadata and eval.json)."""

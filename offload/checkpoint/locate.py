@@ -84,6 +84,15 @@ def _download(repo_id: str, weights: bool = True) -> Path:
             ) from None
 
 
+def model_name(model_dir: Path) -> str:
+    """A checkpoint's name as users know it: the repo id of a huggingface_hub cache snapshot
+    (.../models--org--name/snapshots/COMMIT), else the folder's name (a bundled model's is its name)."""
+    parent = model_dir.parent
+    if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+        return parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    return model_dir.name
+
+
 def read_config(model_dir: Path) -> dict:
     """config.json as a dict; a clear error when it is missing or not JSON."""
     path = model_dir / "config.json"

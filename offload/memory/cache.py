@@ -69,6 +69,7 @@ class ExpertCache:
         self._pins: dict[Hashable, int] = {}
         self._inflight: dict[Hashable, Future] = {}  # key -> its load, until a wait() sees it done
         self._prefetched: set[Hashable] = set()       # resident (or loading) by prefetch, not yet demanded
+        self._warmed: set[Hashable] = set()           # resident (or loading) by warm start, not yet demanded
         self._dropped: set[Hashable] = set()          # pinned when their load failed: forgotten, release() pending
         self.evict_wait_s = 0.0                       # time spent waiting for a victim's load to land
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="offload-loader") if async_loads else None
@@ -125,6 +126,9 @@ class ExpertCache:
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 layer_stats.prefetch_used += 1
+            if key in self._warmed:
+                self._warmed.discard(key)
+                layer_stats.warm_hits += 1
         else:
             layer_stats.misses += 1
             start = time.perf_counter()
@@ -178,6 +182,28 @@ class ExpertCache:
         self._prefetched.add(key)
         layer_stats.prefetch_issued += 1
         return True
+
+    def warm(self, keys: Iterable[Key], protect: Iterable[Hashable] = ()) -> int:
+        """Load ``keys`` (best first) at a request's start while slots last; returns how many were loaded.
+
+        Room comes from free slots, else from evicting (by the policy) a key that is neither pinned, in ``protect``
+        (what other running requests use) nor one of ``keys``. These loads are not accesses: a warm-loaded
+        expert's first demand counts as a hit, and as a warm hit.
+        """
+        keys = list(keys)
+        protected = set(protect) | set(keys)
+        loaded = 0
+        for key in keys:
+            if key in self._slot_of:
+                continue
+            if not self._free and not any(self._evictable(k) and k not in protected for k in self._slot_of):
+                break
+            layer_stats = self.stats.layer(key[0])
+            self._insert(key, self._take_slot(protected, incoming=key), layer_stats)
+            self._warmed.add(key)
+            layer_stats.warm_loads += 1
+            loaded += 1
+        return loaded
 
     def expire_prefetches(self, layer: int, used: Iterable[int]) -> None:
         """``layer`` routed to ``used``: its other prefetched experts were wasted; evict them first."""
@@ -243,7 +269,8 @@ class ExpertCache:
         if len(set(used)) != len(used) or set(used) & set(self._free) or \
                 sorted(used + self._free) != list(range(self.num_slots)):
             problems.append(f"slots are not partitioned (resident {sorted(used)}, free {sorted(self._free)})")
-        for name, keys in (("pinned", self._pins), ("loading", self._inflight), ("prefetched", self._prefetched)):
+        for name, keys in (("pinned", self._pins), ("loading", self._inflight), ("prefetched", self._prefetched),
+                           ("warm-started", self._warmed)):
             if not set(keys) <= set(self._slot_of):
                 problems.append(f"{name} experts {sorted(set(keys) - set(self._slot_of))} are not resident")
         if any(self._slot_of[k] not in self._experts for k in self._slot_of if k not in self._inflight):
@@ -286,6 +313,7 @@ class ExpertCache:
         if key in self._prefetched:
             self._prefetched.discard(key)
             self.stats.layer(key[0]).prefetch_wasted += 1
+        self._warmed.discard(key)
         return slot
 
     def _load(self, key: Key, slot: int, layer_stats) -> None:

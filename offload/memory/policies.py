@@ -17,7 +17,7 @@ tuples, and the cache tells them where decode is (``on_layer``, called before ea
   that layer, and never one of the current layer step's experts while another key can go;
 * ``predictive``: evict the key that earns its slot least, the probability that its layer's next
   visit uses it (a decayed recency-frequency value, raised by the prefetcher's predictor where it
-  has scored that layer) per layer step until that visit;
+  has scored that layer, and seeded by a request's task pattern) per layer step until that visit;
 * ``layer-budget``: per-layer budgets, LRU within each, that move one slot at a time towards the
   layers whose working set outgrows their budget (a miss on a key the layer recently evicted),
   under the same total.
@@ -77,6 +77,10 @@ class EvictionPolicy(ABC):
     def on_scores(self, layer: int, probs: Any) -> None:
         """The predictor's probability that ``layer``'s next step uses each expert ([num_experts] array)."""
 
+    def on_prior(self, layer: int, probs: Any) -> None:
+        """A request's task pattern (memory/patterns.py): the probability that a token of it routes to each expert
+        of ``layer`` ([num_experts] array), known before its decode starts."""
+
 
 class _OrderedPolicy(EvictionPolicy):
     """Evicts the first evictable key of an ordered dict; subclasses decide what moves a key."""
@@ -135,7 +139,8 @@ class LFU(EvictionPolicy):
         pass  # counts survive eviction: frequency is a property of the key, not of its residency
 
     def victim(self, candidates: Iterable[Hashable], incoming: Hashable | None = None) -> Hashable:
-        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
+        # keys never accessed (loaded ahead of use) tie at (0, 0): the smaller key goes, whatever the candidates' order
+        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0), k))
 
 
 # ------------------------------------------------------------------------------ layer-aware policies
@@ -288,6 +293,17 @@ class Predictive(EvictionPolicy):
 
     def on_scores(self, layer: int, probs: Any) -> None:
         self._fresh[layer] = probs
+
+    def on_prior(self, layer: int, probs: Any) -> None:
+        """Fold the task's prior into each key's recency-frequency value as one more piece of evidence
+        (``1 - (1 - prior)(1 - value)``), which then decays with the layer's visits like any other: the pattern
+        speaks for an expert at the request's start, and the request's own routing takes over."""
+        visit = self._visits.get(layer, 0)
+        for expert, prior in enumerate(probs):
+            key = (layer, expert)
+            value, at = self._crf.get(key, (0.0, visit))
+            value *= (1 - self.decay) ** (visit - at)
+            self._crf[key] = (1 - (1 - float(prior)) * (1 - value), visit)
 
     def on_access(self, key: Hashable, hit: bool) -> None:
         self._tick += 1

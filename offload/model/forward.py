@@ -2,9 +2,9 @@
 pieces, and MoE blocks whose experts come from an expert source. Dense weights stay resident;
 experts do not. Family differences live in ModelSpec and the pieces, not in branches here.
 
-The model layer sits below the memory hierarchy: what it needs from the expert cache, the prefetcher and the
-hybrid CPU branch is written here as three small protocols (ExpertSource, StepHook, HostBranch), which
-offload/memory/ implements, so the forward never imports the layers that serve it.
+The model layer sits below the memory hierarchy: what it needs from the expert cache, the prefetcher, the
+hybrid CPU branch and task patterns is written here as small protocols (ExpertSource, StepHook, HostBranch,
+RequestHook), which offload/memory/ implements, so the forward never imports the layers that serve it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,30 @@ class StepHook(Protocol):
     def after_route(self, layer: int, experts: torch.Tensor, hidden: torch.Tensor) -> None: ...
 
     def end_step(self) -> None: ...
+
+
+class RequestHook(Protocol):
+    """Told when a request's prompt has routed, before its decode (task patterns, memory/retrieval.py)."""
+
+    def prefilled(self, routes: Any, running: Iterable[Key] = ()) -> Any:
+        """``routes`` [prompt tokens, MoE layers, top_k] expert ids; ``running``: keys other requests still use."""
+        ...
+
+
+class RouteCollector:
+    """A route observer that keeps the last forward step's experts per MoE layer."""
+
+    def __init__(self) -> None:
+        self.layers: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        self.layers.append(experts)
+
+    def take(self) -> Any:
+        """[tokens, moe layers, top_k] numpy expert ids of the step just run."""
+        out = torch.stack(self.layers, dim=1).numpy(force=True)
+        self.layers.clear()
+        return out
 
 
 class HostBranch(Protocol):
@@ -113,6 +137,7 @@ class MoEModel:
         self.route_observers: list[RouteObserver] = []
         self.prefetcher: StepHook | None = None  # set by from_pretrained when a predictor is chosen
         self.host_compute: HostBranch | None = None  # set by from_pretrained with --hybrid auto|always
+        self.request_hook: RequestHook | None = None  # set by from_pretrained with --patterns
         self.device = embed.device
         self.dtype = embed.dtype
         self.layer_stores = [lw.attention.store(spec) for lw in layers]  # what a KV cache keeps per layer
@@ -138,7 +163,12 @@ class MoEModel:
         order, as transformers' grouped experts path does. The result is therefore bit-identical
         whatever order the cache delivers experts in, i.e. for every budget, policy and predictor.
         """
-        experts, weights = lw.router.select(lw.router_input(x, residual))  # [tokens, k]
+        routed = lw.router_input(x, residual)
+        experts, weights = lw.router.select(routed)  # [tokens, k]
+        if lw.router.dropped is not None:  # pruned: count the routing weight the dropped experts would have had
+            layer_stats = self.stats.layer(layer)
+            layer_stats.pruned_tokens += len(x)
+            layer_stats.pruned_mass += float(lw.router.dropped_share(routed).sum())
         for observer in self.route_observers:
             observer(layer, experts, weights)
         needed = experts.unique(sorted=True).tolist()

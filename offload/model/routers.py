@@ -5,11 +5,16 @@ relative to the router module, e.g. ``mlp.gate.``), routes tokens exactly as the
 transformers code does (``select``), and scores every expert by its own selection rule (``scores``),
 so that the pre-gating predictor and batching's admission guess pick what the layer would pick
 without reaching into any router's weights.
+
+Pruning (``--prune``, PreMoe's retained experts) is one mechanism for every router: ``restrict`` marks the
+dropped experts, and each router sets their selection scores to -inf (0 after a softmax) where it ranks its
+experts, so the top-k comes from the retained experts only and the router's own weighting (a softmax over the
+retained, a renormalisation over the k) applies to them, as if its matrix had only the retained rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Protocol
 
 import torch
@@ -20,7 +25,9 @@ from offload.spec import ModelSpec
 
 
 class Router(Protocol):
-    """What the MoE block, the pre-gating predictor and batching need of a router."""
+    """What the MoE block, the pre-gating predictor, batching and pruning need of a router."""
+
+    dropped: torch.Tensor | None  # [experts] bool: the experts pruning took out of its choice (None: none)
 
     reads_residual: bool  # scores the residual stream, which it normalises itself (Gemma-4), not the MoE input
 
@@ -30,6 +37,14 @@ class Router(Protocol):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden] -> float32 [tokens, experts] whose order within a row is the routing's choice."""
+        ...
+
+    def restrict(self, experts: Sequence[int] | None) -> None:
+        """Route among ``experts`` only from now on (None: all)."""
+        ...
+
+    def dropped_share(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, hidden] -> [tokens]: the share of the unrestricted routing weight on dropped experts."""
         ...
 
 
@@ -53,11 +68,51 @@ class SoftmaxTopK:
         self.top_k = spec.top_k
         self.normalize = spec.norm_topk_prob
         self.fp32_weights = spec.router_fp32_weights
+        self.dropped: torch.Tensor | None = None  # [experts] bool: True where pruning dropped it; None: all kept
+
+    def restrict(self, experts: Sequence[int] | None) -> None:
+        """Route among ``experts`` only (None: all again); at least top_k of them, or a token could not pick k."""
+        if experts is None:
+            self.dropped = None
+            return
+        keep = sorted({int(e) for e in experts})
+        if len(keep) < self.top_k or keep[0] < 0 or keep[-1] >= self.weight.shape[0]:
+            raise ValueError(f"restrict needs {self.top_k}..{self.weight.shape[0]} expert ids in range, got {keep}")
+        dropped = torch.ones(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
+        dropped[keep] = False
+        self.dropped = dropped
+
+    def _masked(self, scores: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
+        """Selection scores [tokens, experts] with the dropped experts at ``fill`` (any dtype; unchanged if none)."""
+        return scores if self.dropped is None else scores.masked_fill(self.dropped, fill)
+
+    def _retained_topk(self, choice: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k of a group-limited ``choice``; a token whose best groups hold fewer than k retained experts takes
+        the top-k of every retained expert's ``scores`` instead, so a dropped expert is never picked."""
+        experts = torch.topk(choice, self.top_k, dim=-1).indices
+        if self.dropped is not None:
+            short = self.dropped[experts].any(-1)
+            if bool(short.any()):
+                experts[short] = torch.topk(self._masked(scores[short]), self.top_k, dim=-1).indices
+        return experts
+
+    def dropped_share(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens]: the share of each token's unrestricted top-k weight that falls on dropped experts, i.e. the
+        routing mass pruning takes away (zeros without a restriction)."""
+        if self.dropped is None:
+            return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        dropped, self.dropped = self.dropped, None
+        try:
+            experts, weights = self.select(x)
+        finally:
+            self.dropped = dropped
+        weights = weights.float().abs()  # (Gemma-4's per-expert scales could make a weight negative)
+        return (weights * dropped[experts]).sum(-1) / weights.sum(-1).clamp_min(1e-30)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [tokens, hidden] -> experts [tokens, k] (best first), weights [tokens, k]."""
         logits = F.linear(x, self.weight)
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(self._masked(logits.float()), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -71,8 +126,8 @@ class SoftmaxTopK:
         return F.linear(x.float(), self.weight.float(), bias)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits: softmax keeps their order."""
-        return self.logits(x)
+        """The logits (dropped experts at -inf): softmax keeps their order."""
+        return self._masked(self.logits(x))
 
 
 class TopKSoftmax(SoftmaxTopK):
@@ -85,7 +140,7 @@ class TopKSoftmax(SoftmaxTopK):
         return {"weight": (spec.num_experts, spec.hidden_size), "bias": (spec.num_experts,)}
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top, experts = torch.topk(F.linear(x, self.weight, self.bias), self.top_k, dim=-1)
+        top, experts = torch.topk(self._masked(F.linear(x, self.weight, self.bias)), self.top_k, dim=-1)
         return experts, torch.softmax(top, dim=-1, dtype=top.dtype)
 
 
@@ -107,26 +162,30 @@ class SigmoidGroups(SoftmaxTopK):
         self.groups, self.topk_group, self.scale = spec.n_group, spec.topk_group, spec.routed_scaling_factor
 
     def _choice(self, scores: torch.Tensor) -> torch.Tensor:
-        """Biased scores with the experts outside the best groups at -inf. scores: [tokens, experts] float32."""
-        choice = scores + self.bias
+        """Biased scores with the experts outside the best groups (and dropped ones) at -inf. scores: [tokens,
+        experts] float32."""
+        choice = self._masked(scores + self.bias)
         if self.groups == 1:
             return choice
         per_group = choice.view(len(choice), self.groups, -1)
-        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)  # [tokens, groups]
+        # groups ranked by their retained experts: a dropped one counts as a large finite loss, not -inf, so a
+        # group with one retained expert still outranks a group with none
+        ranked = self._masked(scores + self.bias, -1e30).view_as(per_group)
+        group_scores = ranked.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)  # [tokens, groups]
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
         return per_group.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
-        experts = torch.topk(self._choice(scores), self.top_k, dim=-1).indices
+        experts = self._retained_topk(self._choice(scores), scores + self.bias)
         weights = scores.gather(1, experts)
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return experts, weights * self.scale
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The biased sigmoid scores, experts outside the chosen groups at -inf."""
+        """The biased sigmoid scores, experts outside the chosen groups (and dropped ones) at -inf."""
         return self._choice(torch.sigmoid(F.linear(x.float(), self.weight.float())))
 
 
@@ -168,13 +227,13 @@ class ScaledSoftmax(SoftmaxTopK):
         return (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype) * self.scale * self.root
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(F.linear(self._input(x), self.weight).float(), dim=-1)
+        probs = torch.softmax(self._masked(F.linear(self._input(x), self.weight).float()), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return experts, weights * self.per_expert_scale[experts]
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._input(x).float(), self.weight.float())
+        return self._masked(F.linear(self._input(x).float(), self.weight.float()))
 
 
 class SoftmaxGroups(SoftmaxTopK):
@@ -191,19 +250,19 @@ class SoftmaxGroups(SoftmaxTopK):
     def _choice(self, scores: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
             return scores
-        per_group = scores.view(len(scores), self.groups, -1)
+        per_group = scores.view(len(scores), self.groups, -1)  # dropped experts are at 0, as the softmax made them
         keep = torch.zeros(per_group.shape[:2], dtype=torch.bool, device=scores.device)
         keep.scatter_(1, per_group.amax(-1).topk(self.topk_group, dim=-1).indices, True)
         return per_group.masked_fill(~keep[..., None], 0.0).view_as(scores)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
-        weights, experts = torch.topk(self._choice(scores), self.top_k, dim=-1)
-        return experts, weights * self.scale
+        scores = torch.softmax(self._masked(F.linear(x.float(), self.weight.float())), dim=-1)
+        experts = self._retained_topk(self._choice(scores), scores)
+        return experts, scores.gather(1, experts) * self.scale
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The softmax, experts outside the chosen groups at 0."""
-        return self._choice(torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1))
+        """The softmax, experts outside the chosen groups (and dropped ones) at 0."""
+        return self._choice(torch.softmax(self._masked(F.linear(x.float(), self.weight.float())), dim=-1))
 
 
 ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups,

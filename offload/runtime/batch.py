@@ -30,7 +30,7 @@ import torch
 
 from offload.errors import ConfigError
 from offload.model.attention import rms_norm
-from offload.model.forward import MoEModel
+from offload.model.forward import MoEModel, RouteCollector
 from offload.model.kv import KVPool
 from offload.runtime.generate import check_length, check_token_ids
 from offload.runtime.rearrange import Request, Scheduler, admission_order, make_scheduler
@@ -107,22 +107,6 @@ class BatchRequest:
         self.cancelled = True
 
 
-class _RouteCollector:
-    """A route observer that keeps the last forward step's experts per MoE layer."""
-
-    def __init__(self) -> None:
-        self.layers: list[torch.Tensor] = []
-
-    def __call__(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        self.layers.append(experts)
-
-    def take(self) -> np.ndarray:
-        """[tokens, moe layers, top_k] of the step just run."""
-        out = torch.stack(self.layers, dim=1).numpy(force=True)
-        self.layers.clear()
-        return out
-
-
 def first_layer_routes(model: MoEModel, prompts: Sequence[list[int]]) -> list[np.ndarray]:
     """A cheap guess of each prompt's routing: the first MoE layer's router on its token embeddings.
 
@@ -151,7 +135,7 @@ class BatchEngine:
         self.ready: list[BatchRequest] = []  # in admission order
         self.free_rows = list(range(rows - 1, -1, -1))
         self.steps = 0  # decode steps run
-        self._collector = _RouteCollector()
+        self._collector = RouteCollector()
         model.route_observers.append(self._collector)
 
     def close(self) -> None:
@@ -239,17 +223,33 @@ class BatchEngine:
         return done
 
     def _prefill(self, r: BatchRequest) -> bool:
-        """Prefill ``r`` into its row and emit its first token; True when that already finished it."""
+        """Prefill ``r`` into its row and emit its first token; True when that already finished it. A request that
+        goes on to decode is announced to the request hook (task patterns) first."""
         self.kv.reset(r.row)
         start_time = time.perf_counter()
         chunk = self.config.prefill_chunk or len(r.prompt)
+        chunks = []
         for start in range(0, len(r.prompt), chunk):
             ids = torch.tensor([r.prompt[start : start + chunk]], device=self.model.device)
             positions = torch.arange(start, start + ids.shape[1], device=self.model.device)[None]
             logits, routes = self._forward([r.row], ids, positions)
+            chunks.append(routes)
         self.model.stats.prefill_tokens += len(r.prompt)
         self.model.stats.prefill_time_s += time.perf_counter() - start_time
-        return self._emit(r, int(sample(logits, r.sampling, r.generator)[0]), routes[-1])
+        finished = self._emit(r, int(sample(logits, r.sampling, r.generator)[0]), routes[-1])
+        if not finished:
+            self._prefilled(np.concatenate(chunks))
+        return finished
+
+    def _prefilled(self, routes: np.ndarray) -> None:
+        """Tell the request hook (task patterns) a request's prompt routed, before it decodes; the experts the
+        running requests' last tokens used are theirs to keep."""
+        if self.model.request_hook is None:
+            return
+        layers = self.model.moe_layers
+        running = {(layers[m], int(e)) for r in self.ready if r.sched.route is not None
+                   for m, row in enumerate(r.sched.route) for e in row}
+        self.model.request_hook.prefilled(routes, running)
 
     def _decode(self) -> list[BatchRequest]:
         start_time = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,10 @@ class RuntimeConfig:
     context: int = 0                      # tokens per sequence the KV cache holds (0: max positions, <= 4096)
     hybrid: str = "off"                   # on CUDA, per missed expert: "off" (fetch), "auto" (cost model), "always"
     #                                       (compute it on the CPU from its host copy); hw/costmodel.py has the formula
+    patterns: str | Path | None = None    # task expert patterns (`offload profile`): warm start and priors per request
+    task: str | None = None               # with patterns: use this task's pattern instead of matching each prompt
+    prune: int | str | None = None        # with patterns: keep this many experts per layer ("4", "50%", "0.5") of the
+    #                                       task (--task, else generic) and route among them only (lossy, opt-in)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
@@ -68,6 +73,12 @@ class RuntimeConfig:
         if str(self.expert_budget).strip().lower() != "auto":
             Amount.parse(self.expert_budget, "expert budget", BUDGET_HINT)
         parse_prefetch_budget(self.prefetch_budget, 1)
+        if self.patterns is None and (self.task is not None or self.prune is not None):
+            raise ConfigError(f"--{'task' if self.task is not None else 'prune'} needs --patterns",
+                              "write a patterns file with `offload profile` and pass it with --patterns")
+        if self.prune is not None and self.predictor != "none":
+            raise ConfigError(f"--prune keeps every retained expert resident: --predictor {self.predictor} would only "
+                              "fetch experts routing can no longer pick", "drop --predictor (or --prune)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

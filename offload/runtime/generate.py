@@ -9,7 +9,7 @@ from typing import Protocol, TextIO
 import torch
 
 from offload.errors import ConfigError, ContextError
-from offload.model.forward import MoEModel
+from offload.model.forward import MoEModel, RouteCollector
 from offload.model.kv import KVCache
 from offload.runtime.sampling import SamplingConfig, sample
 from offload.spec import ModelSpec
@@ -122,6 +122,26 @@ def _record_time(stats, first: bool, tokens: int, elapsed: float) -> None:
         stats.decode_time_s += elapsed
 
 
+class _PromptRoutes:
+    """Collects the prompt's routing during prefill for the model's request hook (task patterns), then hands it
+    over before the first decode step; without a hook it does nothing."""
+
+    def __init__(self, model: MoEModel) -> None:
+        self.model = model
+        self.collector = RouteCollector() if model.request_hook is not None else None
+        if self.collector is not None:
+            model.route_observers.append(self.collector)
+
+    def prefilled(self) -> None:
+        if self.collector is not None:
+            self.close()
+            self.model.request_hook.prefilled(self.collector.take())
+
+    def close(self) -> None:
+        if self.collector in self.model.route_observers:
+            self.model.route_observers.remove(self.collector)
+
+
 @torch.inference_mode()
 def generate(
     model: MoEModel,
@@ -146,20 +166,26 @@ def generate(
         streamer.put(ids.cpu())
     position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     step_ids, step_pos = ids, position
-    for step in range(sampling.max_new_tokens):
-        start = time.perf_counter()
-        logits = model.forward(step_ids, mask, step_pos, kv, last_only=True)[:, -1]
-        next_ids = sample(logits, sampling, generator).masked_fill(finished, sampling.pad)
-        _record_time(model.stats, step == 0, int(mask.sum()) if step == 0 else batch, time.perf_counter() - start)
-        ids = torch.cat([ids, next_ids[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
-        if streamer is not None:
-            streamer.put(next_ids.cpu())
-        finished |= torch.isin(next_ids, eos)
-        if bool(finished.all()):
-            break
-        step_ids = next_ids[:, None]
-        step_pos = (mask.sum(-1, keepdim=True) - 1)
+    prompt_routes = _PromptRoutes(model)
+    try:
+        for step in range(sampling.max_new_tokens):
+            start = time.perf_counter()
+            logits = model.forward(step_ids, mask, step_pos, kv, last_only=True)[:, -1]
+            next_ids = sample(logits, sampling, generator).masked_fill(finished, sampling.pad)
+            _record_time(model.stats, step == 0, int(mask.sum()) if step == 0 else batch, time.perf_counter() - start)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(next_ids.cpu())
+            finished |= torch.isin(next_ids, eos)
+            if bool(finished.all()):
+                break
+            if step == 0:
+                prompt_routes.prefilled()  # after the prompt has routed, before the first decode step
+            step_ids = next_ids[:, None]
+            step_pos = (mask.sum(-1, keepdim=True) - 1)
+    finally:
+        prompt_routes.close()
     if streamer is not None:
         streamer.end()
     return ids

@@ -18,17 +18,19 @@ from typing import Any
 import torch
 
 from offload.amounts import parse_budget, parse_prefetch_budget
-from offload.checkpoint.locate import read_json_if_present
+from offload.checkpoint.locate import model_name, read_json_if_present
 from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
 from offload.checkpoint.vocab import load_tokenizer
-from offload.errors import ConfigError, DeviceError
+from offload.errors import BudgetError, ConfigError, DeviceError
 from offload.experts.layouts import ExpertLayout
 from offload.hw.calibration import Calibration
 from offload.memory.budget import Placement, fit_budget, is_auto, memory_plan
 from offload.memory.cache import ExpertCache
 from offload.memory.hostcompute import HostCompute, expert_cost_model
+from offload.memory.patterns import GENERIC, ModelIdentity, Patterns, load_patterns, parse_prune
 from offload.memory.policies import make_policy
 from offload.memory.prefetch import PrefetchConfig, Prefetcher
+from offload.memory.retrieval import TaskRetrieval, prune
 from offload.memory.transfer import (
     DirectReader,
     DiskExpertStore,
@@ -79,6 +81,11 @@ class OffloadModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name (a bundled model's, a folder's, or a hub repo id): what traces and patterns record."""
+        return model_name(self.plan.path)
 
     @property
     def stats(self) -> Stats:
@@ -183,10 +190,14 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     loads its guesses for the next ``lookahead`` MoE layers in the background, holding at most
     ``prefetch_budget`` slots; ``predictor_options`` go to it (``learned`` defaults to the checkpoint
     folder's predictor.safetensors, as tiny-moe ships). Prefetching never changes the output tokens.
+    ``patterns`` (a file of `offload profile`) matches each request's prompt to a task and warm-starts the cache
+    with its experts (lossless); ``prune`` keeps only the task's (``task``, else generic) top experts per layer
+    and routes among them (lossy).
     """
     runtime = _runtime_config(runtime, overrides)
     device = resolve_device(runtime.device)
     plan = plan_checkpoint(name_or_path)
+    patterns = _read_patterns(plan, runtime)  # refused now if they belong to another checkpoint
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
     runtime = fit_runtime_budget(plan, runtime, compute_dtype, device)  # auto -> slots; does it fit?
     slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
@@ -199,6 +210,8 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
         model.prefetcher = _make_prefetcher(model, runtime, plan.path)
     if runtime.hybrid != "off":
         model.host_compute = _make_host_compute(plan, runtime, store, compute_dtype, device, stats)
+    if patterns is not None:
+        model.request_hook = _make_retrieval(model, runtime, patterns)
     tokenizer = load_tokenizer(plan.path, plan.metadata)
     generation_config = read_json_if_present(plan.path / "generation_config.json")
     log.info("loaded %s: %d of %d experts fit the cache (%s tier, %s)", plan.path, cache.num_slots,
@@ -218,11 +231,54 @@ def fit_runtime_budget(plan: CheckpointPlan, runtime: RuntimeConfig, dtype: torc
     """``runtime`` with an ``auto`` budget replaced by the slots that fit (memory/budget.py); an explicit budget
     is checked to fit. Runs after the headers are read and before any weight is."""
     mp = memory_plan(plan, placement(plan, runtime, dtype, device))
+    if runtime.prune is not None:
+        return dataclasses.replace(runtime, expert_budget=_fit_pruned(plan, runtime, mp))
     slots = fit_budget(runtime.expert_budget, mp, plan.spec.architecture)
     if not is_auto(runtime.expert_budget):
         return runtime
     log.info("expert budget auto: %d of %d experts (%s)", slots, plan.spec.total_experts, mp.describe())
     return dataclasses.replace(runtime, expert_budget=slots)
+
+
+def _fit_pruned(plan: CheckpointPlan, runtime: RuntimeConfig, mp) -> int:
+    """Pruning's slots: the experts it keeps, every layer's; the budget must hold them and so must this machine."""
+    spec = plan.spec
+    needed = parse_prune(runtime.prune, spec.num_experts, spec.top_k) * spec.num_moe_layers
+    if not is_auto(runtime.expert_budget):
+        budget = parse_budget(runtime.expert_budget, spec.total_experts, mp.slot_nbytes)
+        if budget < needed:
+            raise BudgetError(f"--prune {runtime.prune} keeps {needed} experts, more than the expert budget "
+                              f"{runtime.expert_budget!r} ({budget} slots) holds",
+                              "lower --prune, or raise --expert-budget (auto: what fits this machine)")
+    return fit_budget(needed, mp, spec.architecture)
+
+
+def identity(plan: CheckpointPlan) -> ModelIdentity:
+    """What a patterns file must have been measured on to serve this checkpoint."""
+    spec = plan.spec
+    return ModelIdentity(model_name(plan.path), spec.architecture,
+                         tuple(i for i, moe in enumerate(spec.moe_layers) if moe), spec.num_experts, spec.top_k)
+
+
+def _read_patterns(plan: CheckpointPlan, runtime: RuntimeConfig) -> Patterns | None:
+    if runtime.patterns is None:
+        return None
+    patterns = load_patterns(runtime.patterns)
+    patterns.model.check(identity(plan), str(runtime.patterns))
+    if runtime.task is not None:
+        patterns.task(runtime.task)
+    return patterns
+
+
+def _make_retrieval(model: MoEModel, runtime: RuntimeConfig, patterns: Patterns) -> TaskRetrieval:
+    """The request hook: pruning first (its experts loaded once, then no warm start is needed), then per request
+    the match and the priors for the policy and the prefetcher's predictor."""
+    if runtime.prune is not None:
+        keep = parse_prune(runtime.prune, model.spec.num_experts, model.spec.top_k)
+        prune(model, patterns.task(runtime.task or GENERIC), keep)
+    predictor = getattr(model.prefetcher, "predictor", None)
+    return TaskRetrieval(patterns, model.cache, model.stats, model.moe_layers, runtime.task,
+                         warm=runtime.prune is None, predictor=predictor)
 
 
 def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, host: HostLayoutOf, device: torch.device,

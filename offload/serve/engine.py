@@ -130,9 +130,14 @@ class EngineMetrics:
     decode_steps: int = _metric(0, "counter", "Continuous-batching decode steps run.")
     distinct_experts_per_step: float = _metric(  # per MoE layer, over every forward step
         0.0, "gauge", "Mean distinct experts a step needs per MoE layer.")
+    warm_loads: int = _metric(0, "counter", "Experts a request's task pattern loaded before its decode (warm start).")
+    warm_hits: int = _metric(0, "counter", "Warm-loaded experts used while resident: misses turned into hits.")
+    task_confidence: float = _metric(0.0, "gauge", "Confidence of the latest request's task match (--patterns).")
     requests_running: int = _metric(0, "gauge", "Requests holding a KV cache row.")
     requests_waiting: int = _metric(0, "gauge", "Accepted requests waiting for a KV cache row.")
     requests_finished: Mapping[str, int] = field(default_factory=dict)  # by finish reason
+    task_matches: Mapping[str, int] = field(default_factory=dict)  # requests by matched task (--patterns)
+    pruned_share: Mapping[int, float] = field(default_factory=dict)  # by MoE layer: routing weight --prune dropped
 
 
 @dataclass(eq=False)
@@ -305,14 +310,17 @@ class Engine:
                 self._pending -= 1
 
     def _publish(self) -> None:
-        t, cache = self.model.stats.total, self.model.cache
+        stats, cache = self.model.stats, self.model.cache
+        t = stats.total
         snapshot = EngineMetrics(
             expert_slots=cache.num_slots, total_experts=self.model.spec.total_experts, cache_hits=t.hits,
             cache_misses=t.misses, cache_evictions=t.evictions, bytes_loaded=t.bytes_loaded,
             stall_seconds=t.stall_time_s, prefetch_issued=t.prefetch_issued, prefetch_used=t.prefetch_used,
             prefetch_wasted=t.prefetch_wasted, prompt_tokens=self._prompt_tokens, tokens_generated=self._tokens,
             decode_steps=self._batch.steps, distinct_experts_per_step=t.distinct_per_step,
-            requests_finished=dict(self._finished))
+            warm_loads=t.warm_loads, warm_hits=t.warm_hits, task_confidence=stats.task.confidence,
+            requests_finished=dict(self._finished), task_matches=dict(stats.task.matches),
+            pruned_share={i: s.pruned_share for i, s in stats.layers.items() if s.pruned_tokens})
         with self._lock:
             self._metrics = snapshot
 

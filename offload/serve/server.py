@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -331,10 +331,21 @@ def prometheus_text(m: EngineMetrics) -> str:
             kind, help, name = f.metadata["metric"]
             name = name or f"offload_{f.name}" + ("_total" if kind == "counter" else "")
             lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {getattr(m, f.name)}"]
-    lines += ["# HELP offload_requests_finished_total Requests finished, by finish reason.",
-              "# TYPE offload_requests_finished_total counter"]
-    lines += [f'offload_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(m.requests_finished.items())]
+    lines += _labeled("offload_requests_finished_total", "counter", "Requests finished, by finish reason.", "reason",
+                      m.requests_finished)
+    lines += _labeled("offload_task_matches_total", "counter", "Requests by the task their prompt matched.", "task",
+                      m.task_matches)
+    if m.pruned_share:
+        lines += _labeled("offload_pruned_routing_share", "gauge",
+                          "Mean share of a token's routing weight --prune dropped, by model layer.", "layer",
+                          m.pruned_share)
     return "\n".join(lines) + "\n"
+
+
+def _labeled(name: str, kind: str, help: str, label: str, values: Mapping) -> list[str]:
+    """One metric family with one sample per label value."""
+    return [f"# HELP {name} {help}", f"# TYPE {name} {kind}",
+            *(f'{name}{{{label}="{k}"}} {v}' for k, v in sorted(values.items()))]
 
 
 # -- the app ----------------------------------------------------------------------------------------------

@@ -596,6 +596,9 @@ class PrefetchResult:
     wasted: int
     stalls: int
     miss_causes: Mapping[str, int] = field(default_factory=dict)
+    warm_loads: int = 0   # keys a warm start loaded before a token (task patterns, see simulate_prefetch)
+    warm_hits: int = 0    # ... demanded while still resident
+    token_misses: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # demand misses per token
     """Demand misses by what had evicted the key: ``"cold"`` (never resident), or ``"demand +d"`` /
     ``"prefetch +d"``, the eviction made room for a demand miss or a prefetch at a step d layers
     before the key's own layer (+0: the key's layer had just run; +1: it was the next to run)."""
@@ -733,6 +736,16 @@ class _PyCaches:
         if key in self.resident[p]:
             self.policies[p].on_demote(self._pair(key))
 
+    def warm(self, keys: Sequence[int]) -> list[tuple[int, int | None]]:
+        """A warm start: insert ``keys`` (best first) while their cache has a free slot or a key that is not one of
+        them to evict, as the runtime cache's ``warm`` does; [(inserted key, evicted key)]."""
+        protect, out = set(keys), []
+        for k in keys:
+            inserted, victim = self.prefetch(k, protect)
+            if inserted:
+                out.append((k, victim))
+        return out
+
     def prefetch(self, key: int, pinned: set[int]) -> tuple[bool, int | None]:
         """Insert ``key`` ahead of use, never evicting ``pinned``; (inserted, evicted key)."""
         p = self.part[key]
@@ -755,10 +768,14 @@ class _PrefetchRun:
         self.issued = self.used = self.wasted = self.stalls = 0
         self.evicted_by: dict[int, str] = {}  # evicted key -> how (see PrefetchResult.miss_causes)
         self.causes: dict[str, int] = {}
+        self.warmed: set[int] = set()  # warm-loaded keys not demanded yet
+        self.warm_loads = self.warm_hits = 0
+        self.token_misses = np.zeros(stream.num_tokens, dtype=np.int64)
 
     def evicted(self, key: int | None, kind: str, step: int) -> None:
         if key is not None:
             self.counts[2, key] += 1
+            self.warmed.discard(key)
             self.wasted += self.pending.pop(key, None) is not None
             ahead = (key // self.stream.num_experts - step % self.stream.num_layers) % self.stream.num_layers
             self.evicted_by[key] = f"{kind} +{ahead}"
@@ -769,7 +786,11 @@ class _PrefetchRun:
                 self.used += 1
                 self.stalls += step - self.pending.pop(k) < self.latency
             self.counts[0 if hit else 1, k] += 1
+            if hit and k in self.warmed:
+                self.warm_hits += 1
+            self.warmed.discard(k)
             if not hit:
+                self.token_misses[step // self.stream.num_layers] += 1
                 cause = self.evicted_by.pop(k, "cold")
                 self.causes[cause] = self.causes.get(cause, 0) + 1
             self.evicted(victim, "demand", step)
@@ -780,6 +801,12 @@ class _PrefetchRun:
             del self.pending[k]
             self.wasted += 1
             self.caches.demote(k)
+
+    def warm(self, step: int, keys: Sequence[int]) -> None:
+        for k, victim in self.caches.warm([int(k) for k in keys]):
+            self.evicted(victim, "warm", step)
+            self.warmed.add(k)
+            self.warm_loads += 1
 
     def prefetch(self, step: int, proposal: Iterable[int] | Proposal, demand: list[int]) -> None:
         if isinstance(proposal, Proposal):
@@ -804,7 +831,8 @@ class _PrefetchRun:
 
 def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: str = "per-layer",
                       capacity: int = 4, predictor: Predictor | None = None, latency: int = 1,
-                      pin_steps: bool = False, protect_proposals: bool = True, **options: object) -> PrefetchResult:
+                      pin_steps: bool = False, protect_proposals: bool = True,
+                      warm: Mapping[int, Sequence[int]] | None = None, **options: object) -> PrefetchResult:
     """Like :func:`simulate`, but a predictor may prefetch keys after each layer step.
 
     After the demand accesses of (token, layer) -- whose keys are pinned, they are computing --
@@ -813,8 +841,9 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
     prefetcher protects them). A prefetch issued after step s is ready at step s + ``latency`` (1: in time for the next
     layer). ``pin_steps`` replays the demand accesses as the runtime does (see :func:`simulate`);
     ``protect_proposals=False`` lets a prefetch evict a key proposed ahead of it at the same step
-    (what this simulator did before it matched the runtime: kept to measure the difference); ``options``
-    go to the policy's constructor.
+    (what this simulator did before it matched the runtime: kept to measure the difference); ``warm`` maps a
+    token index to the keys a warm start loads (best first) before that token, as the runtime does at a
+    request's first decode step (see :func:`warm_starts`); ``options`` go to the policy's constructor.
     """
     policy = _check(policy, capacity)
     if latency < 0:
@@ -824,7 +853,10 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
     run = _PrefetchRun(stream, caches, latency, protect_proposals)
     keys = stream.keys.reshape(stream.num_tokens, stream.num_layers, stream.top_k)
     experts = keys - (np.arange(stream.num_layers, dtype=np.int32) * stream.num_experts)[None, :, None]
+    warm = warm or {}
     for t in range(stream.num_tokens):
+        if t in warm:
+            run.warm(t * stream.num_layers, warm[t])
         for layer in range(stream.num_layers):
             step = t * stream.num_layers + layer
             demand = keys[t, layer].tolist()
@@ -836,4 +868,5 @@ def simulate_prefetch(source: Trace | AccessStream, policy: str = "lru", scope: 
                              demand)
     sim = _result(policy, scope, capacity, stream, *run.counts, pin_steps=pin_steps)
     causes = dict(sorted(run.causes.items(), key=lambda kv: -kv[1]))
-    return PrefetchResult(sim, latency, run.issued, run.used, run.wasted + len(run.pending), run.stalls, causes)
+    return PrefetchResult(sim, latency, run.issued, run.used, run.wasted + len(run.pending), run.stalls, causes,
+                          run.warm_loads, run.warm_hits, run.token_misses)

@@ -53,7 +53,7 @@ def record_trace(model, prompts: Iterable[str | torch.Tensor], out: str | Path, 
     """Generate greedily for each prompt (batch 1) and write every token's routing to ``out``; returns tokens."""
     spec = model.spec
     moe_layers = [i for i, moe in enumerate(spec.moe_layers) if moe]
-    header = TraceHeader(model=str(model.plan.path.name), num_layers=len(moe_layers), num_experts=spec.num_experts,
+    header = TraceHeader(model=model.name, num_layers=len(moe_layers), num_experts=spec.num_experts,
                          top_k=spec.top_k, extra={"moe_layers": moe_layers, "workload": workload,
                                                   "pos_is": "absolute token position in the sequence",
                                                   "recorded_by": "offload trace"})

@@ -115,6 +115,34 @@ def test_untrained_it_ranks_exactly_as_markov_and_it_learns_online_through_its_c
     assert learned.markov.tokens == 62 and net.markov.tokens == 60  # its own copy learns, the net's stays
 
 
+def test_a_task_prior_replaces_the_log_prior_term_of_markov_and_of_learned_on_its_terms() -> None:
+    trace = copy_chain(tokens=60, layers=4, num_experts=6, seed=2)
+    shape = shape_of(trace)
+    net = PathMLP(shape, 2, hidden=4, features=2 + 8)
+    net.markov = Markov(shape, trace, context=8, horizon=8)
+    learned, markov = Learned(shape, net=net), Markov(shape, trace, context=8, horizon=8)
+    experts = trace.experts.astype(np.int64)
+    prev = prev_routes(trace.seq, experts)
+    ctx = RouteContext(1, experts[:5, :2], prev[:5])
+    before = markov.features(ctx, 2)
+    prior = np.full((4, 6), 0.05)
+    prior[:, 3] = 0.9  # the task routes nearly every token to expert 3
+    markov.set_prior(prior)
+    learned.set_prior(prior)
+    after = markov.features(ctx, 2)
+    np.testing.assert_allclose(after[..., 0], np.log(prior[2:4])[:, None, :].repeat(5, axis=1))  # layers 2, 3
+    np.testing.assert_array_equal(after[..., 1:], before[..., 1:])  # the evidence terms are the counts' own
+    np.testing.assert_allclose(learned.predict(ctx, 2), markov.predict(ctx, 2), rtol=1e-5, atol=1e-5)
+    # the score moves by exactly the change of the prior term (its weight is 1): expert 3 gains, the others lose
+    delta = markov.predict(ctx, 2) - before @ np.array([1.0, markov.prev_weight] + [markov.path_weight] * 8)
+    np.testing.assert_allclose(delta, after[..., 0] - before[..., 0], rtol=1e-5, atol=1e-5)
+    assert (delta[..., 3] > 0).all() and (np.delete(delta, 3, axis=-1) < 0).all()
+    markov.set_prior(None)
+    np.testing.assert_array_equal(markov.features(ctx, 2), before)
+    with pytest.raises(ConfigError, match="prior must be"):
+        markov.set_prior(np.ones((3, 6)))
+
+
 def test_markov_terms_of_a_fold_come_from_the_other_folds() -> None:
     trace = copy_chain(tokens=40, layers=3, num_experts=4, seed=3, seqs=4)
     terms = markov_terms([trace], 1, {"context": 2, "horizon": 2}, folds=2)  # folds: sequences {0, 2}, {1, 3}

@@ -81,6 +81,30 @@ def test_counts_are_per_layer():
     assert (stats.layer(2).hits, stats.layer(2).misses) == (0, 1)
 
 
+def test_warm_start_loads_while_slots_last_and_counts_the_hits_it_made():
+    a, b, c, d = [(0, e) for e in range(4)]
+    cache, store, stats = make_cache(3, "lru")
+    run(cache, [a, b])
+    # c takes the free slot; a is resident already; d finds no slot: b is protected (another request's), a and c
+    # are the warm start's own
+    assert cache.warm([c, a, d], protect=[b]) == 1 and cache.resident == {a, b, c}
+    assert (stats.total.warm_loads, stats.total.misses, stats.total.hits) == (1, 2, 0)  # loads are not accesses
+    run(cache, [c, c, d])  # c: a hit made by the warm start (once); d: a miss that evicts a (LRU; c just ran)
+    t = stats.total
+    assert (t.hits, t.misses, t.evictions, t.warm_loads, t.warm_hits) == (2, 3, 1, 1, 1)
+    assert store.fetches == [a, b, c, d]
+
+
+def test_a_warm_start_evicts_by_the_policy_and_a_warm_expert_evicted_unused_made_no_hit():
+    a, b, c, d = [(0, e) for e in range(4)]
+    cache, store, stats = make_cache(2, "lru")
+    run(cache, [a, b])
+    assert cache.warm([c]) == 1 and cache.resident == {b, c} and stats.total.evictions == 1  # a was the LRU
+    run(cache, [a, d, c])  # a evicts b, d evicts c before anyone used it; c misses
+    t = stats.total
+    assert (t.hits, t.misses, t.warm_loads, t.warm_hits) == (0, 5, 1, 0)
+
+
 def test_pinned_experts_are_never_evicted():
     cache, _, _ = make_cache(2, "lru")
     cache.acquire((0, 0))

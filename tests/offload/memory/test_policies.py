@@ -104,6 +104,22 @@ def test_predictive_keeps_the_keys_that_earn_their_slot():
     assert policy.probability((0, 1)) == 0.125
 
 
+def test_predictive_takes_a_task_prior_as_evidence_that_decays():
+    run = Decode("predictive", 8, [0, 1], decay=0.5)
+    policy = run.policy
+    run.visit(0, (0, 0))
+    run.visit(1, (1, 0))
+    # before decode: the task's prior for layer 0 says expert 1 (never used yet) is likely, expert 0 a little
+    policy.on_prior(0, [0.2, 0.8, 0.0])
+    assert policy.probability((0, 1)) == 0.8  # a key without history starts at its prior
+    assert policy.probability((0, 0)) == pytest.approx(1 - 0.8 * 0.5)  # recency .5 and prior .2 combine
+    assert policy.probability((0, 2)) == policy.floor
+    assert policy.victim([(0, 0), (0, 1), (1, 0)]) == (1, 0)  # (0, 1) now outranks a key only recency vouches for
+    run.visit(0, (0, 0))  # layer 0's first decode step does not use expert 1: its prior halves, as any value
+    assert policy.probability((0, 1)) == 0.4
+    assert policy.probability((0, 0)) == pytest.approx(0.6 * 0.5 + 0.5)
+
+
 def test_layer_budget_evicts_within_a_layer_at_its_budget_and_from_the_most_over_one_otherwise():
     run = Decode("layer-budget", 4, [0, 1])
     policy = run.policy

@@ -191,3 +191,33 @@ def test_a_request_refused_while_being_made_is_never_counted(engine, model, alon
     assert engine.metrics().requests_waiting == 0
     monkeypatch.undo()
     assert submit(engine, model, PROMPTS[0]).result()[0] == alone[PROMPTS[0]]
+
+
+def test_task_patterns_warm_each_request_and_show_in_the_metrics(tmp_path):
+    from offload.tools.profile import model_identity, profile
+    from tests.paths import ROOT
+
+    traces = ROOT / "scripts" / "results" / "traces"
+    patterns = profile(None, {}, {"code": [traces / "tiny-moe-stdlib-heldout.jsonl.gz"],
+                                  "prose": [traces / "tiny-moe-stdlib-prose.jsonl.gz"]},
+                       ident=model_identity("tiny-moe"))
+    patterns.save(tmp_path / "patterns.json")
+    model = offload.from_pretrained("tiny-moe", expert_budget="25%", batch_size=2, context=128,
+                                    patterns=tmp_path / "patterns.json")
+    prompts = ["def parse(self, text):\n    ", "The module reads the whole file", "class Queue:\n    def"]
+    alone = {p: model.generate_text(p, max_new_tokens=8) for p in prompts}
+    model.stats.reset()
+    engine = Engine(lambda: model).start()
+    try:
+        assert engine.wait_ready(WAIT_S)
+        collectors = {p: submit(engine, model, p, max_new_tokens=8) for p in prompts}
+        assert {p: c.result()[0] for p, c in collectors.items()} == alone  # warm starts change no token
+        m = engine.metrics()
+    finally:
+        engine.stop()
+    assert sum(m.task_matches.values()) == len(prompts) and m.warm_loads > 0 and 0 < m.task_confidence <= 1
+    assert m.pruned_share == {}
+    from offload.serve.server import prometheus_text
+
+    text = prometheus_text(m)
+    assert "offload_warm_loads_total" in text and "offload_task_matches_total{task=" in text

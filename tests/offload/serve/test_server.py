@@ -337,7 +337,11 @@ def test_prometheus_text_lists_every_reason():
 
     text = prometheus_text(EngineMetrics(state="ready", requests_finished={"stop": 2, "cancelled": 1}))
     assert 'offload_requests_finished_total{reason="cancelled"} 1' in text and "offload_ready 1" in text
-    assert text.endswith("\n")
+    assert text.endswith("\n") and "offload_pruned_routing_share" not in text  # only under --prune
+    text = prometheus_text(EngineMetrics(state="ready", task_matches={"code": 3, "generic": 1},
+                                         pruned_share={0: 0.25, 2: 0.5}, warm_hits=7))
+    assert 'offload_task_matches_total{task="code"} 3' in text and "offload_warm_hits_total 7" in text
+    assert 'offload_pruned_routing_share{layer="2"} 0.5' in text
 
 
 # -- what a client cannot do to the server ----------------------------------------------------------------------
