@@ -212,7 +212,7 @@ def info(model: ModelArg, patterns: Annotated[Path | None, typer.Option(
     plan = plan_config(path) if config_only else plan_checkpoint(path)
     spec = plan.spec
     per_expert = plan.expert_nbytes if config_only else plan.expert_nbytes()
-    slot = plan.expert_format.slot_layout(spec, spec.checkpoint_dtype, torch.device("cpu"), torch.bfloat16).nbytes
+    slot = plan.expert_format.slot_layout(spec, spec.checkpoint_dtype, torch.device("cpu"), "int8").nbytes
     experts_total = per_expert * spec.total_experts
     table = Table(show_header=False, box=None)
     rows = [

@@ -51,6 +51,11 @@ Prune = Annotated[str | None, typer.Option(
     help='With --patterns: keep only this many experts per layer ("4", "50%", "0.5") of --task (else the generic '
          "pattern) and route among them; they load once and the slow tier is never read again (lossy: check "
          "`offload perplexity` with it).", rich_help_panel=PANEL)]
+QuantActivations = Annotated[str, typer.Option(
+    help="Integer experts on the CPU: int8 (activations quantized per block, llama.cpp's choice), int16 (near "
+         "exact) or float32 (dequantize, exact float32 matmuls).", rich_help_panel=PANEL)]
+Threads = Annotated[int, typer.Option(
+    help="Compute threads (offload's kernels and torch's); 0: the physical cores.", rich_help_panel=PANEL)]
 PredictorFile = Annotated[Path | None, typer.Option(
     help="learned: its weights (scripts/train_predictor.py); markov: a routing trace to fit its counts.",
     rich_help_panel=PANEL)]
@@ -61,8 +66,9 @@ SHARED: dict[str, tuple[Any, Any]] = {  # option -> (annotation, default)
     "lookahead": (Lookahead, 1), "prefetch_budget": (PrefetchBudget, "50%"),
     "predictor_file": (PredictorFile, None), "hybrid": (Hybrid, "off"),
     "patterns": (PatternsFile, None), "task": (Task, None), "prune": (Prune, None),
+    "quant_activations": (QuantActivations, "int8"), "threads": (Threads, 0),
 }
-LOADING = ("device", "dtype", "expert_budget", "offload_to", "policy")
+LOADING = ("device", "dtype", "expert_budget", "offload_to", "policy", "quant_activations", "threads")
 PATTERNS = ("patterns", "task", "prune")
 ALL = tuple(SHARED)
 
@@ -119,11 +125,13 @@ def predictor_options(predictor: str, path: Path | None) -> dict | None:
 def runtime_config(device: str = "auto", dtype: str = "auto", expert_budget: str = "100%", offload_to: str = "disk",
                    policy: str = "lru", predictor: str = "none", lookahead: int = 1, prefetch_budget: str = "50%",
                    predictor_file: Path | None = None, hybrid: str = "off", patterns: Path | None = None,
-                   task: str | None = None, prune: str | None = None, **batching) -> RuntimeConfig:
+                   task: str | None = None, prune: str | None = None, quant_activations: str = "int8",
+                   threads: int = 0, **batching) -> RuntimeConfig:
     """The RuntimeConfig of a command's shared options (validated here, before any file is read)."""
     from offload.runtime.config import RuntimeConfig  # torch and the registries: not for --help
 
     return RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, offload_to=offload_to, policy=policy,
                          predictor=predictor, lookahead=lookahead, prefetch_budget=prefetch_budget,
                          predictor_options=predictor_options(predictor, predictor_file), hybrid=hybrid,
-                         patterns=patterns, task=task, prune=prune, **batching)
+                         patterns=patterns, task=task, prune=prune, quant_activations=quant_activations,
+                         threads=threads, **batching)

@@ -1,9 +1,9 @@
-"""Weight-only quantized matmuls and int4 repacking on this CPU, and quantization error (issue 12).
+"""Quantized matmuls of every expert format on this CPU, what a miss converts, and quantization error.
 
-Times one token (x [1, in]) through an expert-sized matrix, [3584, 1024] (gate / up) and [1024, 3584] (down):
-bf16 and float32 F.linear, offload.experts.quant's int8_linear / int4_linear (bf16 activations inside) and the portable
-dequant_linear; and per matrix, torch's _convert_weight_to_int4pack_for_cpu against plain_to_cpu_int4 (from
-plain nibbles, as compressed-tensors stores them) and gptq_plain + plain_to_cpu_int4 (from a GPTQ qweight).
+Times one token (x [1, in]) through an expert-sized matrix, [3584, 1024] (gate / up) and [1024, 3584] (down), hot
+in cache (scripts/bench_kernels.py streams from RAM and sweeps token counts): bf16 and float32 F.linear, offload's
+integer kernels (int8 activations), the portable dequantizing path and the vendor formats' dequantize + matmul; and
+per matrix what a GPTQ miss still converts (gptq_plain: its int32 words to plain nibbles).
 Each thread count runs in its own processes (this script re-invoked with --worker), alternating; inside a
 process the methods take turns round by round, so a busy neighbour slows them alike. Reported: the median of
 the per-round medians, with the range. Then the relative Frobenius error of RTN and of the clip search on
@@ -32,7 +32,8 @@ from offload.experts import quant as Q
 from offload.experts.formats import gptq as G
 from offload.experts.formats.fp8 import fp8_block_dequantize
 from offload.experts.formats.mxfp4 import mxfp4_dequantize
-from offload.experts.kernels import torch_cpu as K
+from offload.experts.kernels.linear import int_linear
+from offload.experts.kernels.pool import use_threads
 
 SHAPES = [(3584, 1024), (1024, 3584)]
 SCHEMES = ["int8", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g64-asym", "int4-g128", "int4-g128-asym"]
@@ -55,13 +56,10 @@ def _methods(out: int, in_: int) -> dict[str, tuple]:
     xb = x.bfloat16()
     wb = w.bfloat16()
     q8 = Q.quantize(w, Q.parse_scheme("int8"))
-    w8, s8 = K.int8_kernel_pack(q8)
+    k8 = int_linear(q8)
     q4 = Q.quantize(w, Q.parse_scheme("int4-g128"))
-    p4, sz4 = K.int4_kernel_pack(q4)
-    q32 = Q.quantize(w, Q.parse_scheme("int4-g32"))
-    p32, sz32 = K.int4_kernel_pack(q32)
-    codes32 = q4.codes.to(torch.int32)
-    plain = Q.pack_nibbles(q4.codes)
+    k4 = int_linear(q4)
+    k32 = int_linear(Q.quantize(w, Q.parse_scheme("int4-g32")))
     qweight = G.gptq_pack(q4)["qweight"]
     # vendor formats: the timing does not depend on the codes, only on the shapes
     blocks = torch.randint(0, 256, (out, in_ // 32, 16), dtype=torch.uint8, generator=g)
@@ -71,23 +69,19 @@ def _methods(out: int, in_: int) -> dict[str, tuple]:
     return {
         "bf16 F.linear": (lambda: F.linear(xb, wb), 1),
         "fp32 F.linear": (lambda: F.linear(x, w), 1),
-        "int8_linear (bf16 x)": (lambda: K.int8_linear(xb, w8, s8), 1),
-        "int4_linear g128 (bf16 x)": (lambda: K.int4_linear(xb, p4, 128, sz4), 1),
-        "int4_linear g32 (bf16 x)": (lambda: K.int4_linear(xb, p32, 32, sz32), 1),
-        "int4_linear g128 (fp32 x, cast in/out)": (lambda: K.int4_linear(x, p4, 128, sz4), 1),
-        "dequant_linear int4 g128 (bf16 x)": (lambda: K.dequant_linear(xb, q4), 0.1),
+        "offload int8 (int8 x)": (lambda: k8(xb), 1),
+        "offload int4 g128 (int8 x)": (lambda: k4(xb), 1),
+        "offload int4 g32 (int8 x)": (lambda: k32(xb), 1),
+        "dequantize int4 g128 + F.linear (bf16 x)": (lambda: F.linear(xb, Q.dequantize(q4, xb.dtype)), 0.1),
         "mxfp4 dequant + F.linear (bf16 x)": (lambda: F.linear(xb, mxfp4_dequantize(blocks, scales, xb.dtype)), 0.1),
         "fp8 128x128 dequant + F.linear (bf16 x)": (
             lambda: F.linear(xb, fp8_block_dequantize(w_fp8, s_fp8, (128, 128)).to(xb.dtype)), 0.1),
-        "convert: torch _convert_weight_to_int4pack_for_cpu": (
-            lambda: torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes32, 1), 0.2),
-        "convert: plain_to_cpu_int4 (numba)": (lambda: K.plain_to_cpu_int4(plain), 0.2),
-        "convert: gptq_plain + plain_to_cpu_int4": (lambda: K.plain_to_cpu_int4(G.gptq_plain(qweight, 4)), 0.2),
+        "convert: gptq_plain (a GPTQ miss)": (lambda: G.gptq_plain(qweight, 4), 0.2),
     }
 
 
 def worker_run(threads: int, rounds: int, calls: int) -> dict:
-    torch.set_num_threads(threads)
+    use_threads(threads)
     results: dict[str, dict[str, list[float]]] = {}
     for out, in_ in SHAPES:
         methods = _methods(out, in_)
@@ -190,8 +184,7 @@ def bench(
     runs = run_workers([int(t) for t in threads.split(",")], processes, rounds, calls)
     summary = summarize(runs)
     err = errors()
-    result = {"machine": machine_info() | {"lscpu": lscpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                           "int4_layout": str(K.cpu_int4_layout())},
+    result = {"machine": machine_info() | {"lscpu": lscpu, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
               "load_before": before, "load_after": os.getloadavg(), "params": params,
               "shapes": SHAPES, "summary": summary, "errors": err, "runs": runs}
     write_json(out, result)

@@ -4,9 +4,10 @@ Rows (each configuration in its own worker process, every configuration once per
 the two sides of a ratio alternate; medians with min-max ranges; the JSON keeps every raw sample):
 
 - fully resident: offload bf16 (RAM tier, 100% budget) vs llama.cpp f16, offload int8 vs Q8_0, offload int4
-  vs Q4_0. offload's int8 is per-channel symmetric; its int4 is int4-g32-sym, the block structure of Q4_0
-  (32 weights, one scale, zero point 8), so the two read the same bytes per weight (Q8_0 stores 32-blocks
-  and is 6% larger than per-channel int8). With ``--gguf-quant experts`` (the default) Q8_0/Q4_0 quantize
+  vs Q4_0. offload's int8 is per-channel symmetric; its int4 is int4-g128-asym, which its kernels hold as 4 bits
+  per weight plus a float32 scale and a float32 scale x zero per 128 weights: 4.5 bits per weight, exactly Q4_0's
+  (a 16-bit scale per 32 weights), so the two read the same bytes per weight (Q8_0 stores 32-blocks and is 6%
+  larger than per-channel int8). With ``--gguf-quant experts`` (the default) Q8_0/Q4_0 quantize
   only the routed experts (``*_exps``) and keep attention, embeddings and lm_head in f16, as
   ``offload quantize`` does; ``--gguf-quant all`` is llama.cpp's own mixture (Q4_0 also gives lm_head Q6_K).
 - memory-capped: each engine in its own memory cgroup (v2 where it has a memory controller, else v1; skipped
@@ -77,7 +78,7 @@ INSTALL_COMMAND = (f'CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2
 find_spec = importlib.util.find_spec  # looked up at call time, so tests can replace it
 
 # offload's name for the weights -> (the scheme `offload quantize` writes, None: the checkpoint itself; llama.cpp's)
-FORMATS = {"bf16": (None, "f16"), "int8": ("int8", "q8_0"), "int4": ("int4-g32-sym", "q4_0")}
+FORMATS = {"bf16": (None, "f16"), "int8": ("int8", "q8_0"), "int4": ("int4-g128-asym", "q4_0")}
 EXPERT_RE = re.compile(r"\.experts\.\d+\.|_exps\.")  # safetensors: one tensor per expert; GGUF: experts stacked
 EMBED_RE = re.compile(r"embed_tokens\.|^token_embd\.")  # a token reads one row of it: not counted as read
 CORPUS = ("argparse.py", "textwrap.py", "difflib.py", "dataclasses.py", "functools.py")  # ~300 KB of stdlib

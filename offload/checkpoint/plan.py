@@ -92,7 +92,7 @@ class CheckpointPlan:
         """Expert ``key``'s layout in the checkpoint's format from the places of its tensors in a buffer."""
         return self.storage.source_layout(self.spec, self.expert_format.layer_format(key[0]), parts)
 
-    def host_layout(self, dtype: torch.dtype, device: torch.device, activations: torch.dtype) -> Callable:
+    def host_layout(self, dtype: torch.dtype, device: torch.device, activations: str) -> Callable:
         """key -> the layout the RAM tier holds that expert in (its layer's format's host layout)."""
         fmt, spec = self.expert_format, self.spec
         layouts = {layer: fmt.layer_format(layer).host_layout(spec, dtype, device, activations)

@@ -85,7 +85,7 @@ class Placement:
     device: torch.device
     dtype: torch.dtype                          # the compute dtype (dense weights, KV cache, float slots)
     tier: str = "disk"                          # where experts live when not cached: "disk" or "ram"
-    activations: torch.dtype = torch.bfloat16   # quantized experts' activations (they pick the slot layout)
+    activations: str = "int8"   # --quant-activations of quantized experts (they pick the slot layout)
     context: int = 0                            # tokens per sequence (0: kv_context's default)
     sequences: int = DEFAULT_SEQUENCES          # KV cache rows
 

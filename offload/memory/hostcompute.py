@@ -14,7 +14,7 @@ from offload.stats import HybridStats
 
 
 def expert_cost_model(plan: CheckpointPlan, calibration: Calibration, device: str, tier: str, dtype: torch.dtype,
-                      activations: torch.dtype = torch.bfloat16, cpu_format: str | None = None) -> ExpertCostModel:
+                      activations: str = "int8", cpu_format: str | None = None) -> ExpertCostModel:
     """The cost model of a checkpoint's experts: ``cpu_format`` is the key the host copy computes at on the CPU
     (default: the format's host_compute_key, the layout the RAM tier holds it in for ``device``)."""
     spec, fmt = plan.spec, plan.expert_format

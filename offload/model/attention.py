@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
+from offload.experts.kernels.linear import float_linear
 from offload.model.deltanet import GatedDeltaNet, GroupedGatedDeltaNet
 from offload.model.kv import KVCache, KVPool, LayerStore
 from offload.model.rope import apply_rope, softmax_scale_factor
@@ -148,13 +149,13 @@ class GroupedQueryAttention:
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[b, t, heads * head_dim] queries, and the output gate (None: ungated)."""
-        return F.linear(x, self.q, self.q_bias), None
+        return float_linear(x, self.q, self.q_bias), None
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v [b, heads, t, head_dim] before RoPE, and the output gate (or None)."""
         spec, hd = self.spec, self.head_dim
         b, t, _ = x.shape
-        (q, gate), k, v = self._queries(x), F.linear(x, self.k, self.k_bias), F.linear(x, self.v, self.v_bias)
+        (q, gate), k, v = self._queries(x), float_linear(x, self.k, self.k_bias), float_linear(x, self.v, self.v_bias)
         if spec.qk_norm == "full":  # OLMoE normalises the whole projection before splitting heads
             q, k = self._qk_norm(q, k)
         q, k = q.view(b, t, -1, hd), k.view(b, t, -1, hd)
@@ -178,7 +179,7 @@ class GroupedQueryAttention:
         out = out.transpose(1, 2).reshape(b, t, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
-        return F.linear(out, self.o, self.o_bias)
+        return float_linear(out, self.o, self.o_bias)
 
 
 class GatedAttention(GroupedQueryAttention):
@@ -191,7 +192,7 @@ class GatedAttention(GroupedQueryAttention):
 
     def _queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        q, gate = F.linear(x, self.q, self.q_bias).view(b, t, self.spec.num_heads, -1).chunk(2, dim=-1)
+        q, gate = float_linear(x, self.q, self.q_bias).view(b, t, self.spec.num_heads, -1).chunk(2, dim=-1)
         return q.reshape(b, t, -1), gate.reshape(b, t, -1)
 
 
@@ -214,9 +215,9 @@ class GemmaAttention(GroupedQueryAttention):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hd, eps = self.head_dim, self.spec.rms_norm_eps
         b, t, _ = x.shape
-        k = F.linear(x, self.k, self.k_bias).view(b, t, -1, hd)
-        v = k if self.v is None else F.linear(x, self.v, self.v_bias).view(b, t, -1, hd)  # keys as values
-        q = rms_norm(F.linear(x, self.q, self.q_bias).view(b, t, -1, hd), self.q_norm, eps)
+        k = float_linear(x, self.k, self.k_bias).view(b, t, -1, hd)
+        v = k if self.v is None else float_linear(x, self.v, self.v_bias).view(b, t, -1, hd)  # keys as values
+        q = rms_norm(float_linear(x, self.q, self.q_bias).view(b, t, -1, hd), self.q_norm, eps)
         k, v = rms_norm(k, self.k_norm, eps), _unit_rms_norm(v, eps)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None
 
@@ -293,16 +294,16 @@ class MultiHeadLatentAttention:
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w
         if "q_proj.weight" in w:
-            return F.linear(x, w["q_proj.weight"])
-        latent = F.linear(x, w["q_a_proj.weight"], w.get("q_a_proj.bias"))
-        return F.linear(rms_norm(latent, w["q_a_layernorm.weight"], self.LATENT_EPS), w["q_b_proj.weight"])
+            return float_linear(x, w["q_proj.weight"])
+        latent = float_linear(x, w["q_a_proj.weight"], w.get("q_a_proj.bias"))
+        return float_linear(rms_norm(latent, w["q_a_layernorm.weight"], self.LATENT_EPS), w["q_b_proj.weight"])
 
     def _latents(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache stores: the normed latent [b, 1, t, rank] and the rotated shared key [b, 1, t, rot]."""
         spec, w = self.spec, self.w
         b, t, _ = x.shape
         rank, rot = spec.kv_lora_rank, spec.qk_rope_head_dim
-        compressed = F.linear(x, w["kv_a_proj_with_mqa.weight"], w.get("kv_a_proj_with_mqa.bias"))
+        compressed = float_linear(x, w["kv_a_proj_with_mqa.weight"], w.get("kv_a_proj_with_mqa.bias"))
         latent, k_rot = compressed.split([rank, rot], -1)
         latent = rms_norm(latent, w["kv_a_layernorm.weight"], self.LATENT_EPS).view(b, 1, t, rank)
         return latent, apply_rope(k_rot.view(b, 1, t, rot), *rope, spec.rope.interleave)
@@ -319,11 +320,11 @@ class MultiHeadLatentAttention:
         if kv is not None:
             latent, k_rot = kv.update(layer, latent, k_rot)  # [b, 1, T, rank], [b, 1, T, rot]
         total = latent.shape[2]
-        kv_heads = F.linear(latent[:, 0], w["kv_b_proj.weight"]).view(b, total, heads, nope + spec.v_head_dim)
+        kv_heads = float_linear(latent[:, 0], w["kv_b_proj.weight"]).view(b, total, heads, nope + spec.v_head_dim)
         k_nope, v = kv_heads.transpose(1, 2).split([nope, spec.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rot.expand(b, heads, total, rot)), dim=-1)
         out = F.scaled_dot_product_attention(torch.cat((q_pass, q_rot), -1), k, v, attn_mask=mask, scale=self.scale)
-        return F.linear(out.transpose(1, 2).reshape(b, t, -1), w["o_proj.weight"], w.get("o_proj.bias"))
+        return float_linear(out.transpose(1, 2).reshape(b, t, -1), w["o_proj.weight"], w.get("o_proj.bias"))
 
 
 

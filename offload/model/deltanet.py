@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from offload.experts.kernels.linear import float_linear
 from offload.model.kv import KVCache, KVPool, LayerStore
 from offload.spec import ModelSpec
 
@@ -175,17 +176,17 @@ class GatedDeltaNet:
         b, t, _ = x.shape
         x = x.masked_fill(~mask[..., None], 0)
         conv_state, state = kv.state(layer) if kv is not None else self._fresh_state(b, x)
-        mixed, conv_state = causal_conv(F.linear(x, self.qkv), conv_state, self.conv)
+        mixed, conv_state = causal_conv(float_linear(x, self.qkv), conv_state, self.conv)
         q, k, v = mixed.split([d.keys, d.keys, d.values], dim=-1)
-        beta = torch.sigmoid(F.linear(x, self.b))                                   # [b, t, value heads]
-        g = self.decay_rate * F.softplus(F.linear(x, self.a).float() + self.dt_bias)
+        beta = torch.sigmoid(float_linear(x, self.b))                                   # [b, t, value heads]
+        g = self.decay_rate * F.softplus(float_linear(x, self.a).float() + self.dt_bias)
         out, state = self._delta_rule(q.view(b, t, d.key_heads, -1), k.view(b, t, d.key_heads, -1),
                                       v.view(b, t, d.value_heads, -1), g, beta, state)
         if kv is not None:
             kv.set_state(layer, conv_state, state)
-        z = F.linear(x, self.z).view(b, t, d.value_heads, d.value_dim)
+        z = float_linear(x, self.z).view(b, t, d.value_heads, d.value_dim)
         out = gated_rms_norm(out.to(x.dtype), z, self.norm, self.spec.rms_norm_eps)
-        return F.linear(out.reshape(b, t, -1), self.out)
+        return float_linear(out.reshape(b, t, -1), self.out)
 
     def _delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                     state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from offload.experts.activations import Activation, make_activation
+from offload.experts.kernels.linear import float_linear
+from offload.experts.kernels.pool import decode_step
 from offload.experts.layouts import Expert, Key
 from offload.model.attention import Attention, attention_masks, rms_norm
 from offload.model.kv import KVCache, KVPool
@@ -177,7 +179,7 @@ class MoEModel:
         result = buf.sum(dim=1).to(x.dtype)
         if lw.shared_mlp is not None:
             shared = self.activation(lw.shared_mlp, x)
-            gate = torch.sigmoid(F.linear(x, lw.shared_gate)) if lw.shared_gate is not None else 1.0
+            gate = torch.sigmoid(float_linear(x, lw.shared_gate)) if lw.shared_gate is not None else 1.0
             result = result + gate * shared
         return result
 
@@ -279,6 +281,11 @@ class MoEModel:
 
         With a KVPool, ``attention_mask`` covers each row's stored tokens plus this step's (kv.attention_mask()).
         """
+        with decode_step(input_ids.numel()):
+            return self._forward(input_ids, attention_mask, position_ids, kv, last_only)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 kv: KVCache | KVPool | None, last_only: bool) -> torch.Tensor:
         spec = self.spec
         seq = input_ids.shape[1]
         h = self.embed_tokens(input_ids)
@@ -296,7 +303,7 @@ class MoEModel:
             kv.advance(seq)
         if last_only:
             h = h[:, -1:]
-        logits = F.linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head)
+        logits = float_linear(rms_norm(h, self.final_norm, spec.rms_norm_eps), self.lm_head)
         if spec.final_logit_softcapping:  # Gemma: cap * tanh(logits / cap)
             logits = torch.tanh(logits / spec.final_logit_softcapping) * spec.final_logit_softcapping
         return logits

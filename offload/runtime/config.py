@@ -16,6 +16,7 @@ import torch
 
 from offload.amounts import BUDGET_HINT, Amount, parse_prefetch_budget
 from offload.errors import ConfigError, PolicyError
+from offload.experts.kernels.linear import QUANT_ACTIVATIONS
 from offload.hw.costmodel import check_mode
 from offload.memory.policies import POLICIES
 from offload.registry import check_name
@@ -40,8 +41,9 @@ class RuntimeConfig:
     lookahead: int = 1                    # the predictor looks this many MoE layers ahead
     prefetch_budget: int | str = "50%"    # most cache slots prefetched-but-unused experts may hold
     predictor_options: Mapping[str, Any] | None = None  # passed to the predictor (e.g. {"weights": PATH})
-    quant_activations: torch.dtype | str = "bfloat16"  # activations of quantized experts' matmuls: bfloat16 (torch's
-    #                                       fast CPU kernels) or float32 (dequantize, then an exact float32 matmul)
+    quant_activations: str = "int8"       # integer experts on the CPU: "int8" or "int16" activations in offload's
+    #                                       kernels (int16: near exact), or "float32" (dequantize, exact float32 matmul)
+    threads: int = 0                      # compute threads (offload's kernel pool and torch's); 0: physical cores
     scheduler: str = "fifo"               # rearrange.SCHEDULERS name, for generate_many / serve
     batch_size: int = 8                   # requests per decode step in continuous batching
     max_wait: int = 4                     # steps a ready request may be skipped by the scheduler
@@ -55,9 +57,8 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-        activations = parse_dtype(self.quant_activations)
-        if activations not in (torch.bfloat16, torch.float32):
-            raise ConfigError(f"invalid --quant-activations {self.quant_activations!r}", "use bfloat16 or float32")
+        activations = str(self.quant_activations).strip().lower().removeprefix("torch.")
+        check_name({a: a for a in QUANT_ACTIVATIONS}, activations, "--quant-activations")
         object.__setattr__(self, "quant_activations", activations)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ConfigError(f"unknown device {self.device!r}", "use one of: auto, cpu, cuda")
@@ -66,7 +67,7 @@ class RuntimeConfig:
         check_name(PREDICTORS, self.predictor, "predictor", also=("none",))
         check_name(SCHEDULERS, self.scheduler, "scheduler")
         check_mode(self.hybrid)
-        for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0), ("context", 0)):
+        for name, least in (("lookahead", 1), ("batch_size", 1), ("max_wait", 0), ("context", 0), ("threads", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"invalid --{name.replace('_', '-')} {value!r}", f"give a whole number >= {least}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from offload.errors import ConfigError
 from offload.experts import quant
 from offload.experts.activations import swiglu
-from offload.experts.kernels import torch_cpu
+from offload.experts.kernels.linear import FloatLinear, int_kernel_runs, int_linear
 from offload.experts.layouts import Expert
 from offload.hw.calibration import BATCHES, DEFAULT_CPU_GEMV, DEFAULT_GPU_GEMV, FORMATS, Calibration, default_path
 from offload.hw.machine import machine_info
@@ -89,22 +89,18 @@ def measure_disk_bandwidth(directory: Path, nbytes: int, repeats: int, chunk: in
 
 
 def _int_group(hidden: int, intermediate: int) -> int | None:
-    """The int4 group the kernel can run on all three matrices of the shape (128 preferred, as checkpoints)."""
-    return next((g for g in (128, 64, 32, 256) if torch_cpu.int4_kernel_group(intermediate, hidden, g) == g
-                 and torch_cpu.int4_kernel_group(hidden, intermediate, g) == g), None)
+    """The int4 group the kernels can run on all three matrices of the shape (128 preferred, as checkpoints)."""
+    return next((g for g in (128, 64, 32, 256) if int_kernel_runs(hidden, g) and int_kernel_runs(intermediate, g)),
+                None)
 
 
 def _linear(fmt: str, w: torch.Tensor, group: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One projection in ``fmt`` from a float32 weight [out, in], as the runtime's CPU slot layouts compute it."""
+    """One projection in ``fmt`` from a float32 weight [out, in], as the runtime's CPU slot layouts compute it
+    (integer formats with the default int8 activations)."""
     if fmt in ("bfloat16", "float32", "float16"):
-        weight = w.to(getattr(torch, fmt))
-        return lambda x: F.linear(x, weight)
-    if fmt == "int8":
-        w8, scales = torch_cpu.int8_kernel_pack(quant.quantize(w, quant.QuantScheme(8, None, True)))
-        return lambda x: torch_cpu.int8_linear(x, w8, scales)
-    packed, sz = torch_cpu.int4_kernel_pack(quant.quantize(w, quant.QuantScheme(4, group, False)))
-    kernel_group = torch_cpu.int4_kernel_group(*w.shape, group)
-    return lambda x: torch_cpu.int4_linear(x, packed, kernel_group, sz)
+        return FloatLinear(w.to(getattr(torch, fmt)).contiguous())
+    q = quant.quantize(w, quant.QuantScheme(8, None, True) if fmt == "int8" else quant.QuantScheme(4, group, False))
+    return int_linear(q, "int8")
 
 
 def _experts(fmt: str, hidden: int, intermediate: int, copies: int, group: int | None) -> list[Expert]:

@@ -15,7 +15,7 @@ from offload.traces.format import PHASES, read_trace
 
 
 def model_sizes(plan: CheckpointPlan, device: str, dtype: torch.dtype | None = None,
-                activations: torch.dtype = torch.bfloat16) -> ModelSizes:
+                activations: str = "int8") -> ModelSizes:
     """The performance model's view of a validated checkpoint: ``dtype`` is the compute dtype (None: the
     checkpoint's)."""
     spec, fmt = plan.spec, plan.expert_format
@@ -51,7 +51,7 @@ def trace_miss_rate(path: str, sizes: ModelSizes) -> MissRate:
     return rate
 
 
-def fits_for(plan: CheckpointPlan, device: str, dtype: torch.dtype, activations: torch.dtype = torch.bfloat16,
+def fits_for(plan: CheckpointPlan, device: str, dtype: torch.dtype, activations: str = "int8",
              context: int = 0, sequences: int = DEFAULT_SEQUENCES) -> Fits:
     """Whether a tier's slots fit this machine, by the fit check that ``--expert-budget auto`` uses (None: planning
     for a GPU this machine does not have, whose free memory is unknown)."""

@@ -2,9 +2,9 @@
 
 The output is compressed-tensors ``pack-quantized`` (what llm-compressor writes and vLLM, transformers +
 compressed-tensors and offload all load; Kimi-K2's native int4 is the same format): it stores the plain
-nibble packing, which this CPU shuffles into its int4 kernel's layout in ~0.4 ms per matrix, while
-GPTQ's transposed words add a word transpose, and the kernel layout itself varies with the CPU (AVX2
-and AVX512 pair different rows) so it cannot be a file format. Only routed experts are quantized;
+nibble packing, the bytes offload's CPU kernels compute from (a miss copies them into the slot; GPTQ's
+transposed words would add a word transpose). Each expert's tensors are written back to back (any data
+order is valid safetensors), so a disk-tier miss is one read. Only routed experts are quantized;
 attention, routers, shared experts, dense MLPs, norms, embeddings and lm_head are copied as they are,
 and the config's ``quantization_config`` targets the expert modules only.
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
+from offload.checkpoint.safetensors import write_safetensors
 from offload.checkpoint.tensors import TensorInfo
 from offload.errors import ConfigError, OutputError
 from offload.experts import quant
@@ -96,22 +96,31 @@ def _same_mode(source: Path, written: Path) -> None:
     written.chmod(stat.S_IMODE(source.stat().st_mode))
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, like: Path) -> None:
-    """One output shard; a failed write (disk full, a file size limit) is one error naming the file."""
+def _save(groups: list[dict[str, torch.Tensor]], path: Path, like: Path) -> None:
+    """One output shard, each expert's tensors back to back (a disk-tier miss is one read); a failed write (disk
+    full, a file size limit) is one error naming the file."""
     try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except SafetensorError as e:  # safetensors wraps the OSError in its own type
-        raise OutputError(f"cannot write {path.name} of the quantized checkpoint ({e})",
+        write_safetensors(groups, path, {"format": "pt"})
+    except OSError as e:
+        raise OutputError(f"cannot write {path.name} of the quantized checkpoint ({e.strerror or e})",
                           "free disk space (nothing was written to the output folder)") from None
     _same_mode(like, path)
 
 
+def _expert_of(plan: CheckpointPlan) -> dict[str, object]:
+    """Tensor name -> its expert's key, for the routed experts' tensors."""
+    return {info.name: key for key, tensors in plan.experts.items() for info in tensors}
+
+
 def _shards(plan: CheckpointPlan) -> list[list[TensorInfo]]:
-    """The source tensors in file order, cut into shards of about SHARD_BYTES (quantized experts shrink them)."""
+    """The source tensors in file order, cut into shards of about SHARD_BYTES (quantized experts shrink them), never
+    inside an expert (its tensors stay in one file, back to back)."""
+    expert_of = _expert_of(plan)
     shards: list[list[TensorInfo]] = [[]]
     size = 0
     for info in sorted(plan.tensors.values(), key=lambda t: (str(t.path), t.start)):
-        if size >= SHARD_BYTES:
+        key = expert_of.get(info.name)
+        if size >= SHARD_BYTES and (key is None or key != expert_of.get(shards[-1][-1].name)):
             shards.append([])
             size = 0
         shards[-1].append(info)
@@ -131,20 +140,23 @@ class _Reader:
         return self._handles[info.path].get_tensor(info.name)  # type: ignore[attr-defined]
 
 
-def _quantized_shard(shard: list[TensorInfo], experts: set[str], scheme: QuantScheme, clip_search: bool,
-                     read: _Reader, tick: Callable[[int, int], None]) -> dict[str, torch.Tensor]:
-    """One output shard: expert projections quantized and packed, every other tensor as it was."""
-    tensors: dict[str, torch.Tensor] = {}
+def _quantized_shard(shard: list[TensorInfo], expert_of: dict[str, object], scheme: QuantScheme,
+                     clip_search: bool, read: _Reader,
+                     tick: Callable[[int, int], None]) -> list[dict[str, torch.Tensor]]:
+    """One output shard as groups: an expert's projections quantized and packed together, every other tensor as it
+    was, alone."""
+    groups: dict[object, dict[str, torch.Tensor]] = {}
     for info in shard:
         w = read(info)
-        if info.name not in experts:
-            tensors[info.name] = w
+        key = expert_of.get(info.name)
+        if key is None:
+            groups[info.name] = {info.name: w}
             continue
         q = quant.quantize(w, scheme, scale_dtype=torch.bfloat16, clip_search=clip_search)
         packed = compressed_tensors_pack(q)
-        tensors |= {f"{info.name.removesuffix('.weight')}.{k}": v for k, v in packed.items()}
+        groups.setdefault(key, {}).update({f"{info.name.removesuffix('.weight')}.{k}": v for k, v in packed.items()})
         tick(info.nbytes, sum(v.numel() * v.itemsize for v in packed.values()))
-    return tensors
+    return list(groups.values())
 
 
 def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, scheme: QuantScheme,
@@ -156,25 +168,25 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, scheme
     plan = plan_checkpoint(model)
     out = _check_paths(plan, Path(out))
     _check_scheme(plan, scheme)
-    experts = {info.name for tensors in plan.experts.values() for info in tensors}
+    expert_of = _expert_of(plan)
     shards, read, weight_map = _shards(plan), _Reader(), {}
     counts = [0, 0, 0]  # matrices done, bytes before, bytes after
 
     def tick(before: int, after: int) -> None:
         counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + before, counts[2] + after
         if progress:
-            progress(counts[0], len(experts))
+            progress(counts[0], len(expert_of))
 
     with atomic_output(out, directory=True) as tmp:
         _write_config(plan, tmp, scheme)
         for n, shard in enumerate(shards):
             name = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = _quantized_shard(shard, experts, scheme, clip_search, read, tick)
-            _save(tensors, tmp / name, shard[0].path)
-            weight_map |= dict.fromkeys(tensors, name)
+            groups = _quantized_shard(shard, expert_of, scheme, clip_search, read, tick)
+            _save(groups, tmp / name, shard[0].path)
+            weight_map |= {tensor: name for group in groups for tensor in group}
         if len(shards) > 1:
             total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             _same_mode(shard[0].path, tmp / "model.safetensors.index.json")
-    return QuantizeReport(out, scheme, len(experts) // 3, counts[1], counts[2])
+    return QuantizeReport(out, scheme, len(plan.experts), counts[1], counts[2])

@@ -78,6 +78,8 @@ def test_info_reports_sizes_and_fits(model_dir):
         (("run", "{model}", "x", "--predictor", "learned", "--predictor-file", "{model}/config.json"),
          "not a learned-predictor safetensors file"),
         (("info", "{tmp}"), "no config.json"),
+        (("run", "{model}", "x", "--quant-activations", "bfloat16"), "unknown --quant-activations 'bfloat16'"),
+        (("run", "{model}", "x", "--threads", "-1"), "invalid --threads -1"),
     ],
 )
 def test_errors_are_one_line(model_dir, tmp_path, args, message):
@@ -86,6 +88,15 @@ def test_errors_are_one_line(model_dir, tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.output
+
+
+def test_threads_and_activation_modes_keep_the_tokens(model_dir):
+    # float experts: --quant-activations changes nothing; --threads splits rows, never a row's sum
+    plain = invoke("run", model_dir, "def g(y):", "--max-new-tokens", 8)
+    for extra in (("--threads", "1"), ("--threads", "3"), ("--quant-activations", "int16")):
+        other = invoke("run", model_dir, "def g(y):", "--max-new-tokens", 8, *extra)
+        assert other.exit_code == 0, other.output
+        assert other.stdout == plain.stdout, extra
 
 
 def test_markov_fits_the_trace_given_and_keeps_the_tokens(model_dir, tmp_path):

@@ -41,7 +41,7 @@ def test_equal_checkpoints_share_their_ggufs_and_a_changed_byte_does_not(tmp_pat
     assert vs.gguf_path(tmp_path, ha, "q4_0", "all").name == f"{ha[:16]}-q4_0-all.gguf"
     assert vs.gguf_path(tmp_path, ha, "f16", "all") == vs.gguf_path(tmp_path, ha, "f16")  # f16 has no mixture
     assert vs.offload_path(tmp_path, a, ha, "bf16") == a  # bf16 is the checkpoint itself
-    assert vs.offload_path(tmp_path, a, ha, "int4") == tmp_path / "quantized" / f"{ha[:16]}@int4-g32-sym"
+    assert vs.offload_path(tmp_path, a, ha, "int4") == tmp_path / "quantized" / f"{ha[:16]}@int4-g128-asym"
     assert [p.name for p in vs.checkpoint_files(a)] == ["config.json", "model.safetensors"]
 
 

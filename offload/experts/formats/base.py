@@ -100,19 +100,19 @@ class ExpertFormat(ABC):
     # -- where the bytes live and compute -------------------------------------------------------------------
     @abstractmethod
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """What a cache slot holds and computes from, on ``device`` with compute dtype ``dtype``."""
 
     def host_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """What the RAM tier holds: the slot's layout, so that a RAM miss is one memcpy."""
         return self.slot_layout(spec, dtype, device, activations)
 
-    def compute_key(self, dtype: torch.dtype, activations: torch.dtype, device: str) -> str:
+    def compute_key(self, dtype: torch.dtype, activations: str, device: str) -> str:
         """The calibration key (hw/calibration.py) a slot of this format computes at: its compute dtype's."""
         return str(dtype).removeprefix("torch.")
 
-    def host_compute_key(self, dtype: torch.dtype, activations: torch.dtype, device: str) -> str:
+    def host_compute_key(self, dtype: torch.dtype, activations: str, device: str) -> str:
         """The key the RAM tier's copy computes at on the CPU (hybrid's CPU side): the host layout's rate."""
         return self.compute_key(dtype, activations, "cpu")
 

@@ -68,7 +68,7 @@ class DenseFormat(ExpertFormat):
                             InOutMatrix(down, down_bias))
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """The compute dtype's packing (float experts compute in the model's dtype, whatever ``activations``)."""
         if not spec.expert_bias:
             return packed_layout(spec.hidden_size, spec.expert_intermediate_size, dtype)

@@ -100,14 +100,14 @@ class Fp8BlockFormat(ExpertFormat):
         return Fp8Matrix(parts[0], parts[1], self.block)
 
     def host_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """FP8 bytes and float32 block scales: what the RAM tier holds (one byte per weight)."""
         return pack_matrices([Fp8Matrix(*(Part(0, self.dtypes(k)[0] if k == "weight" else torch.float32, shape)
                                           for k, shape in self.shapes(out, inn).items()), self.block)
                               for out, inn in projection_shapes(spec)])
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """On CPU, dequantized once into a dense slot of the compute dtype; on a GPU, FP8 (dequantized_slot)."""
         return dequantized_slot(self.host_layout(spec, dtype, device, activations), spec, dtype, device, bias=False)
 

@@ -159,14 +159,14 @@ class GgufFormat(ExpertFormat):
 
     # -- where the bytes live and compute ------------------------------------------------------------------------
     def host_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """The layer's own blocks, gate | up | down: what the RAM tier holds (the file's bytes per weight)."""
         return pack_matrices([GgufMatrix(_weight_part(kind, out, inn), kind, inn,
                                          Part(0, torch.float32, (out,)) if self.bias else None)
                               for kind, (out, inn) in zip(self._types, projection_shapes(spec), strict=True)])
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """A slot of the compute dtype, filled by one dequantization per miss (on every device: the blocks are decoded
         on the host, and the same slot serves every layer whatever its types)."""
         if not self.bias:

@@ -1,11 +1,11 @@
 """Integer weight-only formats (GPTQ, compressed-tensors pack-quantized): what they share once read.
 
 Both store int4 / int8 codes with per-group scales (and zero points) and unpack to one QuantizedWeight; what a
-cache slot holds is the same for both: torch's CPU int4 / int8 kernel layouts where a kernel runs the matrix
-(kernels/torch_cpu.py), else a portable layout that dequantizes per matmul. A miss converts the checkpoint's bytes
-into the slot: for int4 a nibble shuffle into the CPU kernel's layout (~0.4 ms for a 3584x1024 matrix), for int8
-a sign flip. The RAM tier holds experts already converted, so its misses are one memcpy. Kernel layouts depend on
-the CPU torch dispatches to, so they are built in the process that uses them and never written to disk.
+cache slot holds is the same for both: on the CPU, the codes exactly as packed (plain nibbles for int4) beside
+float32 scales and mins, which offload's kernels compute from (kernels/rows.py), else a portable layout that
+dequantizes per matmul. A miss copies the codes (int8: a sign flip) and converts only the per-group scales and
+zero points; the RAM tier holds experts already converted, so its misses are one memcpy. Nothing in the layout
+depends on the CPU.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from offload.experts import quant
 from offload.experts.formats.base import ExpertFormat
-from offload.experts.kernels import torch_cpu
+from offload.experts.kernels.linear import IntLinear, int_kernel_runs
 from offload.experts.layouts import ExpertLayout, Linear, Matrix, Part, pack_matrices, projection_shapes
 from offload.experts.quant import QuantizedWeight, QuantScheme
 
@@ -64,70 +65,63 @@ def _copy(dst: Part, buf: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @dataclass(frozen=True)
-class Int4Matrix:
-    """torch's CPU int4 layout: packed uint8 [N, K/2] and tinygemm's bf16 (scale, zero) [K/G, N, 2]."""
+class KernelMatrix:
+    """What the CPU kernels compute from (kernels/linear.py IntLinear): the codes as the checkpoint packs them
+    (int4 plain nibbles [N, K/2], or int8 [N, K] as signed bytes, code - 128), float32 scales [N, groups] and
+    mins = scale * zero point [N, groups] (zero point in the codes' own range), W = scales * q - mins.
 
-    packed: Part
-    scales_and_zeros: Part
-    group: int  # the kernel's group G (a checkpoint group that is a multiple of G repeats its scales)
+    The layout does not depend on the CPU, so a miss copies the codes (no shuffle); only the small per-group
+    scales and zero points are converted from the checkpoint's dtypes and packings.
+    """
+
+    codes: Part
+    scales: Part
+    mins: Part
+    activations: str  # "int8" or "int16": how the kernel quantizes activations (--quant-activations)
 
     @property
     def parts(self) -> tuple[Part, ...]:
-        return (self.packed, self.scales_and_zeros)
+        return (self.codes, self.scales, self.mins)
 
     def signature(self) -> tuple:
-        return ("cpu-int4", self.group, self.packed.shape, self.scales_and_zeros.shape)
+        return ("kernel-int", self.codes.dtype, self.codes.shape, self.scales.shape, self.activations)
 
     def bind(self, buf: torch.Tensor) -> Linear:
-        packed, sz, group = self.packed.view(buf), self.scales_and_zeros.view(buf), self.group
-        return lambda x: torch_cpu.int4_linear(x, packed, group, sz)
+        return IntLinear(self.codes.view(buf), self.scales.view(buf), self.mins.view(buf), self.activations)
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
-        if isinstance(src, Int4Matrix):
+        if isinstance(src, KernelMatrix):
             for have, want in zip(src.parts, self.parts, strict=True):
                 want.view(buf).copy_(have.view(src_buf))
             return
-        scales, zeros = src.scales_zeros(src_buf)  # type: ignore[attr-defined]
-        group_size = src.packed_group_size(self.packed.shape[1] * 2)  # type: ignore[attr-defined]
-        # Both straight into the slot: no temporaries to fault in and copy (this runs on every disk-tier miss).
-        torch_cpu.plain_to_cpu_int4(src.plain(src_buf).contiguous(), out=self.packed.view(buf))  # type: ignore[attr-defined]
-        torch_cpu.int4_scales_and_zeros(scales, zeros, group_size, self.group, out=self.scales_and_zeros.view(buf))
-
-
-@dataclass(frozen=True)
-class Int8Matrix:
-    """torch's CPU int8 kernel layout: w int8 [N, K] (codes - 128) and one bf16 scale per row."""
-
-    w: Part
-    scales: Part
-
-    @property
-    def parts(self) -> tuple[Part, ...]:
-        return (self.w, self.scales)
-
-    def signature(self) -> tuple:
-        return ("cpu-int8", self.w.shape)
-
-    def bind(self, buf: torch.Tensor) -> Linear:
-        w, scales = self.w.view(buf), self.scales.view(buf)
-        return lambda x: torch_cpu.int8_linear(x, w, scales)
-
-    def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
-        _, scales = torch_cpu.int8_kernel_pack(src.unpack(src_buf), out=self.w.view(buf))  # type: ignore[attr-defined]
+        scales, zeros = src.scales_zeros(src_buf)  # type: ignore[attr-defined]  # float32 [N, groups] each
+        groups = self.scales.shape[1]
+        if scales.shape[1] != groups:  # a checkpoint group that is a multiple of the slot's: repeat its pairs
+            scales = scales.repeat_interleave(groups // scales.shape[1], dim=1)
+            zeros = zeros.repeat_interleave(groups // zeros.shape[1], dim=1)
+        plain = src.plain(src_buf)  # type: ignore[attr-defined]  # uint8 [N, K * bits / 8]
+        codes = self.codes.view(buf)
+        if codes.dtype == torch.int8:  # int8: signed codes, so the zero point moves by 128 too
+            np.bitwise_xor(plain.contiguous().numpy(), np.uint8(0x80), out=codes.view(torch.uint8).numpy())
+            zeros = zeros - 128
+        else:
+            codes.copy_(plain)
         _copy(self.scales, buf, scales)
+        torch.mul(scales, zeros, out=self.mins.view(buf))
 
 
 @dataclass(frozen=True)
 class DequantMatrix:
     """The portable layout (any device, any shape): codes in plain packing, float32 scales and zeros, and a
-    matmul that dequantizes into the activation dtype first (torch has no CPU kernel for these shapes)."""
+    matmul that dequantizes into the activation dtype first (CUDA, shapes the kernels do not take, and the
+    exact ``--quant-activations float32``)."""
 
     codes: Part   # uint8 [N, K * bits / 8]
     scales: Part  # float32 [N, groups]
     zeros: Part   # float32 [N, groups]
     bits: int
     group_size: int | None
-    dtype: torch.dtype  # the activations' dtype for the matmul (float32 when exactness is asked for)
+    dtype: torch.dtype  # the matmul's dtype (float32 when exactness is asked for)
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -186,27 +180,27 @@ class IntegerFormat(ExpertFormat):
                      in_features: int) -> None:
         self.unpack(tensors, name, out_features, in_features)
 
-    def slot_matrix(self, out_features: int, in_features: int, device: torch.device,
-                    activations: torch.dtype) -> Matrix:
-        """The fastest layout that computes this matrix here: a CPU kernel's, else the portable one."""
-        s, kernel = self.scheme, torch_cpu.kernel_for(out_features, in_features, self.scheme)
-        if device.type == "cpu" and activations == torch.bfloat16 and kernel == "int4":
-            group = torch_cpu.int4_kernel_group(out_features, in_features, s.group_size)
-            return Int4Matrix(Part(0, torch.uint8, (out_features, in_features // 2)),
-                              Part(0, torch.bfloat16, (in_features // group, out_features, 2)), group)
-        if device.type == "cpu" and activations == torch.bfloat16 and kernel == "int8":
-            return Int8Matrix(Part(0, torch.int8, (out_features, in_features)),
-                              Part(0, torch.bfloat16, (out_features,)))
+    def slot_matrix(self, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype,
+                    activations: str) -> Matrix:
+        """The kernels' layout on the CPU when they take the matrix (int8 / int16 activations, groups of 32n inputs);
+        else the portable dequantizing one, in float32 for ``--quant-activations float32`` (exact) or ``dtype``."""
+        s = self.scheme
+        group = s.group_size or in_features
         groups = s.groups(in_features)
+        if device.type == "cpu" and activations in ("int8", "int16") and int_kernel_runs(in_features, group):
+            codes = (Part(0, torch.uint8, (out_features, in_features // 2)) if s.bits == 4
+                     else Part(0, torch.int8, (out_features, in_features)))
+            per_group = Part(0, torch.float32, (out_features, groups))
+            return KernelMatrix(codes, per_group, per_group, activations)
         per_group = Part(0, torch.float32, (out_features, groups))
         return DequantMatrix(Part(0, torch.uint8, (out_features, in_features * s.bits // 8)), per_group, per_group,
-                             s.bits, s.group_size, activations)
+                             s.bits, s.group_size, torch.float32 if activations == "float32" else dtype)
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
-        """Gate, up and down in their fastest layouts, back to back (``dtype``, the model's, is not used:
-        quantized matrices compute with ``activations``)."""
-        return pack_matrices([self.slot_matrix(out, inn, device, activations) for out, inn in projection_shapes(spec)])
+                    activations: str) -> ExpertLayout:
+        """Gate, up and down in their fastest layouts, back to back."""
+        return pack_matrices([self.slot_matrix(out, inn, device, dtype, activations)
+                              for out, inn in projection_shapes(spec)])
 
     def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> dict | None:
         """A resident projection stored in this format (GPTQ quantizes attention: ``X.qweight`` ... instead of
@@ -221,16 +215,16 @@ class IntegerFormat(ExpertFormat):
                      in_features: int) -> torch.Tensor:
         return quant.dequantize(self.unpack(tensors, name, out_features, in_features))
 
-    def compute_key(self, dtype: torch.dtype, activations: torch.dtype, device: str) -> str:
-        """Its kernel's rate on the CPU with bf16 activations (as its slot layout picks), else the dequantizing
-        layout's, about the activation dtype's; on CUDA the measured dequantizing rate of its bits."""
-        if device == "cuda" or activations == torch.bfloat16:
+    def compute_key(self, dtype: torch.dtype, activations: str, device: str) -> str:
+        """The CPU kernels' rate for its bits (as its slot layout picks them), else the dequantizing layout's, about
+        the activation dtype's; on CUDA the measured dequantizing rate of its bits."""
+        if device == "cuda" or activations in ("int8", "int16"):
             return f"int{self.scheme.bits}"
-        return str(activations).removeprefix("torch.")
+        return "float32"
 
-    def host_compute_key(self, dtype: torch.dtype, activations: torch.dtype, device: str) -> str:
-        """On CUDA the RAM tier holds the portable dequantizing layout, which the CPU runs at about its activation
-        dtype's rate, not at the int4/int8 kernels'."""
+    def host_compute_key(self, dtype: torch.dtype, activations: str, device: str) -> str:
+        """On CUDA the RAM tier holds the portable dequantizing layout, which the CPU runs at about the compute
+        dtype's rate, not at the integer kernels'."""
         if device == "cuda":
-            return str(activations).removeprefix("torch.")
+            return "float32" if activations == "float32" else str(dtype).removeprefix("torch.")
         return self.compute_key(dtype, activations, "cpu")

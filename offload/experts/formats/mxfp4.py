@@ -135,13 +135,13 @@ class Mxfp4Format(ExpertFormat):
                             Mxfp4Matrix(gu_blocks, gu_scales, gu_bias, 1), Mxfp4Matrix(d_blocks, d_scales, d_bias))
 
     def host_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """Gate, up and down de-interleaved, still MXFP4: what the RAM tier holds (4.25 bits per weight)."""
         return pack_matrices([Mxfp4Matrix(Part(0, torch.uint8, (out, inn // 32, 16)),
                                           Part(0, torch.uint8, (out, inn // 32)), Part(0, dtype, (out,)))
                               for out, inn in projection_shapes(spec)])
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: torch.dtype) -> ExpertLayout:
+                    activations: str) -> ExpertLayout:
         """On CPU, dequantized once into a dense slot of the compute dtype; on a GPU, MXFP4 (dequantized_slot)."""
         return dequantized_slot(self.host_layout(spec, dtype, device, activations), spec, dtype, device, bias=True)

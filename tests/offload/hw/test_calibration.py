@@ -92,14 +92,15 @@ def test_expert_time_interpolates_between_measured_token_counts():
 
 def test_the_gemv_key_follows_the_slot_layout_each_device_computes_with():
     int4 = CompressedTensorsFormat(QuantScheme(4, 128, False))
-    assert DenseFormat(torch.bfloat16).compute_key(torch.float32, torch.bfloat16, "cpu") == "float32"
-    assert int4.compute_key(torch.bfloat16, torch.bfloat16, "cpu") == "int4"
-    assert int4.compute_key(torch.bfloat16, torch.float32, "cpu") == "float32"  # dequantize + exact matmul
-    assert int4.compute_key(torch.bfloat16, torch.bfloat16, "cuda") == "int4"
+    assert DenseFormat(torch.bfloat16).compute_key(torch.float32, "int8", "cpu") == "float32"
+    assert int4.compute_key(torch.bfloat16, "int8", "cpu") == "int4"
+    assert int4.compute_key(torch.bfloat16, "int16", "cpu") == "int4"
+    assert int4.compute_key(torch.bfloat16, "float32", "cpu") == "float32"  # dequantize + exact matmul
+    assert int4.compute_key(torch.bfloat16, "int8", "cuda") == "int4"
     # the RAM tier's host copy is in the device's slot layout: on CUDA the dequantizing one, at bf16's rate
-    assert int4.host_compute_key(torch.bfloat16, torch.bfloat16, "cuda") == "bfloat16"
-    assert int4.host_compute_key(torch.bfloat16, torch.bfloat16, "cpu") == "int4"
-    assert DenseFormat(torch.bfloat16).host_compute_key(torch.float32, torch.bfloat16, "cuda") == "float32"
+    assert int4.host_compute_key(torch.bfloat16, "int8", "cuda") == "bfloat16"
+    assert int4.host_compute_key(torch.bfloat16, "int8", "cpu") == "int4"
+    assert DenseFormat(torch.bfloat16).host_compute_key(torch.float32, "int8", "cuda") == "float32"
 
 
 def test_memory_and_disk_measurements_return_rates_and_leave_no_file(tmp_path):

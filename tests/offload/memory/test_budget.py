@@ -110,7 +110,7 @@ def test_auto_on_cuda_reads_that_gpu_from_pynvml(plan, monkeypatch):
 
 
 def test_the_disk_tier_counts_the_aligned_read_per_slot(plan):
-    layout = plan.expert_format.slot_layout(plan.spec, torch.float32, torch.device("cpu"), torch.bfloat16)
+    layout = plan.expert_format.slot_layout(plan.spec, torch.float32, torch.device("cpu"), "int8")
     disk = budget.slot_nbytes(plan, "disk", layout, CPU)
     assert budget.slot_nbytes(plan, "ram", layout, CPU) == layout.nbytes == EXPERT
     assert disk >= EXPERT and disk % 4096 == 0

@@ -88,9 +88,10 @@ def test_a_pruned_router_routes_as_one_built_on_the_retained_rows(tiny_dir, fami
     index = torch.tensor(kept)
     small = type(router)(small_spec, {k: v[index] for k, v in
                                       {"weight": router.weight, "bias": router.bias}.items() if v is not None})
-    x = torch.randn(64, spec.hidden_size)
+    x = torch.randn(64, spec.hidden_size, generator=torch.Generator().manual_seed(0))
     router.restrict(kept)
     experts, weights = router.select(x)
     small_experts, small_weights = small.select(x)
     assert torch.equal(experts, index[small_experts])
-    torch.testing.assert_close(weights, small_weights, rtol=1e-6, atol=1e-7)  # one softmax over fewer terms
+    # one softmax over fewer terms, summed in another order: weights <= 1 differ by a few float32 ulps (2.8e-7 seen)
+    torch.testing.assert_close(weights, small_weights, rtol=1e-6, atol=1e-6)

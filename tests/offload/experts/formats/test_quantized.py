@@ -5,9 +5,10 @@ transformers computes on the dequantized weights, at every budget, tier and batc
 Tolerances. With ``quant_activations="float32"`` every quantized matrix is dequantized and multiplied
 in float32, the same math transformers runs on the dequantized checkpoint, so logits agree within
 1e-4 as in test_model.py (the reference dequantizes with the same bf16/fp16 scales, so only the
-product order differs) and greedy tokens are identical. The default bfloat16 path feeds bf16
-activations to torch's int4/int8 kernels: each matmul rounds its input and output to bf16 (unit
-roundoff 2^-8), so logits of these unit-scale tiny models move by up to ~5e-2; checked at 0.1.
+product order differs) and greedy tokens are identical. The default int8 path quantizes each block of
+activations to int8 inside offload's kernels (absmax / 127 steps: a relative error up to 1/254 per
+input, ~0.5-1% of a matmul's output scale on random data, tests/offload/experts/kernels), so logits of
+these unit-scale tiny models move by up to ~5e-2; checked at 0.1. int16 activations are 256x finer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 import offload
 from offload.errors import BudgetError, CheckpointError, UnsupportedModelError
-from offload.experts.formats.integer import DequantMatrix, Int4Matrix, Int8Matrix
+from offload.experts.formats.integer import DequantMatrix, KernelMatrix
 from tests import reference
 from tests.offload.model.test_forward import _min_gap, _prompts
 from tests.quant_checkpoints import write_compressed_tensors, write_dequantized, write_gptq
@@ -94,22 +95,28 @@ def kernel_sized(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("bits, group, kind", [(4, 32, Int4Matrix), (8, None, Int8Matrix)])
+# int8 activations: up to 1/254 relative per input, ~1% of the output's scale at most here; int16: 256x finer
+ACTIVATION_TOLERANCE = {"int8": 0.02, "int16": 1e-4}
+
+
+@pytest.mark.parametrize("bits, group, activations", [(4, 32, "int8"), (8, None, "int8"), (4, 64, "int16")])
 @pytest.mark.parametrize("tier", ["disk", "ram"])
-def test_cpu_kernels_run_what_the_dequantized_path_runs(quantized, kernel_sized, bits, group, kind, tier):
+def test_cpu_kernels_run_what_the_dequantized_path_runs(quantized, kernel_sized, bits, group, activations, tier):
     qdir, _ = quantized("kernel", "compressed-tensors", bits, True, group, src=kernel_sized)
-    fast = offload.from_pretrained(qdir, device="cpu", expert_budget=3, offload_to=tier)
+    fast = offload.from_pretrained(qdir, device="cpu", expert_budget=3, offload_to=tier,
+                                   quant_activations=activations)
     exact = offload.from_pretrained(qdir, device="cpu", expert_budget=3, offload_to=tier,
                                     quant_activations="float32")
-    assert all(isinstance(m, kind) for m in fast.cache.mover.slot_layout.matrices)
+    assert all(isinstance(m, KernelMatrix) and m.activations == activations
+               for m in fast.cache.mover.slot_layout.matrices)
     assert all(isinstance(m, DequantMatrix) for m in exact.cache.mover.slot_layout.matrices)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     for key in fast.plan.experts:  # every expert through both paths (misses, evictions and conversions included)
         a, b = fast.cache.acquire(key), exact.cache.acquire(key)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             want = getattr(b, proj)(x)
-            # bf16 activations and outputs: ~2^-8 relative per rounding, a few of them; 1% of the output's scale
-            torch.testing.assert_close(getattr(a, proj)(x), want, atol=0.01 * float(want.abs().max()), rtol=0)
+            tolerance = ACTIVATION_TOLERANCE[activations] * float(want.abs().max())
+            torch.testing.assert_close(getattr(a, proj)(x), want, atol=tolerance, rtol=0)
         fast.cache.release(key)
         exact.cache.release(key)
     routes: dict[str, list] = {"fast": [], "exact": []}
@@ -117,17 +124,21 @@ def test_cpu_kernels_run_what_the_dequantized_path_runs(quantized, kernel_sized,
         model.model.route_observers.append(lambda layer, e, w, name=name: routes[name].append(e.clone()))
     ids = torch.tensor([[5, 17, 33, 60, 8, 9, 10]])
     logits_fast, logits_exact = fast(ids), exact(ids)
-    # Where both paths route alike (a bf16 rounding can flip a near-tied router choice), logits stay close.
-    assert all(torch.equal(r, s) for r, s in zip(routes["fast"], routes["exact"], strict=True))
-    torch.testing.assert_close(logits_fast, logits_exact, atol=0.1, rtol=0)
+    # An activation's rounding can flip a near-tied router choice of these random models: most choices agree, and
+    # at the tokens routed alike in every layer the logits stay close.
+    same = torch.stack([(r.sort(-1).values == s.sort(-1).values).all(-1)
+                        for r, s in zip(routes["fast"], routes["exact"], strict=True)])  # [layers, tokens]
+    assert same.float().mean() >= 0.9
+    alike = same.all(0)
+    torch.testing.assert_close(logits_fast[0, alike], logits_exact[0, alike], atol=0.1, rtol=0)
 
 
 def test_budgets_count_quantized_bytes(quantized, kernel_sized):
     qdir, _ = quantized("kernel", "compressed-tensors", 4, True, 32, src=kernel_sized)
     model = offload.from_pretrained(qdir, device="cpu", expert_budget="30KiB")
-    # int4 in the kernel layout: 3 x (64 x 64 / 2 nibbles + bf16 (scale, zero) per 32 inputs and row)
-    assert model.cache.slot_nbytes == 3 * (64 * 32 + 2 * 64 * 2 * 2) == 7680
-    assert model.cache.num_slots == 30 * 1024 // 7680 == 4 and model.cache.resident_nbytes <= 30 * 1024
+    # int4 as the kernels read it: 3 x (64 x 64 / 2 nibbles + float32 scale and min per 32 inputs and row)
+    assert model.cache.slot_nbytes == 3 * (64 * 32 + 2 * 64 * 2 * 4) == 9216
+    assert model.cache.num_slots == 30 * 1024 // 9216 == 3 and model.cache.resident_nbytes <= 30 * 1024
     model.generate(torch.tensor([[5, 17, 33, 60, 8]]), max_new_tokens=4)
     assert model.cache.resident_nbytes <= 30 * 1024 and model.stats.total.evictions > 0
     with pytest.raises(BudgetError, match="smaller than one expert"):  # the float32 experts take 49 KiB each
@@ -231,7 +242,7 @@ def test_vendor_formats_dense_slot_on_cpu_computes_as_the_native_bytes(fmt_name)
     spec = SimpleNamespace(hidden_size=64, expert_intermediate_size=96)
     fmt = Mxfp4Format() if fmt_name == "mxfp4" else Fp8BlockFormat(block=(32, 32))
     cpu = torch.device("cpu")
-    native = fmt.host_layout(spec, torch.float32, cpu, torch.float32)
+    native = fmt.host_layout(spec, torch.float32, cpu, "float32")
     g = torch.Generator().manual_seed(0)
     buf = torch.zeros(native.nbytes, dtype=torch.uint8)
     for m in native.matrices:
@@ -243,14 +254,16 @@ def test_vendor_formats_dense_slot_on_cpu_computes_as_the_native_bytes(fmt_name)
                 part.view(buf).copy_(torch.randn(part.shape, generator=g).to(part.dtype))
             else:
                 part.view(buf).copy_(torch.rand(part.shape, generator=g) + 0.5)
-    slot = fmt.slot_layout(spec, torch.float32, cpu, torch.float32)
+    slot = fmt.slot_layout(spec, torch.float32, cpu, "float32")
     assert all(isinstance(m, DenseMatrix) for m in slot.matrices) and slot.nbytes > native.nbytes
-    assert fmt.slot_layout(spec, torch.float32, torch.device("meta"), torch.float32) == native  # not a CPU: native
+    assert fmt.slot_layout(spec, torch.float32, torch.device("meta"), "float32") == native  # not a CPU: native
     dest = torch.zeros(slot.nbytes, dtype=torch.uint8)
     slot.convert_from(native, buf, dest)
     x = torch.randn(3, 64, generator=g)
     ours, theirs = slot.bind(dest), native.bind(buf)
-    # the same float32 weights on both sides and the same F.linear: equal to the last bit
-    assert torch.equal(ours.gate_proj(x), theirs.gate_proj(x)) and torch.equal(ours.up_proj(x), theirs.up_proj(x))
+    # the same float32 weights on both sides; the slot runs offload's GEMV, the native side F.linear: float32 sums in
+    # another order, ~1e-7 relative per term, so 1e-5 of the output's scale
     h = torch.randn(3, 96, generator=g)
-    assert torch.equal(ours.down_proj(h), theirs.down_proj(h))
+    for proj, inp in (("gate_proj", x), ("up_proj", x), ("down_proj", h)):
+        want = getattr(theirs, proj)(inp)
+        torch.testing.assert_close(getattr(ours, proj)(inp), want, rtol=0, atol=1e-5 * float(want.abs().max()))

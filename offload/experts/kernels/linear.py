@@ -1,0 +1,169 @@
+"""Linear layers on offload's CPU kernels: float weights (bf16, f16, f32) and integer ones (int4, int8), as stored.
+
+A call with at most ``*_MAX_TOKENS`` tokens runs the row kernels (rows.py) on the process's pool (pool.py); a
+longer one (prefill, big batches) goes to torch's GEMM, which reuses each weight across many tokens better than
+a GEMV repeated per token. Integer weights are computed with quantized activations (``QUANT_ACTIVATIONS``):
+``int8`` (llama.cpp's choice, the default) or ``int16`` (near exact); ``float32`` never reaches these kernels
+(the format's dequantizing layout computes exactly instead).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from offload.experts.kernels import jobs, rows
+from offload.experts.kernels.pool import pool
+from offload.experts.quant import QuantizedWeight, pack_nibbles
+
+QUANT_ACTIVATIONS = ("int8", "int16", "float32")  # --quant-activations: what an integer weight multiplies
+FLOAT_MAX_TOKENS = 16  # above: torch's GEMM (scripts/bench_kernels.py: ours is faster up to 16 tokens here)
+INT_MAX_TOKENS = 16
+ACT_BLOCKS = (256, 128, 64, 32)  # activation quantization block: the largest dividing the weight group
+_QMAX = {"int8": (np.int8, 127), "int16": (np.int16, 32767)}
+_FLOAT_KINDS = {torch.bfloat16: jobs.BF16, torch.float16: jobs.F16, torch.float32: jobs.F32}
+_INT_KINDS = {(4, "int8"): jobs.INT4_A8, (4, "int16"): jobs.INT4_A16, (8, "int8"): jobs.INT8_A8,
+              (8, "int16"): jobs.INT8_A16}
+
+
+def _rows_in(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] as float32 [tokens, in], contiguous (a copy only when it is not already)."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x.view(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+
+
+def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[1])
+
+
+def float_kernel_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether float_linear takes our kernel for this call (else torch's F.linear)."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.dtype in _FLOAT_KINDS and x.dtype in _FLOAT_KINDS and weight.is_contiguous()
+            and x.shape[-1] == weight.shape[1] and x.numel() <= FLOAT_MAX_TOKENS * x.shape[-1])
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with our GEMV at decode: float32 accumulation, the result in x.dtype.
+
+    torch's bf16 matmul rounds the same float32 sums to bf16, so the two differ in the last bit at most where the
+    summation order tips a rounding; float32 weights agree with torch's within ~1e-6 relative.
+    """
+    if not float_kernel_runs(x, weight):
+        return F.linear(x, weight, bias)
+    xs = _rows_in(x)
+    y = torch.empty((xs.shape[0], weight.shape[0]), dtype=torch.float32)
+    pool().run_job(jobs.float_job(_FLOAT_KINDS[weight.dtype], weight, xs, y))
+    out = _out(y, x)
+    return out if bias is None else out + bias
+
+
+@dataclass(frozen=True)
+class FloatLinear:
+    """A float weight (and bias) of a cache slot or a resident layer."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return float_linear(x, self.weight, self.bias)
+
+
+def act_block(group: int) -> int:
+    """Activation quantization block for a weight group: int16 sums stay far from int32 overflow at 256."""
+    return next(b for b in ACT_BLOCKS if group % b == 0)
+
+
+def int_kernel_runs(in_features: int, group: int) -> bool:
+    """Whether the integer kernels take a matrix: weight groups (the whole row when per-channel) of 32n inputs."""
+    return in_features % 32 == 0 and group % 32 == 0 and in_features % group == 0
+
+
+class _Scratch(threading.local):
+    """Per thread, the quantized activations of the last call shapes: made once, not on every call (STYLE 17)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, tuple] = {}
+
+    def get(self, tokens: int, k: int, block: int, activations: str, nibbles: bool) -> tuple:
+        key = (tokens, k, block, activations, nibbles)
+        found = self.buffers.get(key)
+        if found is None:
+            dtype, _ = _QMAX[activations]
+            xe = np.empty((tokens, k // 2 if nibbles else k), dtype=dtype)
+            xo = np.empty((tokens, k // 2), dtype=dtype) if nibbles else xe
+            xs, xz = np.empty((tokens, k // block), np.float32), np.empty((tokens, k // block), np.float32)
+            found = (xe, xo, xs, xz, [a.ctypes.data for a in (xe, xo, xs, xz)])
+            if len(self.buffers) > 64:  # token counts vary with batching: keep the set bounded
+                self.buffers.clear()
+            self.buffers[key] = found
+        return found
+
+
+_scratch = _Scratch()
+
+
+@dataclass(frozen=True)
+class IntLinear:
+    """Integer codes as stored (int4 plain nibbles [N, K/2] or int8 [N, K]), W = s * q - m per weight group.
+
+    ``codes``, ``scales`` and ``mins`` are contiguous views of a slot; ``dequantized`` is for calls above
+    INT_MAX_TOKENS. The job descriptor's weight half is made once here, per bind.
+    """
+
+    codes: torch.Tensor   # uint8 [N, K/2] (int4) or int8 [N, K]
+    scales: torch.Tensor  # float32 [N, K/group]
+    mins: torch.Tensor    # float32 [N, K/group]: scale * zero point (in the codes' own range)
+    activations: str      # "int8" or "int16"
+
+    def __post_init__(self) -> None:
+        nibbles = self.codes.dtype == torch.uint8
+        k = self.codes.shape[1] * (2 if nibbles else 1)
+        block = act_block(k // self.scales.shape[1])
+        base = np.zeros(jobs.FIELDS, np.int64)
+        base[[jobs.KIND, jobs.N, jobs.K, jobs.GROUPS, jobs.BLOCKS]] = (
+            _INT_KINDS[4 if nibbles else 8, self.activations], self.codes.shape[0], k, self.scales.shape[1], k // block)
+        base[[jobs.W, jobs.S, jobs.M]] = self.codes.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr()
+        object.__setattr__(self, "_job", (base, k, block, nibbles, _QMAX[self.activations][1]))
+
+    @property
+    def in_features(self) -> int:
+        return self._job[1]
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] in ``dtype`` (prefill's GEMM)."""
+        q = self.codes
+        if q.dtype == torch.uint8:
+            q = torch.stack((q & 0x0F, q >> 4), dim=-1).flatten(-2)
+        n, k = q.shape
+        groups = self.scales.shape[1]
+        w = q.reshape(n, groups, k // groups).float().mul_(self.scales[..., None]).sub_(self.mins[..., None])
+        return w.reshape(n, k).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        base, k, block, nibbles, qmax = self._job
+        tokens = x.numel() // k
+        if tokens > INT_MAX_TOKENS or x.device.type != "cpu":
+            return F.linear(x, self.dequantized(x.dtype))
+        xs = _rows_in(x)
+        xe, xo, xscale, xz, (pe, po, ps, pz) = _scratch.get(tokens, k, block, self.activations, nibbles)
+        rows.quantize_rows(xs.numpy(), block, xe, xo, xscale, xz, qmax, nibbles)
+        y = torch.empty((tokens, self.codes.shape[0]), dtype=torch.float32)
+        desc = base.copy()
+        desc[jobs.TOKENS], desc[jobs.X], desc[jobs.XO], desc[jobs.XS] = tokens, pe, po, ps
+        desc[jobs.XZ], desc[jobs.Y] = pz, y.data_ptr()
+        pool().run_job(desc)
+        return _out(y, x)
+
+
+def int_linear(q: QuantizedWeight, activations: str = "int8") -> IntLinear:
+    """An IntLinear owning its tensors, from a QuantizedWeight (benchmarks, tests; slots bind views instead)."""
+    signed = q.scheme.bits == 8
+    codes = (q.codes ^ 0x80).view(torch.int8) if signed else pack_nibbles(q.codes)
+    zeros = q.zeros - 128 if signed else q.zeros
+    return IntLinear(codes.contiguous(), q.scales.contiguous(), (q.scales * zeros).contiguous(), activations)

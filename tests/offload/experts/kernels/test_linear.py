@@ -1,0 +1,133 @@
+"""offload/experts/kernels (rows.py through linear.py) against tests/reference.py's dequantize-then-float32 matmul.
+
+Tolerances, per activation mode (errors measured against the reference's output scale, max |y|):
+- float weights: float32 sums of exact products in another order, ~1e-7 relative per term: 1e-5. Outputs in bf16 /
+  f16 are then rounded once (2^-8 / 2^-11 relative), which the comparison in that dtype allows (one unit).
+- int16 activations: each input is rounded to 1/32767 of its block's absmax, ~1e-5 of the output scale observed
+  (2-4e-5 max on random data): 2e-4.
+- int8 activations: 1/127 of the block's absmax, 0.5-1% observed: 3e-2. A wrong nibble order, scale or zero point
+  gives errors of order 1.
+Calls above INT_MAX_TOKENS run dequantize + F.linear in the activations' dtype (float32 here): 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from offload.experts import quant as Q
+from offload.experts.kernels import linear as L
+from offload.experts.kernels import rows
+from tests import reference as R
+
+TOLERANCE = {"int8": 3e-2, "int16": 2e-4}
+SHAPES = [(96, 512), (512, 256)]  # both orientations of an expert (gate/up [I, H], down [H, I])
+TOKENS = [1, 3, 8, 17]  # 17 > INT_MAX_TOKENS: the dequantizing fallback
+
+
+def _w(out: int, in_: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out, in_, generator=torch.Generator().manual_seed(seed))
+
+
+def _err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (4, 128), (4, 256), (4, None), (8, None), (8, 64)])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("activations", ["int8", "int16"])
+def test_int_linear_matches_dequantized_reference(bits, group, sym, shape, activations):
+    q = Q.quantize(_w(*shape, seed=bits + (group or 0)), Q.QuantScheme(bits, group, sym))
+    lin = L.int_linear(q, activations)
+    ref_w = R.ref_dequantize(q.codes, q.scales, q.zeros, group)
+    for tokens in TOKENS:
+        x = _w(tokens, shape[1], seed=tokens)
+        y = lin(x)
+        assert y.shape == (tokens, shape[0]) and y.dtype == x.dtype
+        tolerance = TOLERANCE[activations] if tokens <= L.INT_MAX_TOKENS else 1e-5
+        assert _err(y, R.ref_linear(x, ref_w)) < tolerance, tokens
+
+
+def test_int_linear_keeps_leading_dims_and_dtype():
+    q = Q.quantize(_w(64, 128), Q.QuantScheme(4, 32, False))
+    x = _w(6, 128).view(2, 3, 128).to(torch.bfloat16)
+    y = L.int_linear(q)(x)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_linear_matches_reference(dtype, shape):
+    w = _w(*shape).to(dtype)
+    bias = _w(1, shape[0], seed=5)[0].to(dtype)
+    for tokens in TOKENS:
+        x = _w(tokens, shape[1], seed=tokens).to(dtype)
+        assert L.float_kernel_runs(x, w) == (tokens <= L.FLOAT_MAX_TOKENS)
+        y = L.float_linear(x, w, bias)
+        ref = R.ref_linear(x, w) + bias.float()
+        assert y.dtype == dtype and y.shape == (tokens, shape[0])
+        unit = {torch.bfloat16: 2**-8, torch.float16: 2**-10, torch.float32: 1e-6}[dtype]
+        torch.testing.assert_close(y.float(), ref, rtol=2 * unit, atol=(2 * unit + 1e-5) * float(ref.abs().max()))
+
+
+def test_float_linear_leaves_what_it_cannot_run_to_torch():
+    w = _w(64, 32).t()  # not contiguous
+    x = _w(2, 64)
+    assert not L.float_kernel_runs(x, w)
+    torch.testing.assert_close(L.float_linear(x, w), x @ w.t())
+
+
+def test_quantize_rows_is_symmetric_per_block_and_exact_in_its_sums():
+    x = _w(3, 256).numpy()
+    xq = np.empty((3, 256), np.int8)
+    xs = np.empty((3, 4), np.float32)
+    xz = np.empty_like(xs)
+    rows.quantize_rows(x, 64, xq, xq, xs, xz, 127, False)
+    blocks = x.reshape(3, 4, 64)
+    np.testing.assert_allclose(xs, np.abs(blocks).max(-1) / 127, rtol=1e-6)
+    assert np.abs(xq).max() == 127 and np.abs(xq.reshape(3, 4, 64) * xs[..., None] - blocks).max() <= xs.max() / 2
+    np.testing.assert_allclose(xz, xs * xq.reshape(3, 4, 64).astype(np.int64).sum(-1), rtol=1e-6)
+    xe, xo = np.empty((3, 128), np.int8), np.empty((3, 128), np.int8)  # int4's order: even and odd inputs apart
+    rows.quantize_rows(x, 64, xe, xo, xs, xz, 127, True)
+    assert np.array_equal(xe, xq[:, 0::2]) and np.array_equal(xo, xq[:, 1::2])
+    zero = np.zeros((1, 64), np.float32)  # an all-zero block: scale 0, codes 0, no division by zero
+    rows.quantize_rows(zero, 64, xq[:1, :64], xq[:1, :64], xs[:1, :1], xz[:1, :1], 127, False)
+    assert xs[0, 0] == 0 and not xq[0, :64].any()
+
+
+_GENERIC = """
+import sys, numpy as np, torch
+from offload.experts import quant as Q
+from offload.experts.kernels import linear as L
+torch.manual_seed(0)
+out = []
+for bits, group in ((4, 128), (4, 32), (8, None)):
+    q = Q.quantize(torch.randn(96, 256), Q.QuantScheme(bits, group, False))
+    out.append(L.int_linear(q, "int8")(torch.randn(3, 256)).numpy())
+for dtype in (torch.bfloat16, torch.float16):  # float16: F16C's vcvtph2ps on the host, integer moves without it
+    w = torch.randn(96, 256)
+    w[0, :4] = torch.tensor([1e-6, -3e-5, 65504.0, -2.0**-24])  # subnormal and extreme halves
+    out.append(L.float_linear(torch.randn(2, 256), w.to(dtype)).numpy())
+np.save(sys.argv[1], np.concatenate([o.ravel() for o in out]))
+"""
+
+
+@pytest.mark.slow  # compiles the kernels afresh for another CPU target: ~20 s
+def test_portable_build_equals_the_host_build(tmp_path):
+    """NUMBA_CPU_NAME=generic compiles the same loops for a baseline x86-64 (SSE2, no AVX2): what a CPU without AVX2
+    runs. Integer sums are exact on both, so only float accumulation order differs: 1e-5 relative."""
+    results = {}
+    for name, env in (("host", {}), ("generic", {"NUMBA_CPU_NAME": "generic"})):
+        out = tmp_path / f"{name}.npy"
+        cache = {"NUMBA_CACHE_DIR": str(tmp_path / f"cache-{name}")}
+        subprocess.run([sys.executable, "-c", _GENERIC, str(out)], check=True, timeout=600,
+                       env={**os.environ, **env, **cache})
+        results[name] = np.load(out)
+    np.testing.assert_allclose(results["generic"], results["host"], rtol=1e-5,
+                               atol=1e-5 * float(np.abs(results["host"]).max()))
