@@ -24,6 +24,7 @@ from common import machine_info, main, make_app, write_json, write_text
 from train_tiny_moe import collect_sources, is_held_out  # a sibling script, as make_trace_prompts imports it
 
 import offload
+from offload.experts.kernels import linear
 from offload.experts.quant import parse_scheme
 from offload.tools.perplexity import perplexity
 from offload.tools.quantize import quantize_checkpoint
@@ -46,6 +47,9 @@ def held_out_ids(model, percent: int = 5, seed: int = 0, max_tokens: int = 0) ->
 
 
 def score(path: Path, ids: list[int], context: int, stride: int, activations: str) -> dict:
+    # Score what decode computes: a window of `context` tokens would otherwise take the prefill path (dequantize +
+    # torch's GEMM) in every mode; here every integer matmul runs in the kernels with the mode's activations.
+    linear.INT_MAX_TOKENS = 1 << 30
     model = offload.from_pretrained(path, device="cpu", quant_activations=activations)
     t0 = time.perf_counter()
     result = perplexity(model, ids, context, stride)

@@ -57,14 +57,16 @@ def run(d, lo, hi):
     if kind == INT4_A8 or kind == INT4_A16:
         w = carray(ptr_uint8(d[W]), (n, k // 2))
         if kind == INT4_A8:
-            rows.int4_rows(w, s, m, carray(ptr_int8(d[X]), (tokens, k // 2)), carray(ptr_int8(d[XO]), (tokens, k // 2)),
-                           xs, xz, y, lo, hi)
+            rows.int_rows(w, s, m, carray(ptr_int8(d[X]), (tokens, k // 2)), carray(ptr_int8(d[XO]), (tokens, k // 2)),
+                          xs, xz, y, lo, hi)
         else:
-            rows.int4_rows(w, s, m, carray(ptr_int16(d[X]), (tokens, k // 2)),
-                           carray(ptr_int16(d[XO]), (tokens, k // 2)), xs, xz, y, lo, hi)
+            rows.int_rows(w, s, m, carray(ptr_int16(d[X]), (tokens, k // 2)),
+                          carray(ptr_int16(d[XO]), (tokens, k // 2)), xs, xz, y, lo, hi)
         return
     w8 = carray(ptr_int8(d[W]), (n, k))
     if kind == INT8_A8:
-        rows.int8_rows(w8, s, m, carray(ptr_int8(d[X]), (tokens, k)), xs, xz, y, lo, hi)
+        x8 = carray(ptr_int8(d[X]), (tokens, k))
+        rows.int_rows(w8, s, m, x8, x8, xs, xz, y, lo, hi)
     else:
-        rows.int8_rows(w8, s, m, carray(ptr_int16(d[X]), (tokens, k)), xs, xz, y, lo, hi)
+        x16 = carray(ptr_int16(d[X]), (tokens, k))
+        rows.int_rows(w8, s, m, x16, x16, xs, xz, y, lo, hi)

@@ -56,37 +56,24 @@ def _int8_dot(w, x, r, t, start, count):
     return d
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def int4_rows(w, s, m, xe, xo, xs, xz, y, lo, hi):
-    """int4 plain nibbles times quantized activations (even / odd inputs apart); rows lo..hi of y [T, N]."""
-    tokens = xe.shape[0]
-    groups, blocks = s.shape[1], xs.shape[1]
-    block = xe.shape[1] // blocks  # bytes of one activation block
-    per_group = blocks // groups
-    for r in range(lo, hi):
-        for t in range(tokens):
-            acc = np.float32(0.0)
-            b = 0
-            for g in range(groups):
-                for _ in range(per_group):
-                    d = 0
-                    if block % CHUNK == 0:
-                        for c in range(block // CHUNK):
-                            d += _int4_dot(w, xe, xo, r, t, b * block + c * CHUNK, CHUNK)
-                    else:
-                        d = _int4_dot(w, xe, xo, r, t, b * block, block)
-                    # int32 (exact: |d| < 2^31): the truncation lets LLVM keep the sums in 32-bit lanes (vpmaddwd)
-                    acc += s[r, g] * xs[t, b] * np.float32(np.int32(d)) - m[r, g] * xz[t, b]
-                    b += 1
-            y[t, r] = acc
+def block_dot(w, x, xo, r, t, start, count):
+    """Integer dot of row r's bytes start..start+count with token t's activation codes (int4 or int8 weights)."""
+
+
+@overload(block_dot, inline="always")
+def _block_dot(w, x, xo, r, t, start, count):
+    if w.dtype == numba.uint8:  # int4 nibbles: x holds the even inputs, xo the odd ones
+        return lambda w, x, xo, r, t, start, count: _int4_dot(w, x, xo, r, t, start, count)
+    return lambda w, x, xo, r, t, start, count: _int8_dot(w, x, r, t, start, count)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def int8_rows(w, s, m, x, xs, xz, y, lo, hi):
-    """int8 weights times quantized activations; rows lo..hi of y [T, N]."""
+def int_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
+    """Integer weights times quantized activations; rows lo..hi of y [T, N]. int4: ``w`` uint8 nibbles [N, K/2] with
+    ``x`` / ``xo`` the even / odd inputs [T, K/2]; int8: ``w`` int8 [N, K] with ``x`` [T, K] (``xo`` unused)."""
     tokens = x.shape[0]
     groups, blocks = s.shape[1], xs.shape[1]
-    block = x.shape[1] // blocks
+    block = x.shape[1] // blocks  # bytes of w per activation block
     per_group = blocks // groups
     for r in range(lo, hi):
         for t in range(tokens):
@@ -97,9 +84,10 @@ def int8_rows(w, s, m, x, xs, xz, y, lo, hi):
                     d = 0
                     if block % CHUNK == 0:
                         for c in range(block // CHUNK):
-                            d += _int8_dot(w, x, r, t, b * block + c * CHUNK, CHUNK)
+                            d += block_dot(w, x, xo, r, t, b * block + c * CHUNK, CHUNK)
                     else:
-                        d = _int8_dot(w, x, r, t, b * block, block)
+                        d = block_dot(w, x, xo, r, t, b * block, block)
+                    # int32 (exact: |d| < 2^31): the truncation lets LLVM keep the sums in 32-bit lanes
                     acc += s[r, g] * xs[t, b] * np.float32(np.int32(d)) - m[r, g] * xz[t, b]
                     b += 1
             y[t, r] = acc
