@@ -24,12 +24,20 @@ codes, bf16 15.5 GB/s, f32 19-20 GB/s (scripts/bench_kernels.py, docs/performanc
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 from numba import njit
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 from offload.experts.kernels import intrinsics
+
+# numba's pedantic SSA check flags the accumulators of the block dots it inlines below (inline="always", which the
+# kernels need: a called dot with a runtime trip count ran 3-4x slower); the compiled code is right (the kernel tests
+# check every format against tests/reference.py), so the check's warning is not shown to users at first compile.
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
 
 CHUNK = 64  # bytes: a compile-time inner trip count LLVM vectorizes cleanly (runtime-length block loops ran 1.3-2x
 #             slower here, a constant 16 fell back to scalar code); blocks that are not a multiple use _int4_dot's loop
