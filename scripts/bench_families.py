@@ -179,8 +179,8 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Runs per family, alternating; medians.")] = 3,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
-    work_dir: Annotated[Path, typer.Option(help="Where the random models are made (kept).")] = Path(
-        "scripts/results/bench_families_models"),
+    work_dir: Annotated[Path, typer.Option(help="Where the random models are made (kept, outside the repository).")
+                        ] = Path("/tmp/offload-bench-families"),
     out: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("scripts/results/bench_families.json"),
 ) -> None:
     """Decode ms per token of each family and each attention piece's ms per layer per token, with their costs."""
