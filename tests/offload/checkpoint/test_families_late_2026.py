@@ -55,6 +55,21 @@ def test_ram_tier_matches_transformers(tiny_dir, family):
     torch.testing.assert_close(model(ids, attention_mask=mask)[mask.bool()], logits[mask.bool()], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", NEW)
+def test_the_other_policies_give_transformers_tokens(tiny_dir, family):
+    """test_forward.py runs lru, lfu and fifo at every budget; here the other three (layer-aware and prediction-aware
+    eviction) at one slot, where every step evicts, in both tiers, on a left-padded batch of 3."""
+    path = tiny_dir(family)
+    ids, mask = _prompts(3)
+    tokens, scores, _ = _reference(path, 3, torch.float32)
+    assert _min_gap(scores, tokens) > 1e-3
+    for policy in ("layer-lru", "predictive", "layer-budget"):
+        for tier in ("disk", "ram"):
+            model = offload.from_pretrained(path, device="cpu", expert_budget=1, offload_to=tier, policy=policy)
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2, pad_token_id=0)
+            assert torch.equal(got, tokens), (policy, tier)
+
+
 def _as_hub_qwen3_5(src: Path, out: Path) -> Path:
     """Qwen3.5 as released: Qwen3_5MoeForConditionalGeneration (text under text_config, a vision tower beside it,
     tensors under model.language_model.) with each layer's experts fused into gate_up_proj [E, 2I, H] (gate rows,
