@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from offload.errors import ConfigError
 from offload.experts import quant
 from offload.experts.activations import swiglu
-from offload.experts.kernels.linear import FloatLinear, int_kernel_runs, int_linear
-from offload.experts.layouts import Expert
+from offload.experts.kernels.linear import int_kernel_runs, int_linear
+from offload.experts.layouts import DenseLinear, Expert
 from offload.hw.calibration import BATCHES, DEFAULT_CPU_GEMV, DEFAULT_GPU_GEMV, FORMATS, Calibration, default_path
 from offload.hw.machine import machine_info
 from offload.hw.perfmodel import token_cost
@@ -98,7 +98,7 @@ def _linear(fmt: str, w: torch.Tensor, group: int | None) -> Callable[[torch.Ten
     """One projection in ``fmt`` from a float32 weight [out, in], as the runtime's CPU slot layouts compute it
     (integer formats with the default int8 activations)."""
     if fmt in ("bfloat16", "float32", "float16"):
-        return FloatLinear(w.to(getattr(torch, fmt)).contiguous())
+        return DenseLinear(w.to(getattr(torch, fmt)).contiguous())  # offload's float GEMV at decode
     q = quant.quantize(w, quant.QuantScheme(8, None, True) if fmt == "int8" else quant.QuantScheme(4, group, False))
     return int_linear(q, "int8")
 

@@ -29,16 +29,6 @@ def float_job(kind: int, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> n
                     dtype=np.int64)
 
 
-def int_job(kind: int, w: torch.Tensor, s: torch.Tensor, m: torch.Tensor, x: torch.Tensor, xo: torch.Tensor | None,
-            xs: torch.Tensor, xz: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """An integer kernel's call (contiguous CPU tensors); ``x`` is int4's even inputs (``xo`` its odd ones) or
-    int8's whole rows."""
-    k = x.shape[1] * (2 if xo is not None else 1)
-    return np.array([kind, y.shape[1], k, x.shape[0], s.shape[1], xs.shape[1], w.data_ptr(), s.data_ptr(),
-                     m.data_ptr(), x.data_ptr(), 0 if xo is None else xo.data_ptr(), xs.data_ptr(), xz.data_ptr(),
-                     y.data_ptr(), 0, 0], dtype=np.int64)
-
-
 @njit(cache=True, nogil=True)
 def run(d, lo, hi):
     """Rows lo..hi of the call described by ``d``."""

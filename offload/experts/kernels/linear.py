@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from offload.experts.kernels import jobs, rows
 from offload.experts.kernels.pool import pool
-from offload.experts.quant import QuantizedWeight, pack_nibbles
+from offload.experts.quant import QuantizedWeight, pack_nibbles, unpack_nibbles
 
 QUANT_ACTIVATIONS = ("int8", "int16", "float32")  # --quant-activations: what an integer weight multiplies
 FLOAT_MAX_TOKENS = 16  # above: torch's GEMM (scripts/bench_kernels.py: ours is faster up to 16 tokens here)
@@ -61,17 +61,6 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     pool().run_job(jobs.float_job(_FLOAT_KINDS[weight.dtype], weight, xs, y))
     out = _out(y, x)
     return out if bias is None else out + bias
-
-
-@dataclass(frozen=True)
-class FloatLinear:
-    """A float weight (and bias) of a cache slot or a resident layer."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return float_linear(x, self.weight, self.bias)
 
 
 def act_block(group: int) -> int:
@@ -137,9 +126,7 @@ class IntLinear:
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in ``dtype`` (prefill's GEMM)."""
-        q = self.codes
-        if q.dtype == torch.uint8:
-            q = torch.stack((q & 0x0F, q >> 4), dim=-1).flatten(-2)
+        q = unpack_nibbles(self.codes) if self.codes.dtype == torch.uint8 else self.codes
         n, k = q.shape
         groups = self.scales.shape[1]
         w = q.reshape(n, groups, k // groups).float().mul_(self.scales[..., None]).sub_(self.mins[..., None])
