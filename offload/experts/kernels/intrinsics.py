@@ -1,17 +1,16 @@
 """LLVM operations numba cannot spell: half-float widening, atomics and a spin-wait hint.
 
 Each function is a numba ``@intrinsic`` emitting a few lines of LLVM IR through llvmlite; rows.py and pool.py
-call them inside ``@njit`` code, where LLVM inlines them. The integer dot products are not here: hand-written
-AVX2 ``pmaddubsw`` loops measured slower on this EPYC (440 against 394 us for a 3584x1024 int4 matrix, one
-thread) than plain loops LLVM vectorizes itself (rows.py), so those loops are the kernels on every CPU.
+call them inside ``@njit`` code, where LLVM inlines them. The AVX2 vectors and dot products are in vectors.py.
 """
 
 from __future__ import annotations
 
-from llvmlite import binding, ir
+from llvmlite import ir
 from numba import types
-from numba.core import config
 from numba.extending import intrinsic
+
+from offload.experts.kernels.vectors import target_features
 
 I16, I32 = ir.IntType(16), ir.IntType(32)
 
@@ -55,9 +54,8 @@ def _half_to_float(b: ir.IRBuilder, h):
 
 
 def _has_f16c() -> bool:
-    """Whether numba compiles for a CPU with F16C (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override the host)."""
-    features = config.CPU_FEATURES if config.CPU_NAME else binding.get_host_cpu_features().flatten()
-    return "+f16c" in (features or "").split(",")
+    """Whether numba compiles for a CPU with F16C."""
+    return "+f16c" in target_features().split(",")
 
 
 f16_to_f32 = _widen(_half_to_float)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from numba import carray, njit
 
-from offload.experts.kernels import rows
+from offload.experts.kernels import cache, rows
 from offload.experts.kernels.intrinsics import ptr_float32, ptr_int8, ptr_int16, ptr_uint8, ptr_uint16
 
 # kinds: float weights, then integer weights x activation codes
@@ -47,8 +47,8 @@ def run(d, lo, hi):
     if kind == INT4_A8 or kind == INT4_A16:
         w = carray(ptr_uint8(d[W]), (n, k // 2))
         if kind == INT4_A8:
-            rows.int_rows(w, s, m, carray(ptr_int8(d[X]), (tokens, k // 2)), carray(ptr_int8(d[XO]), (tokens, k // 2)),
-                          xs, xz, y, lo, hi)
+            rows.int8_activation_rows(w, s, m, carray(ptr_int8(d[X]), (tokens, k // 2)),
+                                      carray(ptr_int8(d[XO]), (tokens, k // 2)), xs, xz, y, lo, hi)
         else:
             rows.int_rows(w, s, m, carray(ptr_int16(d[X]), (tokens, k // 2)),
                           carray(ptr_int16(d[XO]), (tokens, k // 2)), xs, xz, y, lo, hi)
@@ -56,7 +56,10 @@ def run(d, lo, hi):
     w8 = carray(ptr_int8(d[W]), (n, k))
     if kind == INT8_A8:
         x8 = carray(ptr_int8(d[X]), (tokens, k))
-        rows.int_rows(w8, s, m, x8, x8, xs, xz, y, lo, hi)
+        rows.int8_activation_rows(w8, s, m, x8, x8, xs, xz, y, lo, hi)
     else:
         x16 = carray(ptr_int16(d[X]), (tokens, k))
         rows.int_rows(w8, s, m, x16, x16, xs, xz, y, lo, hi)
+
+
+cache.tie(globals())

@@ -22,7 +22,7 @@ import psutil
 import torch
 from numba import njit
 
-from offload.experts.kernels import intrinsics, jobs
+from offload.experts.kernels import cache, intrinsics, jobs
 
 GENERATION, DONE, PYTHON_JOB = 0, 8, 16  # int64 slots of the control array, a cache line apart
 SPINS = 20_000            # pause instructions before a worker sleeps: ~66 ns each here, 1.3 ms in all
@@ -222,3 +222,6 @@ def decode_step(tokens: int) -> Iterator[None]:
 def default_threads() -> int:
     """Physical cores: a second hyperthread on the same core adds no memory bandwidth to a GEMV."""
     return psutil.cpu_count(logical=False) or 1
+
+
+cache.tie(globals())

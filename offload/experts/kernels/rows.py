@@ -2,11 +2,13 @@
 
 A matrix-vector product at decode reads each weight byte once, so memory bandwidth is the ceiling: the kernels
 loop rows outermost and tokens inside (a row's bytes stay in L1 for the other tokens) and the pool (pool.py)
-splits rows between threads. The inner loops are plain integer or float loops that LLVM vectorizes for the host
-CPU (numba compiles for it): on this EPYC they become 256-bit AVX2 code (``vpmaddwd`` for the integer dots,
-``vfmadd231ps`` for floats), on an ARM machine NEON, on an old x86 SSE2; the integer sums are exact on all of them,
-only the float accumulation order differs. ``NUMBA_CPU_NAME=generic`` compiles the portable baseline, which the
-tests compare against the host build.
+splits rows between threads. Two implementations, the same sums:
+- AVX2 (``int8_activation_rows``, integer weights with int8 activations, where the target has AVX2): llama.cpp's
+  ``vpmaddubsw`` dot products on numba vector values (vectors.py), eight blocks reduced at once;
+- portable (``int_rows``, ``float_rows``, and int16 activations everywhere): plain integer or float loops that LLVM
+  vectorizes for the CPU numba compiles for (``vpmaddwd`` / ``vfmadd231ps`` on AVX2, NEON on ARM, SSE2 on an old
+  x86). ``NUMBA_CPU_NAME=generic`` compiles only this one, which the tests compare against the host build.
+Integer sums are exact in both; only the float accumulation order differs.
 
 Formats (bytes per row exactly as a slot holds them, which is how the checkpoint stores them):
 - float: ``w`` uint16 (bf16 bits, or IEEE half bits when ``half``) or float32 [N, K]; activations float32 [T, K].
@@ -18,8 +20,9 @@ Formats (bytes per row exactly as a slot holds them, which is how the checkpoint
   y = sum over blocks of s * xs * dot(q, x codes) - m * xz. int4 takes its activations split into even and odd
   inputs (``xe``, ``xo`` [T, K/2]) so that a byte's two nibbles meet their inputs at the same index.
 
-Measured on the 2-core EPYC, one thread, 3584x1024 matrices streamed from RAM: int8 13-14 GB/s, int4 7.2 GB/s of
-codes, bf16 15.5 GB/s, f32 19-20 GB/s (scripts/bench_kernels.py, docs/performance.md#cpu-kernels).
+Measured on the 2-core EPYC, 3584x1024 / 1024x3584 matrices streamed from RAM, one token, 2 threads (GB/s of
+weights incl. scales; scripts/bench_kernels.py, docs/performance.md#cpu-kernels): bf16 23.5, f32 25.7, int8 11.9,
+int4 g128 9.1, int4 g32 15.3 (AVX2 path; the portable loops ran int4 g32 at 3.6).
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from numba import njit
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
-from offload.experts.kernels import intrinsics
+from offload.experts.kernels import cache, intrinsics, vectors
+from offload.experts.kernels.vectors import fma, fmul, fzero, iadd, itotal, izero, load8, splat, sums4, sums8, total
 
 # numba's pedantic SSA check flags the accumulators of the block dots it inlines below (inline="always", which the
 # kernels need: a called dot with a runtime trip count ran 3-4x slower); the compiled code is right (the kernel tests
 # check every format against tests/reference.py), so the check's warning is not shown to users at first compile.
 warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
 
+PREFETCH = 2048
 CHUNK = 64  # bytes: a compile-time inner trip count LLVM vectorizes cleanly (runtime-length block loops ran 1.3-2x
 #             slower here, a constant 16 fell back to scalar code); blocks that are not a multiple use _int4_dot's loop
 
@@ -99,6 +104,99 @@ def int_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
                     acc += s[r, g] * xs[t, b] * np.float32(np.int32(d)) - m[r, g] * xz[t, b]
                     b += 1
             y[t, r] = acc
+
+
+def unit_dot(w, x, xo, i):
+    """Bytes w[i:i+32] of one row times their activation codes, as 8 int32 partial sums (AVX2)."""
+
+
+@overload(unit_dot, inline="always")
+def _unit_dot(w, x, xo, i):
+    if w.dtype == numba.uint8:
+        return lambda w, x, xo, i: vectors.dot_int4(w, x, xo, i)
+    return lambda w, x, xo, i: vectors.dot_int8(w, x, i)
+
+
+@njit(inline="always")
+def _block_dot(wr, xt, xot, c, units):
+    """One activation block of ``units`` x 32 weight bytes from byte c, as 8 int32 partial sums."""
+    d = izero()
+    for u in range(units):
+        d = iadd(d, unit_dot(wr, xt, xot, c + 32 * u))
+    return d
+
+
+@njit(inline="always")
+def _vector_rows(w, s, m, x, xo, xs, xz, y, lo, hi, half, per_block):
+    """int_rows on AVX2 vectors, for blocks of 16 bytes (``half``) or 32n bytes with a weight scale per block
+    (``per_block``) or per row.
+
+    Eight blocks per step: their dots are reduced together (sums8 / sums4) and scaled by vectors of scales, so a
+    block of 32 inputs (llama.cpp's Q8_0 / Q4_0 shape) costs a few shuffles, not a horizontal sum; blocks past the
+    last multiple of 8 take one horizontal sum each.
+    """
+    tokens = x.shape[0]
+    blocks = xs.shape[1]
+    size = x.shape[1] // blocks  # weight bytes per block
+    units = size // 32
+    whole = blocks - blocks % 8
+    for r in range(lo, hi):
+        wr, sr, mr = w[r], s[r], m[r]
+        for t in range(tokens):
+            xt, xot, xst, xzt = x[t], xo[t], xs[t], xz[t]
+            acc, corr = fzero(), fzero()
+            for b in range(0, whole, 8):
+                if half:  # int4 groups of 32: a 32-byte unit holds two blocks
+                    c = b * 16
+                    d = sums4(unit_dot(wr, xt, xot, c), unit_dot(wr, xt, xot, c + 32),
+                              unit_dot(wr, xt, xot, c + 64), unit_dot(wr, xt, xot, c + 96))
+                else:
+                    c = b * size
+                    d = sums8(_block_dot(wr, xt, xot, c, units), _block_dot(wr, xt, xot, c + size, units),
+                              _block_dot(wr, xt, xot, c + 2 * size, units),
+                              _block_dot(wr, xt, xot, c + 3 * size, units),
+                              _block_dot(wr, xt, xot, c + 4 * size, units),
+                              _block_dot(wr, xt, xot, c + 5 * size, units),
+                              _block_dot(wr, xt, xot, c + 6 * size, units),
+                              _block_dot(wr, xt, xot, c + 7 * size, units))
+                if per_block:
+                    ws, wm = load8(sr, b), load8(mr, b)
+                else:
+                    ws, wm = splat(sr[0]), splat(mr[0])
+                acc = fma(vectors.to_float(d), fmul(ws, load8(xst, b)), acc)
+                corr = fma(wm, load8(xzt, b), corr)
+            tail = np.float32(0.0)
+            for b in range(whole, blocks):  # size >= 32 here (16-byte blocks come in eights)
+                g = b if per_block else 0
+                d = itotal(_block_dot(wr, xt, xot, b * size, units))
+                tail += sr[g] * xst[b] * np.float32(d) - mr[g] * xzt[b]
+            y[t, r] = total(acc) - total(corr) + tail
+
+
+def int8_activation_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
+    """int_rows for int8 activation codes: the AVX2 kernels where the target has AVX2 and the blocks fit them."""
+
+
+@overload(int8_activation_rows)
+def _int8_activation_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
+    if not vectors.AVX2:
+        return lambda w, s, m, x, xo, xs, xz, y, lo, hi: int_rows(w, s, m, x, xo, xs, xz, y, lo, hi)
+
+    def rows_avx2(w, s, m, x, xo, xs, xz, y, lo, hi):
+        groups, blocks = s.shape[1], xs.shape[1]
+        size = x.shape[1] // blocks  # weight bytes per activation block
+        # constant flags: each call site inlines its own copy of the loops with the branches folded away (a
+        # runtime flag tested inside the loop ran 3x slower)
+        if size == 16 and blocks % 8 == 0 and groups == blocks:
+            _vector_rows(w, s, m, x, xo, xs, xz, y, lo, hi, True, True)
+        elif size % 32 == 0 and groups == blocks:
+            _vector_rows(w, s, m, x, xo, xs, xz, y, lo, hi, False, True)
+        elif size % 32 == 0 and groups == 1:
+            _vector_rows(w, s, m, x, xo, xs, xz, y, lo, hi, False, False)
+        else:
+            int_rows(w, s, m, x, xo, xs, xz, y, lo, hi)
+
+    return rows_avx2
 
 
 def widen(bits):
@@ -165,3 +263,6 @@ def quantize_rows(x, block, xe, xo, xs, xz, qmax, split):
                 total += q
             xs[t, b] = scale
             xz[t, b] = scale * total
+
+
+cache.tie(globals())

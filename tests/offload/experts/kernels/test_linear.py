@@ -16,13 +16,14 @@ import os
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 from offload.experts import quant as Q
 from offload.experts.kernels import linear as L
-from offload.experts.kernels import rows
+from offload.experts.kernels import rows, vectors
 from tests import reference as R
 
 TOLERANCE = {"int8": 3e-2, "int16": 2e-4}
@@ -99,6 +100,43 @@ def test_quantize_rows_is_symmetric_per_block_and_exact_in_its_sums():
     zero = np.zeros((1, 64), np.float32)  # an all-zero block: scale 0, codes 0, no division by zero
     rows.quantize_rows(zero, 64, xq[:1, :64], xq[:1, :64], xs[:1, :1], xz[:1, :1], 127, False)
     assert xs[0, 0] == 0 and not xq[0, :64].any()
+
+
+@numba.njit
+def _avx2_rows(w, s, m, x, xo, xs, xz, y):
+    rows.int8_activation_rows(w, s, m, x, xo, xs, xz, y, 0, w.shape[0])
+
+
+@pytest.mark.skipif(not vectors.AVX2, reason="the host has no AVX2: int8_activation_rows is int_rows there")
+@pytest.mark.parametrize("bits, group, k", [
+    (4, 32, 512),    # 16-byte blocks, four per 32-byte load (sums4)
+    (4, 64, 512),    # 32-byte blocks (sums8)
+    (4, 128, 640),   # 64-byte blocks, 8 in vectors and 2 past them (the tail)
+    (8, 32, 256),    # llama.cpp's Q8_0 shape
+    (8, 64, 640),
+    (8, None, 2048),  # one scale per row, 8 activation blocks of 256
+    (8, None, 1024),  # one scale per row, 4 blocks: all tail
+    (4, 32, 96),     # 3 blocks: not a multiple of 8, the portable loops
+])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_avx2_rows_equal_the_portable_rows(bits, group, k, tokens):
+    """The AVX2 kernels against int_rows on the same codes: integer dots are exact in both, only the float sums of
+    the blocks run in another order (~1e-7 relative each): 1e-5. 37 rows: a row count no split lines up with."""
+    rng = np.random.default_rng(bits * k + tokens)
+    n, group = 37, group or k
+    block = L.act_block(group)
+    if bits == 4:
+        w = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+        x, xo = (rng.integers(-127, 128, (tokens, k // 2), dtype=np.int8) for _ in range(2))
+    else:
+        w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+        x = xo = rng.integers(-127, 128, (tokens, k), dtype=np.int8)
+    s, m = (rng.random((n, k // group), dtype=np.float32) for _ in range(2))
+    xs, xz = (rng.random((tokens, k // block), dtype=np.float32) for _ in range(2))
+    fast, portable = np.full((tokens, n), np.nan, np.float32), np.full((tokens, n), np.nan, np.float32)
+    _avx2_rows(w, s, m, x, xo, xs, xz, fast)
+    rows.int_rows(w, s, m, x, xo, xs, xz, portable, 0, n)
+    np.testing.assert_allclose(fast, portable, rtol=1e-5, atol=1e-5 * float(np.abs(portable).max()))
 
 
 _GENERIC = """

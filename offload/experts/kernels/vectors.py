@@ -1,0 +1,223 @@
+"""AVX2 vectors in numba: 8 x int32 and 8 x float32 values that live in ymm registers, and the byte dot products
+llama.cpp's AVX2 kernels are built from (``vpmaddubsw`` then ``vpmaddwd``: 32 multiply-adds in two instructions).
+
+LLVM does not find ``vpmaddubsw`` in a plain integer loop (it widens both sides to 16 bits and uses ``vpmaddwd``,
+half the rate), and a dot that returns a scalar pays a horizontal sum per block. So the kernels (rows.py) carry
+``i32x8`` / ``f32x8`` values across their loops: numba types backed by LLVM vector types, made and combined only by
+the intrinsics here, which LLVM keeps in registers. Per 32 bytes of int8 weights: two loads, two ``vpsignb``, one
+``vpmaddubsw``, one ``vpmaddwd``, one add.
+
+Only compiled where the target has AVX2 (``AVX2``): elsewhere rows.py uses its portable loops, which LLVM
+vectorizes for that CPU (SSE2, NEON, ...), and these intrinsics are never typed.
+"""
+
+from __future__ import annotations
+
+from llvmlite import binding, ir
+from numba import types
+from numba.core import config
+from numba.extending import intrinsic, models, register_model
+
+I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+V32I8, V16I16, V8I32, V8F32 = (ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8),
+                               ir.VectorType(F32, 8))
+
+
+def target_features() -> str:
+    """The CPU features numba compiles for (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override the host's)."""
+    return (config.CPU_FEATURES if config.CPU_NAME else binding.get_host_cpu_features().flatten()) or ""
+
+
+AVX2 = "+avx2" in target_features().split(",")
+
+
+class Vector(types.Type):
+    """A numba type whose value is one LLVM vector (passed and kept in a register)."""
+
+    def __init__(self, llvm_type: ir.VectorType, name: str) -> None:
+        self.llvm_type = llvm_type
+        super().__init__(name=name)
+
+
+i32x8 = Vector(V8I32, "i32x8")
+f32x8 = Vector(V8F32, "f32x8")
+
+
+@register_model(Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, fe_type.llvm_type)
+
+
+def _declare(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    f = builder.module.globals.get(name)
+    return f if f is not None else ir.Function(builder.module, ir.FunctionType(ret, args), name=name)
+
+
+def _load(ctx, builder, arrty, arr, offset, vector: ir.VectorType, align: int):
+    """The vector at element ``offset`` of a numba array (unaligned loads are full speed on AVX2 CPUs)."""
+    data = builder.gep(ctx.make_array(arrty)(ctx, builder, arr).data, [offset])
+    return builder.load(builder.bitcast(data, vector.as_pointer()), align=align)
+
+
+def _madd(builder: ir.IRBuilder, unsigned, signed):
+    """u8 x s8 products summed in pairs, as int16 (no saturation while |u| <= 128 and |s| <= 127)."""
+    ubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8])
+    return builder.call(ubs, [unsigned, signed])
+
+
+def _to_int32(builder: ir.IRBuilder, pairs):
+    """int16 x 16 summed in pairs into int32 x 8."""
+    wd = _declare(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16])
+    return builder.call(wd, [pairs, ir.Constant(V16I16, [1] * 16)])
+
+
+@intrinsic
+def dot_int8(typingctx, w, x, i):
+    """w[i:i+32] (int8) . x[i:i+32] (int8 codes, |x| <= 127) as 8 int32 partial sums (1-D arrays)."""
+
+    def codegen(ctx, builder, sig, args):
+        wv = _load(ctx, builder, sig.args[0], args[0], args[2], V32I8, 1)
+        xv = _load(ctx, builder, sig.args[1], args[1], args[2], V32I8, 1)
+        sign = _declare(builder, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
+        # |w| (unsigned) times x carrying w's sign: pmaddubsw wants one unsigned side (llama.cpp's mul_sum_i8_pairs)
+        return _to_int32(builder, _madd(builder, builder.call(sign, [wv, wv]), builder.call(sign, [xv, wv])))
+
+    return i32x8(w, x, types.intp), codegen
+
+
+@intrinsic
+def dot_int4(typingctx, w, xe, xo, i):
+    """Nibble bytes w[i:i+32] (64 inputs: low nibble even, high odd) . xe[i:i+32] / xo[i:i+32] as 8 int32 sums.
+    Lanes 0-3 hold bytes i..i+15, lanes 4-7 bytes i+16..i+31 (sums4 relies on it)."""
+
+    def codegen(ctx, builder, sig, args):
+        wv = _load(ctx, builder, sig.args[0], args[0], args[3], V32I8, 1)
+        low = builder.and_(wv, ir.Constant(V32I8, [15] * 32))
+        high = builder.bitcast(builder.and_(builder.lshr(builder.bitcast(wv, V16I16), ir.Constant(V16I16, [4] * 16)),
+                                            ir.Constant(V16I16, [0x0F0F] * 16)), V32I8)
+        xev = _load(ctx, builder, sig.args[1], args[1], args[3], V32I8, 1)
+        xov = _load(ctx, builder, sig.args[2], args[2], args[3], V32I8, 1)
+        pairs = builder.add(_madd(builder, low, xev), _madd(builder, high, xov))  # |15 * 127 * 4| fits int16
+        return _to_int32(builder, pairs)
+
+    return i32x8(w, xe, xo, types.intp), codegen
+
+
+def _hadd(builder: ir.IRBuilder, a, b):
+    """Adjacent pairs of a and b summed, per 128-bit half (vphaddd's order)."""
+    even = builder.shuffle_vector(a, b, ir.Constant(V8I32, [0, 2, 8, 10, 4, 6, 12, 14]))
+    odd = builder.shuffle_vector(a, b, ir.Constant(V8I32, [1, 3, 9, 11, 5, 7, 13, 15]))
+    return builder.add(even, odd)
+
+
+@intrinsic
+def sums8(typingctx, d0, d1, d2, d3, d4, d5, d6, d7):
+    """Lane j = the sum of d_j's 8 lanes: eight blocks' dots reduced in 7 shuffles-and-adds, not 8 x 5."""
+    sig = i32x8(*[i32x8] * 8)
+
+    def codegen(ctx, builder, sig, args):
+        b = builder
+        first = _hadd(b, _hadd(b, args[0], args[1]), _hadd(b, args[2], args[3]))
+        second = _hadd(b, _hadd(b, args[4], args[5]), _hadd(b, args[6], args[7]))
+        low = b.shuffle_vector(first, second, ir.Constant(V8I32, [0, 1, 2, 3, 8, 9, 10, 11]))
+        high = b.shuffle_vector(first, second, ir.Constant(V8I32, [4, 5, 6, 7, 12, 13, 14, 15]))
+        return b.add(low, high)
+
+    return sig, codegen
+
+
+@intrinsic
+def sums4(typingctx, d0, d1, d2, d3):
+    """Lane j = block j's sum, where d_i's lanes 0-3 are block 2i and lanes 4-7 block 2i + 1 (int4 groups of 32)."""
+    sig = i32x8(*[i32x8] * 4)
+
+    def codegen(ctx, builder, sig, args):
+        b = builder
+        mixed = _hadd(b, _hadd(b, args[0], args[1]), _hadd(b, args[2], args[3]))  # blocks 0 2 4 6 | 1 3 5 7
+        return b.shuffle_vector(mixed, mixed, ir.Constant(V8I32, [0, 4, 1, 5, 2, 6, 3, 7]))
+
+    return sig, codegen
+
+
+@intrinsic
+def load8(typingctx, arr, i):
+    """arr[i:i+8] of a float32 array as f32x8."""
+
+    def codegen(ctx, builder, sig, args):
+        return _load(ctx, builder, sig.args[0], args[0], args[1], V8F32, 4)
+
+    return f32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def izero(typingctx):
+    return i32x8(), lambda ctx, builder, sig, args: ir.Constant(V8I32, None)
+
+
+@intrinsic
+def fzero(typingctx):
+    return f32x8(), lambda ctx, builder, sig, args: ir.Constant(V8F32, None)
+
+
+@intrinsic
+def iadd(typingctx, a, b):
+    return i32x8(i32x8, i32x8), lambda ctx, builder, sig, args: builder.add(*args)
+
+
+@intrinsic
+def fmul(typingctx, a, b):
+    return f32x8(f32x8, f32x8), lambda ctx, builder, sig, args: builder.fmul(*args)
+
+
+def _fma(builder: ir.IRBuilder, a, b, c):
+    return builder.call(_declare(builder, "llvm.fma.v8f32", V8F32, [V8F32] * 3), [a, b, c])
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c, lane by lane."""
+    return f32x8(f32x8, f32x8, f32x8), lambda ctx, builder, sig, args: _fma(builder, *args)
+
+
+@intrinsic
+def splat(typingctx, value):
+    """A float32 in all 8 lanes."""
+
+    def codegen(ctx, builder, sig, args):
+        one = builder.insert_element(ir.Constant(V8F32, None), args[0], ir.Constant(I32, 0))
+        return builder.shuffle_vector(one, ir.Constant(V8F32, None), ir.Constant(V8I32, [0] * 8))
+
+    return f32x8(types.float32), codegen
+
+
+@intrinsic
+def itotal(typingctx, d):
+    """The sum of an i32x8's lanes."""
+
+    def codegen(ctx, builder, sig, args):
+        return _tree(builder, builder.add, args[0])
+
+    return types.int32(i32x8), codegen
+
+
+def _tree(builder: ir.IRBuilder, add, vector):
+    lanes = [builder.extract_element(vector, ir.Constant(I32, i)) for i in range(8)]
+    while len(lanes) > 1:
+        lanes = [add(a, b) for a, b in zip(lanes[::2], lanes[1::2], strict=True)]
+    return lanes[0]
+
+
+@intrinsic
+def to_float(typingctx, d):
+    return f32x8(i32x8), lambda ctx, builder, sig, args: builder.sitofp(args[0], V8F32)
+
+
+@intrinsic
+def total(typingctx, v):
+    """The sum of an f32x8's lanes."""
+
+    def codegen(ctx, builder, sig, args):
+        return _tree(builder, builder.fadd, args[0])
+
+    return types.float32(f32x8), codegen
