@@ -26,6 +26,6 @@ def _sources_hash() -> bytes:
 def tie(namespace: dict) -> None:
     """Stamp the caches of the numba functions in a module's namespace with the hash of every kernel source."""
     for value in list(namespace.values()):
-        locator = getattr(getattr(getattr(value, "_cache", None), "_impl", None), "_locator", None)
-        if isinstance(value, Dispatcher) and locator is not None:
-            locator.get_source_stamp = _sources_hash
+        index = getattr(getattr(value, "_cache", None), "_cache_file", None)  # numba's IndexDataCacheFile
+        if isinstance(value, Dispatcher) and index is not None:
+            index._source_stamp = _sources_hash()  # read when the index is loaded or saved, after this

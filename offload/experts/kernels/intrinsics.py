@@ -61,6 +61,21 @@ def _has_f16c() -> bool:
 f16_to_f32 = _widen(_half_to_float)
 
 
+@intrinsic
+def f32_to_bf16(typingctx, value):
+    """float32 -> bf16 bits (uint16), rounded to nearest even as torch rounds; NaN stays a (quiet) NaN."""
+    sig = types.uint16(types.float32)
+
+    def codegen(ctx, builder, sig, args):
+        bits = builder.bitcast(args[0], I32)
+        odd = builder.and_(builder.lshr(bits, ir.Constant(I32, 16)), ir.Constant(I32, 1))
+        rounded = builder.lshr(builder.add(bits, builder.add(odd, ir.Constant(I32, 0x7FFF))), ir.Constant(I32, 16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(nan, ir.Constant(I32, 0x7FC0), rounded), I16)
+
+    return sig, codegen
+
+
 # -- atomics and spinning for the thread pool ----------------------------------------------------------------
 
 

@@ -5,37 +5,60 @@ call (measured: the second half of a 3584x1024 GEMV started 60 us late, so two t
 one). So a call is written into an int64 descriptor (the kernel kind, the shapes, the arrays' addresses) and
 ``run`` rebuilds the arrays with numba.carray and calls the kernel, on the caller's thread and on the workers'
 alike. The tensors must stay alive until the pool returns (the callers hold them).
+
+The activations arrive as the caller's tensor (bf16, f16 or float32 bits) and the output leaves in the caller's
+dtype (bf16 rounded to nearest even, like torch's; float32 otherwise): each thread widens, and for integer
+weights quantizes, the few activation values itself, so a call is one torch allocation and one numba call (the
+torch conversions around the kernel cost ~30 us per call, more than a small matrix takes).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from numba import carray, njit
 
 from offload.experts.kernels import cache, rows
-from offload.experts.kernels.intrinsics import ptr_float32, ptr_int8, ptr_int16, ptr_uint8, ptr_uint16
+from offload.experts.kernels.intrinsics import ptr_float32, ptr_int8, ptr_uint8, ptr_uint16
 
-# kinds: float weights, then integer weights x activation codes
+# kinds: float weights (also the activations' and outputs' kinds), then integer weights x activation codes
 BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16 = range(7)
-KIND, N, K, TOKENS, GROUPS, BLOCKS, W, S, M, X, XO, XS, XZ, Y = range(14)  # descriptor fields
+# descriptor fields: the weight half (made once per weight), then the call half
+KIND, N, K, GROUPS, BLOCKS, W, S, M, TOKENS, X, XKIND, Y, YKIND = range(13)
 FIELDS = 16
 
 
-def float_job(kind: int, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """w [N, K] (bf16 / f16 / f32), x float32 [T, K], y float32 [T, N]: contiguous CPU tensors."""
-    n, k = w.shape
-    return np.array([kind, n, k, x.shape[0], 0, 0, w.data_ptr(), 0, 0, x.data_ptr(), 0, 0, 0, y.data_ptr(), 0, 0],
-                    dtype=np.int64)
+def weight_base(kind: int, n: int, k: int, w: int, groups: int = 0, blocks: int = 0, s: int = 0,
+                m: int = 0) -> np.ndarray:
+    """The weight half of a descriptor: kind, shape [n, k], addresses of the codes / scales / mins."""
+    return np.array((kind, n, k, groups, blocks, w, s, m) + (0,) * (FIELDS - TOKENS), np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _activations(d, tokens, k):
+    """The call's activations [tokens, k] as float32: the caller's array itself, or a widened copy."""
+    kind = d[XKIND]
+    if kind == F32:
+        return carray(ptr_float32(d[X]), (tokens, k))
+    bits = carray(ptr_uint16(d[X]), (tokens, k))
+    x = np.empty((tokens, k), np.float32)
+    rows.widen_into(bits, x, kind == F16)
+    return x
 
 
 @njit(cache=True, nogil=True)
 def run(d, lo, hi):
     """Rows lo..hi of the call described by ``d``."""
     kind, n, k, tokens = d[KIND], d[N], d[K], d[TOKENS]
-    y = carray(ptr_float32(d[Y]), (tokens, n))
+    x = _activations(d, tokens, k)
+    if d[YKIND] == BF16:
+        _dispatch(d, kind, n, k, tokens, x, carray(ptr_uint16(d[Y]), (tokens, n)), lo, hi)
+    else:
+        _dispatch(d, kind, n, k, tokens, x, carray(ptr_float32(d[Y]), (tokens, n)), lo, hi)
+
+
+@njit(nogil=True, inline="always")
+def _dispatch(d, kind, n, k, tokens, x, y, lo, hi):
     if kind <= F32:
-        x = carray(ptr_float32(d[X]), (tokens, k))
         if kind == F32:
             rows.float_rows(carray(ptr_float32(d[W]), (n, k)), x, y, lo, hi, False)
         else:
@@ -43,22 +66,27 @@ def run(d, lo, hi):
         return
     groups, blocks = d[GROUPS], d[BLOCKS]
     s, m = carray(ptr_float32(d[S]), (n, groups)), carray(ptr_float32(d[M]), (n, groups))
-    xs, xz = carray(ptr_float32(d[XS]), (tokens, blocks)), carray(ptr_float32(d[XZ]), (tokens, blocks))
+    block = k // blocks
+    xs, xz = np.empty((tokens, blocks), np.float32), np.empty((tokens, blocks), np.float32)
     if kind == INT4_A8 or kind == INT4_A16:
         w = carray(ptr_uint8(d[W]), (n, k // 2))
         if kind == INT4_A8:
-            rows.int8_activation_rows(w, s, m, carray(ptr_int8(d[X]), (tokens, k // 2)),
-                                      carray(ptr_int8(d[XO]), (tokens, k // 2)), xs, xz, y, lo, hi)
+            xe, xo = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
+            rows.quantize_rows(x, block, xe, xo, xs, xz, 127, True)
+            rows.int8_activation_rows(w, s, m, xe, xo, xs, xz, y, lo, hi)
         else:
-            rows.int_rows(w, s, m, carray(ptr_int16(d[X]), (tokens, k // 2)),
-                          carray(ptr_int16(d[XO]), (tokens, k // 2)), xs, xz, y, lo, hi)
+            xe16, xo16 = np.empty((tokens, k // 2), np.int16), np.empty((tokens, k // 2), np.int16)
+            rows.quantize_rows(x, block, xe16, xo16, xs, xz, 32767, True)
+            rows.int_rows(w, s, m, xe16, xo16, xs, xz, y, lo, hi)
         return
     w8 = carray(ptr_int8(d[W]), (n, k))
     if kind == INT8_A8:
-        x8 = carray(ptr_int8(d[X]), (tokens, k))
+        x8 = np.empty((tokens, k), np.int8)
+        rows.quantize_rows(x, block, x8, x8, xs, xz, 127, False)
         rows.int8_activation_rows(w8, s, m, x8, x8, xs, xz, y, lo, hi)
     else:
-        x16 = carray(ptr_int16(d[X]), (tokens, k))
+        x16 = np.empty((tokens, k), np.int16)
+        rows.quantize_rows(x, block, x16, x16, xs, xz, 32767, False)
         rows.int_rows(w8, s, m, x16, x16, xs, xz, y, lo, hi)
 
 

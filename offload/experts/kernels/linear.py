@@ -9,14 +9,13 @@ a GEMV repeated per token. Integer weights are computed with quantized activatio
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from offload.experts.kernels import jobs, rows
+from offload.experts.kernels import jobs
 from offload.experts.kernels.pool import pool
 from offload.experts.quant import QuantizedWeight, pack_nibbles, unpack_nibbles
 
@@ -24,28 +23,29 @@ QUANT_ACTIVATIONS = ("int8", "int16", "float32")  # --quant-activations: what an
 FLOAT_MAX_TOKENS = 16  # above: torch's GEMM (scripts/bench_kernels.py: ours is faster up to 16 tokens here)
 INT_MAX_TOKENS = 16
 ACT_BLOCKS = (256, 128, 64, 32)  # activation quantization block: the largest dividing the weight group
-_QMAX = {"int8": (np.int8, 127), "int16": (np.int16, 32767)}
 _FLOAT_KINDS = {torch.bfloat16: jobs.BF16, torch.float16: jobs.F16, torch.float32: jobs.F32}
 _INT_KINDS = {(4, "int8"): jobs.INT4_A8, (4, "int16"): jobs.INT4_A16, (8, "int8"): jobs.INT8_A8,
               (8, "int16"): jobs.INT8_A16}
 
 
-def _rows_in(x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] as float32 [tokens, in], contiguous (a copy only when it is not already)."""
-    if x.dtype == torch.float32 and x.is_contiguous():
-        return x.view(-1, x.shape[-1])
-    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-
-
-def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[1])
+def _call(base: np.ndarray, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Run the weight ``base`` (jobs.weight_base) on contiguous CPU activations x [..., K]: [..., n] in x.dtype."""
+    tokens = x.numel() // int(base[jobs.K])
+    direct = x.dtype != torch.float16  # f16 results leave as float32 and are rounded by torch
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype if direct else torch.float32)
+    desc = base.copy()
+    desc[jobs.TOKENS], desc[jobs.X], desc[jobs.XKIND] = tokens, x.data_ptr(), _FLOAT_KINDS[x.dtype]
+    desc[jobs.Y], desc[jobs.YKIND] = y.data_ptr(), _FLOAT_KINDS[y.dtype]
+    pool().run_job(desc)
+    return y if direct else y.to(x.dtype)
 
 
 def float_kernel_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether float_linear takes our kernel for this call (else torch's F.linear)."""
     return (x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2
             and weight.dtype in _FLOAT_KINDS and x.dtype in _FLOAT_KINDS and weight.is_contiguous()
-            and x.shape[-1] == weight.shape[1] and x.numel() <= FLOAT_MAX_TOKENS * x.shape[-1])
+            and x.shape[-1] == weight.shape[1]
+            and x.numel() <= FLOAT_MAX_TOKENS * x.shape[-1])
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,10 +56,8 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     if not float_kernel_runs(x, weight):
         return F.linear(x, weight, bias)
-    xs = _rows_in(x)
-    y = torch.empty((xs.shape[0], weight.shape[0]), dtype=torch.float32)
-    pool().run_job(jobs.float_job(_FLOAT_KINDS[weight.dtype], weight, xs, y))
-    out = _out(y, x)
+    n, k = weight.shape
+    out = _call(jobs.weight_base(_FLOAT_KINDS[weight.dtype], n, k, weight.data_ptr()), x.contiguous(), n)
     return out if bias is None else out + bias
 
 
@@ -71,30 +69,6 @@ def act_block(group: int) -> int:
 def int_kernel_runs(in_features: int, group: int) -> bool:
     """Whether the integer kernels take a matrix: weight groups (the whole row when per-channel) of 32n inputs."""
     return in_features % 32 == 0 and group % 32 == 0 and in_features % group == 0
-
-
-class _Scratch(threading.local):
-    """Per thread, the quantized activations of the last call shapes: made once, not on every call (STYLE 17)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, tuple] = {}
-
-    def get(self, tokens: int, k: int, block: int, activations: str, nibbles: bool) -> tuple:
-        key = (tokens, k, block, activations, nibbles)
-        found = self.buffers.get(key)
-        if found is None:
-            dtype, _ = _QMAX[activations]
-            xe = np.empty((tokens, k // 2 if nibbles else k), dtype=dtype)
-            xo = np.empty((tokens, k // 2), dtype=dtype) if nibbles else xe
-            xs, xz = np.empty((tokens, k // block), np.float32), np.empty((tokens, k // block), np.float32)
-            found = (xe, xo, xs, xz, [a.ctypes.data for a in (xe, xo, xs, xz)])
-            if len(self.buffers) > 64:  # token counts vary with batching: keep the set bounded
-                self.buffers.clear()
-            self.buffers[key] = found
-        return found
-
-
-_scratch = _Scratch()
 
 
 @dataclass(frozen=True)
@@ -112,17 +86,15 @@ class IntLinear:
 
     def __post_init__(self) -> None:
         nibbles = self.codes.dtype == torch.uint8
-        k = self.codes.shape[1] * (2 if nibbles else 1)
-        block = act_block(k // self.scales.shape[1])
-        base = np.zeros(jobs.FIELDS, np.int64)
-        base[[jobs.KIND, jobs.N, jobs.K, jobs.GROUPS, jobs.BLOCKS]] = (
-            _INT_KINDS[4 if nibbles else 8, self.activations], self.codes.shape[0], k, self.scales.shape[1], k // block)
-        base[[jobs.W, jobs.S, jobs.M]] = self.codes.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr()
-        object.__setattr__(self, "_job", (base, k, block, nibbles, _QMAX[self.activations][1]))
+        n, k = self.codes.shape[0], self.codes.shape[1] * (2 if nibbles else 1)
+        groups = self.scales.shape[1]
+        base = jobs.weight_base(_INT_KINDS[4 if nibbles else 8, self.activations], n, k, self.codes.data_ptr(),
+                                groups, k // act_block(k // groups), self.scales.data_ptr(), self.mins.data_ptr())
+        object.__setattr__(self, "_base", base)
 
     @property
     def in_features(self) -> int:
-        return self._job[1]
+        return int(self._base[jobs.K])
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in ``dtype`` (prefill's GEMM)."""
@@ -133,19 +105,9 @@ class IntLinear:
         return w.reshape(n, k).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        base, k, block, nibbles, qmax = self._job
-        tokens = x.numel() // k
-        if tokens > INT_MAX_TOKENS or x.device.type != "cpu":
+        if x.numel() > INT_MAX_TOKENS * self.in_features or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
             return F.linear(x, self.dequantized(x.dtype))
-        xs = _rows_in(x)
-        xe, xo, xscale, xz, (pe, po, ps, pz) = _scratch.get(tokens, k, block, self.activations, nibbles)
-        rows.quantize_rows(xs.numpy(), block, xe, xo, xscale, xz, qmax, nibbles)
-        y = torch.empty((tokens, self.codes.shape[0]), dtype=torch.float32)
-        desc = base.copy()
-        desc[jobs.TOKENS], desc[jobs.X], desc[jobs.XO], desc[jobs.XS] = tokens, pe, po, ps
-        desc[jobs.XZ], desc[jobs.Y] = pz, y.data_ptr()
-        pool().run_job(desc)
-        return _out(y, x)
+        return _call(self._base, x.contiguous(), self.codes.shape[0])
 
 
 def int_linear(q: QuantizedWeight, activations: str = "int8") -> IntLinear:

@@ -80,6 +80,22 @@ def _block_dot(w, x, xo, r, t, start, count):
     return lambda w, x, xo, r, t, start, count: _int8_dot(w, x, r, t, start, count)
 
 
+def store(y, t, r, value):
+    """y[t, r] = value: a float32 output as it is, a uint16 one as bf16 bits (rounded to nearest even)."""
+
+
+@overload(store, inline="always")
+def _store(y, t, r, value):
+    if y.dtype == numba.uint16:
+        def to_bf16(y, t, r, value):
+            y[t, r] = intrinsics.f32_to_bf16(np.float32(value))
+        return to_bf16
+
+    def as_is(y, t, r, value):
+        y[t, r] = value
+    return as_is
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def int_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
     """Integer weights times quantized activations; rows lo..hi of y [T, N]. int4: ``w`` uint8 nibbles [N, K/2] with
@@ -103,7 +119,7 @@ def int_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
                     # int32 (exact: |d| < 2^31): the truncation lets LLVM keep the sums in 32-bit lanes
                     acc += s[r, g] * xs[t, b] * np.float32(np.int32(d)) - m[r, g] * xz[t, b]
                     b += 1
-            y[t, r] = acc
+            store(y, t, r, acc)
 
 
 def unit_dot(w, x, xo, i):
@@ -170,7 +186,7 @@ def _vector_rows(w, s, m, x, xo, xs, xz, y, lo, hi, half, per_block):
                 g = b if per_block else 0
                 d = itotal(_block_dot(wr, xt, xot, b * size, units))
                 tail += sr[g] * xst[b] * np.float32(d) - mr[g] * xzt[b]
-            y[t, r] = total(acc) - total(corr) + tail
+            store(y, t, r, total(acc) - total(corr) + tail)
 
 
 def int8_activation_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
@@ -234,7 +250,20 @@ def float_rows(w, x, y, lo, hi, half):
             else:
                 for i in range(k):
                     acc += widen(w[r, i]) * x[t, i]
-            y[t, r] = acc
+            store(y, t, r, acc)
+
+
+@njit(cache=True, nogil=True)
+def widen_into(bits, x, half):
+    """bf16 bits (or IEEE half bits when ``half``) [T, K] -> float32 x [T, K], exactly."""
+    tokens, k = bits.shape
+    for t in range(tokens):
+        if half:
+            for i in range(k):
+                x[t, i] = widen_half(bits[t, i])
+        else:
+            for i in range(k):
+                x[t, i] = widen(bits[t, i])
 
 
 @njit(cache=True, nogil=True, fastmath=True)

@@ -9,10 +9,10 @@ from offload.experts.kernels import cache, jobs, pool, rows
 
 def test_every_cached_kernel_is_stamped_with_all_kernel_sources():
     cached = [f for module in (rows, jobs, pool) for f in vars(module).values()
-              if isinstance(f, Dispatcher) and hasattr(f._cache, "_impl")]  # cache=False ones have a NullCache
+              if isinstance(f, Dispatcher) and hasattr(f._cache, "_cache_file")]  # cache=False: a NullCache
     assert {f.py_func.__name__ for f in cached} >= {"int_rows", "run", "_serve", "_lead"}
     for f in cached:
-        assert f._cache._impl._locator.get_source_stamp() == cache._sources_hash(), f.py_func.__name__
+        assert f._cache._cache_file._source_stamp == cache._sources_hash(), f.py_func.__name__
 
 
 def test_the_stamp_changes_with_any_kernel_source(tmp_path, monkeypatch):

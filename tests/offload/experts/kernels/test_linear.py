@@ -139,6 +139,29 @@ def test_avx2_rows_equal_the_portable_rows(bits, group, k, tokens):
     np.testing.assert_allclose(fast, portable, rtol=1e-5, atol=1e-5 * float(np.abs(portable).max()))
 
 
+@numba.njit
+def _to_bf16(values, out):
+    for i in range(values.size):
+        rows.store(out, 0, i, values[0, i])
+
+
+def test_bf16_outputs_round_to_nearest_even_like_torch():
+    """The kernels write bf16 results themselves: bit for bit what torch's float32 -> bf16 conversion gives,
+    ties (low half exactly 0x8000) included."""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (1, 20000), generator=gen, dtype=torch.int64).to(torch.int32)
+    bits[0, :1000] = (bits[0, :1000] & ~0xFFFF) | 0x8000  # exact ties, odd and even
+    values = bits.view(torch.float32)
+    values = values[:, ~torch.isnan(values[0]) & ~torch.isinf(values[0])]
+    values = torch.cat([values, torch.tensor([[0.0, -0.0, 1e-40, 3.4e38, float("nan")]])], 1)
+    out = np.empty(values.shape, np.uint16)
+    _to_bf16(values.numpy(), out)
+    expected = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    finite = ~np.isnan(values.numpy())
+    assert np.array_equal(out[finite], expected[finite])
+    assert torch.isnan(torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)[~torch.from_numpy(finite)]).all()
+
+
 _GENERIC = """
 import sys, numpy as np, torch
 from offload.experts import quant as Q
