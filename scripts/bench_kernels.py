@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import gguf
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,13 @@ from common import machine_info, main, make_app, write_json, write_text
 from numba import njit
 
 from offload.experts import quant as Q
-from offload.experts.kernels.linear import float_linear, int_linear
+from offload.experts.kernels.linear import BlockLinear, float_linear, int_linear
 from offload.experts.kernels.pool import pool, use_threads
 
 SHAPES = ((3584, 1024), (1024, 3584))
-FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32")
+FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32", "q8_0", "q4_0")
+# ggml's blocks (GGUF files) against torch's int8 kernel / int4 g32 kernel on the same weights
+_TORCH_TWIN = {"q8_0": "int8", "q4_0": "int4-g32"}
 STREAM_MIB = 256
 
 
@@ -62,6 +65,12 @@ def _pair(fmt: str, w: torch.Tensor):
         dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[fmt]
         wd = w.to(dtype).contiguous()
         return (lambda x: float_linear(x, wd)), (lambda x: F.linear(x.to(dtype), wd)), wd.nbytes, wd.nbytes
+    if fmt in _TORCH_TWIN:
+        kind = fmt.upper()
+        raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[kind])
+        lin = BlockLinear(torch.from_numpy(np.ascontiguousarray(raw)).view(torch.uint8), kind, w.shape[1])
+        theirs, theirs_bytes = _torch_int(_TORCH_TWIN[fmt], w)
+        return lin, (lambda x: theirs(x.bfloat16())), raw.nbytes, theirs_bytes
     scheme = "int8" if fmt == "int8" else f"{fmt}-asym"
     lin = int_linear(Q.quantize(w, Q.parse_scheme(scheme)), "int8")
     ours_bytes = lin.codes.nbytes + lin.scales.nbytes + lin.mins.nbytes

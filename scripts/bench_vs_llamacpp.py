@@ -78,7 +78,9 @@ INSTALL_COMMAND = (f'CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2
 find_spec = importlib.util.find_spec  # looked up at call time, so tests can replace it
 
 # offload's name for the weights -> (the scheme `offload quantize` writes, None: the checkpoint itself; llama.cpp's)
-FORMATS = {"bf16": (None, "f16"), "int8": ("int8", "q8_0"), "int4": ("int4-g128-asym", "q4_0")}
+FORMATS = {"bf16": (None, "f16"), "int8": ("int8", "q8_0"), "int4": ("int4-g128-asym", "q4_0"),
+           # offload on llama.cpp's own GGUF file (the same bytes), computing from its blocks
+           "gguf-q8_0": ("gguf", "q8_0"), "gguf-q4_0": ("gguf", "q4_0")}
 EXPERT_RE = re.compile(r"\.experts\.\d+\.|_exps\.")  # safetensors: one tensor per expert; GGUF: experts stacked
 EMBED_RE = re.compile(r"embed_tokens\.|^token_embd\.")  # a token reads one row of it: not counted as read
 CORPUS = ("argparse.py", "textwrap.py", "difflib.py", "dataclasses.py", "functools.py")  # ~300 KB of stdlib
@@ -177,6 +179,7 @@ class Run:
 def plan_runs(formats: list[str], caps: list[int], capped_formats: list[str]) -> list[Run]:
     """Resident pairs per format, then per cap: offload and llama.cpp per capped format, accelerate at bf16."""
     runs = [Run(engine, f) for f in formats for engine in ("offload", "llama.cpp")]
+    runs = [r for i, r in enumerate(runs) if r.name not in {x.name for x in runs[:i]}]  # int8 and gguf-q8_0 share one
     for cap in caps:
         for f in capped_formats:
             runs += [Run("offload", f, cap), Run("llama.cpp", f, cap)]
@@ -192,8 +195,8 @@ def ratio_pairs(runs: list[Run]) -> list[tuple[Run, Run, str]]:
         if r.engine != "offload":
             continue
         for engine in ("llama.cpp", "accelerate"):
-            other = Run(engine, r.fmt, r.cap)
-            if other in runs:
+            other = next((x for x in runs if x.name == Run(engine, r.fmt, r.cap).name), None)
+            if other is not None:
                 target = {None: ">= 0.8x", 50: ">= 2x" if engine == "llama.cpp" else ">= 10x"}.get(r.cap, "report")
                 pairs.append((r, other, target))
     return pairs
@@ -766,7 +769,7 @@ def splits_of(setup_weights: dict[str, Path], runs: list[Run], config: dict) -> 
     out = {}
     for r in runs:
         w = setup_weights[r.name]
-        if r.engine == "llama.cpp":
+        if w.suffix == ".gguf":
             sizes = {n: t["bytes"] for n, t in json.loads(tensors_sidecar(w).read_text()).items()}
         else:
             sizes = safetensors_sizes(w)
@@ -808,7 +811,8 @@ def prepare(opts: Options, runs: list[Run]) -> tuple[Setup, list[Run]]:
             runs = [r for r in runs if not r.cap]
     formats = sorted({r.fmt for r in runs})
     ggufs = ensure_ggufs(opts, model, digest, sorted({FORMATS[f][1] for f in formats}))
-    ours = ensure_offload_weights(opts, model, digest, formats)
+    ours = ensure_offload_weights(opts, model, digest, [f for f in formats if FORMATS[f][0] != "gguf"])
+    ours |= {f: ggufs[FORMATS[f][1]] for f in formats if FORMATS[f][0] == "gguf"}
     weights = {r.name: ggufs[r.weights] if r.engine == "llama.cpp" else ours[r.fmt] for r in runs}
     setup = Setup(model, digest, config, weights, {}, splits_of(weights, runs, config), {}, cgroup, skipped)
     ids = prompt_ids(opts, model, config["vocab_size"])

@@ -202,6 +202,7 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     patterns = _read_patterns(plan, runtime)  # refused now if they belong to another checkpoint
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
     runtime = fit_runtime_budget(plan, runtime, compute_dtype, device)  # auto -> slots; does it fit?
+    plan = dataclasses.replace(plan, expert_format=plan.expert_format.for_activations(runtime.quant_activations))
     slot_layout = plan.expert_format.slot_layout(plan.spec, compute_dtype, device, runtime.quant_activations)
     stats = Stats()
     host = plan.host_layout(compute_dtype, device, runtime.quant_activations)

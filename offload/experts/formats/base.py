@@ -86,6 +86,12 @@ class ExpertFormat(ABC):
         """Unpack one projection's tensors at plan time, so inconsistent values fail by name before a load
         (called when ``checks_values`` is set)."""
 
+    def for_activations(self, activations: str) -> ExpertFormat:
+        """This format computing with ``activations`` (--quant-activations). Formats that choose their compute in
+        ``slot_layout`` return themselves; GGUF's carries the choice into every layout it makes, since a slot in the
+        file's blocks is bound from the layout the disk read (checkpoint offsets), not from the slot's."""
+        return self
+
     # -- resident projections stored in this format (GPTQ attention, FP8 everything) -----------------------
     def dense_parts(self, tensors: Mapping, name: str, shape: tuple[int, ...]) -> dict | None:
         """suffix -> (tensor name, shape, dtypes) of a resident projection stored in this format, or None when it

@@ -5,14 +5,12 @@ independent, so one expert's slice of a stacked tensor and one row range of a ma
 becomes float32 (``dequantize``). Plain types (F32, F16, BF16) are a torch dtype and need no decoding; block types are
 decoded by ggml-org's own reference (``gguf.quants.dequantize``, pure numpy), which is also the tests' oracle.
 
-``native`` is where a type gets a kernel that computes straight from its blocks (block-wise int8 activations, as
-llama.cpp does): a factory of the slot matrix for an [out, in] projection, or None while the type is dequantized once
-per miss into a slot of the compute dtype. Switching a type to native is a change to its row here, nothing else.
+``native`` marks a type with a kernel that computes straight from its blocks (experts/kernels: block-wise int8
+activations, as llama.cpp does); the others are dequantized once per miss into a slot of the compute dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +20,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as _gguf_dequantize
 
 from offload.errors import UnsupportedModelError
-
-NativeMatrix = Callable[..., object]  # (parts, out_features, in_features) -> a slot Matrix computing from the blocks
+from offload.experts.kernels.linear import GGML_KINDS
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,7 @@ class GgmlType:
     block_size: int                 # weights per block (1 for plain types)
     type_size: int                  # bytes per block
     dtype: torch.dtype | None = None  # plain types: the torch dtype their bytes are
-    native: NativeMatrix | None = None
+    native: bool = False            # computed from its blocks by offload's kernels (kernels/linear.py GGML_KINDS)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.type_size <= 0:
@@ -66,7 +63,7 @@ class GgmlType:
 
 def _block_type(name: str) -> GgmlType:
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-    return GgmlType(name, block, size)
+    return GgmlType(name, block, size, native=name in GGML_KINDS)
 
 
 # The types offload reads: the plain ones, the legacy and K-quant blocks, MXFP4 (gpt-oss) and the non-linear IQ4 ones

@@ -5,8 +5,8 @@ A layer's experts are ``ffn_gate_exps`` / ``ffn_up_exps`` [E, inter, hidden] and
 for gpt-oss. Rows of every ggml type are independent, so expert e is slice e of each tensor and is read from the file
 as it lies, in the file's own blocks (experts/formats/ggml.py). The types can differ per projection and per layer
 (Q4_K_M keeps some layers' down projections in Q6_K), so the format is per layer (``layer_format``); the disk and RAM
-tiers keep each layer's blocks, and a cache slot holds the expert dequantized once per miss into the compute dtype
-until a type has a native kernel (its ``native`` row in ggml.py).
+tiers keep each layer's blocks. A cache slot holds the same blocks where the types have a kernel (Q8_0, Q4_0: ggml.py's
+``native``) and activations are int8; otherwise the expert dequantized once per miss into the compute dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from offload.errors import UnsupportedModelError
 from offload.experts.formats.base import FLOATS, ExpertFormat
 from offload.experts.formats.ggml import ggml_type
+from offload.experts.kernels.linear import GGML_KINDS, BlockLinear
 from offload.experts.layouts import (
     DenseMatrix,
     ExpertLayout,
@@ -48,6 +49,7 @@ class GgufMatrix:
     kind: str          # the ggml type's name
     in_features: int
     b: Part | None = None
+    activations: str = "float32"  # --quant-activations: "int8" computes a type with a kernel from its blocks
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -62,7 +64,15 @@ class GgufMatrix:
         return weight, None if self.b is None else self.b.view(buf)
 
     def bind(self, buf: torch.Tensor) -> Linear:
-        """Dequantize per matmul: only the RAM tier's host copy computes this way (hybrid's CPU branch)."""
+        """The kernel on the blocks where the type has one and activations are int8 (a native slot, or the RAM tier's
+        host copy in hybrid's CPU branch); else dequantize per matmul (only the host copy computes that way)."""
+        if self.kind in GGML_KINDS and self.activations == "int8" and buf.device.type == "cpu":
+            blocks = BlockLinear(self.w.view(buf), self.kind, self.in_features)
+            if self.b is None:
+                return blocks
+            bias = self.b.view(buf)
+            return lambda x: blocks(x) + bias.to(x.dtype)
+
         def linear(x: torch.Tensor) -> torch.Tensor:
             weight, bias = self.dense(buf)
             return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -103,6 +113,7 @@ class GgufFormat(ExpertFormat):
     layers: tuple[tuple[int, LayerTypes], ...]
     bias: bool = False
     fused_gate_up: bool = False
+    activations: str = "float32"  # for_activations: what the layouts it makes compute with
 
     def __post_init__(self) -> None:
         for _, types in self.layers:
@@ -112,6 +123,9 @@ class GgufFormat(ExpertFormat):
     @property
     def name(self) -> str:
         return f"gguf ({_summary(self.layers)})"
+
+    def for_activations(self, activations: str) -> GgufFormat:
+        return replace(self, activations=activations)
 
     def layer_format(self, layer: int) -> GgufFormat:
         return replace(self, layers=tuple((n, t) for n, t in self.layers if n == layer))
@@ -154,7 +168,7 @@ class GgufFormat(ExpertFormat):
         weights, biases = parts[:n], (parts[n:] if self.bias else [None] * n)
         if self.fused_gate_up:
             weights, biases = _split_rows(weights[0]) + [weights[1]], _split_rows(biases[0]) + [biases[1]]
-        return ExpertLayout(*(GgufMatrix(w, kind, _in_features(w, kind), b)
+        return ExpertLayout(*(GgufMatrix(w, kind, _in_features(w, kind), b, self.activations)
                               for w, kind, b in zip(weights, self._types, biases, strict=True)))
 
     # -- where the bytes live and compute ------------------------------------------------------------------------
@@ -162,13 +176,23 @@ class GgufFormat(ExpertFormat):
                     activations: str) -> ExpertLayout:
         """The layer's own blocks, gate | up | down: what the RAM tier holds (the file's bytes per weight)."""
         return pack_matrices([GgufMatrix(_weight_part(kind, out, inn), kind, inn,
-                                         Part(0, torch.float32, (out,)) if self.bias else None)
+                                         Part(0, torch.float32, (out,)) if self.bias else None, activations)
                               for kind, (out, inn) in zip(self._types, projection_shapes(spec), strict=True)])
+
+    def native(self, device: torch.device, activations: str) -> bool:
+        """Whether slots hold the file's blocks and compute from them: on the CPU, int8 activations, and every
+        layer's gate, up and down in one type with a kernel (ggml.py's ``native`` rows: Q8_0, Q4_0)."""
+        kinds = {types for _, types in self.layers}
+        return (device.type == "cpu" and activations == "int8" and len(kinds) == 1
+                and all(ggml_type(kind).native for kind in next(iter(kinds))))
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                     activations: str) -> ExpertLayout:
-        """A slot of the compute dtype, filled by one dequantization per miss (on every device: the blocks are decoded
-        on the host, and the same slot serves every layer whatever its types)."""
+        """The blocks as the file stores them where the types compute natively (a disk miss is one read per
+        projection, no conversion); else a slot of the compute dtype, filled by one dequantization per miss (the
+        blocks are decoded on the host, and the same slot serves every layer whatever its types)."""
+        if self.native(device, activations):
+            return self.host_layout(spec, dtype, device, activations)
         if not self.bias:
             return packed_layout(spec.hidden_size, spec.expert_intermediate_size, dtype)
         return pack_matrices([DenseMatrix(Part(0, dtype, (out, inn)), Part(0, dtype, (out,)))

@@ -20,8 +20,8 @@ from numba import carray, njit
 from offload.experts.kernels import cache, rows
 from offload.experts.kernels.intrinsics import ptr_float32, ptr_int8, ptr_uint8, ptr_uint16
 
-# kinds: float weights (also the activations' and outputs' kinds), then integer weights x activation codes
-BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16 = range(7)
+# kinds: float weights (also the activations' and outputs' kinds), integer weights x activation codes, ggml blocks
+BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16, Q8_0_A8, Q4_0_A8 = range(9)
 # descriptor fields: the weight half (made once per weight), then the call half
 KIND, N, K, GROUPS, BLOCKS, W, S, M, TOKENS, X, XKIND, Y, YKIND = range(13)
 FIELDS = 16
@@ -64,6 +64,9 @@ def _dispatch(d, kind, n, k, tokens, x, y, lo, hi):
         else:
             rows.float_rows(carray(ptr_uint16(d[W]), (n, k)), x, y, lo, hi, kind == F16)
         return
+    if kind == Q8_0_A8 or kind == Q4_0_A8:
+        _ggml(d, kind, n, k, tokens, x, y, lo, hi)
+        return
     groups, blocks = d[GROUPS], d[BLOCKS]
     s, m = carray(ptr_float32(d[S]), (n, groups)), carray(ptr_float32(d[M]), (n, groups))
     block = k // blocks
@@ -72,22 +75,39 @@ def _dispatch(d, kind, n, k, tokens, x, y, lo, hi):
         w = carray(ptr_uint8(d[W]), (n, k // 2))
         if kind == INT4_A8:
             xe, xo = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
-            rows.quantize_rows(x, block, xe, xo, xs, xz, 127, True)
+            rows.quantize_rows(x, block, xe, xo, xs, xz, 127, rows.EVEN_ODD)
             rows.int8_activation_rows(w, s, m, xe, xo, xs, xz, y, lo, hi)
         else:
             xe16, xo16 = np.empty((tokens, k // 2), np.int16), np.empty((tokens, k // 2), np.int16)
-            rows.quantize_rows(x, block, xe16, xo16, xs, xz, 32767, True)
+            rows.quantize_rows(x, block, xe16, xo16, xs, xz, 32767, rows.EVEN_ODD)
             rows.int_rows(w, s, m, xe16, xo16, xs, xz, y, lo, hi)
         return
     w8 = carray(ptr_int8(d[W]), (n, k))
     if kind == INT8_A8:
         x8 = np.empty((tokens, k), np.int8)
-        rows.quantize_rows(x, block, x8, x8, xs, xz, 127, False)
+        rows.quantize_rows(x, block, x8, x8, xs, xz, 127, rows.WHOLE)
         rows.int8_activation_rows(w8, s, m, x8, x8, xs, xz, y, lo, hi)
     else:
         x16 = np.empty((tokens, k), np.int16)
-        rows.quantize_rows(x, block, x16, x16, xs, xz, 32767, False)
+        rows.quantize_rows(x, block, x16, x16, xs, xz, 32767, rows.WHOLE)
         rows.int_rows(w8, s, m, x16, x16, xs, xz, y, lo, hi)
+
+
+@njit(nogil=True, inline="always")
+def _ggml(d, kind, n, k, tokens, x, y, lo, hi):
+    """ggml's Q8_0 / Q4_0 rows as the GGUF file lays them out, against activations quantized per block of 32."""
+    blocks = k // 32
+    xs, xz = np.empty((tokens, blocks), np.float32), np.empty((tokens, blocks), np.float32)
+    if kind == Q8_0_A8:
+        w = carray(ptr_uint8(d[W]), (n, blocks * rows.Q8_0_BYTES))
+        x8 = np.empty((tokens, k), np.int8)
+        rows.quantize_rows(x, 32, x8, x8, xs, xz, 127, rows.WHOLE)
+        rows.q8_0_rows(w, x8, xs, y, lo, hi)
+    else:
+        w = carray(ptr_uint8(d[W]), (n, blocks * rows.Q4_0_BYTES))
+        xl, xh = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
+        rows.quantize_rows(x, 32, xl, xh, xs, xz, 127, rows.HALVES)
+        rows.q4_0_rows(w, xl, xh, xs, xz, y, lo, hi)
 
 
 cache.tie(globals())

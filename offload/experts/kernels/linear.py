@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from offload.experts.kernels import jobs
+from offload.experts.kernels import jobs, rows
 from offload.experts.kernels.pool import pool
 from offload.experts.quant import QuantizedWeight, pack_nibbles, unpack_nibbles
 
@@ -116,3 +116,32 @@ def int_linear(q: QuantizedWeight, activations: str = "int8") -> IntLinear:
     codes = (q.codes ^ 0x80).view(torch.int8) if signed else pack_nibbles(q.codes)
     zeros = q.zeros - 128 if signed else q.zeros
     return IntLinear(codes.contiguous(), q.scales.contiguous(), (q.scales * zeros).contiguous(), activations)
+
+
+GGML_KINDS = {"Q8_0": jobs.Q8_0_A8, "Q4_0": jobs.Q4_0_A8}  # ggml block types with a kernel (int8 activations)
+
+
+@dataclass(frozen=True)
+class BlockLinear:
+    """ggml blocks as a GGUF file stores them (``blocks`` uint8 [N, K/32 x block bytes], a view of a slot), computed
+    with activations quantized per block of 32 to int8, as llama.cpp does; above INT_MAX_TOKENS dequantized once per
+    call for torch's GEMM."""
+
+    blocks: torch.Tensor
+    kind: str           # "Q8_0" or "Q4_0"
+    in_features: int
+
+    def __post_init__(self) -> None:
+        base = jobs.weight_base(GGML_KINDS[self.kind], self.blocks.shape[0], self.in_features, self.blocks.data_ptr())
+        object.__setattr__(self, "_base", base)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] in ``dtype``, exactly as ggml decodes it."""
+        out = torch.empty((self.blocks.shape[0], self.in_features), dtype=torch.float32)
+        rows.dequantize_blocks(self.blocks.numpy(), self.kind == "Q4_0", out.numpy())
+        return out.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > INT_MAX_TOKENS * self.in_features or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
+            return F.linear(x, self.dequantized(x.dtype))
+        return _call(self._base, x.contiguous(), self.blocks.shape[0])

@@ -44,6 +44,7 @@ from offload.experts.kernels.vectors import fma, fmul, fzero, iadd, itotal, izer
 warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
 
 PREFETCH = 2048
+WHOLE, EVEN_ODD, HALVES = 0, 1, 2  # quantize_rows' splits of the activation codes
 CHUNK = 64  # bytes: a compile-time inner trip count LLVM vectorizes cleanly (runtime-length block loops ran 1.3-2x
 #             slower here, a constant 16 fell back to scalar code); blocks that are not a multiple use _int4_dot's loop
 
@@ -130,7 +131,7 @@ def unit_dot(w, x, xo, i):
 def _unit_dot(w, x, xo, i):
     if w.dtype == numba.uint8:
         return lambda w, x, xo, i: vectors.dot_int4(w, x, xo, i)
-    return lambda w, x, xo, i: vectors.dot_int8(w, x, i)
+    return lambda w, x, xo, i: vectors.dot_int8(w, i, x, i)
 
 
 @njit(inline="always")
@@ -215,6 +216,159 @@ def _int8_activation_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
     return rows_avx2
 
 
+# -- ggml's blocks (GGUF files), computed as they lie: Q8_0 [f16 d, 32 x int8], Q4_0 [f16 d, 16 bytes of nibbles:
+#    element j in the low nibble of byte j, element j + 16 in its high one, value (q - 8) x d] ------------------------
+Q8_0_BYTES, Q4_0_BYTES = 34, 18
+
+
+@njit(inline="always")
+def _block_scale(wr, at):
+    """The f16 scale at byte ``at`` of a block row (little-endian), as float32."""
+    return widen_half(np.uint16(wr[at]) | (np.uint16(wr[at + 1]) << np.uint16(8)))
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def q8_0_portable(w, x, xs, y, lo, hi):
+    """Q8_0 rows [N, K/32 x 34 bytes] times int8 activation codes x [T, K] with a scale per 32 (xs [T, K/32])."""
+    tokens, blocks = x.shape[0], xs.shape[1]
+    for r in range(lo, hi):
+        wr = w[r]
+        for t in range(tokens):
+            acc = np.float32(0.0)
+            for b in range(blocks):
+                at, base = b * Q8_0_BYTES + 2, b * 32
+                d = 0
+                for j in range(32):
+                    d += np.int32(np.int8(wr[at + j])) * np.int32(x[t, base + j])
+                acc += _block_scale(wr, at - 2) * xs[t, b] * np.float32(np.int32(d))
+            store(y, t, r, acc)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def q4_0_portable(w, xl, xh, xs, xz, y, lo, hi):
+    """Q4_0 rows [N, K/32 x 18 bytes] times int8 codes split in each block's halves (xl / xh [T, K/2], HALVES):
+    y = sum over blocks of d * (xs * dot(q, x) - 8 * xz)."""
+    tokens, blocks = xl.shape[0], xs.shape[1]
+    for r in range(lo, hi):
+        wr = w[r]
+        for t in range(tokens):
+            acc = np.float32(0.0)
+            for b in range(blocks):
+                at, base = b * Q4_0_BYTES + 2, b * 16
+                d = 0
+                for j in range(16):
+                    q = wr[at + j]
+                    d += (np.int32(q & np.uint8(15)) * np.int32(xl[t, base + j])
+                          + np.int32(q >> np.uint8(4)) * np.int32(xh[t, base + j]))
+                acc += _block_scale(wr, at - 2) * (xs[t, b] * np.float32(np.int32(d)) - 8 * xz[t, b])
+            store(y, t, r, acc)
+
+
+@njit(inline="always")
+def _scales8(wr, at, stride):
+    return vectors.vec8(_block_scale(wr, at), _block_scale(wr, at + stride), _block_scale(wr, at + 2 * stride),
+                        _block_scale(wr, at + 3 * stride), _block_scale(wr, at + 4 * stride),
+                        _block_scale(wr, at + 5 * stride), _block_scale(wr, at + 6 * stride),
+                        _block_scale(wr, at + 7 * stride))
+
+
+@njit(inline="always")
+def _q8_0_vector(w, x, xs, y, lo, hi):
+    tokens, blocks = x.shape[0], xs.shape[1]
+    whole, s = blocks - blocks % 8, Q8_0_BYTES
+    for r in range(lo, hi):
+        wr = w[r]
+        for t in range(tokens):
+            xt, xst = x[t], xs[t]
+            acc = fzero()
+            for b in range(0, whole, 8):
+                at, c = b * s, b * 32
+                d = sums8(vectors.dot_int8(wr, at + 2, xt, c), vectors.dot_int8(wr, at + s + 2, xt, c + 32),
+                          vectors.dot_int8(wr, at + 2 * s + 2, xt, c + 64),
+                          vectors.dot_int8(wr, at + 3 * s + 2, xt, c + 96),
+                          vectors.dot_int8(wr, at + 4 * s + 2, xt, c + 128),
+                          vectors.dot_int8(wr, at + 5 * s + 2, xt, c + 160),
+                          vectors.dot_int8(wr, at + 6 * s + 2, xt, c + 192),
+                          vectors.dot_int8(wr, at + 7 * s + 2, xt, c + 224))
+                acc = fma(vectors.to_float(d), fmul(_scales8(wr, at, s), load8(xst, b)), acc)
+            tail = np.float32(0.0)
+            for b in range(whole, blocks):
+                d = itotal(vectors.dot_int8(wr, b * s + 2, xt, b * 32))
+                tail += _block_scale(wr, b * s) * xst[b] * np.float32(d)
+            store(y, t, r, total(acc) + tail)
+
+
+@njit(inline="always")
+def _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi):
+    tokens, blocks = xl.shape[0], xs.shape[1]
+    whole, s = blocks - blocks % 8, Q4_0_BYTES
+    for r in range(lo, hi):
+        wr = w[r]
+        for t in range(tokens):
+            xlt, xht, xst, xzt = xl[t], xh[t], xs[t], xz[t]
+            acc, corr = fzero(), fzero()
+            for b in range(0, whole, 8):
+                at, c = b * s + 2, b * 16
+                d = sums4(vectors.dot_q4_0(wr, at, at + s, xlt, xht, c),
+                          vectors.dot_q4_0(wr, at + 2 * s, at + 3 * s, xlt, xht, c + 32),
+                          vectors.dot_q4_0(wr, at + 4 * s, at + 5 * s, xlt, xht, c + 64),
+                          vectors.dot_q4_0(wr, at + 6 * s, at + 7 * s, xlt, xht, c + 96))
+                scales = _scales8(wr, at - 2, s)
+                acc = fma(vectors.to_float(d), fmul(scales, load8(xst, b)), acc)
+                corr = fma(scales, load8(xzt, b), corr)
+            tail = np.float32(0.0)
+            for b in range(whole, blocks):
+                at, base = b * s + 2, b * 16
+                d = 0
+                for j in range(16):
+                    q = wr[at + j]
+                    d += (np.int32(q & np.uint8(15)) * np.int32(xlt[base + j])
+                          + np.int32(q >> np.uint8(4)) * np.int32(xht[base + j]))
+                tail += _block_scale(wr, at - 2) * (xst[b] * np.float32(np.int32(d)) - 8 * xzt[b])
+            store(y, t, r, total(acc) - 8 * total(corr) + tail)
+
+
+def q8_0_rows(w, x, xs, y, lo, hi):
+    """Q8_0 rows: the AVX2 kernel where the target has AVX2, else q8_0_portable."""
+
+
+@overload(q8_0_rows)
+def _q8_0_rows(w, x, xs, y, lo, hi):
+    if not vectors.AVX2:
+        return lambda w, x, xs, y, lo, hi: q8_0_portable(w, x, xs, y, lo, hi)
+    return lambda w, x, xs, y, lo, hi: _q8_0_vector(w, x, xs, y, lo, hi)
+
+
+def q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
+    """Q4_0 rows: the AVX2 kernel where the target has AVX2, else q4_0_portable."""
+
+
+@overload(q4_0_rows)
+def _q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
+    if not vectors.AVX2:
+        return lambda w, xl, xh, xs, xz, y, lo, hi: q4_0_portable(w, xl, xh, xs, xz, y, lo, hi)
+    return lambda w, xl, xh, xs, xz, y, lo, hi: _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi)
+
+
+@njit(cache=True, nogil=True)
+def dequantize_blocks(w, q4, out):
+    """Q8_0 (or Q4_0 when ``q4``) rows [N, bytes] -> float32 out [N, K]: prefill's GEMM weight, exactly ggml's."""
+    n, k = out.shape
+    size = Q4_0_BYTES if q4 else Q8_0_BYTES
+    for r in range(n):
+        wr = w[r]
+        for b in range(k // 32):
+            at = b * size
+            d = _block_scale(wr, at)
+            for j in range(16 if q4 else 32):
+                q = wr[at + 2 + j]
+                if q4:
+                    out[r, b * 32 + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
+                    out[r, b * 32 + 16 + j] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
+                else:
+                    out[r, b * 32 + j] = d * np.float32(np.int8(q))
+
+
 def widen(bits):
     """A stored float weight -> float32: bf16 bits (uint16), or a float32 as it is."""
 
@@ -270,8 +424,9 @@ def widen_into(bits, x, half):
 def quantize_rows(x, block, xe, xo, xs, xz, qmax, split):
     """Symmetric per-block quantization of activations x float32 [T, K] into int8 or int16 codes, with scale
     xs [T, K/block] = absmax / qmax and xz = xs * sum(codes in block) for the weights' zero-point term (llama.cpp's
-    Q8 activations; int16 keeps the error near 1e-5 relative). ``split``: even inputs go to xe, odd ones to xo
-    (int4's order, [T, K/2] each); else all to xe [T, K]."""
+    Q8 activations; int16 keeps the error near 1e-5 relative). ``split`` puts the codes where the weights' nibbles
+    meet them: WHOLE all to xe [T, K]; EVEN_ODD even inputs to xe, odd ones to xo (plain nibble packing, [T, K/2]
+    each); HALVES the first 16 inputs of every 32 to xe, the last 16 to xo (Q4_0's nibble order)."""
     tokens, k = x.shape
     for t in range(tokens):
         for b in range(k // block):
@@ -283,12 +438,17 @@ def quantize_rows(x, block, xe, xo, xs, xz, qmax, split):
             total = 0
             for i in range(b * block, (b + 1) * block):
                 q = int(np.rint(x[t, i] * inv))
-                if not split:
+                if split == WHOLE:
                     xe[t, i] = q
-                elif i % 2 == 0:
-                    xe[t, i // 2] = q
+                elif split == EVEN_ODD:
+                    if i % 2 == 0:
+                        xe[t, i // 2] = q
+                    else:
+                        xo[t, i // 2] = q
+                elif i % 32 < 16:
+                    xe[t, i // 32 * 16 + i % 16] = q
                 else:
-                    xo[t, i // 2] = q
+                    xo[t, i // 32 * 16 + i % 16] = q
                 total += q
             xs[t, b] = scale
             xz[t, b] = scale * total

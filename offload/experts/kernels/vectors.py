@@ -19,8 +19,8 @@ from numba.core import config
 from numba.extending import intrinsic, models, register_model
 
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-V32I8, V16I16, V8I32, V8F32 = (ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8),
-                               ir.VectorType(F32, 8))
+V16I8, V32I8, V16I16, V8I32, V8F32 = (ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I16, 16),
+                                      ir.VectorType(I32, 8), ir.VectorType(F32, 8))
 
 
 def target_features() -> str:
@@ -73,17 +73,17 @@ def _to_int32(builder: ir.IRBuilder, pairs):
 
 
 @intrinsic
-def dot_int8(typingctx, w, x, i):
-    """w[i:i+32] (int8) . x[i:i+32] (int8 codes, |x| <= 127) as 8 int32 partial sums (1-D arrays)."""
+def dot_int8(typingctx, w, wi, x, xi):
+    """w[wi:wi+32] (int8) . x[xi:xi+32] (int8 codes, |x| <= 127) as 8 int32 partial sums (1-D arrays)."""
 
     def codegen(ctx, builder, sig, args):
-        wv = _load(ctx, builder, sig.args[0], args[0], args[2], V32I8, 1)
-        xv = _load(ctx, builder, sig.args[1], args[1], args[2], V32I8, 1)
+        wv = _load(ctx, builder, sig.args[0], args[0], args[1], V32I8, 1)
+        xv = _load(ctx, builder, sig.args[2], args[2], args[3], V32I8, 1)
         sign = _declare(builder, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
         # |w| (unsigned) times x carrying w's sign: pmaddubsw wants one unsigned side (llama.cpp's mul_sum_i8_pairs)
         return _to_int32(builder, _madd(builder, builder.call(sign, [wv, wv]), builder.call(sign, [xv, wv])))
 
-    return i32x8(w, x, types.intp), codegen
+    return i32x8(w, types.intp, x, types.intp), codegen
 
 
 @intrinsic
@@ -93,15 +93,47 @@ def dot_int4(typingctx, w, xe, xo, i):
 
     def codegen(ctx, builder, sig, args):
         wv = _load(ctx, builder, sig.args[0], args[0], args[3], V32I8, 1)
-        low = builder.and_(wv, ir.Constant(V32I8, [15] * 32))
-        high = builder.bitcast(builder.and_(builder.lshr(builder.bitcast(wv, V16I16), ir.Constant(V16I16, [4] * 16)),
-                                            ir.Constant(V16I16, [0x0F0F] * 16)), V32I8)
-        xev = _load(ctx, builder, sig.args[1], args[1], args[3], V32I8, 1)
-        xov = _load(ctx, builder, sig.args[2], args[2], args[3], V32I8, 1)
-        pairs = builder.add(_madd(builder, low, xev), _madd(builder, high, xov))  # |15 * 127 * 4| fits int16
-        return _to_int32(builder, pairs)
+        return _nibble_dot(ctx, builder, sig, args, wv, 1, 3)
 
     return i32x8(w, xe, xo, types.intp), codegen
+
+
+def _nibble_dot(ctx, builder, sig, args, wv, xe: int, at: int):
+    """32 nibble bytes wv: low nibbles . args[xe][at:], high nibbles . args[xe + 1][at:], as 8 int32 sums."""
+    low = builder.and_(wv, ir.Constant(V32I8, [15] * 32))
+    high = builder.bitcast(builder.and_(builder.lshr(builder.bitcast(wv, V16I16), ir.Constant(V16I16, [4] * 16)),
+                                        ir.Constant(V16I16, [0x0F0F] * 16)), V32I8)
+    xl = _load(ctx, builder, sig.args[xe], args[xe], args[at], V32I8, 1)
+    xh = _load(ctx, builder, sig.args[xe + 1], args[xe + 1], args[at], V32I8, 1)
+    pairs = builder.add(_madd(builder, low, xl), _madd(builder, high, xh))  # |15 * 127 * 4| fits int16
+    return _to_int32(builder, pairs)
+
+
+@intrinsic
+def dot_q4_0(typingctx, w, first, second, xl, xh, i):
+    """Two Q4_0 blocks' 16 nibble bytes, at w[first:] and w[second:] (element j low, j + 16 high), against their
+    activations' first halves xl[i:i+32] and second halves xh[i:i+32]: lanes 0-3 the first block, 4-7 the second."""
+
+    def codegen(ctx, builder, sig, args):
+        halves = [_load(ctx, builder, sig.args[0], args[0], args[k], V16I8, 1) for k in (1, 2)]
+        wv = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        return _nibble_dot(ctx, builder, sig, args, wv, 3, 5)
+
+    return i32x8(w, types.intp, types.intp, xl, xh, types.intp), codegen
+
+
+@intrinsic
+def vec8(typingctx, a, b, c, d, e, f, g, h):
+    """Eight float32 scalars as one f32x8."""
+    sig = f32x8(*[types.float32] * 8)
+
+    def codegen(ctx, builder, sig, args):
+        v = ir.Constant(V8F32, None)
+        for lane, value in enumerate(args):
+            v = builder.insert_element(v, value, ir.Constant(I32, lane))
+        return v
+
+    return sig, codegen
 
 
 def _hadd(builder: ir.IRBuilder, a, b):

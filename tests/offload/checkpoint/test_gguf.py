@@ -15,7 +15,7 @@ import torch
 import offload
 from offload.checkpoint.plan import plan_checkpoint
 from offload.errors import CheckpointError, UnsupportedModelError
-from offload.experts.formats.ggml import GGML_TYPES
+from offload.experts.formats.ggml import GGML_TYPES, ggml_type
 from tests.gguf_checkpoints import experts_as, random_blocks, write_gguf, write_gguf_and_oracle
 from tests.offload.checkpoint.test_families_2026 import _make, _reference
 from tests.offload.model.test_forward import _min_gap, _prompts
@@ -50,7 +50,8 @@ def _check(path: Path, oracle: Path, tiers=(("100%", "disk"),), batches=(1, 3)) 
         tokens, scores, logits = _reference(oracle, ids, mask)
         assert _min_gap(scores, tokens) > 1e-3  # "same tokens" means something only with separated logits
         for budget, tier in tiers:
-            model = offload.from_pretrained(path, device="cpu", dtype="float32", expert_budget=budget, offload_to=tier)
+            model = offload.from_pretrained(path, device="cpu", dtype="float32", expert_budget=budget, offload_to=tier,
+                                            quant_activations="float32")  # exact: Q8_0/Q4_0 slots dequantized
             out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2, pad_token_id=0)
             assert torch.equal(out, tokens), (budget, tier, batch)
             real = mask.bool()
@@ -74,6 +75,34 @@ def test_every_expert_type_computes_what_transformers_does_on_its_dequantized_we
                                          types=experts_as(kind, "Q8_0"))
     assert plan_checkpoint(path).expert_format.name == f"gguf (gate {kind}, up {kind}, down {kind})"
     _check(path, oracle, tiers=((1, "disk"), ("50%", "ram")), batches=(3,))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_native_types_compute_from_the_files_blocks(kind, sources, tmp_path):
+    """With int8 activations (the default) Q8_0 / Q4_0 experts stay in the file's blocks from disk to slot (a slot is
+    the blocks' bytes, not a dequantized matrix) and compute with the block kernels. Against the exact path (float32
+    activations, dequantized slots): every activation is rounded to 1/127 of its block's absmax, ~0.5% of a matmul's
+    output scale (tests/offload/experts/kernels), which through two layers leaves the logits within 5% of their
+    scale; teacher-forced top-1 agrees at >= 90% of positions (a flip only where two logits lie that close), and
+    every budget, tier and batch gives the same tokens as 100% does (a kernel's result does not depend on the slot)."""
+    path, _ = write_gguf_and_oracle(sources("qwen3_moe", wide=True), tmp_path, "qwen3_moe",
+                                    types=experts_as(kind, "Q8_0"))
+    ids, mask = _prompts(3)
+    exact = offload.from_pretrained(path, device="cpu", dtype="float32", quant_activations="float32")
+    native = offload.from_pretrained(path, device="cpu", dtype="float32")
+    inter, hidden, row = native.spec.expert_intermediate_size, native.spec.hidden_size, ggml_type(kind)
+    assert 3 * inter * row.row_nbytes(hidden) <= native.cache.slot_nbytes < 3 * inter * hidden * 2  # not float32
+    want, got = exact(ids, attention_mask=mask), native(ids, attention_mask=mask)
+    real = mask.bool()
+    scale = float(want[real].abs().max())
+    assert float((got[real] - want[real]).abs().max()) < 0.05 * scale
+    agree = (got[real].argmax(-1) == want[real].argmax(-1)).float().mean()
+    assert agree >= 0.9, float(agree)
+    tokens = native.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2, pad_token_id=0)
+    for budget, tier in ((1, "disk"), ("50%", "ram")):
+        model = offload.from_pretrained(path, device="cpu", dtype="float32", expert_budget=budget, offload_to=tier)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(out, tokens), (budget, tier)
 
 
 def test_layers_of_different_types_and_a_tied_embedding(sources, tmp_path):

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import gguf
 import numba
 import numpy as np
 import pytest
@@ -89,16 +90,16 @@ def test_quantize_rows_is_symmetric_per_block_and_exact_in_its_sums():
     xq = np.empty((3, 256), np.int8)
     xs = np.empty((3, 4), np.float32)
     xz = np.empty_like(xs)
-    rows.quantize_rows(x, 64, xq, xq, xs, xz, 127, False)
+    rows.quantize_rows(x, 64, xq, xq, xs, xz, 127, rows.WHOLE)
     blocks = x.reshape(3, 4, 64)
     np.testing.assert_allclose(xs, np.abs(blocks).max(-1) / 127, rtol=1e-6)
     assert np.abs(xq).max() == 127 and np.abs(xq.reshape(3, 4, 64) * xs[..., None] - blocks).max() <= xs.max() / 2
     np.testing.assert_allclose(xz, xs * xq.reshape(3, 4, 64).astype(np.int64).sum(-1), rtol=1e-6)
     xe, xo = np.empty((3, 128), np.int8), np.empty((3, 128), np.int8)  # int4's order: even and odd inputs apart
-    rows.quantize_rows(x, 64, xe, xo, xs, xz, 127, True)
+    rows.quantize_rows(x, 64, xe, xo, xs, xz, 127, rows.EVEN_ODD)
     assert np.array_equal(xe, xq[:, 0::2]) and np.array_equal(xo, xq[:, 1::2])
     zero = np.zeros((1, 64), np.float32)  # an all-zero block: scale 0, codes 0, no division by zero
-    rows.quantize_rows(zero, 64, xq[:1, :64], xq[:1, :64], xs[:1, :1], xz[:1, :1], 127, False)
+    rows.quantize_rows(zero, 64, xq[:1, :64], xq[:1, :64], xs[:1, :1], xz[:1, :1], 127, rows.WHOLE)
     assert xs[0, 0] == 0 and not xq[0, :64].any()
 
 
@@ -139,6 +140,58 @@ def test_avx2_rows_equal_the_portable_rows(bits, group, k, tokens):
     np.testing.assert_allclose(fast, portable, rtol=1e-5, atol=1e-5 * float(np.abs(portable).max()))
 
 
+def _ggml(kind: str, n: int, k: int, seed: int) -> tuple[L.BlockLinear, torch.Tensor]:
+    """A BlockLinear over ggml blocks quantized by ggml-org's own package, and their float32 decoding (the oracle)."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    raw = np.ascontiguousarray(gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind]))
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(n, k)
+    return L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, k), torch.from_numpy(ref)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("n, k", [(37, 256), (64, 320), (40, 96)])  # 8 blocks; 8 + a tail of 2; a tail of 3 only
+def test_ggml_blocks_match_ggml_orgs_decoding(kind, n, k):
+    """GGUF's Q8_0 / Q4_0 rows as the file stores them, against gguf.quants.dequantize then a float64 matmul: int8
+    activations per block of 32 (3e-2, as for int4/int8 above), exact decoding above INT_MAX_TOKENS (1e-5)."""
+    lin, ref_w = _ggml(kind, n, k, seed=k)
+    assert torch.equal(lin.dequantized(torch.float32), ref_w)
+    for tokens in TOKENS:
+        x = _w(tokens, k, seed=tokens)
+        y = lin(x)
+        assert y.shape == (tokens, n) and y.dtype == x.dtype
+        tolerance = TOLERANCE["int8"] if tokens <= L.INT_MAX_TOKENS else 1e-5
+        assert _err(y, R.ref_linear(x, ref_w)) < tolerance, tokens
+    assert lin(_w(2, k).bfloat16()).dtype == torch.bfloat16
+
+
+@numba.njit
+def _ggml_rows(kind, w, x, xo, xs, xz, fast, portable):
+    n = w.shape[0]
+    if kind == 8:
+        rows.q8_0_rows(w, x, xs, fast, 0, n)
+        rows.q8_0_portable(w, x, xs, portable, 0, n)
+    else:
+        rows.q4_0_rows(w, x, xo, xs, xz, fast, 0, n)
+        rows.q4_0_portable(w, x, xo, xs, xz, portable, 0, n)
+
+
+@pytest.mark.skipif(not vectors.AVX2, reason="the host has no AVX2: the ggml kernels are the portable ones there")
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("k", [256, 320, 96])
+def test_avx2_ggml_rows_equal_the_portable_rows(kind, k):
+    """Same codes, both kernels: exact integer dots, float sums in another order (1e-5)."""
+    lin, _ = _ggml(kind, 37, k, seed=1)
+    rng = np.random.default_rng(k)
+    tokens, blocks = 3, k // 32
+    half = kind == "Q4_0"
+    x = rng.integers(-127, 128, (tokens, k // 2 if half else k), dtype=np.int8)
+    xo = rng.integers(-127, 128, x.shape, dtype=np.int8)
+    xs, xz = (rng.random((tokens, blocks), dtype=np.float32) for _ in range(2))
+    fast, portable = (np.full((tokens, 37), np.nan, np.float32) for _ in range(2))
+    _ggml_rows(4 if half else 8, lin.blocks.numpy(), x, xo, xs, xz, fast, portable)
+    np.testing.assert_allclose(fast, portable, rtol=1e-5, atol=1e-5 * float(np.abs(portable).max()))
+
+
 @numba.njit
 def _to_bf16(values, out):
     for i in range(values.size):
@@ -163,7 +216,7 @@ def test_bf16_outputs_round_to_nearest_even_like_torch():
 
 
 _GENERIC = """
-import sys, numpy as np, torch
+import sys, gguf, numpy as np, torch
 from offload.experts import quant as Q
 from offload.experts.kernels import linear as L
 torch.manual_seed(0)
@@ -171,6 +224,9 @@ out = []
 for bits, group in ((4, 128), (4, 32), (8, None)):
     q = Q.quantize(torch.randn(96, 256), Q.QuantScheme(bits, group, False))
     out.append(L.int_linear(q, "int8")(torch.randn(3, 256)).numpy())
+for kind in ("Q8_0", "Q4_0"):
+    raw = gguf.quants.quantize(torch.randn(96, 256).numpy(), gguf.GGMLQuantizationType[kind])
+    out.append(L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, 256)(torch.randn(3, 256)).numpy())
 for dtype in (torch.bfloat16, torch.float16):  # float16: F16C's vcvtph2ps on the host, integer moves without it
     w = torch.randn(96, 256)
     w[0, :4] = torch.tensor([1e-6, -3e-5, 65504.0, -2.0**-24])  # subnormal and extreme halves
