@@ -23,20 +23,22 @@ Activation = Callable[[Expert, torch.Tensor], torch.Tensor]
 
 def swiglu(expert: Expert, x: torch.Tensor) -> torch.Tensor:
     """SwiGLU (Shazeer 2020): down(silu(gate x) * up x). x: [tokens, hidden] -> [tokens, hidden]."""
-    return expert.down_proj(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
+    gate, up = expert.gate_and_up(x)
+    return expert.down_proj(F.silu(gate) * up)
 
 
 def clamped_swiglu(expert: Expert, x: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     """gpt-oss's SwiGLU: gate clamped above and up on both sides at ``limit``, a sigmoid with slope
     ``alpha`` (1.702, the GELU approximation's), up shifted by one: down((up + 1) * gate * sigmoid(alpha * gate))."""
-    gate = expert.gate_proj(x).clamp(max=limit)
-    up = expert.up_proj(x).clamp(min=-limit, max=limit)
+    gate, up = expert.gate_and_up(x)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
     return expert.down_proj((up + 1) * (gate * torch.sigmoid(gate * alpha)))
 
 
 def geglu_tanh(expert: Expert, x: torch.Tensor) -> torch.Tensor:
     """GeGLU, GELU in its tanh approximation (Shazeer 2020; gelu_pytorch_tanh): down(gelu(gate x) * up x)."""
-    return expert.down_proj(F.gelu(expert.gate_proj(x), approximate="tanh") * expert.up_proj(x))
+    gate, up = expert.gate_and_up(x)
+    return expert.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {"swiglu": swiglu, "clamped-swiglu": clamped_swiglu,

@@ -69,10 +69,20 @@ class Expert:
     gate_proj: Linear
     up_proj: Linear
     down_proj: Linear
+    gate_up_proj: Linear | None = None  # gate and up as one [2I, H] matrix where a slot holds them back to back
 
     @classmethod
     def dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> Expert:
         return cls(DenseLinear(gate), DenseLinear(up), DenseLinear(down))
+
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate x and up x [tokens, I] each: one kernel call over both matrices' rows when they are stacked (one
+        hand-off to the pool and one activation quantization instead of two; every row's sum is the same)."""
+        if self.gate_up_proj is None:
+            return self.gate_proj(x), self.up_proj(x)
+        both = self.gate_up_proj(x)
+        half = both.shape[-1] // 2
+        return both[..., :half], both[..., half:]
 
 
 class Matrix(Protocol):
@@ -103,6 +113,12 @@ class DenseMatrix:
 
     def bind(self, buf: torch.Tensor) -> Linear:
         return DenseLinear(self.w.view(buf), None if self.b is None else self.b.view(buf))
+
+    def stacked(self, below: Matrix, buf: torch.Tensor) -> Linear | None:
+        """This weight and ``below`` as one [2 x out, in] linear when ``below`` starts where this one ends."""
+        if isinstance(below, DenseMatrix) and stacks(self.w, below.w) and self.b is None and below.b is None:
+            return DenseLinear(Part(self.w.offset, self.w.dtype, (2 * self.w.shape[0], *self.w.shape[1:])).view(buf))
+        return None
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
         weight, bias = src.dense(src_buf) if hasattr(src, "dense") else (None, None)
@@ -195,7 +211,13 @@ class ExpertLayout:
             want.convert_from(have, src, dest)
 
     def bind(self, buf: torch.Tensor) -> Expert:
-        return Expert(*(m.bind(buf) for m in self.matrices))
+        stacked = getattr(self.gate, "stacked", None)  # a format whose gate and up can run as one matrix
+        return Expert(*(m.bind(buf) for m in self.matrices), stacked(self.up, buf) if stacked else None)
+
+
+def stacks(top: Part, below: Part) -> bool:
+    """Whether two parts of one dtype and shape lie back to back, ``below`` right after ``top``."""
+    return below.offset == top.end and below.dtype == top.dtype and below.shape == top.shape
 
 
 def pack_matrices(matrices: Sequence[Matrix], align: int = 64) -> ExpertLayout:

@@ -32,6 +32,7 @@ from offload.experts.layouts import (
     pack_matrices,
     packed_layout,
     projection_shapes,
+    stacks,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class GgufMatrix:
     def bind(self, buf: torch.Tensor) -> Linear:
         """The kernel on the blocks where the type has one and activations are int8 (a native slot, or the RAM tier's
         host copy in hybrid's CPU branch); else dequantize per matmul (only the host copy computes that way)."""
-        if self.kind in GGML_KINDS and self.activations == "int8" and buf.device.type == "cpu":
+        if self._native(buf):
             blocks = BlockLinear(self.w.view(buf), self.kind, self.in_features)
             if self.b is None:
                 return blocks
@@ -77,6 +78,17 @@ class GgufMatrix:
             weight, bias = self.dense(buf)
             return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         return linear
+
+    def stacked(self, below: Matrix, buf: torch.Tensor) -> Linear | None:
+        """This projection and ``below`` (gate and up) as one kernel call when their blocks lie back to back."""
+        if (isinstance(below, GgufMatrix) and self._native(buf) and below.kind == self.kind
+                and self.b is None and below.b is None and stacks(self.w, below.w)):
+            both = Part(self.w.offset, self.w.dtype, (2 * self.w.shape[0], self.w.shape[1]))
+            return BlockLinear(both.view(buf), self.kind, self.in_features)
+        return None
+
+    def _native(self, buf: torch.Tensor) -> bool:
+        return self.kind in GGML_KINDS and self.activations == "int8" and buf.device.type == "cpu"
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
         """The same blocks, moved (the RAM tier packs what the disk read)."""

@@ -60,3 +60,23 @@ def test_pack_matrices_aligns_each_part_and_keeps_the_formats():
     layout = pack_matrices(odd)
     assert [p.offset for p in layout.parts] == [0, 64, 128] and layout.nbytes == 128 + 16
     assert [m.signature() for m in layout.matrices] == [m.signature() for m in odd]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_packed_slot_runs_gate_and_up_as_one_stacked_matrix(dtype):
+    """Gate and up back to back in a slot are one [2I, H] call; each half equals its own matrix's call exactly
+    (every output row is the same sum, on the kernels' decode path and on torch's GEMM above it)."""
+    layout = packed_layout(H, I, dtype)
+    buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for part in layout.parts:
+        part.view(buf).copy_(torch.randn(part.shape))
+    expert = layout.bind(buf)
+    assert expert.gate_up_proj is not None
+    for tokens in (1, 3, 40):
+        x = torch.randn(tokens, H).to(dtype)
+        gate, up = expert.gate_and_up(x)
+        assert torch.equal(gate, expert.gate_proj(x)) and torch.equal(up, expert.up_proj(x)), tokens
+    # gate and up apart (a checkpoint's own layout): two calls
+    apart = ExpertLayout(DenseMatrix(Part(0, dtype, (I, H))), DenseMatrix(Part(4096, dtype, (I, H))),
+                         DenseMatrix(Part(8192, dtype, (H, I))))
+    assert apart.bind(torch.zeros(apart.nbytes, dtype=torch.uint8)).gate_up_proj is None
