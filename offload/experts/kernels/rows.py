@@ -227,40 +227,43 @@ def _block_scale(wr, at):
     return widen_half(np.uint16(wr[at]) | (np.uint16(wr[at + 1]) << np.uint16(8)))
 
 
+@njit(inline="always")
+def _q8_0_block(wr, b, xt, scale):
+    """Block b of a Q8_0 row against its activation codes xt [K] (scale: theirs): d x scale x dot."""
+    at = b * Q8_0_BYTES
+    d = 0
+    for j in range(32):
+        d += np.int32(np.int8(wr[at + 2 + j])) * np.int32(xt[b * 32 + j])
+    return _block_scale(wr, at) * scale * np.float32(np.int32(d))
+
+
+@njit(inline="always")
+def _q4_0_block(wr, b, xlt, xht, scale, zero):
+    """Block b of a Q4_0 row against its codes split in halves (xlt / xht [K/2]): d x (scale x dot - 8 x zero)."""
+    at = b * Q4_0_BYTES
+    d = 0
+    for j in range(16):
+        q = wr[at + 2 + j]
+        d += (np.int32(q & np.uint8(15)) * np.int32(xlt[b * 16 + j])
+              + np.int32(q >> np.uint8(4)) * np.int32(xht[b * 16 + j]))
+    return _block_scale(wr, at) * (scale * np.float32(np.int32(d)) - 8 * zero)
+
+
 @njit(cache=True, nogil=True, fastmath=True)
-def q8_0_portable(w, x, xs, y, lo, hi):
-    """Q8_0 rows [N, K/32 x 34 bytes] times int8 activation codes x [T, K] with a scale per 32 (xs [T, K/32])."""
+def ggml_portable(w, x, xo, xs, xz, y, lo, hi, q4):
+    """Q8_0 rows [N, K/32 x 34 bytes] times int8 codes x [T, K] with a scale per 32 (xs [T, K/32]); or, when
+    ``q4``, Q4_0 rows [N, K/32 x 18 bytes] times codes split in each block's halves (x / xo [T, K/2], HALVES):
+    y = sum over blocks of d * (xs * dot(q, x) - 8 * xz)."""
     tokens, blocks = x.shape[0], xs.shape[1]
     for r in range(lo, hi):
         wr = w[r]
         for t in range(tokens):
             acc = np.float32(0.0)
             for b in range(blocks):
-                at, base = b * Q8_0_BYTES + 2, b * 32
-                d = 0
-                for j in range(32):
-                    d += np.int32(np.int8(wr[at + j])) * np.int32(x[t, base + j])
-                acc += _block_scale(wr, at - 2) * xs[t, b] * np.float32(np.int32(d))
-            store(y, t, r, acc)
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def q4_0_portable(w, xl, xh, xs, xz, y, lo, hi):
-    """Q4_0 rows [N, K/32 x 18 bytes] times int8 codes split in each block's halves (xl / xh [T, K/2], HALVES):
-    y = sum over blocks of d * (xs * dot(q, x) - 8 * xz)."""
-    tokens, blocks = xl.shape[0], xs.shape[1]
-    for r in range(lo, hi):
-        wr = w[r]
-        for t in range(tokens):
-            acc = np.float32(0.0)
-            for b in range(blocks):
-                at, base = b * Q4_0_BYTES + 2, b * 16
-                d = 0
-                for j in range(16):
-                    q = wr[at + j]
-                    d += (np.int32(q & np.uint8(15)) * np.int32(xl[t, base + j])
-                          + np.int32(q >> np.uint8(4)) * np.int32(xh[t, base + j]))
-                acc += _block_scale(wr, at - 2) * (xs[t, b] * np.float32(np.int32(d)) - 8 * xz[t, b])
+                if q4:
+                    acc += _q4_0_block(wr, b, x[t], xo[t], xs[t, b], xz[t, b])
+                else:
+                    acc += _q8_0_block(wr, b, x[t], xs[t, b])
             store(y, t, r, acc)
 
 
@@ -293,8 +296,7 @@ def _q8_0_vector(w, x, xs, y, lo, hi):
                 acc = fma(vectors.to_float(d), fmul(_scales8(wr, at, s), load8(xst, b)), acc)
             tail = np.float32(0.0)
             for b in range(whole, blocks):
-                d = itotal(vectors.dot_int8(wr, b * s + 2, xt, b * 32))
-                tail += _block_scale(wr, b * s) * xst[b] * np.float32(d)
+                tail += _q8_0_block(wr, b, xt, xst[b])
             store(y, t, r, total(acc) + tail)
 
 
@@ -318,35 +320,29 @@ def _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi):
                 corr = fma(scales, load8(xzt, b), corr)
             tail = np.float32(0.0)
             for b in range(whole, blocks):
-                at, base = b * s + 2, b * 16
-                d = 0
-                for j in range(16):
-                    q = wr[at + j]
-                    d += (np.int32(q & np.uint8(15)) * np.int32(xlt[base + j])
-                          + np.int32(q >> np.uint8(4)) * np.int32(xht[base + j]))
-                tail += _block_scale(wr, at - 2) * (xst[b] * np.float32(np.int32(d)) - 8 * xzt[b])
+                tail += _q4_0_block(wr, b, xlt, xht, xst[b], xzt[b])
             store(y, t, r, total(acc) - 8 * total(corr) + tail)
 
 
 def q8_0_rows(w, x, xs, y, lo, hi):
-    """Q8_0 rows: the AVX2 kernel where the target has AVX2, else q8_0_portable."""
+    """Q8_0 rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
 
 
 @overload(q8_0_rows)
 def _q8_0_rows(w, x, xs, y, lo, hi):
     if not vectors.AVX2:
-        return lambda w, x, xs, y, lo, hi: q8_0_portable(w, x, xs, y, lo, hi)
+        return lambda w, x, xs, y, lo, hi: ggml_portable(w, x, x, xs, xs, y, lo, hi, False)
     return lambda w, x, xs, y, lo, hi: _q8_0_vector(w, x, xs, y, lo, hi)
 
 
 def q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
-    """Q4_0 rows: the AVX2 kernel where the target has AVX2, else q4_0_portable."""
+    """Q4_0 rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
 
 
 @overload(q4_0_rows)
 def _q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
     if not vectors.AVX2:
-        return lambda w, xl, xh, xs, xz, y, lo, hi: q4_0_portable(w, xl, xh, xs, xz, y, lo, hi)
+        return lambda w, xl, xh, xs, xz, y, lo, hi: ggml_portable(w, xl, xh, xs, xz, y, lo, hi, True)
     return lambda w, xl, xh, xs, xz, y, lo, hi: _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi)
 
 

@@ -169,10 +169,9 @@ def _ggml_rows(kind, w, x, xo, xs, xz, fast, portable):
     n = w.shape[0]
     if kind == 8:
         rows.q8_0_rows(w, x, xs, fast, 0, n)
-        rows.q8_0_portable(w, x, xs, portable, 0, n)
     else:
         rows.q4_0_rows(w, x, xo, xs, xz, fast, 0, n)
-        rows.q4_0_portable(w, x, xo, xs, xz, portable, 0, n)
+    rows.ggml_portable(w, x, xo, xs, xz, portable, 0, n, kind == 4)
 
 
 @pytest.mark.skipif(not vectors.AVX2, reason="the host has no AVX2: the ggml kernels are the portable ones there")
