@@ -92,6 +92,8 @@ def test_native_types_compute_from_the_files_blocks(kind, sources, tmp_path):
     native = offload.from_pretrained(path, device="cpu", dtype="float32")
     inter, hidden, row = native.spec.expert_intermediate_size, native.spec.hidden_size, ggml_type(kind)
     assert 3 * inter * row.row_nbytes(hidden) <= native.cache.slot_nbytes < 3 * inter * hidden * 2  # not float32
+    for exact_mode in (exact, offload.from_pretrained(path, device="cpu", dtype="float32", quant_activations="int16")):
+        assert exact_mode.cache.slot_nbytes >= 3 * inter * hidden * 4  # no block kernel: dequantized float32 slots
     want, got = exact(ids, attention_mask=mask), native(ids, attention_mask=mask)
     real = mask.bool()
     scale = float(want[real].abs().max())
