@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from offload.errors import UnsupportedModelError
 from offload.experts.formats.base import FLOATS, ExpertFormat
 from offload.experts.formats.ggml import ggml_type
-from offload.experts.kernels.linear import GGML_KINDS, BlockLinear
+from offload.experts.kernels.linear import BlockLinear
 from offload.experts.layouts import (
     DenseMatrix,
     ExpertLayout,
@@ -88,7 +88,7 @@ class GgufMatrix:
         return None
 
     def _native(self, buf: torch.Tensor) -> bool:
-        return self.kind in GGML_KINDS and self.activations == "int8" and buf.device.type == "cpu"
+        return ggml_type(self.kind).native and self.activations == "int8" and buf.device.type == "cpu"
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
         """The same blocks, moved (the RAM tier packs what the disk read)."""
