@@ -2,10 +2,11 @@
 
 Expert-sized matrices, [3584, 1024] and [1024, 3584] taking turns, in enough copies (--ram-mib) that every call
 reads its weights from RAM, not from the last-level cache. Formats: bf16, f16, f32 (offload's float GEMV against
-F.linear), int8 per channel and int4 g128 / g32 (offload's integer kernels with int8 activations against torch's
-``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` on bf16 activations, weights packed by torch's own
-converter). Beside them, in the same worker, the memory bandwidth the same threads reach: a read-only stream (sum
-of a 256 MiB float32 array) and the triad a = b + 3c, both in numba on offload's pool.
+F.linear), int8 per channel, int4 g128 / g32 and GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K blocks (offload's integer kernels
+with int8 activations against torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` on bf16
+activations, weights packed by torch's own converter). Beside them, in the same worker, the memory bandwidth the
+same threads reach: a read-only stream (sum of a 256 MiB float32 array) and the triad a = b + 3c, both in numba on
+offload's pool.
 
 Each thread count runs in its own processes (this script re-invoked with --worker), alternating; inside a process
 the methods take turns round by round, so a busy neighbour slows them alike; a round's time is the median over
@@ -38,9 +39,9 @@ from offload.experts.kernels.linear import BlockLinear, float_linear, int_linear
 from offload.experts.kernels.pool import pool, use_threads
 
 SHAPES = ((3584, 1024), (1024, 3584))
-FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32", "q8_0", "q4_0")
+FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32", "q8_0", "q4_0", "q4_k", "q6_k")
 # ggml's blocks (GGUF files) against torch's int8 kernel / int4 g32 kernel on the same weights
-_TORCH_TWIN = {"q8_0": "int8", "q4_0": "int4-g32"}
+_TORCH_TWIN = {"q8_0": "int8", "q4_0": "int4-g32", "q4_k": "int4-g32", "q6_k": "int8"}
 STREAM_MIB = 256
 
 
@@ -59,6 +60,23 @@ def _torch_int(fmt: str, w: torch.Tensor):
             packed.nbytes + sz.nbytes)
 
 
+def _ggml_blocks(w: torch.Tensor, kind: str) -> np.ndarray:
+    """``w`` in ggml's ``kind`` blocks. gguf's package quantizes Q8_0 / Q4_0 but not the K types, whose speed does
+    not depend on their values: those get random codes, scales and mins, with finite f16 super-block scales."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    if not kind.endswith("_K"):
+        return gguf.quants.quantize(w.numpy(), qtype)
+    block, size = gguf.constants.GGML_QUANT_SIZES[qtype]
+    n, k = w.shape
+    raw = np.random.default_rng(n).integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    d = np.full((n, k // block, 2), 0.01, np.float16).view(np.uint8)  # [n, blocks, 4]: d's and dmin's bytes
+    if kind == "Q4_K":
+        raw[..., :4] = d
+    else:
+        raw[..., size - 2:] = d[..., :2]  # Q6_K's d is its last field
+    return raw.reshape(n, -1)
+
+
 def _pair(fmt: str, w: torch.Tensor):
     """(offload's call, torch's call, bytes each reads) for one float32 weight in ``fmt``."""
     if fmt in ("bf16", "f16", "f32"):
@@ -67,7 +85,7 @@ def _pair(fmt: str, w: torch.Tensor):
         return (lambda x: float_linear(x, wd)), (lambda x: F.linear(x.to(dtype), wd)), wd.nbytes, wd.nbytes
     if fmt in _TORCH_TWIN:
         kind = fmt.upper()
-        raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[kind])
+        raw = _ggml_blocks(w, kind)
         lin = BlockLinear(torch.from_numpy(np.ascontiguousarray(raw)).view(torch.uint8), kind, w.shape[1])
         theirs, theirs_bytes = _torch_int(_TORCH_TWIN[fmt], w)
         return lin, (lambda x: theirs(x.bfloat16())), raw.nbytes, theirs_bytes

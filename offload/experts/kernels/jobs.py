@@ -21,7 +21,7 @@ from offload.experts.kernels import cache, rows
 from offload.experts.kernels.intrinsics import ptr_float32, ptr_int8, ptr_uint8, ptr_uint16
 
 # kinds: float weights (also the activations' and outputs' kinds), integer weights x activation codes, ggml blocks
-BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16, Q8_0_A8, Q4_0_A8 = range(9)
+BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16, Q8_0_A8, Q4_0_A8, Q4_K_A8, Q6_K_A8 = range(11)
 # descriptor fields: the weight half (made once per weight), then the call half
 KIND, N, K, GROUPS, BLOCKS, W, S, M, TOKENS, X, XKIND, Y, YKIND = range(13)
 FIELDS = 16
@@ -64,7 +64,7 @@ def _dispatch(d, kind, n, k, tokens, x, y, lo, hi):
         else:
             rows.float_rows(carray(ptr_uint16(d[W]), (n, k)), x, y, lo, hi, kind == F16)
         return
-    if kind == Q8_0_A8 or kind == Q4_0_A8:
+    if kind >= Q8_0_A8:
         _ggml(d, kind, n, k, tokens, x, y, lo, hi)
         return
     groups, blocks = d[GROUPS], d[BLOCKS]
@@ -95,19 +95,25 @@ def _dispatch(d, kind, n, k, tokens, x, y, lo, hi):
 
 @njit(nogil=True, inline="always")
 def _ggml(d, kind, n, k, tokens, x, y, lo, hi):
-    """ggml's Q8_0 / Q4_0 rows as the GGUF file lays them out, against activations quantized per block of 32."""
+    """ggml's Q8_0 / Q4_0 / Q4_K / Q6_K rows as the GGUF file lays them out, against activations quantized per
+    block of 32 (llama.cpp quantizes per 256 for the K types; per 32 is the finer of the two)."""
     blocks = k // 32
     xs, xz = np.empty((tokens, blocks), np.float32), np.empty((tokens, blocks), np.float32)
-    if kind == Q8_0_A8:
-        w = carray(ptr_uint8(d[W]), (n, blocks * rows.Q8_0_BYTES))
-        x8 = np.empty((tokens, k), np.int8)
-        rows.quantize_rows(x, 32, x8, x8, xs, xz, 127, rows.WHOLE)
-        rows.q8_0_rows(w, x8, xs, y, lo, hi)
-    else:
-        w = carray(ptr_uint8(d[W]), (n, blocks * rows.Q4_0_BYTES))
+    size = rows.BLOCK_BYTES[kind - Q8_0_A8] * k // rows.BLOCK_WEIGHTS[kind - Q8_0_A8]
+    w = carray(ptr_uint8(d[W]), (n, size))
+    if kind == Q4_0_A8:
         xl, xh = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
         rows.quantize_rows(x, 32, xl, xh, xs, xz, 127, rows.HALVES)
         rows.q4_0_rows(w, xl, xh, xs, xz, y, lo, hi)
+        return
+    x8 = np.empty((tokens, k), np.int8)
+    rows.quantize_rows(x, 32, x8, x8, xs, xz, 127, rows.WHOLE)
+    if kind == Q8_0_A8:
+        rows.q8_0_rows(w, x8, xs, y, lo, hi)
+    elif kind == Q4_K_A8:
+        rows.q4_k_rows(w, x8, xs, xz, y, lo, hi)
+    else:
+        rows.q6_k_rows(w, x8, xs, y, lo, hi)
 
 
 cache.tie(globals())

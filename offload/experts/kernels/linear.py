@@ -118,27 +118,30 @@ def int_linear(q: QuantizedWeight, activations: str = "int8") -> IntLinear:
     return IntLinear(codes.contiguous(), q.scales.contiguous(), (q.scales * zeros).contiguous(), activations)
 
 
-GGML_KINDS = {"Q8_0": jobs.Q8_0_A8, "Q4_0": jobs.Q4_0_A8}  # ggml block types with a kernel (int8 activations)
+# ggml block types with a kernel (int8 activations): their job kind and rows.py's block kind
+GGML_KINDS = {"Q8_0": (jobs.Q8_0_A8, rows.Q8_0), "Q4_0": (jobs.Q4_0_A8, rows.Q4_0),
+              "Q4_K": (jobs.Q4_K_A8, rows.Q4_K), "Q6_K": (jobs.Q6_K_A8, rows.Q6_K)}
 
 
 @dataclass(frozen=True)
 class BlockLinear:
-    """ggml blocks as a GGUF file stores them (``blocks`` uint8 [N, K/32 x block bytes], a view of a slot), computed
-    with activations quantized per block of 32 to int8, as llama.cpp does; above INT_MAX_TOKENS dequantized once per
-    call for torch's GEMM."""
+    """ggml blocks as a GGUF file stores them (``blocks`` uint8 [N, bytes per row], a view of a slot), computed with
+    activations quantized per block of 32 to int8, as llama.cpp does; above INT_MAX_TOKENS dequantized once per call
+    for torch's GEMM."""
 
     blocks: torch.Tensor
-    kind: str           # "Q8_0" or "Q4_0"
+    kind: str           # a GGML_KINDS key: "Q8_0", "Q4_0", "Q4_K", "Q6_K"
     in_features: int
 
     def __post_init__(self) -> None:
-        base = jobs.weight_base(GGML_KINDS[self.kind], self.blocks.shape[0], self.in_features, self.blocks.data_ptr())
+        base = jobs.weight_base(GGML_KINDS[self.kind][0], self.blocks.shape[0], self.in_features,
+                                self.blocks.data_ptr())
         object.__setattr__(self, "_base", base)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in ``dtype``, exactly as ggml decodes it."""
         out = torch.empty((self.blocks.shape[0], self.in_features), dtype=torch.float32)
-        rows.dequantize_blocks(self.blocks.numpy(), self.kind == "Q4_0", out.numpy())
+        rows.dequantize_blocks(self.blocks.numpy(), GGML_KINDS[self.kind][1], out.numpy())
         return out.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -216,9 +216,18 @@ def _int8_activation_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
     return rows_avx2
 
 
-# -- ggml's blocks (GGUF files), computed as they lie: Q8_0 [f16 d, 32 x int8], Q4_0 [f16 d, 16 bytes of nibbles:
-#    element j in the low nibble of byte j, element j + 16 in its high one, value (q - 8) x d] ------------------------
-Q8_0_BYTES, Q4_0_BYTES = 34, 18
+# -- ggml's blocks (GGUF files), computed as they lie (ggml-common.h's block_q8_0, block_q4_0, block_q4_K, block_q6_K):
+#    Q8_0 [f16 d, 32 x int8], value q x d.
+#    Q4_0 [f16 d, 16 bytes of nibbles: element j in the low nibble of byte j, j + 16 in its high one], (q - 8) x d.
+#    Q4_K, 256 weights [f16 d, f16 dmin, 12 bytes of eight 6-bit scales and mins, 128 bytes of nibbles: each run of
+#      32 bytes holds 64 weights, the first 32 in the low nibbles], sub-block j of 32: d x sc_j x q - dmin x m_j.
+#    Q6_K, 256 weights [128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 x int8 scales, f16 d], sub-block j of
+#      16: d x sc_j x (q - 32); the bits of weights 0..127 (and again 128..255): low nibbles of ql[0:64] for 0..63,
+#      high nibbles for 64..127, the 2-bit pairs of qh[0:32] at shifts 0, 2, 4, 6 for 0..31, 32..63, 64..95, 96..127.
+Q8_0, Q4_0, Q4_K, Q6_K = range(4)  # the block kinds the kernels take
+Q8_0_BYTES, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES = 34, 18, 144, 210
+BLOCK_BYTES = (Q8_0_BYTES, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES)
+BLOCK_WEIGHTS = (32, 32, 256, 256)
 
 
 @njit(inline="always")
@@ -249,21 +258,83 @@ def _q4_0_block(wr, b, xlt, xht, scale, zero):
     return _block_scale(wr, at) * (scale * np.float32(np.int32(d)) - 8 * zero)
 
 
+@njit(inline="always")
+def _k4_scale_min(wr, at, j):
+    """Sub-block j's 6-bit scale and min in the Q4_K block at ``at`` (ggml's get_scale_min_k4)."""
+    q = at + 4
+    if j < 4:
+        return np.int32(wr[q + j]) & 63, np.int32(wr[q + j + 4]) & 63
+    both, first, second = np.int32(wr[q + j + 4]), np.int32(wr[q + j - 4]), np.int32(wr[q + j])
+    return (both & 15) | ((first >> 6) << 4), (both >> 4) | ((second >> 6) << 4)
+
+
+@njit(inline="always")
+def _q4_k_code(wr, at, i):
+    """Weight i (0..255) of the Q4_K block at ``at``: its 4-bit code."""
+    byte = np.int32(wr[at + 16 + i // 64 * 32 + i % 32])
+    return byte >> 4 if i % 64 >= 32 else byte & 15
+
+
+@njit(inline="always")
+def _q6_k_code(wr, at, i):
+    """Weight i (0..255) of the Q6_K block at ``at``: its code minus 32 (-32..31)."""
+    half, group, lane = i // 128, i % 128 // 32, i % 32
+    low = np.int32(wr[at + 64 * half + lane + 32 * (group % 2)])
+    low = low >> 4 if group >= 2 else low & 15
+    two = (np.int32(wr[at + 128 + 32 * half + lane]) >> np.int32(2 * group)) & 3
+    return (low | (two << 4)) - 32
+
+
+@njit(inline="always")
+def _q4_k_block(wr, sb, xt, xst, xzt):
+    """Super-block sb of a Q4_K row against int8 codes xt [K] with a scale per 32 (xst, xzt as for int4)."""
+    at = sb * Q4_K_BYTES
+    d, dmin = _block_scale(wr, at), _block_scale(wr, at + 2)
+    acc = np.float32(0.0)
+    for j in range(8):
+        sc, mn = _k4_scale_min(wr, at, j)
+        dot = 0
+        for i in range(32):
+            dot += _q4_k_code(wr, at, 32 * j + i) * np.int32(xt[256 * sb + 32 * j + i])
+        b = 8 * sb + j
+        acc += d * np.float32(sc) * xst[b] * np.float32(np.int32(dot)) - dmin * np.float32(mn) * xzt[b]
+    return acc
+
+
+@njit(inline="always")
+def _q6_k_block(wr, sb, xt, xst):
+    """Super-block sb of a Q6_K row against int8 codes xt [K] with a scale per 32 (xst)."""
+    at = sb * Q6_K_BYTES
+    d = _block_scale(wr, at + 208)
+    acc = np.float32(0.0)
+    for j in range(16):
+        dot = 0
+        for i in range(16):
+            dot += _q6_k_code(wr, at, 16 * j + i) * np.int32(xt[256 * sb + 16 * j + i])
+        acc += d * np.float32(np.int8(wr[at + 192 + j])) * xst[8 * sb + j // 2] * np.float32(np.int32(dot))
+    return acc
+
+
 @njit(cache=True, nogil=True, fastmath=True)
-def ggml_portable(w, x, xo, xs, xz, y, lo, hi, q4):
-    """Q8_0 rows [N, K/32 x 34 bytes] times int8 codes x [T, K] with a scale per 32 (xs [T, K/32]); or, when
-    ``q4``, Q4_0 rows [N, K/32 x 18 bytes] times codes split in each block's halves (x / xo [T, K/2], HALVES):
-    y = sum over blocks of d * (xs * dot(q, x) - 8 * xz)."""
-    tokens, blocks = x.shape[0], xs.shape[1]
+def ggml_portable(w, x, xo, xs, xz, y, lo, hi, kind):
+    """Rows of ggml blocks (``kind``: Q8_0, Q4_0, Q4_K, Q6_K) times int8 activation codes with a scale per 32 inputs
+    (xs [T, K/32], xz = xs x the block's code sum): x [T, K] in order (WHOLE), except Q4_0's split into each block's
+    halves (x / xo [T, K/2], HALVES). y = sum over blocks of the weight scale x xs x dot, less the mins' term."""
+    tokens = x.shape[0]
+    blocks = xs.shape[1] * 32 // BLOCK_WEIGHTS[kind]
     for r in range(lo, hi):
         wr = w[r]
         for t in range(tokens):
             acc = np.float32(0.0)
             for b in range(blocks):
-                if q4:
+                if kind == Q4_0:
                     acc += _q4_0_block(wr, b, x[t], xo[t], xs[t, b], xz[t, b])
-                else:
+                elif kind == Q8_0:
                     acc += _q8_0_block(wr, b, x[t], xs[t, b])
+                elif kind == Q4_K:
+                    acc += _q4_k_block(wr, b, x[t], xs[t], xz[t])
+                else:
+                    acc += _q6_k_block(wr, b, x[t], xs[t])
             store(y, t, r, acc)
 
 
@@ -331,7 +402,7 @@ def q8_0_rows(w, x, xs, y, lo, hi):
 @overload(q8_0_rows)
 def _q8_0_rows(w, x, xs, y, lo, hi):
     if not vectors.AVX2:
-        return lambda w, x, xs, y, lo, hi: ggml_portable(w, x, x, xs, xs, y, lo, hi, False)
+        return lambda w, x, xs, y, lo, hi: ggml_portable(w, x, x, xs, xs, y, lo, hi, Q8_0)
     return lambda w, x, xs, y, lo, hi: _q8_0_vector(w, x, xs, y, lo, hi)
 
 
@@ -342,27 +413,132 @@ def q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
 @overload(q4_0_rows)
 def _q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
     if not vectors.AVX2:
-        return lambda w, xl, xh, xs, xz, y, lo, hi: ggml_portable(w, xl, xh, xs, xz, y, lo, hi, True)
+        return lambda w, xl, xh, xs, xz, y, lo, hi: ggml_portable(w, xl, xh, xs, xz, y, lo, hi, Q4_0)
     return lambda w, xl, xh, xs, xz, y, lo, hi: _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi)
 
 
-@njit(cache=True, nogil=True)
-def dequantize_blocks(w, q4, out):
-    """Q8_0 (or Q4_0 when ``q4``) rows [N, bytes] -> float32 out [N, K]: prefill's GEMM weight, exactly ggml's."""
-    n, k = out.shape
-    size = Q4_0_BYTES if q4 else Q8_0_BYTES
-    for r in range(n):
+@njit(inline="always")
+def _k4_factors(wr, at):
+    """The Q4_K block at ``at``: d x scale and dmin x min of its eight sub-blocks, as two f32x8."""
+    s0, m0 = _k4_scale_min(wr, at, 0)
+    s1, m1 = _k4_scale_min(wr, at, 1)
+    s2, m2 = _k4_scale_min(wr, at, 2)
+    s3, m3 = _k4_scale_min(wr, at, 3)
+    s4, m4 = _k4_scale_min(wr, at, 4)
+    s5, m5 = _k4_scale_min(wr, at, 5)
+    s6, m6 = _k4_scale_min(wr, at, 6)
+    s7, m7 = _k4_scale_min(wr, at, 7)
+    f = np.float32
+    scales = vectors.vec8(f(s0), f(s1), f(s2), f(s3), f(s4), f(s5), f(s6), f(s7))
+    mins = vectors.vec8(f(m0), f(m1), f(m2), f(m3), f(m4), f(m5), f(m6), f(m7))
+    return fmul(splat(_block_scale(wr, at)), scales), fmul(splat(_block_scale(wr, at + 2)), mins)
+
+
+@njit(inline="always")
+def _q4_k_vector(w, x, xs, xz, y, lo, hi):
+    """Q4_K rows on AVX2: a super-block's eight sub-block dots reduced at once (sums8), scaled by its factors."""
+    tokens, supers = x.shape[0], xs.shape[1] // 8
+    low, high = vectors.dot_low_nibbles, vectors.dot_high_nibbles
+    for r in range(lo, hi):
         wr = w[r]
-        for b in range(k // 32):
-            at = b * size
-            d = _block_scale(wr, at)
-            for j in range(16 if q4 else 32):
-                q = wr[at + 2 + j]
-                if q4:
-                    out[r, b * 32 + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
-                    out[r, b * 32 + 16 + j] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
-                else:
-                    out[r, b * 32 + j] = d * np.float32(np.int8(q))
+        for t in range(tokens):
+            xt, xst, xzt = x[t], xs[t], xz[t]
+            acc, corr = fzero(), fzero()
+            for sb in range(supers):
+                at, c = sb * Q4_K_BYTES, sb * 256
+                q = at + 16
+                d = sums8(low(wr, q, xt, c), high(wr, q, xt, c + 32), low(wr, q + 32, xt, c + 64),
+                          high(wr, q + 32, xt, c + 96), low(wr, q + 64, xt, c + 128),
+                          high(wr, q + 64, xt, c + 160), low(wr, q + 96, xt, c + 192),
+                          high(wr, q + 96, xt, c + 224))
+                scales, mins = _k4_factors(wr, at)
+                acc = fma(vectors.to_float(d), fmul(scales, load8(xst, 8 * sb)), acc)
+                corr = fma(mins, load8(xzt, 8 * sb), corr)
+            store(y, t, r, total(acc) - total(corr))
+
+
+@njit(inline="always")
+def _q6_k_half(wr, at, h, xt, xst, c, acc):
+    """Weights 128h..128h+127 of the Q6_K block at ``at`` (its 8 sub-blocks of 16), added into acc."""
+    ql, qh = at + 64 * h, at + 128 + 32 * h
+    d = sums4(vectors.dot_q6_k(wr, ql, qh, 0, xt, c), vectors.dot_q6_k(wr, ql + 32, qh, 2, xt, c + 32),
+              vectors.dot_q6_k(wr, ql, qh, 4, xt, c + 64), vectors.dot_q6_k(wr, ql + 32, qh, 6, xt, c + 96))
+    scales = fmul(splat(_block_scale(wr, at + 208)), vectors.load8_int8(wr, at + 192 + 8 * h))
+    return fma(vectors.to_float(d), fmul(scales, vectors.load4_pairs(xst, c // 32)), acc)
+
+
+@njit(inline="always")
+def _q6_k_vector(w, x, xs, y, lo, hi):
+    """Q6_K rows on AVX2: per 128 weights, four 32-code dots give eight sub-block sums (sums4)."""
+    tokens, supers = x.shape[0], xs.shape[1] // 8
+    for r in range(lo, hi):
+        wr = w[r]
+        for t in range(tokens):
+            xt, xst = x[t], xs[t]
+            acc = fzero()
+            for sb in range(supers):
+                at, c = sb * Q6_K_BYTES, sb * 256
+                acc = _q6_k_half(wr, at, 0, xt, xst, c, acc)
+                acc = _q6_k_half(wr, at, 1, xt, xst, c + 128, acc)
+            store(y, t, r, total(acc))
+
+
+def q4_k_rows(w, x, xs, xz, y, lo, hi):
+    """Q4_K rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
+
+
+@overload(q4_k_rows)
+def _q4_k_rows(w, x, xs, xz, y, lo, hi):
+    if not vectors.AVX2:
+        return lambda w, x, xs, xz, y, lo, hi: ggml_portable(w, x, x, xs, xz, y, lo, hi, Q4_K)
+    return lambda w, x, xs, xz, y, lo, hi: _q4_k_vector(w, x, xs, xz, y, lo, hi)
+
+
+def q6_k_rows(w, x, xs, y, lo, hi):
+    """Q6_K rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
+
+
+@overload(q6_k_rows)
+def _q6_k_rows(w, x, xs, y, lo, hi):
+    if not vectors.AVX2:
+        return lambda w, x, xs, y, lo, hi: ggml_portable(w, x, x, xs, xs, y, lo, hi, Q6_K)
+    return lambda w, x, xs, y, lo, hi: _q6_k_vector(w, x, xs, y, lo, hi)
+
+
+@njit(inline="always")
+def _block_values(wr, b, kind, out_row):
+    """Block b of a row of ``kind`` decoded into out_row's weights, exactly as ggml decodes them."""
+    at = b * BLOCK_BYTES[kind]
+    start = b * BLOCK_WEIGHTS[kind]
+    if kind == Q8_0 or kind == Q4_0:
+        d = _block_scale(wr, at)
+        for j in range(16 if kind == Q4_0 else 32):
+            q = wr[at + 2 + j]
+            if kind == Q4_0:
+                out_row[start + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
+                out_row[start + 16 + j] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
+            else:
+                out_row[start + j] = d * np.float32(np.int8(q))
+    elif kind == Q4_K:
+        d, dmin = _block_scale(wr, at), _block_scale(wr, at + 2)
+        for j in range(8):
+            sc, mn = _k4_scale_min(wr, at, j)
+            scale, low = d * np.float32(sc), dmin * np.float32(mn)
+            for i in range(32 * j, 32 * j + 32):
+                out_row[start + i] = scale * np.float32(_q4_k_code(wr, at, i)) - low
+    else:
+        d = _block_scale(wr, at + 208)
+        for i in range(256):
+            out_row[start + i] = d * np.float32(np.int8(wr[at + 192 + i // 16])) * np.float32(_q6_k_code(wr, at, i))
+
+
+@njit(cache=True, nogil=True)
+def dequantize_blocks(w, kind, out):
+    """Rows of ``kind`` blocks [N, bytes] -> float32 out [N, K]: prefill's GEMM weight, exactly ggml's."""
+    n, k = out.shape
+    for r in range(n):
+        for b in range(k // BLOCK_WEIGHTS[kind]):
+            _block_values(w[r], b, kind, out[r])
 
 
 def widen(bits):

@@ -100,9 +100,7 @@ def dot_int4(typingctx, w, xe, xo, i):
 
 def _nibble_dot(ctx, builder, sig, args, wv, xe: int, at: int):
     """32 nibble bytes wv: low nibbles . args[xe][at:], high nibbles . args[xe + 1][at:], as 8 int32 sums."""
-    low = builder.and_(wv, ir.Constant(V32I8, [15] * 32))
-    high = builder.bitcast(builder.and_(builder.lshr(builder.bitcast(wv, V16I16), ir.Constant(V16I16, [4] * 16)),
-                                        ir.Constant(V16I16, [0x0F0F] * 16)), V32I8)
+    low, high = _nibbles(builder, wv, False), _nibbles(builder, wv, True)
     xl = _load(ctx, builder, sig.args[xe], args[xe], args[at], V32I8, 1)
     xh = _load(ctx, builder, sig.args[xe + 1], args[xe + 1], args[at], V32I8, 1)
     pairs = builder.add(_madd(builder, low, xl), _madd(builder, high, xh))  # |15 * 127 * 4| fits int16
@@ -120,6 +118,77 @@ def dot_q4_0(typingctx, w, first, second, xl, xh, i):
         return _nibble_dot(ctx, builder, sig, args, wv, 3, 5)
 
     return i32x8(w, types.intp, types.intp, xl, xh, types.intp), codegen
+
+
+def _nibbles(builder: ir.IRBuilder, wv, high: bool):
+    """The low (or high) nibble of each of 32 bytes, as bytes 0..15 (shifted in 16-bit lanes, then masked)."""
+    if high:
+        wv = builder.bitcast(builder.lshr(builder.bitcast(wv, V16I16), ir.Constant(V16I16, [4] * 16)), V32I8)
+    return builder.and_(wv, ir.Constant(V32I8, [15] * 32))
+
+
+def _nibble_block_dot(high: bool):
+    def dot(typingctx, w, wi, x, xi):
+        def codegen(ctx, builder, sig, args):
+            wv = _nibbles(builder, _load(ctx, builder, sig.args[0], args[0], args[1], V32I8, 1), high)
+            xv = _load(ctx, builder, sig.args[2], args[2], args[3], V32I8, 1)
+            return _to_int32(builder, _madd(builder, wv, xv))
+
+        return i32x8(w, types.intp, x, types.intp), codegen
+
+    dot.__doc__ = f"""The {'high' if high else 'low'} nibbles of bytes w[wi:wi+32] (codes 0..15) . x[xi:xi+32] (int8)
+    as 8 int32 partial sums: one Q4_K sub-block of 32 (the low nibbles of a 32-byte run hold 32 inputs, the high
+    ones the next 32)."""
+    return intrinsic(dot)
+
+
+dot_low_nibbles, dot_high_nibbles = _nibble_block_dot(False), _nibble_block_dot(True)
+
+
+@intrinsic
+def dot_q6_k(typingctx, w, low, high, shift, x, xi):
+    """32 Q6_K codes (0..63, value q - 32): 4 bits from w[low:low+32] (the low nibble, or the high one when
+    ``shift`` >= 4) and 2 bits from w[high:high+32] at bit ``shift`` (0, 2, 4, 6; ggml pairs them so), against
+    x[xi:xi+32] as 8 int32 sums: lanes 0-3 the first 16 inputs, 4-7 the next 16 (two sub-blocks, as sums4 takes)."""
+
+    def codegen(ctx, builder, sig, args):
+        b = builder
+        lv = _load(ctx, b, sig.args[0], args[0], args[1], V32I8, 1)
+        hv = _load(ctx, b, sig.args[0], args[0], args[2], V32I8, 1)
+        count = b.trunc(args[3], I16)
+        shift = b.shuffle_vector(b.insert_element(ir.Constant(V16I16, None), count, ir.Constant(I32, 0)),
+                                 ir.Constant(V16I16, None), ir.Constant(ir.VectorType(I32, 16), [0] * 16))
+        four = b.icmp_unsigned(">=", count, ir.Constant(I16, 4))
+        low = b.select(four, _nibbles(b, lv, True), _nibbles(b, lv, False))
+        two = b.and_(b.bitcast(b.lshr(b.bitcast(hv, V16I16), shift), V32I8), ir.Constant(V32I8, [3] * 32))
+        q = b.sub(b.or_(low, b.shl(two, ir.Constant(V32I8, [4] * 32))), ir.Constant(V32I8, [32] * 32))
+        sign = _declare(b, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
+        xv = _load(ctx, b, sig.args[4], args[4], args[5], V32I8, 1)
+        return _to_int32(b, _madd(b, b.call(sign, [q, q]), b.call(sign, [xv, q])))
+
+    return i32x8(w, types.intp, types.intp, types.intp, x, types.intp), codegen
+
+
+@intrinsic
+def load4_pairs(typingctx, arr, i):
+    """arr[i], arr[i], arr[i+1], arr[i+1], ..., arr[i+3] of a float32 array as f32x8 (one scale per two lanes)."""
+
+    def codegen(ctx, builder, sig, args):
+        four = _load(ctx, builder, sig.args[0], args[0], args[1], ir.VectorType(F32, 4), 4)
+        return builder.shuffle_vector(four, four, ir.Constant(V8I32, [0, 0, 1, 1, 2, 2, 3, 3]))
+
+    return f32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def load8_int8(typingctx, arr, i):
+    """Bytes arr[i:i+8] of a uint8 array, read as int8, as f32x8 (Q6_K's sub-block scales)."""
+
+    def codegen(ctx, builder, sig, args):
+        bytes8 = _load(ctx, builder, sig.args[0], args[0], args[1], ir.VectorType(I8, 8), 1)
+        return builder.sitofp(bytes8, V8F32)
+
+    return f32x8(arr, types.intp), codegen
 
 
 @intrinsic

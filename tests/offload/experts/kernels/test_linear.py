@@ -26,6 +26,7 @@ from offload.experts import quant as Q
 from offload.experts.kernels import linear as L
 from offload.experts.kernels import rows, vectors
 from tests import reference as R
+from tests.gguf_checkpoints import random_blocks
 
 TOLERANCE = {"int8": 3e-2, "int16": 2e-4}
 SHAPES = [(96, 512), (512, 256)]  # both orientations of an expert (gate/up [I, H], down [H, I])
@@ -141,18 +142,29 @@ def test_avx2_rows_equal_the_portable_rows(bits, group, k, tokens):
 
 
 def _ggml(kind: str, n: int, k: int, seed: int) -> tuple[L.BlockLinear, torch.Tensor]:
-    """A BlockLinear over ggml blocks quantized by ggml-org's own package, and their float32 decoding (the oracle)."""
-    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
-    raw = np.ascontiguousarray(gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind]))
+    """A BlockLinear over ggml blocks (quantized by ggml-org's own package, or random K-quant fields), and their
+    float32 decoding by that package (the oracle)."""
+    rng = np.random.default_rng(seed)
+    if kind in ("Q4_K", "Q6_K"):  # gguf's package decodes the K types but does not quantize them
+        raw = random_blocks(kind, n, k, rng)
+    else:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        raw = np.ascontiguousarray(gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind]))
     ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(n, k)
     return L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, k), torch.from_numpy(ref)
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
-@pytest.mark.parametrize("n, k", [(37, 256), (64, 320), (40, 96)])  # 8 blocks; 8 + a tail of 2; a tail of 3 only
+GGML_SHAPES = {"Q8_0": [(37, 256), (64, 320), (40, 96)],  # 8 blocks; 8 + a tail of 2; a tail of 3 only
+               "Q4_K": [(37, 256), (64, 512), (40, 768)]}  # super-blocks of 256: one, two, three
+GGML_CASES = [(kind, n, k) for kind in ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
+              for n, k in GGML_SHAPES["Q4_K" if kind.endswith("_K") else "Q8_0"]]
+
+
+@pytest.mark.parametrize("kind, n, k", GGML_CASES)
 def test_ggml_blocks_match_ggml_orgs_decoding(kind, n, k):
-    """GGUF's Q8_0 / Q4_0 rows as the file stores them, against gguf.quants.dequantize then a float64 matmul: int8
-    activations per block of 32 (3e-2, as for int4/int8 above), exact decoding above INT_MAX_TOKENS (1e-5)."""
+    """GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K rows as the file stores them, against gguf.quants.dequantize then a float64
+    matmul: int8 activations per block of 32 (3e-2, as for int4/int8 above), exact decoding above INT_MAX_TOKENS
+    (1e-5)."""
     lin, ref_w = _ggml(kind, n, k, seed=k)
     assert torch.equal(lin.dequantized(torch.float32), ref_w)
     for tokens in TOKENS:
@@ -167,27 +179,30 @@ def test_ggml_blocks_match_ggml_orgs_decoding(kind, n, k):
 @numba.njit
 def _ggml_rows(kind, w, x, xo, xs, xz, fast, portable):
     n = w.shape[0]
-    if kind == 8:
+    if kind == rows.Q8_0:
         rows.q8_0_rows(w, x, xs, fast, 0, n)
-    else:
+    elif kind == rows.Q4_0:
         rows.q4_0_rows(w, x, xo, xs, xz, fast, 0, n)
-    rows.ggml_portable(w, x, xo, xs, xz, portable, 0, n, kind == 4)
+    elif kind == rows.Q4_K:
+        rows.q4_k_rows(w, x, xs, xz, fast, 0, n)
+    else:
+        rows.q6_k_rows(w, x, xs, fast, 0, n)
+    rows.ggml_portable(w, x, xo, xs, xz, portable, 0, n, kind)
 
 
 @pytest.mark.skipif(not vectors.AVX2, reason="the host has no AVX2: the ggml kernels are the portable ones there")
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
-@pytest.mark.parametrize("k", [256, 320, 96])
-def test_avx2_ggml_rows_equal_the_portable_rows(kind, k):
+@pytest.mark.parametrize("kind, n, k", GGML_CASES)
+def test_avx2_ggml_rows_equal_the_portable_rows(kind, n, k):
     """Same codes, both kernels: exact integer dots, float sums in another order (1e-5)."""
-    lin, _ = _ggml(kind, 37, k, seed=1)
+    lin, _ = _ggml(kind, n, k, seed=1)
     rng = np.random.default_rng(k)
     tokens, blocks = 3, k // 32
     half = kind == "Q4_0"
     x = rng.integers(-127, 128, (tokens, k // 2 if half else k), dtype=np.int8)
     xo = rng.integers(-127, 128, x.shape, dtype=np.int8)
     xs, xz = (rng.random((tokens, blocks), dtype=np.float32) for _ in range(2))
-    fast, portable = (np.full((tokens, 37), np.nan, np.float32) for _ in range(2))
-    _ggml_rows(4 if half else 8, lin.blocks.numpy(), x, xo, xs, xz, fast, portable)
+    fast, portable = (np.full((tokens, n), np.nan, np.float32) for _ in range(2))
+    _ggml_rows(L.GGML_KINDS[kind][1], lin.blocks.numpy(), x, xo, xs, xz, fast, portable)
     np.testing.assert_allclose(fast, portable, rtol=1e-5, atol=1e-5 * float(np.abs(portable).max()))
 
 
@@ -226,6 +241,12 @@ for bits, group in ((4, 128), (4, 32), (8, None)):
 for kind in ("Q8_0", "Q4_0"):
     raw = gguf.quants.quantize(torch.randn(96, 256).numpy(), gguf.GGMLQuantizationType[kind])
     out.append(L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, 256)(torch.randn(3, 256)).numpy())
+for kind, size in (("Q4_K", 144), ("Q6_K", 210)):  # random fields; f16 scales set finite
+    raw = np.random.default_rng(0).integers(0, 256, (96, 2, size), dtype=np.uint8)
+    scales = np.full((96, 2, 2), 0.01, np.float16).view(np.uint8)
+    raw[..., 0:4] = scales.reshape(96, 2, 4) if kind == "Q4_K" else raw[..., 0:4]
+    raw[..., 208:210] = scales[..., 0:2] if kind == "Q6_K" else raw[..., 208:210]
+    out.append(L.BlockLinear(torch.from_numpy(raw.reshape(96, -1)), kind, 512)(torch.randn(3, 512)).numpy())
 for dtype in (torch.bfloat16, torch.float16):  # float16: F16C's vcvtph2ps on the host, integer moves without it
     w = torch.randn(96, 256)
     w[0, :4] = torch.tensor([1e-6, -3e-5, 65504.0, -2.0**-24])  # subnormal and extreme halves
