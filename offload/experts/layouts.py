@@ -205,6 +205,10 @@ class ExpertLayout:
         """True when ``other``'s bytes can be used as they are (a raw copy keeps their own offsets)."""
         return [m.signature() for m in self.matrices] == [m.signature() for m in other.matrices]
 
+    def holds(self, other: ExpertLayout) -> bool:
+        """Whether a slot in this layout takes ``other``'s bytes as they are (a copy, or a read straight in)."""
+        return self.same_format(other)
+
     def convert_from(self, src_layout: ExpertLayout, src: torch.Tensor, dest: torch.Tensor) -> None:
         """Fill ``dest`` in this layout from bytes ``src`` in ``src_layout``, matrix by matrix."""
         for have, want in zip(src_layout.matrices, self.matrices, strict=True):
@@ -213,6 +217,29 @@ class ExpertLayout:
     def bind(self, buf: torch.Tensor) -> Expert:
         stacked = getattr(self.gate, "stacked", None)  # a format whose gate and up can run as one matrix
         return Expert(*(m.bind(buf) for m in self.matrices), stacked(self.up, buf) if stacked else None)
+
+
+@dataclass(frozen=True)
+class SlotUnion:
+    """A slot that holds any of several layouts as they are, sized for the largest: a GGUF file whose layers differ
+    in ggml type (Q4_K_M's down projections are Q6_K in some layers, Q4_K in others) computes each layer from its
+    own blocks. Bytes arrive in their layer's layout and are bound by it, so nothing is ever converted into this."""
+
+    layouts: tuple[ExpertLayout, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return max(layout.nbytes for layout in self.layouts)
+
+    def holds(self, other: ExpertLayout) -> bool:
+        return any(layout.same_format(other) for layout in self.layouts)
+
+    def convert_from(self, src_layout: ExpertLayout, src: torch.Tensor, dest: torch.Tensor) -> None:
+        raise TypeError(f"a slot for {len(self.layouts)} layer layouts holds them as they are and converts nothing "
+                        "into itself")
+
+
+SlotLayout = ExpertLayout | SlotUnion  # what a cache slot is laid out as
 
 
 def stacks(top: Part, below: Part) -> bool:

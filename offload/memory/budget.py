@@ -32,7 +32,7 @@ import torch
 from offload.amounts import parse_budget
 from offload.checkpoint.plan import CheckpointPlan, ConfigPlan
 from offload.errors import BudgetError
-from offload.experts.layouts import ExpertLayout
+from offload.experts.layouts import SlotLayout
 from offload.hw.machine import Memory, gpu_memories, host_memory
 from offload.memory import transfer
 from offload.memory.transfer import DirectReader, DiskExpertStore
@@ -90,7 +90,7 @@ class Placement:
     sequences: int = DEFAULT_SEQUENCES          # KV cache rows
 
 
-def slot_nbytes(plan: Plan, tier: str, slot_layout: ExpertLayout, device: torch.device) -> int:
+def slot_nbytes(plan: Plan, tier: str, slot_layout: SlotLayout, device: torch.device) -> int:
     """One slot's bytes, as the mover allocates it: a disk read that lands in the slot needs its aligned span
     (known from the headers; from config.json alone the layout's bytes are the estimate)."""
     if tier != "disk" or not isinstance(plan, CheckpointPlan):

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from offload.experts.layouts import Expert, ExpertLayout, Key
+from offload.experts.layouts import Expert, Key, SlotLayout
 from offload.memory.policies import EvictionPolicy
 from offload.memory.transfer import ExpertStore, make_mover
 from offload.stats import Stats
@@ -46,7 +46,7 @@ class ExpertCache:
         self,
         store: ExpertStore,
         num_slots: int,
-        slot_layout: ExpertLayout,
+        slot_layout: SlotLayout,
         device: torch.device,
         policy: EvictionPolicy,
         stats: Stats,

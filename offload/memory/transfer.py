@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from offload.checkpoint.tensors import TensorInfo
-from offload.experts.layouts import ExpertLayout, Key, Part
+from offload.experts.layouts import ExpertLayout, Key, Part, SlotLayout
 from offload.registry import lookup
 
 log = logging.getLogger(__name__)
@@ -188,12 +188,10 @@ class DiskExpertStore:
         )
         self.files = sorted({r.path for runs in self._runs.values() for r in runs})
         self._count = len(next(iter(experts.values())))
-        # The checkpoint's format (offsets vary per expert), if every expert has the same one: tells a mover whether a
-        # read can land in a slot as is. None when layers differ (a GGUF K-quant mix): then every read is converted.
-        formats = {key[0]: layout_of(key, [Part(0, t.stored_dtype, t.stored_shape) for t in tensors])
-                   for key, tensors in experts.items()}
-        first = next(iter(formats.values()))
-        self.native_format = first if all(f.same_format(first) for f in formats.values()) else None
+        # The checkpoint's formats (offsets vary per expert; a GGUF K-quant mix has one per distinct layer type):
+        # tell a mover whether a read can land in a slot as is.
+        self.native_formats = _distinct(layout_of(key, [Part(0, t.stored_dtype, t.stored_shape) for t in tensors])
+                                        for key, tensors in experts.items())
 
     @property
     def tier(self) -> str:
@@ -214,6 +212,15 @@ class DiskExpertStore:
                 parts[idx] = Part(cursor + skip + info.start - run.start, info.stored_dtype, info.stored_shape)
             cursor += span
         return scratch, self.layout_of(key, parts)  # type: ignore[arg-type]
+
+
+def _distinct(layouts: Iterable[ExpertLayout]) -> tuple[ExpertLayout, ...]:
+    """One layout of each format among ``layouts``."""
+    out: list[ExpertLayout] = []
+    for layout in layouts:
+        if not any(layout.same_format(have) for have in out):
+            out.append(layout)
+    return tuple(out)
 
 
 def ram_tier_nbytes(keys: Iterable[Key], layout_of: HostLayoutOf) -> int:
@@ -239,8 +246,7 @@ class RamExpertStore:
                  progress: Progress | None = None) -> None:
         order = sorted(keys)
         self._layouts = {key: layout_of(key) for key in order}
-        first = self._layouts[order[0]]
-        self.native_format = first if all(x.same_format(first) for x in self._layouts.values()) else None
+        self.native_formats = _distinct(self._layouts.values())
         self._start, offset = {}, 0
         for key in order:
             self._start[key], offset = offset, offset + _aligned64(self._layouts[key].nbytes)
@@ -272,8 +278,8 @@ class ExpertStore(Protocol):
     """A slow tier: produces an expert's bytes in a host buffer (reading into ``scratch`` if it must)."""
 
     raw_nbytes: int                      # scratch bytes fetch() needs (0: it hands over its own buffer)
-    native_format: ExpertLayout | None   # the format of the bytes it hands over (offsets may differ per expert);
-    #                                      None when experts differ in format (GGUF layers of different types)
+    native_formats: tuple[ExpertLayout, ...]  # the formats of the bytes it hands over (offsets may differ per
+    #                                           expert): one, or one per distinct GGUF layer type
 
     def fetch(self, key: Key, scratch: torch.Tensor | None) -> tuple[torch.Tensor, ExpertLayout]: ...
 
@@ -287,7 +293,7 @@ class Mover(ABC):
     ``released`` run on the compute thread around each use of a slot.
     """
 
-    def __init__(self, store: ExpertStore, num_slots: int, slot_layout: ExpertLayout, device: torch.device) -> None:
+    def __init__(self, store: ExpertStore, num_slots: int, slot_layout: SlotLayout, device: torch.device) -> None:
         self.store = store
         self.slot_layout = slot_layout  # what bytes are converted into when they are not in it already
         self.device = device
@@ -311,7 +317,7 @@ class Mover(ABC):
 
     def _place(self, src: torch.Tensor, layout: ExpertLayout, dest: torch.Tensor) -> tuple[ExpertLayout, int]:
         """Put fetched bytes into a slot: nothing if they are already there, one copy, or a conversion."""
-        if layout.same_format(self.slot_layout):
+        if self.slot_layout.holds(layout):
             if src.data_ptr() != dest.data_ptr():
                 self._copy(dest[: layout.nbytes], src[: layout.nbytes])
             return layout, layout.nbytes
@@ -391,17 +397,17 @@ class CudaMover(Mover):
 MOVERS: dict[str, type[Mover]] = {"cpu": CpuMover, "cuda": CudaMover}
 
 
-def reads_into_slot(store: ExpertStore, slot_layout: ExpertLayout, device: torch.device) -> bool:
+def reads_into_slot(store: ExpertStore, slot_layout: SlotLayout, device: torch.device) -> bool:
     """Whether a fetch can land in the slot as it is: a host slot and bytes already in the slot's format."""
-    native = store.native_format
-    return device.type == "cpu" and bool(store.raw_nbytes) and native is not None and slot_layout.same_format(native)
+    return (device.type == "cpu" and bool(store.raw_nbytes)
+            and all(slot_layout.holds(native) for native in store.native_formats))
 
 
-def slot_nbytes(store: ExpertStore, slot_layout: ExpertLayout, device: torch.device) -> int:
+def slot_nbytes(store: ExpertStore, slot_layout: SlotLayout, device: torch.device) -> int:
     """A slot holds the slot layout's bytes, or, where reads land in it directly, the aligned raw read."""
     return max(slot_layout.nbytes, store.raw_nbytes if reads_into_slot(store, slot_layout, device) else 0)
 
 
-def make_mover(store: ExpertStore, num_slots: int, slot_layout: ExpertLayout, device: torch.device) -> Mover:
+def make_mover(store: ExpertStore, num_slots: int, slot_layout: SlotLayout, device: torch.device) -> Mover:
     """The mover for ``device``'s type."""
     return lookup(MOVERS, device.type, "device type for expert slots")(store, num_slots, slot_layout, device)

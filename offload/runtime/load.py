@@ -23,7 +23,7 @@ from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
 from offload.checkpoint.vocab import load_tokenizer
 from offload.errors import BudgetError, ConfigError, DeviceError
 from offload.experts.kernels.pool import use_threads
-from offload.experts.layouts import ExpertLayout
+from offload.experts.layouts import SlotLayout
 from offload.hw.calibration import Calibration
 from offload.memory.budget import Placement, fit_budget, is_auto, memory_plan
 from offload.memory.cache import ExpertCache
@@ -294,7 +294,7 @@ def _make_store(plan: CheckpointPlan, runtime: RuntimeConfig, host: HostLayoutOf
     return RamExpertStore(disk, list(plan.experts), host, pin=device.type == "cuda", progress=report)
 
 
-def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, slot_layout: ExpertLayout,
+def _make_cache(plan: CheckpointPlan, runtime: RuntimeConfig, store: ExpertStore, slot_layout: SlotLayout,
                 device: torch.device, stats: Stats) -> ExpertCache:
     spec = plan.spec
     num_slots = parse_budget(runtime.expert_budget, spec.total_experts, slot_nbytes(store, slot_layout, device))

@@ -5,8 +5,9 @@ A layer's experts are ``ffn_gate_exps`` / ``ffn_up_exps`` [E, inter, hidden] and
 for gpt-oss. Rows of every ggml type are independent, so expert e is slice e of each tensor and is read from the file
 as it lies, in the file's own blocks (experts/formats/ggml.py). The types can differ per projection and per layer
 (Q4_K_M keeps some layers' down projections in Q6_K), so the format is per layer (``layer_format``); the disk and RAM
-tiers keep each layer's blocks. A cache slot holds the same blocks where the types have a kernel (Q8_0, Q4_0: ggml.py's
-``native``) and activations are int8; otherwise the expert dequantized once per miss into the compute dtype.
+tiers keep each layer's blocks. A cache slot holds the same blocks where every type has a kernel (Q8_0, Q4_0, Q4_K,
+Q6_K: ggml.py's ``native``) and activations are int8, sized for the largest layer when layers differ (SlotUnion);
+otherwise the expert dequantized once per miss into the compute dtype.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from offload.experts.layouts import (
     Linear,
     Matrix,
     Part,
+    SlotLayout,
+    SlotUnion,
     pack_matrices,
     packed_layout,
     projection_shapes,
@@ -193,18 +196,20 @@ class GgufFormat(ExpertFormat):
 
     def native(self, device: torch.device, activations: str) -> bool:
         """Whether slots hold the file's blocks and compute from them: on the CPU, int8 activations, and every
-        layer's gate, up and down in one type with a kernel (ggml.py's ``native`` rows: Q8_0, Q4_0)."""
-        kinds = {types for _, types in self.layers}
-        return (device.type == "cpu" and activations == "int8" and len(kinds) == 1
-                and all(ggml_type(kind).native for kind in next(iter(kinds))))
+        layer's gate, up and down in types with a kernel (ggml.py's ``native`` rows)."""
+        return (device.type == "cpu" and activations == "int8"
+                and all(ggml_type(kind).native for _, types in self.layers for kind in types))
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    activations: str) -> ExpertLayout:
+                    activations: str) -> SlotLayout:
         """The blocks as the file stores them where the types compute natively (a disk miss is one read per
-        projection, no conversion); else a slot of the compute dtype, filled by one dequantization per miss (the
-        blocks are decoded on the host, and the same slot serves every layer whatever its types)."""
+        projection, no conversion; layers of different types share slots sized for the largest); else a slot of
+        the compute dtype, filled by one dequantization per miss (the blocks are decoded on the host, and the same
+        slot serves every layer whatever its types)."""
         if self.native(device, activations):
-            return self.host_layout(spec, dtype, device, activations)
+            layouts = (self.layer_format(n).host_layout(spec, dtype, device, activations) for n, _ in self.layers)
+            distinct = list({tuple(m.signature() for m in x.matrices): x for x in layouts}.values())
+            return distinct[0] if len(distinct) == 1 else SlotUnion(tuple(distinct))
         if not self.bias:
             return packed_layout(spec.hidden_size, spec.expert_intermediate_size, dtype)
         return pack_matrices([DenseMatrix(Part(0, dtype, (out, inn)), Part(0, dtype, (out,)))

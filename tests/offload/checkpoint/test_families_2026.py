@@ -72,7 +72,7 @@ def test_gpt_oss_mxfp4_as_released(tmp_path):
     assert isinstance(model.plan.expert_format, Mxfp4Format)
     # the RAM tier keeps 4.25 bits per weight: (16 bytes + 1 scale) per 32 weights, plus a float32 bias per row
     h = i = 32
-    host = model.cache.mover.store.native_format  # every expert of the RAM tier in one layout
+    (host,) = model.cache.mover.store.native_formats  # every expert of the RAM tier in one layout
     assert all(isinstance(m, Mxfp4Matrix) for m in host.matrices)
     assert host.nbytes == pytest.approx(3 * i * h * 17 / 32 + 4 * (2 * i + h), abs=3 * 64)
     # a CPU slot holds the expert dequantized once, in the compute dtype (no CPU kernel computes MXFP4)

@@ -16,6 +16,7 @@ import offload
 from offload.checkpoint.plan import plan_checkpoint
 from offload.errors import CheckpointError, UnsupportedModelError
 from offload.experts.formats.ggml import GGML_TYPES, ggml_type
+from offload.experts.layouts import SlotUnion
 from tests.gguf_checkpoints import experts_as, random_blocks, write_gguf, write_gguf_and_oracle
 from tests.offload.checkpoint.test_families_2026 import _make, _reference
 from tests.offload.model.test_forward import _min_gap, _prompts
@@ -77,29 +78,58 @@ def test_every_expert_type_computes_what_transformers_does_on_its_dequantized_we
     _check(path, oracle, tiers=((1, "disk"), ("50%", "ram")), batches=(3,))
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def _down_q6_k_in_layer_0(name: str, array) -> str:
+    """Q4_K_M's kind of mix: experts Q4_K, but the first layer's down projections Q6_K; dense matrices Q8_0."""
+    if "ffn_down_exps" in name and name.startswith("blk.0."):
+        return "Q6_K"
+    return "Q4_K" if "_exps." in name else "Q8_0"
+
+
+NATIVE_TYPES = {kind: experts_as(kind, "Q8_0") for kind in ("Q8_0", "Q4_0", "Q4_K", "Q6_K")}
+NATIVE_TYPES["Q4_K + Q6_K"] = _down_q6_k_in_layer_0
+
+
+@pytest.mark.parametrize("kind", NATIVE_TYPES)
 def test_native_types_compute_from_the_files_blocks(kind, sources, tmp_path):
-    """With int8 activations (the default) Q8_0 / Q4_0 experts stay in the file's blocks from disk to slot (a slot is
-    the blocks' bytes, not a dequantized matrix) and compute with the block kernels. Against the exact path (float32
-    activations, dequantized slots): every activation is rounded to 1/127 of its block's absmax, ~0.5% of a matmul's
-    output scale (tests/offload/experts/kernels), which through two layers leaves the logits within 5% of their
-    scale; teacher-forced top-1 agrees at >= 90% of positions (a flip only where two logits lie that close), and
-    every budget, tier and batch gives the same tokens as 100% does (a kernel's result does not depend on the slot)."""
-    path, _ = write_gguf_and_oracle(sources("qwen3_moe", wide=True), tmp_path, "qwen3_moe",
-                                    types=experts_as(kind, "Q8_0"))
+    """With int8 activations (the default) Q8_0 / Q4_0 / Q4_K / Q6_K experts stay in the file's blocks from disk to
+    slot (a slot is the blocks' bytes, not a dequantized matrix; layers of different types share slots sized for the
+    largest, and a disk miss still reads straight into the slot) and compute with the block kernels. Against the
+    exact path (float32 activations, dequantized slots): every activation is rounded to 1/127 of its block's absmax,
+    ~0.5% of a matmul's output scale (3e-2 as in tests/offload/experts/kernels, checked here for every projection of
+    every layer, so a slot bound with another layer's types would fail), which through two layers of these random
+    models leaves the logits within 10% of their scale (2-6% measured); teacher-forced top-1 flips only where it can,
+    where the exact top-2 gap is under twice that position's largest logit error, and every budget, tier and batch
+    gives the same tokens as 100% does (a kernel's result does not depend on the slot)."""
+    path, _ = write_gguf_and_oracle(sources("qwen3_moe", wide=True), tmp_path, "qwen3_moe", types=NATIVE_TYPES[kind])
     ids, mask = _prompts(3)
     exact = offload.from_pretrained(path, device="cpu", dtype="float32", quant_activations="float32")
     native = offload.from_pretrained(path, device="cpu", dtype="float32")
-    inter, hidden, row = native.spec.expert_intermediate_size, native.spec.hidden_size, ggml_type(kind)
-    assert 3 * inter * row.row_nbytes(hidden) <= native.cache.slot_nbytes < 3 * inter * hidden * 2  # not float32
+    inter, hidden = native.spec.expert_intermediate_size, native.spec.hidden_size
+    layers = native.plan.expert_format.layers
+    largest = max(sum(out * ggml_type(t).row_nbytes(inn) for t, (out, inn) in
+                      zip(types, ((inter, hidden), (inter, hidden), (hidden, inter)), strict=True))
+                  for _, types in layers)
+    assert largest <= native.cache.slot_nbytes < 3 * inter * hidden * 2  # the blocks, not float32
+    assert isinstance(native.cache.mover.slot_layout, SlotUnion) == (len({t for _, t in layers}) > 1)
+    assert native.cache.mover.direct  # disk reads land in the slot
     for exact_mode in (exact, offload.from_pretrained(path, device="cpu", dtype="float32", quant_activations="int16")):
         assert exact_mode.cache.slot_nbytes >= 3 * inter * hidden * 4  # no block kernel: dequantized float32 slots
-    want, got = exact(ids, attention_mask=mask), native(ids, attention_mask=mask)
+    x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0))
+    for key in ((layer, 0) for layer, _ in layers):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            inputs = x if proj != "down_proj" else x[:, :inter]
+            y, ref = getattr(native.cache.acquire(key), proj)(inputs), getattr(exact.cache.acquire(key), proj)(inputs)
+            native.cache.release(key)
+            exact.cache.release(key)
+            assert float((y - ref).abs().max()) < 3e-2 * float(ref.abs().max()), (key, proj)
     real = mask.bool()
-    scale = float(want[real].abs().max())
-    assert float((got[real] - want[real]).abs().max()) < 0.05 * scale
-    agree = (got[real].argmax(-1) == want[real].argmax(-1)).float().mean()
-    assert agree >= 0.9, float(agree)
+    want, got = exact(ids, attention_mask=mask)[real], native(ids, attention_mask=mask)[real]
+    error = (got - want).abs().max(-1).values
+    assert float(error.max()) < 0.1 * float(want.abs().max())
+    top2 = want.topk(2, -1).values
+    flips = got.argmax(-1) != want.argmax(-1)
+    assert bool((top2[:, 0] - top2[:, 1] < 2 * error)[flips].all()), "a flip where the logits were well apart"
+    assert float(flips.float().mean()) <= 0.25
     tokens = native.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2, pad_token_id=0)
     for budget, tier in ((1, "disk"), ("50%", "ram")):
         model = offload.from_pretrained(path, device="cpu", dtype="float32", expert_budget=budget, offload_to=tier)

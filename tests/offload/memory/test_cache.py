@@ -22,7 +22,7 @@ class FakeStore:
     """A RAM-like store whose expert (l, e) is filled with the value 10*l + e, so loads are checkable."""
 
     raw_nbytes = 0
-    native_format = LAYOUT
+    native_formats = (LAYOUT,)
 
     def __init__(self) -> None:
         self.fetches: list = []
