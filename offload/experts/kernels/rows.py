@@ -418,42 +418,29 @@ def _q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
 
 
 @njit(inline="always")
-def _k4_factors(wr, at):
-    """The Q4_K block at ``at``: d x scale and dmin x min of its eight sub-blocks, as two f32x8."""
-    s0, m0 = _k4_scale_min(wr, at, 0)
-    s1, m1 = _k4_scale_min(wr, at, 1)
-    s2, m2 = _k4_scale_min(wr, at, 2)
-    s3, m3 = _k4_scale_min(wr, at, 3)
-    s4, m4 = _k4_scale_min(wr, at, 4)
-    s5, m5 = _k4_scale_min(wr, at, 5)
-    s6, m6 = _k4_scale_min(wr, at, 6)
-    s7, m7 = _k4_scale_min(wr, at, 7)
-    f = np.float32
-    scales = vectors.vec8(f(s0), f(s1), f(s2), f(s3), f(s4), f(s5), f(s6), f(s7))
-    mins = vectors.vec8(f(m0), f(m1), f(m2), f(m3), f(m4), f(m5), f(m6), f(m7))
-    return fmul(splat(_block_scale(wr, at)), scales), fmul(splat(_block_scale(wr, at + 2)), mins)
-
-
-@njit(inline="always")
 def _q4_k_vector(w, x, xs, xz, y, lo, hi):
-    """Q4_K rows on AVX2: a super-block's eight sub-block dots reduced at once (sums8), scaled by its factors."""
+    """Q4_K rows on AVX2: a super-block's eight sub-block dots reduced at once (sums8), scaled by its factors.
+    A row's factors (d x scales, dmin x mins) are decoded once into ``f`` and read back by every token."""
     tokens, supers = x.shape[0], xs.shape[1] // 8
     low, high = vectors.dot_low_nibbles, vectors.dot_high_nibbles
+    f = np.empty(16 * supers, np.float32)
     for r in range(lo, hi):
         wr = w[r]
+        for sb in range(supers):
+            at = sb * Q4_K_BYTES
+            vectors.store8(f, 16 * sb, fmul(splat(_block_scale(wr, at)), vectors.k4_scales(wr, at)))
+            vectors.store8(f, 16 * sb + 8, fmul(splat(_block_scale(wr, at + 2)), vectors.k4_mins(wr, at)))
         for t in range(tokens):
             xt, xst, xzt = x[t], xs[t], xz[t]
             acc, corr = fzero(), fzero()
             for sb in range(supers):
-                at, c = sb * Q4_K_BYTES, sb * 256
-                q = at + 16
+                c, q = sb * 256, sb * Q4_K_BYTES + 16
                 d = sums8(low(wr, q, xt, c), high(wr, q, xt, c + 32), low(wr, q + 32, xt, c + 64),
                           high(wr, q + 32, xt, c + 96), low(wr, q + 64, xt, c + 128),
                           high(wr, q + 64, xt, c + 160), low(wr, q + 96, xt, c + 192),
                           high(wr, q + 96, xt, c + 224))
-                scales, mins = _k4_factors(wr, at)
-                acc = fma(vectors.to_float(d), fmul(scales, load8(xst, 8 * sb)), acc)
-                corr = fma(mins, load8(xzt, 8 * sb), corr)
+                acc = fma(vectors.to_float(d), fmul(load8(f, 16 * sb), load8(xst, 8 * sb)), acc)
+                corr = fma(load8(f, 16 * sb + 8), load8(xzt, 8 * sb), corr)
             store(y, t, r, total(acc) - total(corr))
 
 

@@ -180,6 +180,51 @@ def load4_pairs(typingctx, arr, i):
     return f32x8(arr, types.intp), codegen
 
 
+def _k4_field(mins: bool):
+    """Q4_K's eight 6-bit scales (or mins) of the block at w[at:], from its 12 packed bytes at at + 4, as f32x8.
+    Lanes 0-3: the low 6 bits of bytes 0-3 (mins: 4-7); lanes 4-7: 4 bits of bytes 8-11 (mins: their high
+    nibbles) under the top 2 bits of bytes 0-3 (mins: 4-7), ggml's get_scale_min_k4."""
+
+    def field(typingctx, w, at):
+        def codegen(ctx, builder, sig, args):
+            b = builder
+            start = b.add(args[1], ir.Constant(args[1].type, 4))
+            v = _load(ctx, b, sig.args[0], args[0], start, V16I8, 1)
+
+            def lanes(order):
+                return b.zext(b.shuffle_vector(v, v, ir.Constant(V8I32, order)), V8I32)
+
+            def const(values):
+                return ir.Constant(V8I32, values)
+
+            low = lanes([4, 5, 6, 7, 8, 9, 10, 11] if mins else [0, 1, 2, 3, 8, 9, 10, 11])
+            top = lanes([4, 5, 6, 7, 4, 5, 6, 7] if mins else [0, 1, 2, 3, 0, 1, 2, 3])
+            if mins:
+                low = b.lshr(low, const([0, 0, 0, 0, 4, 4, 4, 4]))
+            low = b.and_(low, const([63] * 4 + [15] * 4))
+            high = b.and_(b.shl(b.lshr(top, const([6] * 8)), const([4] * 8)), const([0] * 4 + [48] * 4))
+            return b.sitofp(b.or_(low, high), V8F32)
+
+        return f32x8(w, types.intp), codegen
+
+    return intrinsic(field)
+
+
+k4_scales, k4_mins = _k4_field(False), _k4_field(True)
+
+
+@intrinsic
+def store8(typingctx, arr, i, v):
+    """arr[i:i+8] = v for a float32 array."""
+
+    def codegen(ctx, builder, sig, args):
+        data = builder.gep(ctx.make_array(sig.args[0])(ctx, builder, args[0]).data, [args[1]])
+        builder.store(args[2], builder.bitcast(data, V8F32.as_pointer()), align=4)
+        return ctx.get_dummy_value()
+
+    return types.none(arr, types.intp, f32x8), codegen
+
+
 @intrinsic
 def load8_int8(typingctx, arr, i):
     """Bytes arr[i:i+8] of a uint8 array, read as int8, as f32x8 (Q6_K's sub-block scales)."""
