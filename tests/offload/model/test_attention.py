@@ -10,8 +10,35 @@ import torch
 
 import offload
 from offload.errors import ConfigError
-from offload.model.attention import ATTENTIONS, GroupedQueryAttention, attention_masks, rms_norm
+from offload.model.attention import ATTENTIONS, DECODE_QUERIES, GroupedQueryAttention, attention_masks, rms_norm, sdpa
 from offload.model.rope import RotaryEmbedding
+
+
+def _attention_reference(q, k, v, mask, scale):
+    """softmax(q k^T scale, masked) v in float64, GQA by repeating each key/value head for its query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("queries", [1, 3, DECODE_QUERIES, DECODE_QUERIES + 5])
+def test_sdpa_matches_float64_attention_in_every_dtype(dtype, queries):
+    """A decode step's few half-precision queries run in float32 on the CPU (torch's half kernel is 5-10x slower
+    there), longer calls in the dtype itself; either way the output is the float64 attention of the same half
+    values, rounded once to the dtype: within 2 units of its last place (2^-7 of the output scale for bf16, 2^-10
+    for f16, 1e-5 for float32 sums)."""
+    g = torch.Generator().manual_seed(queries)
+    keys = 40
+    q = torch.randn(2, 8, queries, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, keys, 16, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
+    out = sdpa(q, k, v, mask, 0.25, gqa=True)
+    ref = _attention_reference(q, k, v, mask, 0.25)
+    assert out.dtype == dtype and out.shape == ref.shape
+    ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-5}[dtype]
+    assert float((out.double() - ref).abs().max()) <= 2 * ulp * float(ref.abs().max())
 
 
 def test_rms_norm_formula():
