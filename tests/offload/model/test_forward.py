@@ -5,7 +5,11 @@ Tolerances: float32 logits agree within 1e-4 absolute. Our forward runs the same
 transformers but with different kernel groupings (gate and up as two matmuls instead of one fused
 one, our own SDPA call), which moves results by a few ulps (~1e-6 observed); 1e-4 leaves margin
 and is still 10x smaller than the gap between the top two logits at every greedy step, which
-the tests check, so an "identical tokens" result is meaningful. bfloat16 agrees within 5e-2: its
+the tests check, so an "identical tokens" result is meaningful. The Gated DeltaNet families (Qwen3-Next, Qwen3.5)
+agree within 3e-4: their chunked delta rule multiplies cumulative decays exp(g_i - g_j) and solves a triangular
+system per chunk, grouped differently in transformers' torch fallback and in ours, and on one prompt the logits
+moved 1.2e-4 (of a scale of 4.4) on the 2-core EPYC while every other family stays below 3e-5; 3e-4 is still 30x
+smaller than the smallest top-2 gap of those runs (1.1e-2). bfloat16 agrees within 5e-2: its
 unit roundoff is 2^-8 ~ 4e-3 per operation, and a few roundings accumulate over the layers.
 """
 
@@ -52,6 +56,9 @@ def _reference(path, batch: int, dtype: torch.dtype):
     return _REF[key]
 
 
+GATED_DELTANET = {"qwen3_next", "qwen3_5_moe"}  # linear-attention layers: the looser float32 tolerance above
+
+
 def _min_gap(scores: torch.Tensor, tokens: torch.Tensor) -> float:
     """Smallest top-1 minus top-2 logit over the steps that chose a token (rows not yet at EOS)."""
     top2 = scores.float().topk(2, dim=-1).values
@@ -66,7 +73,8 @@ def _min_gap(scores: torch.Tensor, tokens: torch.Tensor) -> float:
 def test_greedy_tokens_and_logits_match_transformers(tiny_dir, family, batch):
     path = tiny_dir(family)
     ref_tokens, ref_scores, ref_logits = _reference(path, batch, torch.float32)
-    assert _min_gap(ref_scores, ref_tokens) > 10 * 1e-4, "near-tied logits would make the token check meaningless"
+    tolerance = 3e-4 if family in GATED_DELTANET else 1e-4
+    assert _min_gap(ref_scores, ref_tokens) > 10 * tolerance, "near-tied logits would make the token check meaningless"
     ids, mask = _prompts(batch)
     for budget in BUDGETS:
         for policy in POLICIES:
@@ -75,7 +83,7 @@ def test_greedy_tokens_and_logits_match_transformers(tiny_dir, family, batch):
             assert torch.equal(tokens, ref_tokens), (budget, policy)
             logits = model(ids, attention_mask=mask)
             real = mask.bool()  # logits at padding positions are meaningless on both sides
-            torch.testing.assert_close(logits[real], ref_logits[real], atol=1e-4, rtol=0)
+            torch.testing.assert_close(logits[real], ref_logits[real], atol=tolerance, rtol=0)
 
 
 def test_sharded_checkpoint_with_index(tiny_dir):
