@@ -80,7 +80,7 @@ find_spec = importlib.util.find_spec  # looked up at call time, so tests can rep
 # offload's name for the weights -> (the scheme `offload quantize` writes, None: the checkpoint itself; llama.cpp's)
 FORMATS = {"bf16": (None, "f16"), "int8": ("int8", "q8_0"), "int4": ("int4-g128-asym", "q4_0"),
            # offload on llama.cpp's own GGUF file (the same bytes), computing from its blocks
-           "gguf-q8_0": ("gguf", "q8_0"), "gguf-q4_0": ("gguf", "q4_0")}
+           "gguf-q8_0": ("gguf", "q8_0"), "gguf-q4_0": ("gguf", "q4_0"), "gguf-q4_k_m": ("gguf", "q4_k_m")}
 EXPERT_RE = re.compile(r"\.experts\.\d+\.|_exps\.")  # safetensors: one tensor per expert; GGUF: experts stacked
 EMBED_RE = re.compile(r"embed_tokens\.|^token_embd\.")  # a token reads one row of it: not counted as read
 CORPUS = ("argparse.py", "textwrap.py", "difflib.py", "dataclasses.py", "functools.py")  # ~300 KB of stdlib
@@ -197,8 +197,9 @@ def ratio_pairs(runs: list[Run]) -> list[tuple[Run, Run, str]]:
         for engine in ("llama.cpp", "accelerate"):
             other = next((x for x in runs if x.name == Run(engine, r.fmt, r.cap).name), None)
             if other is not None:
-                # issue 22's targets (resident, 50%), issue 25's at 25% against llama.cpp
-                target = {None: ">= 1.0x", 50: ">= 2x" if engine == "llama.cpp" else ">= 10x",
+                # issue 22's targets (resident, 50%), issue 25's at 25% against llama.cpp and 0.9x on Q4_K_M
+                resident = ">= 0.9x" if r.fmt == "gguf-q4_k_m" and engine == "llama.cpp" else ">= 1.0x"
+                target = {None: resident, 50: ">= 2x" if engine == "llama.cpp" else ">= 10x",
                           25: ">= 4x" if engine == "llama.cpp" else "report"}.get(r.cap, "report")
                 pairs.append((r, other, target))
     return pairs

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from timing import max_rss_bytes, rss_bytes, timed
 
-LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
+# llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_K_M (Q4_K, with some layers' ffn_down in Q6_K)
+LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 GGML_TYPE_F16 = 1
 
 
