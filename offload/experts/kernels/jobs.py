@@ -101,19 +101,14 @@ def _ggml(d, kind, n, k, tokens, x, y, lo, hi):
     xs, xz = np.empty((tokens, blocks), np.float32), np.empty((tokens, blocks), np.float32)
     size = rows.BLOCK_BYTES[kind - Q8_0_A8] * k // rows.BLOCK_WEIGHTS[kind - Q8_0_A8]
     w = carray(ptr_uint8(d[W]), (n, size))
-    if kind == Q4_0_A8:
-        xl, xh = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
-        rows.quantize_rows(x, 32, xl, xh, xs, xz, 127, rows.HALVES)
-        rows.q4_0_rows(w, xl, xh, xs, xz, y, lo, hi)
-        return
-    x8 = np.empty((tokens, k), np.int8)
-    rows.quantize_rows(x, 32, x8, x8, xs, xz, 127, rows.WHOLE)
-    if kind == Q8_0_A8:
-        rows.q8_0_rows(w, x8, xs, y, lo, hi)
-    elif kind == Q4_K_A8:
-        rows.q4_k_rows(w, x8, xs, xz, y, lo, hi)
+    if kind == Q4_0_A8:  # Q4_0's nibbles pair each block's first and second halves
+        x8, xo = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
+        rows.quantize_rows(x, 32, x8, xo, xs, xz, 127, rows.HALVES)
     else:
-        rows.q6_k_rows(w, x8, xs, y, lo, hi)
+        x8 = np.empty((tokens, k), np.int8)
+        xo = x8
+        rows.quantize_rows(x, 32, x8, x8, xs, xz, 127, rows.WHOLE)
+    rows.ggml_rows(w, x8, xo, xs, xz, y, lo, hi, kind - Q8_0_A8)
 
 
 cache.tie(globals())

@@ -395,28 +395,6 @@ def _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi):
             store(y, t, r, total(acc) - 8 * total(corr) + tail)
 
 
-def q8_0_rows(w, x, xs, y, lo, hi):
-    """Q8_0 rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
-
-
-@overload(q8_0_rows)
-def _q8_0_rows(w, x, xs, y, lo, hi):
-    if not vectors.AVX2:
-        return lambda w, x, xs, y, lo, hi: ggml_portable(w, x, x, xs, xs, y, lo, hi, Q8_0)
-    return lambda w, x, xs, y, lo, hi: _q8_0_vector(w, x, xs, y, lo, hi)
-
-
-def q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
-    """Q4_0 rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
-
-
-@overload(q4_0_rows)
-def _q4_0_rows(w, xl, xh, xs, xz, y, lo, hi):
-    if not vectors.AVX2:
-        return lambda w, xl, xh, xs, xz, y, lo, hi: ggml_portable(w, xl, xh, xs, xz, y, lo, hi, Q4_0)
-    return lambda w, xl, xh, xs, xz, y, lo, hi: _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi)
-
-
 @njit(inline="always")
 def _q4_k_vector(w, x, xs, xz, y, lo, hi):
     """Q4_K rows on AVX2: a super-block's eight sub-block dots reduced at once (sums8), scaled by its factors.
@@ -470,26 +448,27 @@ def _q6_k_vector(w, x, xs, y, lo, hi):
             store(y, t, r, total(acc))
 
 
-def q4_k_rows(w, x, xs, xz, y, lo, hi):
-    """Q4_K rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
+def ggml_rows(w, x, xo, xs, xz, y, lo, hi, kind):
+    """Rows of ggml blocks of ``kind`` (arguments as ggml_portable's): the AVX2 kernels where the target has AVX2,
+    else ggml_portable. The kind is tested once per call, outside the loops."""
 
 
-@overload(q4_k_rows)
-def _q4_k_rows(w, x, xs, xz, y, lo, hi):
+@overload(ggml_rows)
+def _ggml_rows(w, x, xo, xs, xz, y, lo, hi, kind):
     if not vectors.AVX2:
-        return lambda w, x, xs, xz, y, lo, hi: ggml_portable(w, x, x, xs, xz, y, lo, hi, Q4_K)
-    return lambda w, x, xs, xz, y, lo, hi: _q4_k_vector(w, x, xs, xz, y, lo, hi)
+        return lambda w, x, xo, xs, xz, y, lo, hi, kind: ggml_portable(w, x, xo, xs, xz, y, lo, hi, kind)
 
+    def rows_avx2(w, x, xo, xs, xz, y, lo, hi, kind):
+        if kind == Q8_0:
+            _q8_0_vector(w, x, xs, y, lo, hi)
+        elif kind == Q4_0:
+            _q4_0_vector(w, x, xo, xs, xz, y, lo, hi)
+        elif kind == Q4_K:
+            _q4_k_vector(w, x, xs, xz, y, lo, hi)
+        else:
+            _q6_k_vector(w, x, xs, y, lo, hi)
 
-def q6_k_rows(w, x, xs, y, lo, hi):
-    """Q6_K rows: the AVX2 kernel where the target has AVX2, else ggml_portable."""
-
-
-@overload(q6_k_rows)
-def _q6_k_rows(w, x, xs, y, lo, hi):
-    if not vectors.AVX2:
-        return lambda w, x, xs, y, lo, hi: ggml_portable(w, x, x, xs, xs, y, lo, hi, Q6_K)
-    return lambda w, x, xs, y, lo, hi: _q6_k_vector(w, x, xs, y, lo, hi)
+    return rows_avx2
 
 
 @njit(inline="always")

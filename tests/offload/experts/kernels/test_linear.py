@@ -179,14 +179,7 @@ def test_ggml_blocks_match_ggml_orgs_decoding(kind, n, k):
 @numba.njit
 def _ggml_rows(kind, w, x, xo, xs, xz, fast, portable):
     n = w.shape[0]
-    if kind == rows.Q8_0:
-        rows.q8_0_rows(w, x, xs, fast, 0, n)
-    elif kind == rows.Q4_0:
-        rows.q4_0_rows(w, x, xo, xs, xz, fast, 0, n)
-    elif kind == rows.Q4_K:
-        rows.q4_k_rows(w, x, xs, xz, fast, 0, n)
-    else:
-        rows.q6_k_rows(w, x, xs, fast, 0, n)
+    rows.ggml_rows(w, x, xo, xs, xz, fast, 0, n, kind)
     rows.ggml_portable(w, x, xo, xs, xz, portable, 0, n, kind)
 
 
