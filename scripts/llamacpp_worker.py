@@ -91,6 +91,45 @@ def quantize(src: Path, dst: Path, gtype: str, scope: str, threads: int) -> None
     tmp.replace(dst)
 
 
+def tokenize(task: dict) -> dict:
+    """The text's token ids by the GGUF's own tokenizer, with its BOS where the file asks for one."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=task["weights"], vocab_only=True, verbose=False)
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "true") == "true"
+    return {"ids": llm.tokenize(task["text"].encode(), add_bos=add_bos)}
+
+
+def window_nll(logits, window: list[int], count: int) -> float:
+    """Summed negative log-likelihood (nats, float64) of the last ``count`` tokens of ``window`` under the logits of
+    the positions before them (``logits``: [len(window), vocab], position i predicting token i + 1)."""
+    import numpy as np
+
+    rows = np.asarray(logits, dtype=np.float64)[-count - 1 : -1]
+    top = rows.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(rows - top).sum(axis=1)) + top[:, 0]
+    return float((log_z - rows[np.arange(count), np.asarray(window[-count:])]).sum())
+
+
+def perplexity(task: dict) -> dict:
+    """Summed negative log-likelihood of the scored tokens of each window (begin, end, scored) of ``ids``, from
+    llama.cpp's logits at every position (each window evaluated from an empty KV cache), in float64."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=task["weights"], n_ctx=task["context"], n_batch=task["context"],
+                          n_threads=task["threads"], n_threads_batch=task["threads"], logits_all=True, verbose=False)
+    ids, nll, scored = task["ids"], 0.0, 0
+    t0 = time.perf_counter()
+    for begin, end, count in task["spans"]:
+        llm.reset()
+        llm.eval(ids[begin:end])
+        nll += window_nll(np.asarray(llm.scores[: end - begin]), ids[begin:end], count)
+        scored += count
+    return {"perplexity": float(np.exp(nll / scored)), "tokens": scored, "nll": nll,
+            "seconds": time.perf_counter() - t0, "llama_cpp_version": llama_cpp.__version__}
+
+
 def tensors(gguf: Path, gguf_py: Path) -> dict:
     """name -> bytes and ggml type of every tensor of a GGUF, read with the converter's own gguf package."""
     sys.path.insert(0, str(gguf_py))
@@ -107,6 +146,10 @@ def main(argv: list[str]) -> None:
     elif kind == "gguf-quantize":
         quantize(Path(task["src"]), Path(task["dst"]), task["gtype"], task["scope"], task["threads"])
         result = {}
+    elif kind == "tokenize":
+        result = tokenize(task)
+    elif kind == "perplexity":
+        result = perplexity(task)
     elif kind == "gguf-tensors":
         result = {"tensors": tensors(Path(task["gguf"]), Path(task["gguf_py"]))}
     else:
