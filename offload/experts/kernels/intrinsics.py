@@ -62,6 +62,23 @@ f16_to_f32 = _widen(_half_to_float)
 
 
 @intrinsic
+def e8m0_half(typingctx, e):
+    """An MXFP4 block's E8M0 exponent byte e -> 2^(e - 128) as float32: half its scale 2^(e - 127), as ggml's
+    ggml_e8m0_to_fp32_half (the block's values are kept doubled); e < 2 gives the subnormals, 255 a finite 2^127."""
+    sig = types.float32(e)
+
+    def codegen(ctx, builder, sig, args):
+        b = builder
+        x = b.zext(args[0], I32) if args[0].type.width < 32 else b.trunc(args[0], I32)
+        small = b.icmp_unsigned("<", x, ir.Constant(I32, 2))
+        subnormal = b.shl(ir.Constant(I32, 0x00200000), x)
+        normal = b.shl(b.sub(x, ir.Constant(I32, 1)), ir.Constant(I32, 23))
+        return b.bitcast(b.select(small, subnormal, normal), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
 def f32_to_bf16(typingctx, value):
     """float32 -> bf16 bits (uint16), rounded to nearest even as torch rounds; NaN stays a (quiet) NaN."""
     sig = types.uint16(types.float32)

@@ -21,7 +21,7 @@ from offload.experts.kernels import cache, rows
 from offload.experts.kernels.intrinsics import ptr_float32, ptr_int8, ptr_uint8, ptr_uint16
 
 # kinds: float weights (also the activations' and outputs' kinds), integer weights x activation codes, ggml blocks
-BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16, Q8_0_A8, Q4_0_A8, Q4_K_A8, Q6_K_A8 = range(11)
+BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16, Q8_0_A8, Q4_0_A8, Q4_K_A8, Q6_K_A8, MXFP4_A8 = range(12)
 # descriptor fields: the weight half (made once per weight), then the call half
 KIND, N, K, GROUPS, BLOCKS, W, S, M, TOKENS, X, XKIND, Y, YKIND = range(13)
 FIELDS = 16
@@ -95,13 +95,13 @@ def _dispatch(d, kind, n, k, tokens, x, y, lo, hi):
 
 @njit(nogil=True, inline="always")
 def _ggml(d, kind, n, k, tokens, x, y, lo, hi):
-    """ggml's Q8_0 / Q4_0 / Q4_K / Q6_K rows as the GGUF file lays them out, against activations quantized per
+    """ggml's Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 rows as the GGUF file lays them out, against activations quantized per
     block of 32 (llama.cpp quantizes per 256 for the K types; per 32 is the finer of the two)."""
     blocks = k // 32
     xs, xz = np.empty((tokens, blocks), np.float32), np.empty((tokens, blocks), np.float32)
     size = rows.BLOCK_BYTES[kind - Q8_0_A8] * k // rows.BLOCK_WEIGHTS[kind - Q8_0_A8]
     w = carray(ptr_uint8(d[W]), (n, size))
-    if kind == Q4_0_A8:  # Q4_0's nibbles pair each block's first and second halves
+    if kind == Q4_0_A8 or kind == MXFP4_A8:  # their nibbles pair each block's first and second halves
         x8, xo = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
         rows.quantize_rows(x, 32, x8, xo, xs, xz, 127, rows.HALVES)
     else:

@@ -120,7 +120,8 @@ def int_linear(q: QuantizedWeight, activations: str = "int8") -> IntLinear:
 
 # ggml block types with a kernel (int8 activations): their job kind and rows.py's block kind
 GGML_KINDS = {"Q8_0": (jobs.Q8_0_A8, rows.Q8_0), "Q4_0": (jobs.Q4_0_A8, rows.Q4_0),
-              "Q4_K": (jobs.Q4_K_A8, rows.Q4_K), "Q6_K": (jobs.Q6_K_A8, rows.Q6_K)}
+              "Q4_K": (jobs.Q4_K_A8, rows.Q4_K), "Q6_K": (jobs.Q6_K_A8, rows.Q6_K),
+              "MXFP4": (jobs.MXFP4_A8, rows.MXFP4)}
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class BlockLinear:
     for torch's GEMM."""
 
     blocks: torch.Tensor
-    kind: str           # a GGML_KINDS key: "Q8_0", "Q4_0", "Q4_K", "Q6_K"
+    kind: str           # a GGML_KINDS key: "Q8_0", "Q4_0", "Q4_K", "Q6_K", "MXFP4"
     in_features: int
 
     def __post_init__(self) -> None:

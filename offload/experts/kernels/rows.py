@@ -224,10 +224,12 @@ def _int8_activation_rows(w, s, m, x, xo, xs, xz, y, lo, hi):
 #    Q6_K, 256 weights [128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 x int8 scales, f16 d], sub-block j of
 #      16: d x sc_j x (q - 32); the bits of weights 0..127 (and again 128..255): low nibbles of ql[0:64] for 0..63,
 #      high nibbles for 64..127, the 2-bit pairs of qh[0:32] at shifts 0, 2, 4, 6 for 0..31, 32..63, 64..95, 96..127.
-Q8_0, Q4_0, Q4_K, Q6_K = range(4)  # the block kinds the kernels take
-Q8_0_BYTES, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES = 34, 18, 144, 210
-BLOCK_BYTES = (Q8_0_BYTES, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES)
-BLOCK_WEIGHTS = (32, 32, 256, 256)
+#    MXFP4 [E8M0 exponent e, 16 bytes of E2M1 codes in Q4_0's nibble order], value MXFP4_VALUES[q] x 2^(e - 128).
+Q8_0, Q4_0, Q4_K, Q6_K, MXFP4 = range(5)  # the block kinds the kernels take
+Q8_0_BYTES, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES, MXFP4_BYTES = 34, 18, 144, 210, 17
+BLOCK_BYTES = (Q8_0_BYTES, Q4_0_BYTES, Q4_K_BYTES, Q6_K_BYTES, MXFP4_BYTES)
+BLOCK_WEIGHTS = (32, 32, 256, 256, 32)
+MXFP4_VALUES = vectors.MXFP4_VALUES
 
 
 @njit(inline="always")
@@ -247,14 +249,25 @@ def _q8_0_block(wr, b, xt, scale):
 
 
 @njit(inline="always")
-def _q4_0_block(wr, b, xlt, xht, scale, zero):
-    """Block b of a Q4_0 row against its codes split in halves (xlt / xht [K/2]): d x (scale x dot - 8 x zero)."""
-    at = b * Q4_0_BYTES
+def _nibble_value(q, mx):
+    """A 4-bit code as the integer it stands for: MXFP4's doubled E2M1 value when ``mx``, else the code."""
+    return np.int32(MXFP4_VALUES[q]) if mx else np.int32(q)
+
+
+@njit(inline="always")
+def _halves_block(wr, b, xlt, xht, scale, zero, mx):
+    """Block b of a Q4_0 row (or MXFP4 when ``mx``) against its codes split in halves (xlt / xht [K/2]):
+    d x (scale x dot - 8 x zero) for Q4_0, 2^(e - 128) x scale x dot for MXFP4."""
+    size = MXFP4_BYTES if mx else Q4_0_BYTES
+    at = b * size
+    first = at + (1 if mx else 2)
     d = 0
     for j in range(16):
-        q = wr[at + 2 + j]
-        d += (np.int32(q & np.uint8(15)) * np.int32(xlt[b * 16 + j])
-              + np.int32(q >> np.uint8(4)) * np.int32(xht[b * 16 + j]))
+        q = wr[first + j]
+        d += (_nibble_value(q & np.uint8(15), mx) * np.int32(xlt[b * 16 + j])
+              + _nibble_value(q >> np.uint8(4), mx) * np.int32(xht[b * 16 + j]))
+    if mx:
+        return intrinsics.e8m0_half(wr[at]) * scale * np.float32(np.int32(d))
     return _block_scale(wr, at) * (scale * np.float32(np.int32(d)) - 8 * zero)
 
 
@@ -317,9 +330,10 @@ def _q6_k_block(wr, sb, xt, xst):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def ggml_portable(w, x, xo, xs, xz, y, lo, hi, kind):
-    """Rows of ggml blocks (``kind``: Q8_0, Q4_0, Q4_K, Q6_K) times int8 activation codes with a scale per 32 inputs
-    (xs [T, K/32], xz = xs x the block's code sum): x [T, K] in order (WHOLE), except Q4_0's split into each block's
-    halves (x / xo [T, K/2], HALVES). y = sum over blocks of the weight scale x xs x dot, less the mins' term."""
+    """Rows of ggml blocks (``kind``: Q8_0, Q4_0, Q4_K, Q6_K, MXFP4) times int8 activation codes with a scale per 32
+    inputs (xs [T, K/32], xz = xs x the block's code sum): x [T, K] in order (WHOLE), except Q4_0's and MXFP4's split
+    into each block's halves (x / xo [T, K/2], HALVES). y = sum over blocks of the weight scale x xs x dot, less the
+    mins' term."""
     tokens = x.shape[0]
     blocks = xs.shape[1] * 32 // BLOCK_WEIGHTS[kind]
     for r in range(lo, hi):
@@ -327,8 +341,8 @@ def ggml_portable(w, x, xo, xs, xz, y, lo, hi, kind):
         for t in range(tokens):
             acc = np.float32(0.0)
             for b in range(blocks):
-                if kind == Q4_0:
-                    acc += _q4_0_block(wr, b, x[t], xo[t], xs[t, b], xz[t, b])
+                if kind == Q4_0 or kind == MXFP4:
+                    acc += _halves_block(wr, b, x[t], xo[t], xs[t, b], xz[t, b], kind == MXFP4)
                 elif kind == Q8_0:
                     acc += _q8_0_block(wr, b, x[t], xs[t, b])
                 elif kind == Q4_K:
@@ -339,11 +353,17 @@ def ggml_portable(w, x, xo, xs, xz, y, lo, hi, kind):
 
 
 @njit(inline="always")
-def _scales8(wr, at, stride):
-    return vectors.vec8(_block_scale(wr, at), _block_scale(wr, at + stride), _block_scale(wr, at + 2 * stride),
-                        _block_scale(wr, at + 3 * stride), _block_scale(wr, at + 4 * stride),
-                        _block_scale(wr, at + 5 * stride), _block_scale(wr, at + 6 * stride),
-                        _block_scale(wr, at + 7 * stride))
+def _scale(wr, at, mx):
+    """A block's scale at byte ``at``: MXFP4's E8M0 (halved) when ``mx``, else an f16."""
+    return intrinsics.e8m0_half(wr[at]) if mx else _block_scale(wr, at)
+
+
+@njit(inline="always")
+def _scales8(wr, at, stride, mx=False):
+    return vectors.vec8(_scale(wr, at, mx), _scale(wr, at + stride, mx), _scale(wr, at + 2 * stride, mx),
+                        _scale(wr, at + 3 * stride, mx), _scale(wr, at + 4 * stride, mx),
+                        _scale(wr, at + 5 * stride, mx), _scale(wr, at + 6 * stride, mx),
+                        _scale(wr, at + 7 * stride, mx))
 
 
 @njit(inline="always")
@@ -372,26 +392,36 @@ def _q8_0_vector(w, x, xs, y, lo, hi):
 
 
 @njit(inline="always")
-def _q4_0_vector(w, xl, xh, xs, xz, y, lo, hi):
+def _halves_dot(wr, first, second, xlt, xht, c, mx):
+    if mx:
+        return vectors.dot_mxfp4(wr, first, second, xlt, xht, c)
+    return vectors.dot_q4_0(wr, first, second, xlt, xht, c)
+
+
+@njit(inline="always")
+def _halves_vector(w, xl, xh, xs, xz, y, lo, hi, mx):
+    """Q4_0 rows on AVX2 (MXFP4 when ``mx``: its codes looked up as values, no zero point, E8M0 scales)."""
     tokens, blocks = xl.shape[0], xs.shape[1]
-    whole, s = blocks - blocks % 8, Q4_0_BYTES
+    s = MXFP4_BYTES if mx else Q4_0_BYTES
+    whole, codes = blocks - blocks % 8, 1 if mx else 2
     for r in range(lo, hi):
         wr = w[r]
         for t in range(tokens):
             xlt, xht, xst, xzt = xl[t], xh[t], xs[t], xz[t]
             acc, corr = fzero(), fzero()
             for b in range(0, whole, 8):
-                at, c = b * s + 2, b * 16
-                d = sums4(vectors.dot_q4_0(wr, at, at + s, xlt, xht, c),
-                          vectors.dot_q4_0(wr, at + 2 * s, at + 3 * s, xlt, xht, c + 32),
-                          vectors.dot_q4_0(wr, at + 4 * s, at + 5 * s, xlt, xht, c + 64),
-                          vectors.dot_q4_0(wr, at + 6 * s, at + 7 * s, xlt, xht, c + 96))
-                scales = _scales8(wr, at - 2, s)
+                at, c = b * s + codes, b * 16
+                d = sums4(_halves_dot(wr, at, at + s, xlt, xht, c, mx),
+                          _halves_dot(wr, at + 2 * s, at + 3 * s, xlt, xht, c + 32, mx),
+                          _halves_dot(wr, at + 4 * s, at + 5 * s, xlt, xht, c + 64, mx),
+                          _halves_dot(wr, at + 6 * s, at + 7 * s, xlt, xht, c + 96, mx))
+                scales = _scales8(wr, at - codes, s, mx)
                 acc = fma(vectors.to_float(d), fmul(scales, load8(xst, b)), acc)
-                corr = fma(scales, load8(xzt, b), corr)
+                if not mx:
+                    corr = fma(scales, load8(xzt, b), corr)
             tail = np.float32(0.0)
             for b in range(whole, blocks):
-                tail += _q4_0_block(wr, b, xlt, xht, xst[b], xzt[b])
+                tail += _halves_block(wr, b, xlt, xht, xst[b], xzt[b], mx)
             store(y, t, r, total(acc) - 8 * total(corr) + tail)
 
 
@@ -462,7 +492,9 @@ def _ggml_rows(w, x, xo, xs, xz, y, lo, hi, kind):
         if kind == Q8_0:
             _q8_0_vector(w, x, xs, y, lo, hi)
         elif kind == Q4_0:
-            _q4_0_vector(w, x, xo, xs, xz, y, lo, hi)
+            _halves_vector(w, x, xo, xs, xz, y, lo, hi, False)
+        elif kind == MXFP4:
+            _halves_vector(w, x, xo, xs, xz, y, lo, hi, True)
         elif kind == Q4_K:
             _q4_k_vector(w, x, xs, xz, y, lo, hi)
         else:
@@ -476,7 +508,13 @@ def _block_values(wr, b, kind, out_row):
     """Block b of a row of ``kind`` decoded into out_row's weights, exactly as ggml decodes them."""
     at = b * BLOCK_BYTES[kind]
     start = b * BLOCK_WEIGHTS[kind]
-    if kind == Q8_0 or kind == Q4_0:
+    if kind == MXFP4:
+        d = intrinsics.e8m0_half(wr[at])
+        for j in range(16):
+            q = wr[at + 1 + j]
+            out_row[start + j] = d * np.float32(MXFP4_VALUES[q & np.uint8(15)])
+            out_row[start + 16 + j] = d * np.float32(MXFP4_VALUES[q >> np.uint8(4)])
+    elif kind == Q8_0 or kind == Q4_0:
         d = _block_scale(wr, at)
         for j in range(16 if kind == Q4_0 else 32):
             q = wr[at + 2 + j]

@@ -120,6 +120,34 @@ def dot_q4_0(typingctx, w, first, second, xl, xh, i):
     return i32x8(w, types.intp, types.intp, xl, xh, types.intp), codegen
 
 
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 codes' values, doubled (ggml's)
+
+
+@intrinsic
+def dot_mxfp4(typingctx, w, first, second, xl, xh, i):
+    """Two MXFP4 blocks' 16 nibble bytes (E2M1 codes, element j low, j + 16 high, as Q4_0), at w[first:] and
+    w[second:], against their activations' halves xl[i:i+32] / xh[i:i+32]: each nibble is looked up (vpshufb) as
+    its doubled value -12..12 and the signed dot taken as llama.cpp's (vpsignb twice); lanes 0-3 the first block,
+    4-7 the second."""
+
+    def codegen(ctx, builder, sig, args):
+        b = builder
+        halves = [_load(ctx, b, sig.args[0], args[0], args[k], V16I8, 1) for k in (1, 2)]
+        wv = b.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        table = ir.Constant(V32I8, [v & 0xFF for v in MXFP4_VALUES] * 2)
+        lookup = _declare(b, "llvm.x86.avx2.pshuf.b", V32I8, [V32I8, V32I8])
+        sign = _declare(b, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
+        pairs = None
+        for high, xi in ((False, 3), (True, 4)):
+            v = b.call(lookup, [table, _nibbles(b, wv, high)])
+            xv = _load(ctx, b, sig.args[xi], args[xi], args[5], V32I8, 1)
+            madd = _madd(b, b.call(sign, [v, v]), b.call(sign, [xv, v]))  # |v| <= 12: |pair| <= 3048
+            pairs = madd if pairs is None else b.add(pairs, madd)
+        return _to_int32(b, pairs)
+
+    return i32x8(w, types.intp, types.intp, xl, xh, types.intp), codegen
+
+
 def _nibbles(builder: ir.IRBuilder, wv, high: bool):
     """The low (or high) nibble of each of 32 bytes, as bytes 0..15 (shifted in 16-bit lanes, then masked)."""
     if high:

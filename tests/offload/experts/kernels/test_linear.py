@@ -156,15 +156,15 @@ def _ggml(kind: str, n: int, k: int, seed: int) -> tuple[L.BlockLinear, torch.Te
 
 GGML_SHAPES = {"Q8_0": [(37, 256), (64, 320), (40, 96)],  # 8 blocks; 8 + a tail of 2; a tail of 3 only
                "Q4_K": [(37, 256), (64, 512), (40, 768)]}  # super-blocks of 256: one, two, three
-GGML_CASES = [(kind, n, k) for kind in ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
+GGML_CASES = [(kind, n, k) for kind in ("Q8_0", "Q4_0", "Q4_K", "Q6_K", "MXFP4")
               for n, k in GGML_SHAPES["Q4_K" if kind.endswith("_K") else "Q8_0"]]
 
 
 @pytest.mark.parametrize("kind, n, k", GGML_CASES)
 def test_ggml_blocks_match_ggml_orgs_decoding(kind, n, k):
-    """GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K rows as the file stores them, against gguf.quants.dequantize then a float64
-    matmul: int8 activations per block of 32 (3e-2, as for int4/int8 above), exact decoding above INT_MAX_TOKENS
-    (1e-5)."""
+    """GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 rows as the file stores them, against gguf.quants.dequantize then a
+    float64 matmul: int8 activations per block of 32 (3e-2, as for int4/int8 above), exact decoding above
+    INT_MAX_TOKENS (1e-5)."""
     lin, ref_w = _ggml(kind, n, k, seed=k)
     assert torch.equal(lin.dequantized(torch.float32), ref_w)
     for tokens in TOKENS:
@@ -190,7 +190,7 @@ def test_avx2_ggml_rows_equal_the_portable_rows(kind, n, k):
     lin, _ = _ggml(kind, n, k, seed=1)
     rng = np.random.default_rng(k)
     tokens, blocks = 3, k // 32
-    half = kind == "Q4_0"
+    half = kind in ("Q4_0", "MXFP4")
     x = rng.integers(-127, 128, (tokens, k // 2 if half else k), dtype=np.int8)
     xo = rng.integers(-127, 128, x.shape, dtype=np.int8)
     xs, xz = (rng.random((tokens, blocks), dtype=np.float32) for _ in range(2))
@@ -231,7 +231,7 @@ out = []
 for bits, group in ((4, 128), (4, 32), (8, None)):
     q = Q.quantize(torch.randn(96, 256), Q.QuantScheme(bits, group, False))
     out.append(L.int_linear(q, "int8")(torch.randn(3, 256)).numpy())
-for kind in ("Q8_0", "Q4_0"):
+for kind in ("Q8_0", "Q4_0", "MXFP4"):
     raw = gguf.quants.quantize(torch.randn(96, 256).numpy(), gguf.GGMLQuantizationType[kind])
     out.append(L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, 256)(torch.randn(3, 256)).numpy())
 for kind, size in (("Q4_K", 144), ("Q6_K", 210)):  # random fields; f16 scales set finite
