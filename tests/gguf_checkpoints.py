@@ -249,9 +249,10 @@ def _metadata(w: gguf.GGUFWriter, cfg: dict, family: str) -> None:
 
 
 def write_gguf(src: Path, out: Path, family: str, types=None, split_kv_b: bool = True, vocab=None,
-               split_max_tensors: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+               split_max_tensors: int = 0, seed: int = 0, typed_biases: bool = False) -> dict[str, torch.Tensor]:
     """Write ``src`` as GGUF to ``out``; ``types(gguf_name, array)`` picks each matrix's ggml type (default F32; one a
-    type cannot hold stays F32, as llama.cpp's quantizer falls back); ``vocab(writer)`` adds tokenizer metadata.
+    type cannot hold stays F32, as llama.cpp's quantizer falls back; biases stay F32, as llama.cpp quantizes only
+    ``.weight`` tensors, unless ``typed_biases``); ``vocab(writer)`` adds tokenizer metadata.
     Returns the dequantized Hugging Face state dict (write_dequantized makes it the transformers oracle)."""
     cfg = json.loads((src / "config.json").read_text())
     tensors, back = gguf_tensors(src, family, split_kv_b)
@@ -263,7 +264,8 @@ def write_gguf(src: Path, out: Path, family: str, types=None, split_kv_b: bool =
     values = {}
     for name, t in tensors.items():
         array = t.numpy()
-        kind = (types(name, array) if types else "F32") if array.ndim >= 2 else "F32"
+        typed = array.ndim >= 2 and (typed_biases or not name.endswith(".bias"))
+        kind = (types(name, array) if types else "F32") if typed else "F32"
         kind = kind if kind == "F32" or fits(kind, array) else "F32"
         data, values[name] = encode(array, kind, rng)
         w.add_tensor(name, data, raw_dtype=None if kind in ("F32", "F16") else Q[kind])

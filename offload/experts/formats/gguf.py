@@ -60,7 +60,7 @@ class GgufMatrix:
         return (self.w,) if self.b is None else (self.w, self.b)
 
     def signature(self) -> tuple:
-        return ("gguf", self.kind, self.w.shape, self.b is not None)
+        return ("gguf", self.kind, self.w.shape, None if self.b is None else self.b.dtype)
 
     def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float32 weight [out, in] (one dequantization) and the bias, for a dense slot to cast once."""
@@ -94,8 +94,9 @@ class GgufMatrix:
         return ggml_type(self.kind).native and self.activations == "int8" and buf.device.type == "cpu"
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
-        """The same blocks, moved (the RAM tier packs what the disk read)."""
-        if not isinstance(src, GgufMatrix) or src.signature() != self.signature():
+        """The same blocks, moved (the RAM tier packs what the disk read); a bias cast to this layout's float32."""
+        if not isinstance(src, GgufMatrix) or src.signature()[:3] != self.signature()[:3] or (src.b is None) != (
+                self.b is None):
             raise TypeError(f"a {self.kind} GGUF matrix cannot hold {type(src).__name__} bytes")
         for have, want in zip(src.parts, self.parts, strict=True):
             want.view(buf).copy_(have.view(src_buf))

@@ -85,22 +85,32 @@ def _down_q6_k_in_layer_0(name: str, array) -> str:
     return "Q4_K" if "_exps." in name else "Q8_0"
 
 
-NATIVE_TYPES = {kind: experts_as(kind, "Q8_0") for kind in ("Q8_0", "Q4_0", "Q4_K", "Q6_K")}
-NATIVE_TYPES["Q4_K + Q6_K"] = _down_q6_k_in_layer_0
+# case -> (family, wide, types): every type with a kernel, a Q4_K_M-like mix, and gpt-oss's MXFP4 experts with biases
+NATIVE_CASES = {kind: ("qwen3_moe", True, experts_as(kind, "Q8_0")) for kind in ("Q8_0", "Q4_0", "Q4_K", "Q6_K",
+                                                                                   "MXFP4")}
+NATIVE_CASES["Q4_K + Q6_K"] = ("qwen3_moe", True, _down_q6_k_in_layer_0)
+NATIVE_CASES["MXFP4 gpt-oss"] = ("gpt_oss", False, experts_as("MXFP4", "F32"))
+# the same with its expert biases in F16 (a disk miss then casts them into the slot's float32 biases)
+NATIVE_CASES["MXFP4 gpt-oss, F16 biases"] = ("gpt_oss", False, lambda name, a: "F16" if name.endswith(".bias") else
+                                             experts_as("MXFP4", "F32")(name, a))
 
 
-@pytest.mark.parametrize("kind", NATIVE_TYPES)
-def test_native_types_compute_from_the_files_blocks(kind, sources, tmp_path):
-    """With int8 activations (the default) Q8_0 / Q4_0 / Q4_K / Q6_K experts stay in the file's blocks from disk to
-    slot (a slot is the blocks' bytes, not a dequantized matrix; layers of different types share slots sized for the
-    largest, and a disk miss still reads straight into the slot) and compute with the block kernels. Against the
+@pytest.mark.parametrize("case", NATIVE_CASES)
+def test_native_types_compute_from_the_files_blocks(case, sources, tmp_path):
+    """With int8 activations (the default) Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 experts stay in the file's blocks from
+    disk to slot (a slot is the blocks' bytes, not a dequantized matrix; layers of different types share slots sized
+    for the largest, and a disk miss still reads straight into the slot) and compute with the block kernels. Against the
     exact path (float32 activations, dequantized slots): every activation is rounded to 1/127 of its block's absmax,
     ~0.5% of a matmul's output scale (3e-2 as in tests/offload/experts/kernels, checked here for every projection of
     every layer, so a slot bound with another layer's types would fail), which through two layers of these random
     models leaves the logits within 10% of their scale (2-6% measured); teacher-forced top-1 flips only where it can,
     where the exact top-2 gap is under twice that position's largest logit error, and every budget, tier and batch
     gives the same tokens as 100% does (a kernel's result does not depend on the slot)."""
-    path, _ = write_gguf_and_oracle(sources("qwen3_moe", wide=True), tmp_path, "qwen3_moe", types=NATIVE_TYPES[kind])
+    family, wide, types = NATIVE_CASES[case]
+    path, oracle = write_gguf_and_oracle(sources(family, wide=wide), tmp_path, family, types=types,
+                                         typed_biases="biases" in case)
+    if "biases" in case:  # the exact path still gives transformers' tokens on the dequantized (f16-rounded) values
+        _check(path, oracle, tiers=((1, "disk"), ("50%", "ram")), batches=(3,))
     ids, mask = _prompts(3)
     exact = offload.from_pretrained(path, device="cpu", dtype="float32", quant_activations="float32")
     native = offload.from_pretrained(path, device="cpu", dtype="float32")
@@ -109,9 +119,10 @@ def test_native_types_compute_from_the_files_blocks(kind, sources, tmp_path):
     largest = max(sum(out * ggml_type(t).row_nbytes(inn) for t, (out, inn) in
                       zip(types, ((inter, hidden), (inter, hidden), (hidden, inter)), strict=True))
                   for _, types in layers)
-    assert largest <= native.cache.slot_nbytes < 3 * inter * hidden * 2  # the blocks, not float32
+    slot = native.cache.mover.slot_layout  # (a slot's memory may be larger: a disk read's 4 KiB-aligned span)
+    assert largest <= slot.nbytes < 3 * inter * hidden * 2 and native.cache.slot_nbytes >= slot.nbytes  # not float
     assert isinstance(native.cache.mover.slot_layout, SlotUnion) == (len({t for _, t in layers}) > 1)
-    assert native.cache.mover.direct  # disk reads land in the slot
+    assert native.cache.mover.direct == ("biases" not in case)  # disk reads land in the slot unless cast
     for exact_mode in (exact, offload.from_pretrained(path, device="cpu", dtype="float32", quant_activations="int16")):
         assert exact_mode.cache.slot_nbytes >= 3 * inter * hidden * 4  # no block kernel: dequantized float32 slots
     x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0))
@@ -235,6 +246,16 @@ def test_an_unknown_architecture_and_an_unsupported_type(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"b.gguf: tensor 'blk.0.ffn_down_exps.weight' is stored as "
                                                     r"IQ2_XXS.*offload reads F32, F16"):
         plan_checkpoint(tmp_path / "b.gguf")
+
+
+def test_an_expert_bias_in_a_block_type_is_refused_by_name(sources, tmp_path):
+    """llama.cpp never quantizes a bias; a file that does (gpt-oss's expert biases in MXFP4) fails by tensor and type
+    rather than having its bias bytes read as float32."""
+    path = tmp_path / "b.gguf"
+    write_gguf(sources("gpt_oss"), path, "gpt_oss", types=experts_as("MXFP4"), typed_biases=True)
+    with pytest.raises(UnsupportedModelError, match=r"b.gguf: expert bias 'blk.0.ffn_\w+_exps.bias' is stored as "
+                                                    r"MXFP4.*F32, F16 or BF16"):
+        plan_checkpoint(path)
 
 
 def test_a_missing_tensor_is_named_as_the_file_would_hold_it(sources, tmp_path):
