@@ -2,7 +2,7 @@
 
 Expert-sized matrices, [3584, 1024] and [1024, 3584] taking turns, in enough copies (--ram-mib) that every call
 reads its weights from RAM, not from the last-level cache. Formats: bf16, f16, f32 (offload's float GEMV against
-F.linear), int8 per channel, int4 g128 / g32 and GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K blocks (offload's integer kernels
+F.linear), int8 per channel, int4 g128 / g32 and GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 blocks (offload's kernels
 with int8 activations against torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` on bf16
 activations, weights packed by torch's own converter). Beside them, in the same worker, the memory bandwidth the
 same threads reach: a read-only stream (sum of a 256 MiB float32 array) and the triad a = b + 3c, both in numba on
@@ -39,9 +39,9 @@ from offload.experts.kernels.linear import BlockLinear, float_linear, int_linear
 from offload.experts.kernels.pool import pool, use_threads
 
 SHAPES = ((3584, 1024), (1024, 3584))
-FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32", "q8_0", "q4_0", "q4_k", "q6_k")
+FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32", "q8_0", "q4_0", "q4_k", "q6_k", "mxfp4")
 # ggml's blocks (GGUF files) against torch's int8 kernel / int4 g32 kernel on the same weights
-_TORCH_TWIN = {"q8_0": "int8", "q4_0": "int4-g32", "q4_k": "int4-g32", "q6_k": "int8"}
+_TORCH_TWIN = {"q8_0": "int8", "q4_0": "int4-g32", "q4_k": "int4-g32", "q6_k": "int8", "mxfp4": "int4-g32"}
 STREAM_MIB = 256
 
 

@@ -6,7 +6,7 @@ for gpt-oss. Rows of every ggml type are independent, so expert e is slice e of 
 as it lies, in the file's own blocks (experts/formats/ggml.py). The types can differ per projection and per layer
 (Q4_K_M keeps some layers' down projections in Q6_K), so the format is per layer (``layer_format``); the disk and RAM
 tiers keep each layer's blocks. A cache slot holds the same blocks where every type has a kernel (Q8_0, Q4_0, Q4_K,
-Q6_K: ggml.py's ``native``) and activations are int8, sized for the largest layer when layers differ (SlotUnion);
+Q6_K, MXFP4: ggml.py's ``native``) and activations are int8, sized for the largest layer when layers differ (SlotUnion);
 otherwise the expert dequantized once per miss into the compute dtype.
 """
 
