@@ -2,8 +2,11 @@
 
 blocks uint8 [..., out, in/32, 16] hold two FP4 E2M1 codes per byte (low nibble first; values 0, 0.5, 1, 1.5, 2,
 3, 4, 6 and their negatives) and scales uint8 [..., out, in/32] are E8M0 with bias 127 (scale = 2^(s-127)); a layer's
-experts share fused tensors, gate and up interleaved in gate_up's rows. 4.25 bits per weight on disk and in the RAM
-tier; on CPU a miss dequantizes the expert once into a dense slot (formats/base.py: dequantized_slot).
+experts share fused tensors, gate and up interleaved in gate_up's rows. 4.25 bits per weight on disk, in the RAM
+tier and, on the CPU with int8 activations (the default), in a cache slot: the kernel (kernels/linear.py Mxfp4Linear)
+computes from the codes and exponents as stored. With ``--quant-activations int16/float32`` a CPU miss dequantizes
+the expert once into a dense slot (formats/base.py: dequantized_slot), exact; on a GPU the slot stays MXFP4 and
+dequantizes per matmul.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from offload.errors import UnsupportedModelError
 from offload.experts.formats.base import FLOATS, ExpertFormat, dequantized_slot
+from offload.experts.kernels.linear import Mxfp4Linear
 from offload.experts.layouts import ExpertLayout, Linear, Matrix, Part, pack_matrices, projection_shapes
 
 if TYPE_CHECKING:
@@ -63,6 +67,7 @@ class Mxfp4Matrix:
     scales: Part
     b: Part
     rows: int | None = None
+    activations: str = "float32"  # --quant-activations: "int8" computes a de-interleaved CPU copy with the kernel
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -77,6 +82,9 @@ class Mxfp4Matrix:
 
     def bind(self, buf: torch.Tensor) -> Linear:
         blocks, scales, bias = self._views(buf)
+        if self.activations == "int8" and self.rows is None and buf.device.type == "cpu":
+            kernel = Mxfp4Linear(blocks.reshape(blocks.shape[0], -1), scales)
+            return lambda x: kernel(x) + bias.to(x.dtype)
         return lambda x: F.linear(x, mxfp4_dequantize(blocks, scales, x.dtype), bias.to(x.dtype))
 
     def dense(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,10 +146,15 @@ class Mxfp4Format(ExpertFormat):
                     activations: str) -> ExpertLayout:
         """Gate, up and down de-interleaved, still MXFP4: what the RAM tier holds (4.25 bits per weight)."""
         return pack_matrices([Mxfp4Matrix(Part(0, torch.uint8, (out, inn // 32, 16)),
-                                          Part(0, torch.uint8, (out, inn // 32)), Part(0, dtype, (out,)))
+                                          Part(0, torch.uint8, (out, inn // 32)), Part(0, dtype, (out,)),
+                                          activations=activations)
                               for out, inn in projection_shapes(spec)])
 
     def slot_layout(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                     activations: str) -> ExpertLayout:
-        """On CPU, dequantized once into a dense slot of the compute dtype; on a GPU, MXFP4 (dequantized_slot)."""
-        return dequantized_slot(self.host_layout(spec, dtype, device, activations), spec, dtype, device, bias=True)
+        """On the CPU with int8 activations, the host layout (the kernel computes from it); with int16 / float32
+        activations on the CPU, dequantized once into a dense slot of the compute dtype; on a GPU, MXFP4."""
+        native = self.host_layout(spec, dtype, device, activations)
+        if device.type == "cpu" and activations == "int8":
+            return native
+        return dequantized_slot(native, spec, dtype, device, bias=True)

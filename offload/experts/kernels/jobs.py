@@ -21,7 +21,9 @@ from offload.experts.kernels import cache, rows
 from offload.experts.kernels.intrinsics import ptr_float32, ptr_int8, ptr_uint8, ptr_uint16
 
 # kinds: float weights (also the activations' and outputs' kinds), integer weights x activation codes, ggml blocks
-BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16, Q8_0_A8, Q4_0_A8, Q4_K_A8, Q6_K_A8, MXFP4_A8 = range(12)
+# (GGUF), and MXFP4 as gpt-oss's safetensors hold it
+BF16, F16, F32, INT4_A8, INT4_A16, INT8_A8, INT8_A16 = range(7)
+Q8_0_A8, Q4_0_A8, Q4_K_A8, Q6_K_A8, MXFP4_A8, MXFP4_PLAIN_A8 = range(7, 13)
 # descriptor fields: the weight half (made once per weight), then the call half
 KIND, N, K, GROUPS, BLOCKS, W, S, M, TOKENS, X, XKIND, Y, YKIND = range(13)
 FIELDS = 16
@@ -63,6 +65,13 @@ def _dispatch(d, kind, n, k, tokens, x, y, lo, hi):
             rows.float_rows(carray(ptr_float32(d[W]), (n, k)), x, y, lo, hi, False)
         else:
             rows.float_rows(carray(ptr_uint16(d[W]), (n, k)), x, y, lo, hi, kind == F16)
+        return
+    if kind == MXFP4_PLAIN_A8:  # gpt-oss's safetensors: codes at W, exponents at S
+        xs = np.empty((tokens, k // 32), np.float32)
+        xe, xo = np.empty((tokens, k // 2), np.int8), np.empty((tokens, k // 2), np.int8)
+        rows.quantize_rows(x, 32, xe, xo, xs, np.empty((tokens, k // 32), np.float32), 127, rows.EVEN_ODD)
+        rows.mxfp4_rows(carray(ptr_uint8(d[W]), (n, k // 2)), carray(ptr_uint8(d[S]), (n, k // 32)), xe, xo, xs, y,
+                        lo, hi)
         return
     if kind >= Q8_0_A8:
         _ggml(d, kind, n, k, tokens, x, y, lo, hi)

@@ -149,3 +149,30 @@ class BlockLinear:
         if x.numel() > INT_MAX_TOKENS * self.in_features or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
             return F.linear(x, self.dequantized(x.dtype))
         return _call(self._base, x.contiguous(), self.blocks.shape[0])
+
+
+@dataclass(frozen=True)
+class Mxfp4Linear:
+    """MXFP4 as gpt-oss's safetensors hold it (``codes`` uint8 [N, K/2], two inputs a byte, low nibble the even
+    one; ``exponents`` uint8 [N, K/32], E8M0), views of a slot, computed with int8 activations per block of 32 as
+    llama.cpp computes MXFP4; above INT_MAX_TOKENS dequantized once per call for torch's GEMM."""
+
+    codes: torch.Tensor
+    exponents: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n, half = self.codes.shape
+        base = jobs.weight_base(jobs.MXFP4_PLAIN_A8, n, 2 * half, self.codes.data_ptr(), s=self.exponents.data_ptr())
+        object.__setattr__(self, "_base", base)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] in ``dtype``, exactly (every MXFP4 value is a float32)."""
+        out = torch.empty((self.codes.shape[0], 2 * self.codes.shape[1]), dtype=torch.float32)
+        rows.dequantize_mxfp4(self.codes.numpy(), self.exponents.numpy(), out.numpy())
+        return out.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = 2 * self.codes.shape[1]
+        if x.numel() > INT_MAX_TOKENS * k or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
+            return F.linear(x, self.dequantized(x.dtype))
+        return _call(self._base, x.contiguous(), self.codes.shape[0])

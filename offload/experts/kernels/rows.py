@@ -503,6 +503,78 @@ def _ggml_rows(w, x, xo, xs, xz, y, lo, hi, kind):
     return rows_avx2
 
 
+# -- MXFP4 as gpt-oss's safetensors hold it: codes w uint8 [N, K/2] (byte j: input 2j low, 2j + 1 high, 16 bytes a
+#    block of 32) and E8M0 exponents e uint8 [N, K/32] in a tensor of their own; activations split even / odd. ------
+
+
+@njit(inline="always")
+def _mxfp4_plain_block(wr, er, b, xet, xot, scale):
+    """Block b of a row against its even / odd activation codes: 2^(e - 128) x scale x dot of the doubled values."""
+    d = 0
+    for j in range(b * 16, b * 16 + 16):
+        q = wr[j]
+        d += np.int32(MXFP4_VALUES[q & np.uint8(15)]) * np.int32(xet[j]) + np.int32(
+            MXFP4_VALUES[q >> np.uint8(4)]) * np.int32(xot[j])
+    return intrinsics.e8m0_half(er[b]) * scale * np.float32(np.int32(d))
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def mxfp4_portable(w, e, xe, xo, xs, y, lo, hi):
+    """Rows lo..hi of y [T, N] from MXFP4 codes and exponents as gpt-oss stores them (above) times int8 codes of the
+    even / odd inputs (xe / xo [T, K/2], EVEN_ODD) with a scale per 32 inputs (xs [T, K/32])."""
+    tokens, blocks = xe.shape[0], xs.shape[1]
+    for r in range(lo, hi):
+        for t in range(tokens):
+            acc = np.float32(0.0)
+            for b in range(blocks):
+                acc += _mxfp4_plain_block(w[r], e[r], b, xe[t], xo[t], xs[t, b])
+            store(y, t, r, acc)
+
+
+@njit(inline="always")
+def _mxfp4_plain_vector(w, e, xe, xo, xs, y, lo, hi):
+    """mxfp4_portable on AVX2: 32 code bytes (two blocks) per lookup-and-dot, eight blocks reduced at once."""
+    tokens, blocks = xe.shape[0], xs.shape[1]
+    whole = blocks - blocks % 8
+    for r in range(lo, hi):
+        wr, er = w[r], e[r]
+        for t in range(tokens):
+            xet, xot, xst = xe[t], xo[t], xs[t]
+            acc = fzero()
+            for b in range(0, whole, 8):
+                c = b * 16
+                d = sums4(vectors.dot_mxfp4_plain(wr, xet, xot, c), vectors.dot_mxfp4_plain(wr, xet, xot, c + 32),
+                          vectors.dot_mxfp4_plain(wr, xet, xot, c + 64),
+                          vectors.dot_mxfp4_plain(wr, xet, xot, c + 96))
+                acc = fma(vectors.to_float(d), fmul(vectors.load8_e8m0_half(er, b), load8(xst, b)), acc)
+            tail = np.float32(0.0)
+            for b in range(whole, blocks):
+                tail += _mxfp4_plain_block(wr, er, b, xet, xot, xst[b])
+            store(y, t, r, total(acc) + tail)
+
+
+def mxfp4_rows(w, e, xe, xo, xs, y, lo, hi):
+    """MXFP4 rows as gpt-oss stores them: the AVX2 kernel where the target has AVX2, else mxfp4_portable."""
+
+
+@overload(mxfp4_rows)
+def _mxfp4_rows(w, e, xe, xo, xs, y, lo, hi):
+    if not vectors.AVX2:
+        return lambda w, e, xe, xo, xs, y, lo, hi: mxfp4_portable(w, e, xe, xo, xs, y, lo, hi)
+    return lambda w, e, xe, xo, xs, y, lo, hi: _mxfp4_plain_vector(w, e, xe, xo, xs, y, lo, hi)
+
+
+@njit(cache=True, nogil=True)
+def dequantize_mxfp4(w, e, out):
+    """MXFP4 codes w [N, K/2] and exponents e [N, K/32] as gpt-oss stores them -> float32 out [N, K], exactly."""
+    n, k = out.shape
+    for r in range(n):
+        for j in range(k // 2):
+            d = intrinsics.e8m0_half(e[r, j // 16])
+            out[r, 2 * j] = d * np.float32(MXFP4_VALUES[w[r, j] & np.uint8(15)])
+            out[r, 2 * j + 1] = d * np.float32(MXFP4_VALUES[w[r, j] >> np.uint8(4)])
+
+
 @njit(inline="always")
 def _block_values(wr, b, kind, out_row):
     """Block b of a row of ``kind`` decoded into out_row's weights, exactly as ggml decodes them."""

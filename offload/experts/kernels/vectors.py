@@ -123,29 +123,61 @@ def dot_q4_0(typingctx, w, first, second, xl, xh, i):
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 codes' values, doubled (ggml's)
 
 
+def _mxfp4_dot(ctx, builder, sig, args, wv, xe: int, at: int):
+    """32 bytes wv of E2M1 code pairs: each nibble looked up (vpshufb) as its doubled value -12..12, low nibbles
+    . args[xe][at:at+32], high nibbles . args[xe + 1][at:], signed as llama.cpp does (vpsignb twice); 8 int32 sums,
+    lanes 0-3 from bytes 0-15, 4-7 from bytes 16-31."""
+    b = builder
+    table = ir.Constant(V32I8, [v & 0xFF for v in MXFP4_VALUES] * 2)
+    lookup = _declare(b, "llvm.x86.avx2.pshuf.b", V32I8, [V32I8, V32I8])
+    sign = _declare(b, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
+    pairs = None
+    for high, xi in ((False, xe), (True, xe + 1)):
+        v = b.call(lookup, [table, _nibbles(b, wv, high)])
+        xv = _load(ctx, b, sig.args[xi], args[xi], args[at], V32I8, 1)
+        madd = _madd(b, b.call(sign, [v, v]), b.call(sign, [xv, v]))  # |v| <= 12: |pair| <= 3048
+        pairs = madd if pairs is None else b.add(pairs, madd)
+    return _to_int32(b, pairs)
+
+
 @intrinsic
 def dot_mxfp4(typingctx, w, first, second, xl, xh, i):
-    """Two MXFP4 blocks' 16 nibble bytes (E2M1 codes, element j low, j + 16 high, as Q4_0), at w[first:] and
-    w[second:], against their activations' halves xl[i:i+32] / xh[i:i+32]: each nibble is looked up (vpshufb) as
-    its doubled value -12..12 and the signed dot taken as llama.cpp's (vpsignb twice); lanes 0-3 the first block,
-    4-7 the second."""
+    """Two GGUF MXFP4 blocks' 16 code bytes (element j low, j + 16 high, as Q4_0), at w[first:] and w[second:],
+    against their activations' halves xl[i:i+32] / xh[i:i+32]: lanes 0-3 the first block, 4-7 the second."""
+
+    def codegen(ctx, builder, sig, args):
+        halves = [_load(ctx, builder, sig.args[0], args[0], args[k], V16I8, 1) for k in (1, 2)]
+        wv = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        return _mxfp4_dot(ctx, builder, sig, args, wv, 3, 5)
+
+    return i32x8(w, types.intp, types.intp, xl, xh, types.intp), codegen
+
+
+@intrinsic
+def dot_mxfp4_plain(typingctx, w, xe, xo, i):
+    """Code bytes w[i:i+32] as gpt-oss's safetensors hold them (two blocks of 16 bytes, low nibble the even input,
+    high the odd one) . xe[i:i+32] / xo[i:i+32] (the even / odd inputs' codes): lanes 0-3 the first block."""
+
+    def codegen(ctx, builder, sig, args):
+        wv = _load(ctx, builder, sig.args[0], args[0], args[3], V32I8, 1)
+        return _mxfp4_dot(ctx, builder, sig, args, wv, 1, 3)
+
+    return i32x8(w, xe, xo, types.intp), codegen
+
+
+@intrinsic
+def load8_e8m0_half(typingctx, arr, i):
+    """Eight E8M0 exponent bytes arr[i:i+8] (uint8) as 2^(e - 128) each, f32x8 (intrinsics.e8m0_half, lane-wise)."""
 
     def codegen(ctx, builder, sig, args):
         b = builder
-        halves = [_load(ctx, b, sig.args[0], args[0], args[k], V16I8, 1) for k in (1, 2)]
-        wv = b.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        table = ir.Constant(V32I8, [v & 0xFF for v in MXFP4_VALUES] * 2)
-        lookup = _declare(b, "llvm.x86.avx2.pshuf.b", V32I8, [V32I8, V32I8])
-        sign = _declare(b, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
-        pairs = None
-        for high, xi in ((False, 3), (True, 4)):
-            v = b.call(lookup, [table, _nibbles(b, wv, high)])
-            xv = _load(ctx, b, sig.args[xi], args[xi], args[5], V32I8, 1)
-            madd = _madd(b, b.call(sign, [v, v]), b.call(sign, [xv, v]))  # |v| <= 12: |pair| <= 3048
-            pairs = madd if pairs is None else b.add(pairs, madd)
-        return _to_int32(b, pairs)
+        e = b.zext(_load(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(I8, 8), 1), V8I32)
+        small = b.icmp_unsigned("<", e, ir.Constant(V8I32, [2] * 8))
+        subnormal = b.shl(ir.Constant(V8I32, [0x00200000] * 8), e)
+        normal = b.shl(b.sub(e, ir.Constant(V8I32, [1] * 8)), ir.Constant(V8I32, [23] * 8))
+        return b.bitcast(b.select(small, subnormal, normal), V8F32)
 
-    return i32x8(w, types.intp, types.intp, xl, xh, types.intp), codegen
+    return f32x8(arr, types.intp), codegen
 
 
 def _nibbles(builder: ir.IRBuilder, wv, high: bool):

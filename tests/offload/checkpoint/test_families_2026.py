@@ -18,6 +18,7 @@ from offload.experts.formats.fp8 import Fp8BlockFormat
 from offload.experts.formats.mxfp4 import Mxfp4Format, Mxfp4Matrix, mxfp4_dequantize
 from offload.experts.layouts import DenseMatrix
 from offload.model.kv import KVCache
+from tests.native import assert_native_close_to_exact
 from tests.offload.model.test_forward import _min_gap, _prompts
 from tests.paths import DATA
 from tests.quant_checkpoints import write_dequantized, write_fp8, write_mxfp4
@@ -50,13 +51,13 @@ def _reference(path, ids, mask):
         return out.sequences, torch.stack(out.scores, 1), ref(ids, attention_mask=mask).logits
 
 
-def _check_parity(qdir, deq):
+def _check_parity(qdir, deq, **options):
     for batch in (1, 3):
         ids, mask = _prompts(batch)
         tokens, scores, logits = _reference(deq, ids, mask)
         assert _min_gap(scores, tokens) > 1e-3
         for budget, tier in ((1, "disk"), ("25%", "ram"), ("100%", "disk")):
-            model = offload.from_pretrained(qdir, device="cpu", expert_budget=budget, offload_to=tier)
+            model = offload.from_pretrained(qdir, device="cpu", expert_budget=budget, offload_to=tier, **options)
             assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2,
                                               pad_token_id=0), tokens), (budget, tier, batch)
             real = mask.bool()
@@ -67,17 +68,22 @@ def _check_parity(qdir, deq):
 def test_gpt_oss_mxfp4_as_released(tmp_path):
     src = _make("gpt_oss", tmp_path / "src", intermediate_size=32)  # MXFP4 groups of 32 inputs on both sides
     state = write_mxfp4(src, tmp_path / "q")
-    _check_parity(tmp_path / "q", write_dequantized(src, tmp_path / "deq", state))
-    model = offload.from_pretrained(tmp_path / "q", device="cpu", offload_to="ram")
+    _check_parity(tmp_path / "q", write_dequantized(src, tmp_path / "deq", state), quant_activations="float32")
+    model = offload.from_pretrained(tmp_path / "q", device="cpu", offload_to="ram", quant_activations="float32")
     assert isinstance(model.plan.expert_format, Mxfp4Format)
     # the RAM tier keeps 4.25 bits per weight: (16 bytes + 1 scale) per 32 weights, plus a float32 bias per row
     h = i = 32
     (host,) = model.cache.mover.store.native_formats  # every expert of the RAM tier in one layout
     assert all(isinstance(m, Mxfp4Matrix) for m in host.matrices)
     assert host.nbytes == pytest.approx(3 * i * h * 17 / 32 + 4 * (2 * i + h), abs=3 * 64)
-    # a CPU slot holds the expert dequantized once, in the compute dtype (no CPU kernel computes MXFP4)
+    # float32 activations: a CPU slot holds the expert dequantized once, in the compute dtype (exact)
     slot = model.cache.mover.slot_layout
     assert all(isinstance(m, DenseMatrix) and m.w.dtype == torch.float32 for m in slot.matrices)
+    # int8 activations (the default): the slot holds the RAM tier's MXFP4 bytes and the kernel computes from them
+    native = offload.from_pretrained(tmp_path / "q", device="cpu")
+    assert native.cache.mover.slot_layout.same_format(host) and native.cache.slot_nbytes < slot.nbytes
+    layers = [n for n, moe in enumerate(native.spec.moe_layers) if moe]
+    assert_native_close_to_exact(tmp_path / "q", native, model, layers)
 
 
 def test_mxfp4_dequantizes_as_transformers_does():

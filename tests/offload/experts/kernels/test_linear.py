@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from offload.experts import quant as Q
+from offload.experts.formats.mxfp4 import mxfp4_dequantize
 from offload.experts.kernels import linear as L
 from offload.experts.kernels import rows, vectors
 from tests import reference as R
@@ -199,6 +200,47 @@ def test_avx2_ggml_rows_equal_the_portable_rows(kind, n, k):
     np.testing.assert_allclose(fast, portable, rtol=1e-5, atol=1e-5 * float(np.abs(portable).max()))
 
 
+def _mxfp4_plain(n: int, k: int, seed: int) -> tuple[L.Mxfp4Linear, torch.Tensor]:
+    """Random gpt-oss-style MXFP4 (codes [N, K/32, 16], exponents around 2^0) and its float32 decoding by
+    formats/mxfp4.py's byte-pair table, written independently of the kernels."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n, k // 32, 16), generator=g, dtype=torch.uint8)
+    exponents = torch.randint(118, 131, (n, k // 32), generator=g, dtype=torch.uint8)
+    return L.Mxfp4Linear(blocks.view(n, k // 2), exponents), mxfp4_dequantize(blocks, exponents, torch.float32)
+
+
+@pytest.mark.parametrize("n, k", [(37, 256), (64, 320), (40, 96)])  # 8 blocks; 8 + a tail of 2; a tail of 3 only
+def test_mxfp4_as_gpt_oss_stores_it_matches_the_dequantized_reference(n, k):
+    """gpt-oss's MXFP4 layout (even / odd nibbles, exponents apart) with int8 activations per 32 (3e-2), exact above
+    INT_MAX_TOKENS (1e-5)."""
+    lin, ref_w = _mxfp4_plain(n, k, seed=k)
+    assert torch.equal(lin.dequantized(torch.float32), ref_w)
+    for tokens in TOKENS:
+        x = _w(tokens, k, seed=tokens)
+        y = lin(x)
+        assert y.shape == (tokens, n) and y.dtype == x.dtype
+        tolerance = TOLERANCE["int8"] if tokens <= L.INT_MAX_TOKENS else 1e-5
+        assert _err(y, R.ref_linear(x, ref_w)) < tolerance, tokens
+
+
+@numba.njit
+def _mxfp4_rows(w, e, xe, xo, xs, fast, portable):
+    rows.mxfp4_rows(w, e, xe, xo, xs, fast, 0, w.shape[0])
+    rows.mxfp4_portable(w, e, xe, xo, xs, portable, 0, w.shape[0])
+
+
+@pytest.mark.skipif(not vectors.AVX2, reason="the host has no AVX2: the MXFP4 kernel is the portable one there")
+@pytest.mark.parametrize("k", [256, 320, 96])
+def test_avx2_mxfp4_rows_equal_the_portable_rows(k):
+    lin, _ = _mxfp4_plain(37, k, seed=1)
+    rng = np.random.default_rng(k)
+    xe, xo = (rng.integers(-127, 128, (3, k // 2), dtype=np.int8) for _ in range(2))
+    xs = rng.random((3, k // 32), dtype=np.float32)
+    fast, portable = (np.full((3, 37), np.nan, np.float32) for _ in range(2))
+    _mxfp4_rows(lin.codes.numpy(), lin.exponents.numpy(), xe, xo, xs, fast, portable)
+    np.testing.assert_allclose(fast, portable, rtol=1e-5, atol=1e-5 * float(np.abs(portable).max()))
+
+
 @numba.njit
 def _to_bf16(values, out):
     for i in range(values.size):
@@ -234,6 +276,8 @@ for bits, group in ((4, 128), (4, 32), (8, None)):
 for kind in ("Q8_0", "Q4_0", "MXFP4"):
     raw = gguf.quants.quantize(torch.randn(96, 256).numpy(), gguf.GGMLQuantizationType[kind])
     out.append(L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, 256)(torch.randn(3, 256)).numpy())
+blocks = torch.randint(0, 256, (96, 256 // 2), dtype=torch.uint8)  # gpt-oss's MXFP4 layout
+out.append(L.Mxfp4Linear(blocks, torch.randint(120, 130, (96, 8), dtype=torch.uint8))(torch.randn(3, 256)).numpy())
 for kind, size in (("Q4_K", 144), ("Q6_K", 210)):  # random fields; f16 scales set finite
     raw = np.random.default_rng(0).integers(0, 256, (96, 2, size), dtype=np.uint8)
     scales = np.full((96, 2, 2), 0.01, np.float16).view(np.uint8)
