@@ -2,9 +2,9 @@
 
 Expert-sized matrices, [3584, 1024] and [1024, 3584] taking turns, in enough copies (--ram-mib) that every call
 reads its weights from RAM, not from the last-level cache. Formats: bf16, f16, f32 (offload's float GEMV against
-F.linear), int8 per channel, int4 g128 / g32 and GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 blocks (offload's kernels
-with int8 activations against torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` on bf16
-activations, weights packed by torch's own converter). Beside them, in the same worker, the memory bandwidth the
+F.linear), int8 per channel, int4 g128 / g32, GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 blocks and gpt-oss's MXFP4
+(offload's kernels with int8 activations against torch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``
+on bf16 activations, weights packed by torch's own converter). Beside them, in the same worker, the memory bandwidth the
 same threads reach: a read-only stream (sum of a 256 MiB float32 array) and the triad a = b + 3c, both in numba on
 offload's pool.
 
@@ -35,11 +35,12 @@ from common import machine_info, main, make_app, write_json, write_text
 from numba import njit
 
 from offload.experts import quant as Q
-from offload.experts.kernels.linear import BlockLinear, float_linear, int_linear
+from offload.experts.kernels.linear import BlockLinear, Mxfp4Linear, float_linear, int_linear
 from offload.experts.kernels.pool import pool, use_threads
 
 SHAPES = ((3584, 1024), (1024, 3584))
-FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32", "q8_0", "q4_0", "q4_k", "q6_k", "mxfp4")
+FORMATS = ("bf16", "f16", "f32", "int8", "int4-g128", "int4-g32", "q8_0", "q4_0", "q4_k", "q6_k", "mxfp4",
+           "mxfp4-gpt-oss")
 # ggml's blocks (GGUF files) against torch's int8 kernel / int4 g32 kernel on the same weights
 _TORCH_TWIN = {"q8_0": "int8", "q4_0": "int4-g32", "q4_k": "int4-g32", "q6_k": "int8", "mxfp4": "int4-g32"}
 STREAM_MIB = 256
@@ -83,6 +84,13 @@ def _pair(fmt: str, w: torch.Tensor):
         dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[fmt]
         wd = w.to(dtype).contiguous()
         return (lambda x: float_linear(x, wd)), (lambda x: F.linear(x.to(dtype), wd)), wd.nbytes, wd.nbytes
+    if fmt == "mxfp4-gpt-oss":  # the released safetensors' layout: codes and exponents apart, speed not value-bound
+        n, k = w.shape
+        g = torch.Generator().manual_seed(n)
+        lin = Mxfp4Linear(torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8),
+                          torch.randint(120, 130, (n, k // 32), generator=g, dtype=torch.uint8))
+        theirs, theirs_bytes = _torch_int("int4-g32", w)
+        return lin, (lambda x: theirs(x.bfloat16())), lin.codes.nbytes + lin.exponents.nbytes, theirs_bytes
     if fmt in _TORCH_TWIN:
         kind = fmt.upper()
         raw = _ggml_blocks(w, kind)
