@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
-from common import machine_info, main, make_app, write_json, write_text
+from common import machine_info, main, make_app, write_results
 from numba import njit
 
 from offload.experts import quant as Q
@@ -241,12 +241,9 @@ def bench(
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"  worker threads={t} done, load {runs[-1]['loadavg'][0]:.2f}", file=sys.stderr)
     summary = summarize(runs)
-    write_json(out, {"machine": machine_info("numba", "llvmlite"), "load_before": before,
-                     "load_after": os.getloadavg(), "params": params, "summary": summary, "runs": runs})
-    text = table(summary)
-    write_text(out.with_suffix(".md"), text)
-    print(text)
-    print(f"wrote {out}", file=sys.stderr)
+    write_results(out, {"machine": machine_info("numba", "llvmlite"), "load_before": before,
+                        "load_after": os.getloadavg(), "params": params, "summary": summary, "runs": runs},
+                  table(summary))
 
 
 if __name__ == "__main__":

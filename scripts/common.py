@@ -113,6 +113,16 @@ def write_json(path: str | os.PathLike, obj: object, indent: int | None = 1) -> 
     write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def write_results(out: str | os.PathLike, record: dict, table: str) -> None:
+    """A benchmark's record as JSON at ``out`` and its table beside it (``.md``); the table to stdout, the path to
+    stderr."""
+    out = Path(out)
+    write_json(out, record)
+    write_text(out.with_suffix(".md"), table)
+    print(table)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to give a writer that takes a file name (csv, matplotlib's savefig); when the

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from common import machine_info, main, make_app, write_json, write_text
+from common import machine_info, main, make_app, write_results
 
 TARGET = 0.01  # issue 25: the two engines' perplexities within 1% of each other
 CORPUS = ("textwrap.py", "difflib.py")  # stdlib text, the same on every machine with this Python
@@ -125,12 +125,8 @@ def run(
     params = {"ggufs": [str(p) for p in ggufs], "text": str(text_file) if text_file else f"stdlib {CORPUS}",
               "tokens": tokens, "context": context, "stride": stride, "threads": threads, "dtype": dtype,
               "quant_activations": quant_activations}
-    write_json(out, {"machine": machine_info("llama_cpp_python", "gguf"), "load_before": before,
-                     "load_after": os.getloadavg(), "params": params, "results": rows})
-    text_table = table(rows)
-    write_text(out.with_suffix(".md"), text_table)
-    print(text_table)
-    print(f"wrote {out}", file=sys.stderr)
+    write_results(out, {"machine": machine_info("llama_cpp_python", "gguf"), "load_before": before,
+                        "load_after": os.getloadavg(), "params": params, "results": rows}, table(rows))
 
 
 if __name__ == "__main__":

@@ -166,7 +166,13 @@ def test_ggml_blocks_match_ggml_orgs_decoding(kind, n, k):
     """GGUF's Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 rows as the file stores them, against gguf.quants.dequantize then a
     float64 matmul: int8 activations per block of 32 (3e-2, as for int4/int8 above), exact decoding above
     INT_MAX_TOKENS (1e-5)."""
-    lin, ref_w = _ggml(kind, n, k, seed=k)
+    _check_int8_linear(*_ggml(kind, n, k, seed=k))
+
+
+def _check_int8_linear(lin, ref_w: torch.Tensor) -> None:
+    """A kernel with int8 activations against its weights' float32 decoding ``ref_w``: the exact dequantization, then
+    every token count within int8 activations' 3e-2 (1e-5 above INT_MAX_TOKENS, dequantized), in the input's dtype."""
+    n, k = ref_w.shape
     assert torch.equal(lin.dequantized(torch.float32), ref_w)
     for tokens in TOKENS:
         x = _w(tokens, k, seed=tokens)
@@ -213,14 +219,7 @@ def _mxfp4_plain(n: int, k: int, seed: int) -> tuple[L.Mxfp4Linear, torch.Tensor
 def test_mxfp4_as_gpt_oss_stores_it_matches_the_dequantized_reference(n, k):
     """gpt-oss's MXFP4 layout (even / odd nibbles, exponents apart) with int8 activations per 32 (3e-2), exact above
     INT_MAX_TOKENS (1e-5)."""
-    lin, ref_w = _mxfp4_plain(n, k, seed=k)
-    assert torch.equal(lin.dequantized(torch.float32), ref_w)
-    for tokens in TOKENS:
-        x = _w(tokens, k, seed=tokens)
-        y = lin(x)
-        assert y.shape == (tokens, n) and y.dtype == x.dtype
-        tolerance = TOLERANCE["int8"] if tokens <= L.INT_MAX_TOKENS else 1e-5
-        assert _err(y, R.ref_linear(x, ref_w)) < tolerance, tokens
+    _check_int8_linear(*_mxfp4_plain(n, k, seed=k))
 
 
 @numba.njit
