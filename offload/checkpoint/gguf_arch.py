@@ -263,8 +263,8 @@ def expert_format(file: GgufFile) -> GgufFormat:
                                   "the file is incomplete: re-download it")
         types.append((n, tuple(file.tensors[name].encoding for name in names)))
     bias = f"blk.{layers[0]}.ffn_down_exps.bias" in file.tensors
-    for name, info in file.tensors.items():  # llama.cpp quantizes only .weight tensors: a block-typed bias is odd
-        if bias and re.match(r"^blk\.\d+\.ffn_\w+_exps\.bias$", name) and info.encoding not in ("F32", "F16", "BF16"):
+    for name, info in file.tensors.items() if bias else ():  # llama.cpp quantizes only .weight tensors
+        if re.match(r"^blk\.\d+\.ffn_\w+_exps\.bias$", name) and info.encoding not in ("F32", "F16", "BF16"):
             raise UnsupportedModelError(f"{file.path}: expert bias {name!r} is stored as {info.encoding}",
                                         "offload reads expert biases in F32, F16 or BF16 (as llama.cpp writes them)")
     return GgufFormat(tuple(types), bias=bias, fused_gate_up=fused)  # type: ignore[arg-type]

@@ -95,8 +95,8 @@ class GgufMatrix:
 
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
         """The same blocks, moved (the RAM tier packs what the disk read); a bias cast to this layout's float32."""
-        if not isinstance(src, GgufMatrix) or src.signature()[:3] != self.signature()[:3] or (src.b is None) != (
-                self.b is None):
+        if not isinstance(src, GgufMatrix) or (src.kind, src.w.shape, src.b is None) != (self.kind, self.w.shape,
+                                                                                         self.b is None):
             raise TypeError(f"a {self.kind} GGUF matrix cannot hold {type(src).__name__} bytes")
         for have, want in zip(src.parts, self.parts, strict=True):
             want.view(buf).copy_(have.view(src_buf))

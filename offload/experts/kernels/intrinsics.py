@@ -10,7 +10,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from offload.experts.kernels.vectors import target_features
+from offload.experts.kernels.vectors import e8m0_half_bits, target_features
 
 I16, I32 = ir.IntType(16), ir.IntType(32)
 
@@ -68,12 +68,8 @@ def e8m0_half(typingctx, e):
     sig = types.float32(e)
 
     def codegen(ctx, builder, sig, args):
-        b = builder
-        x = b.zext(args[0], I32) if args[0].type.width < 32 else b.trunc(args[0], I32)
-        small = b.icmp_unsigned("<", x, ir.Constant(I32, 2))
-        subnormal = b.shl(ir.Constant(I32, 0x00200000), x)
-        normal = b.shl(b.sub(x, ir.Constant(I32, 1)), ir.Constant(I32, 23))
-        return b.bitcast(b.select(small, subnormal, normal), ir.FloatType())
+        x = builder.zext(args[0], I32) if args[0].type.width < 32 else builder.trunc(args[0], I32)
+        return e8m0_half_bits(builder, x, ir.FloatType())
 
     return sig, codegen
 

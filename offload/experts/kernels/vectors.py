@@ -165,17 +165,25 @@ def dot_mxfp4_plain(typingctx, w, xe, xo, i):
     return i32x8(w, xe, xo, types.intp), codegen
 
 
+def e8m0_half_bits(builder: ir.IRBuilder, e, float_type: ir.Type):
+    """E8M0 exponents e (int32, or a vector of them) -> 2^(e - 128) of ``float_type``: half an MXFP4 block's scale
+    2^(e - 127), as ggml's ggml_e8m0_to_fp32_half (the values are kept doubled); e < 2 gives the subnormals."""
+    def const(value: int):
+        return ir.Constant(e.type, [value] * e.type.count if isinstance(e.type, ir.VectorType) else value)
+
+    small = builder.icmp_unsigned("<", e, const(2))
+    subnormal = builder.shl(const(0x00200000), e)
+    normal = builder.shl(builder.sub(e, const(1)), const(23))
+    return builder.bitcast(builder.select(small, subnormal, normal), float_type)
+
+
 @intrinsic
 def load8_e8m0_half(typingctx, arr, i):
     """Eight E8M0 exponent bytes arr[i:i+8] (uint8) as 2^(e - 128) each, f32x8 (intrinsics.e8m0_half, lane-wise)."""
 
     def codegen(ctx, builder, sig, args):
-        b = builder
-        e = b.zext(_load(ctx, b, sig.args[0], args[0], args[1], ir.VectorType(I8, 8), 1), V8I32)
-        small = b.icmp_unsigned("<", e, ir.Constant(V8I32, [2] * 8))
-        subnormal = b.shl(ir.Constant(V8I32, [0x00200000] * 8), e)
-        normal = b.shl(b.sub(e, ir.Constant(V8I32, [1] * 8)), ir.Constant(V8I32, [23] * 8))
-        return b.bitcast(b.select(small, subnormal, normal), V8F32)
+        e = builder.zext(_load(ctx, builder, sig.args[0], args[0], args[1], ir.VectorType(I8, 8), 1), V8I32)
+        return e8m0_half_bits(builder, e, V8F32)
 
     return f32x8(arr, types.intp), codegen
 
