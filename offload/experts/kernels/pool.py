@@ -4,9 +4,15 @@ Why not torch's or numba's threading: torch ships its own libgomp and numba's ``
 one; two spinning OpenMP teams on 2 cores stalled calls by 12-16 ms, and numba's ``workqueue`` layer started
 its threads per call (266 against 188 us, shared/NOTES.md). Here a worker is a plain thread inside a numba
 function (``_serve``) that never holds the GIL: it spins on a generation counter, runs its rows of the posted
-job descriptor (jobs.py) and adds itself to a done counter; after ``SPINS`` idle pauses (about half a
-millisecond) it returns to Python and sleeps on a condition variable, so it never starves torch's threads
-between layers. The next matrix of the same layer therefore starts on every thread within a microsecond.
+job descriptor (jobs.py) and adds itself to a done counter; after a number of idle pauses set by the step it
+serves it returns to Python and sleeps on a condition variable, so it never starves torch's threads for long. The
+next kernel call therefore starts on every thread within a microsecond.
+
+How long to spin: a decode token's gaps between kernel calls (attention, sampling, the next token's embedding) last
+up to a few milliseconds. Spinning ``SPINS`` (~1.3 ms) the worker slept 1.1-1.6 times per token of the bench model
+and each wake-up (condition variable, then the GIL) cost a few hundred microseconds: 56 against 65 tok/s with
+``DECODE_SPINS`` (~10 ms, no sleeps; median of 6 alternating runs, Q4_0 GGUF). So a decode step raises the budget and
+a prefill step lowers it again, giving torch's threads both cores for its GEMMs.
 
 A Python callable can be run too (tests, benchmarks): the worker then leaves numba to call it, and pays the GIL.
 """
@@ -24,8 +30,9 @@ from numba import njit
 
 from offload.experts.kernels import cache, intrinsics, jobs
 
-GENERATION, DONE, PYTHON_JOB = 0, 8, 16  # int64 slots of the control array, a cache line apart
+GENERATION, DONE, PYTHON_JOB, SPIN = 0, 8, 16, 24  # int64 slots of the control array, a cache line apart
 SPINS = 20_000            # pause instructions before a worker sleeps: ~66 ns each here, 1.3 ms in all
+DECODE_SPINS = 150_000    # the same while decoding: ~10 ms, longer than any gap between a token's kernel calls
 ROW_ALIGN = 16            # rows per part are a multiple of this: parts never share a cache line of output
 DECODE_TOKENS = 16        # a step of at most this many tokens runs as decode (decode_step): the kernels' range
 
@@ -40,11 +47,11 @@ def _part(rows, parts, index):
 
 
 @njit(cache=True, nogil=True)
-def _serve(ctl, desc, index, parts, seen, spins):
+def _serve(ctl, desc, index, parts, seen):
     """A worker's loop: run its part of each posted descriptor job; return the generation seen when idle for
-    ``spins`` pauses, or minus it when the job is a Python callable (the worker runs it in Python)."""
+    ctl[SPIN] pauses, or minus it when the job is a Python callable (the worker runs it in Python)."""
     idle = 0
-    while idle < spins:
+    while idle < intrinsics.load_acquire(ctl, SPIN):
         now = intrinsics.load_acquire(ctl, GENERATION)
         if now == seen:
             intrinsics.cpu_relax()
@@ -78,6 +85,11 @@ def _post(ctl, generation, python_job):
 
 
 @njit(cache=True, nogil=True)
+def _post_spin(ctl, pauses):
+    intrinsics.store_release(ctl, SPIN, pauses)
+
+
+@njit(cache=True, nogil=True)
 def _wait_done(ctl, target):
     while intrinsics.load_acquire(ctl, DONE) < target:
         intrinsics.cpu_relax()
@@ -98,7 +110,8 @@ class Pool:
 
     def __init__(self, threads: int) -> None:
         self.threads = max(1, int(threads))
-        self._ctl = np.zeros(24, dtype=np.int64)
+        self._ctl = np.zeros(32, dtype=np.int64)
+        self._ctl[SPIN] = SPINS
         self._desc = np.zeros(jobs.FIELDS, dtype=np.int64)
         self._generation = 0
         self._python_job: Job | None = None
@@ -143,6 +156,11 @@ class Pool:
             if self._errors:
                 raise self._errors.pop()
 
+    def spin(self, pauses: int) -> None:
+        """How long an idle worker spins before it sleeps, from now on (DECODE_SPINS while decoding)."""
+        if self._ctl[SPIN] != pauses:
+            _post_spin(self._ctl, pauses)
+
     def _wake(self) -> None:
         if self._sleeping:
             with self._cond:
@@ -151,7 +169,7 @@ class Pool:
     def _serve(self, index: int) -> None:
         seen = 0
         while True:
-            now = _serve(self._ctl, self._desc, index, self.threads, seen, SPINS)
+            now = _serve(self._ctl, self._desc, index, self.threads, seen)
             if now < 0:  # a Python job
                 seen = -now
                 self._run_python(index)
@@ -209,8 +227,10 @@ def decode_step(tokens: int) -> Iterator[None]:
     enough that one thread loses nothing; prefill keeps all of torch's threads for its GEMMs.
     """
     if tokens > DECODE_TOKENS:
+        pool().spin(SPINS)
         yield
         return
+    pool().spin(DECODE_SPINS)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
