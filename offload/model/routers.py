@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
 
+from offload.experts.kernels.linear import float_linear
 from offload.registry import lookup
 from offload.spec import ModelSpec
 
@@ -111,7 +111,7 @@ class SoftmaxTopK:
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [tokens, hidden] -> experts [tokens, k] (best first), weights [tokens, k]."""
-        logits = F.linear(x, self.weight)
+        logits = float_linear(x, self.weight)
         probs = torch.softmax(self._masked(logits.float()), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
@@ -123,7 +123,7 @@ class SoftmaxTopK:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 router logits [tokens, experts] (with the router's bias, if it has one)."""
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
+        return float_linear(x.float(), self.weight, bias)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """The logits (dropped experts at -inf): softmax keeps their order."""
@@ -140,7 +140,7 @@ class TopKSoftmax(SoftmaxTopK):
         return {"weight": (spec.num_experts, spec.hidden_size), "bias": (spec.num_experts,)}
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top, experts = torch.topk(self._masked(F.linear(x, self.weight, self.bias)), self.top_k, dim=-1)
+        top, experts = torch.topk(self._masked(float_linear(x, self.weight, self.bias)), self.top_k, dim=-1)
         return experts, torch.softmax(top, dim=-1, dtype=top.dtype)
 
 
@@ -177,7 +177,7 @@ class SigmoidGroups(SoftmaxTopK):
         return per_group.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        scores = torch.sigmoid(float_linear(x.float(), self.weight))
         experts = self._retained_topk(self._choice(scores), scores + self.bias)
         weights = scores.gather(1, experts)
         if self.normalize:
@@ -186,7 +186,7 @@ class SigmoidGroups(SoftmaxTopK):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """The biased sigmoid scores, experts outside the chosen groups (and dropped ones) at -inf."""
-        return self._choice(torch.sigmoid(F.linear(x.float(), self.weight.float())))
+        return self._choice(torch.sigmoid(float_linear(x.float(), self.weight)))
 
 
 class SigmoidBias(SigmoidGroups):
@@ -227,13 +227,13 @@ class ScaledSoftmax(SoftmaxTopK):
         return (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype) * self.scale * self.root
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(self._masked(F.linear(self._input(x), self.weight).float()), dim=-1)
+        probs = torch.softmax(self._masked(float_linear(self._input(x), self.weight).float()), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return experts, weights * self.per_expert_scale[experts]
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return self._masked(F.linear(self._input(x).float(), self.weight.float()))
+        return self._masked(float_linear(self._input(x).float(), self.weight))
 
 
 class SoftmaxGroups(SoftmaxTopK):
@@ -256,13 +256,13 @@ class SoftmaxGroups(SoftmaxTopK):
         return per_group.masked_fill(~keep[..., None], 0.0).view_as(scores)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.softmax(self._masked(F.linear(x.float(), self.weight.float())), dim=-1)
+        scores = torch.softmax(self._masked(float_linear(x.float(), self.weight)), dim=-1)
         experts = self._retained_topk(self._choice(scores), scores)
         return experts, scores.gather(1, experts) * self.scale
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """The softmax, experts outside the chosen groups (and dropped ones) at 0."""
-        return self._choice(torch.softmax(self._masked(F.linear(x.float(), self.weight.float())), dim=-1))
+        return self._choice(torch.softmax(self._masked(float_linear(x.float(), self.weight)), dim=-1))
 
 
 ROUTERS: dict[str, type[SoftmaxTopK]] = {cls.name: cls for cls in (SoftmaxTopK, TopKSoftmax, SigmoidGroups,

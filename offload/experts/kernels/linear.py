@@ -9,7 +9,7 @@ a GEMV repeated per token. Integer weights are computed with quantized activatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,14 +48,22 @@ def float_kernel_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.numel() <= FLOAT_MAX_TOKENS * x.shape[-1])
 
 
+def float_job(weight: torch.Tensor) -> np.ndarray | None:
+    """The weight half of the kernel job computing a float weight [N, K], or None where the kernels cannot read it."""
+    if (weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in _FLOAT_KINDS
+            or not weight.is_contiguous()):
+        return None
+    return jobs.weight_base(_FLOAT_KINDS[weight.dtype], *weight.shape, weight.data_ptr())
+
+
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) with our GEMV at decode: float32 accumulation, the result in x.dtype.
 
     torch's bf16 matmul rounds the same float32 sums to bf16, so the two differ in the last bit at most where the
     summation order tips a rounding; float32 weights agree with torch's within ~1e-6 relative.
     """
-    if not float_kernel_runs(x, weight):
-        return F.linear(x, weight, bias)
+    if not float_kernel_runs(x, weight):  # a float32 x may meet a bf16 weight (routers score in float32)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     n, k = weight.shape
     out = _call(jobs.weight_base(_FLOAT_KINDS[weight.dtype], n, k, weight.data_ptr()), x.contiguous(), n)
     return out if bias is None else out + bias
@@ -83,6 +91,7 @@ class IntLinear:
     scales: torch.Tensor  # float32 [N, K/group]
     mins: torch.Tensor    # float32 [N, K/group]: scale * zero point (in the codes' own range)
     activations: str      # "int8" or "int16"
+    job: np.ndarray = field(init=False, repr=False, compare=False)  # its kernel job's weight half, made once
 
     def __post_init__(self) -> None:
         nibbles = self.codes.dtype == torch.uint8
@@ -90,11 +99,11 @@ class IntLinear:
         groups = self.scales.shape[1]
         base = jobs.weight_base(_INT_KINDS[4 if nibbles else 8, self.activations], n, k, self.codes.data_ptr(),
                                 groups, k // act_block(k // groups), self.scales.data_ptr(), self.mins.data_ptr())
-        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "job", base)
 
     @property
     def in_features(self) -> int:
-        return int(self._base[jobs.K])
+        return int(self.job[jobs.K])
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in ``dtype`` (prefill's GEMM)."""
@@ -107,7 +116,7 @@ class IntLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > INT_MAX_TOKENS * self.in_features or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
             return F.linear(x, self.dequantized(x.dtype))
-        return _call(self._base, x.contiguous(), self.codes.shape[0])
+        return _call(self.job, x.contiguous(), self.codes.shape[0])
 
 
 def int_linear(q: QuantizedWeight, activations: str = "int8") -> IntLinear:
@@ -133,11 +142,12 @@ class BlockLinear:
     blocks: torch.Tensor
     kind: str           # a GGML_KINDS key: "Q8_0", "Q4_0", "Q4_K", "Q6_K", "MXFP4"
     in_features: int
+    job: np.ndarray = field(init=False, repr=False, compare=False)  # its kernel job's weight half, made once
 
     def __post_init__(self) -> None:
         base = jobs.weight_base(GGML_KINDS[self.kind][0], self.blocks.shape[0], self.in_features,
                                 self.blocks.data_ptr())
-        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "job", base)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in ``dtype``, exactly as ggml decodes it."""
@@ -148,7 +158,7 @@ class BlockLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > INT_MAX_TOKENS * self.in_features or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
             return F.linear(x, self.dequantized(x.dtype))
-        return _call(self._base, x.contiguous(), self.blocks.shape[0])
+        return _call(self.job, x.contiguous(), self.blocks.shape[0])
 
 
 @dataclass(frozen=True)
@@ -159,11 +169,12 @@ class Mxfp4Linear:
 
     codes: torch.Tensor
     exponents: torch.Tensor
+    job: np.ndarray = field(init=False, repr=False, compare=False)  # its kernel job's weight half, made once
 
     def __post_init__(self) -> None:
         n, half = self.codes.shape
         base = jobs.weight_base(jobs.MXFP4_PLAIN_A8, n, 2 * half, self.codes.data_ptr(), s=self.exponents.data_ptr())
-        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "job", base)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in ``dtype``, exactly (every MXFP4 value is a float32)."""
@@ -175,4 +186,4 @@ class Mxfp4Linear:
         k = 2 * self.codes.shape[1]
         if x.numel() > INT_MAX_TOKENS * k or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
             return F.linear(x, self.dequantized(x.dtype))
-        return _call(self._base, x.contiguous(), self.codes.shape[0])
+        return _call(self.job, x.contiguous(), self.codes.shape[0])
