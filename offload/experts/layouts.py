@@ -12,13 +12,15 @@ new format and its matrices, never a new cache or a branch in the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from offload.experts.kernels.linear import float_linear
+from offload.experts.kernels.linear import float_job, float_linear
 from offload.spec import ModelSpec
 
 Key = tuple[int, int]  # (layer, expert)
@@ -57,6 +59,10 @@ class DenseLinear:
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    job: np.ndarray | None = field(init=False, repr=False, compare=False)  # the fused layer call's (no bias only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "job", float_job(self.weight) if self.bias is None else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return float_linear(x, self.weight, self.bias)  # offload's GEMV at decode on the CPU, else F.linear
@@ -74,6 +80,13 @@ class Expert:
     @classmethod
     def dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> Expert:
         return cls(DenseLinear(gate), DenseLinear(up), DenseLinear(down))
+
+    @functools.cached_property
+    def jobs(self) -> np.ndarray | None:
+        """The weight halves of the kernel jobs of gate, up and down, [3, jobs.FIELDS] (a fused layer call's table,
+        kernels/moe.py), or None when a projection has no kernel or adds a bias."""
+        halves = [getattr(p, "job", None) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        return None if any(h is None for h in halves) else np.stack(halves)
 
     def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """gate x and up x [tokens, I] each: one kernel call over both matrices' rows when they are stacked (one

@@ -139,6 +139,11 @@ class ExpertCache:
             self.policy.on_access(key, hit=False)
         self._pins[key] = self._pins.get(key, 0) + 1
 
+    def landed(self, key: Key) -> bool:
+        """Whether a reserved expert's bytes are in its slot (``wait`` returns it without stalling)."""
+        load = self._inflight.get(key)
+        return load is None or load.done()
+
     def wait(self, key: Key) -> Expert:
         """A reserved expert, once its bytes are in the slot (a stall if they are not yet).
 
@@ -367,11 +372,21 @@ class LayerStep:
             self.cache.release((self.layer, self._held.popleft()))
 
     def __iter__(self) -> Iterator[tuple[int, Expert]]:
+        for batch in self.batches(limit=1):
+            yield batch[0]
+
+    def batches(self, limit: int | None = None) -> Iterator[list[tuple[int, Expert]]]:
+        """The experts in hand-out order, as many at a time as have landed (at most ``limit``; at least one, waited
+        for): a fused layer call takes each batch at once. A batch is released when the next is asked for."""
         try:
             while self._held:
-                e = self._held[0]
-                yield e, self.cache.wait((self.layer, e))
-                self.cache.release((self.layer, self._held.popleft()))
+                n = 1
+                while n < len(self._held) and (limit is None or n < limit) and self.cache.landed(
+                        (self.layer, self._held[n])):
+                    n += 1
+                yield [(e, self.cache.wait((self.layer, e))) for e in list(self._held)[:n]]
+                for _ in range(n):
+                    self.cache.release((self.layer, self._held.popleft()))
                 self._reserve()
             if self._order:
                 raise CacheStateError(f"layer {self.layer}: no free slot for expert {self._order[0]}: every slot "

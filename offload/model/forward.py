@@ -10,7 +10,7 @@ RequestHook), which offload/memory/ implements, so the forward never imports the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from offload.experts.activations import Activation, make_activation
+from offload.experts.kernels import moe
 from offload.experts.kernels.linear import float_linear
+from offload.experts.kernels.moe import FusedExperts
 from offload.experts.kernels.pool import decode_step
 from offload.experts.layouts import Expert, Key
 from offload.model.attention import Attention, attention_masks, rms_norm
@@ -33,12 +35,20 @@ from offload.stats import Stats
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+class LayerStep(Protocol):
+    """One MoE layer step's experts, pinned while handed out (a context manager)."""
+
+    def __iter__(self) -> Iterator[tuple[int, Expert]]: ...  # one at a time
+
+    def batches(self) -> Iterator[list[tuple[int, Expert]]]: ...  # as many at a time as have landed
+
+
 class ExpertSource(Protocol):
     """Where a MoE block's experts come from (the expert cache, memory/cache.py)."""
 
     def __contains__(self, key: Key) -> bool: ...  # resident now (a hit)
 
-    def step(self, layer: int, needed: list[int]) -> AbstractContextManager[Iterable[tuple[int, Expert]]]:
+    def step(self, layer: int, needed: list[int]) -> AbstractContextManager[LayerStep]:
         """One layer step: yields (expert id, Expert) for every id in ``needed``, each usable until the next;
         leaving its ``with`` block, however, releases what it holds."""
         ...
@@ -136,6 +146,8 @@ class MoEModel:
         self.cache = cache
         self.stats = stats
         self.activation: Activation = make_activation(activation, spec)
+        self.activation_name = activation
+        self.fused = FusedExperts()  # one kernel-pool call per layer step at decode on the CPU (kernels/moe.py)
         self.route_observers: list[RouteObserver] = []
         self.prefetcher: StepHook | None = None  # set by from_pretrained when a predictor is chosen
         self.host_compute: HostBranch | None = None  # set by from_pretrained with --hybrid auto|always
@@ -194,15 +206,30 @@ class MoEModel:
         layer_stats = self.stats.layer(layer)
         layer_stats.steps += 1
         layer_stats.distinct_experts += distinct
+        # decode on the CPU: the step's rows sorted by expert once, for one fused kernel call per batch of experts
+        routes = moe.routes(x, experts, weights, self.spec.num_experts) if moe.applies(
+            x, buf, self.activation_name) else None
         # pins every expert that fits and queues the missing ones' loads; the pins go however the block ends
         with self.cache.step(layer, needed) as step:
             if self.prefetcher is not None:
                 self.prefetcher.after_route(layer, experts, residual)
-            for e, expert in step:
+            for batch in (step.batches() if routes is not None else ([pair] for pair in step)):
                 start = time.perf_counter()
+                self._compute(batch, routes, experts, weights, x, buf)
+                layer_stats.compute_time_s += time.perf_counter() - start
+
+    def _compute(self, batch: list[tuple[int, Expert]], routes: moe.Routes | None, experts: torch.Tensor,
+                 weights: torch.Tensor, x: torch.Tensor, buf: torch.Tensor) -> None:
+        """Each expert of ``batch`` into its tokens' cells of ``buf``: those with kernels in one fused call, the
+        others one by one (each cell is written once, so the sum is the same either way)."""
+        fused = [(e, expert.jobs) for e, expert in batch if routes is not None and expert.jobs is not None]
+        if fused:
+            ids, halves = zip(*fused, strict=True)
+            self.fused.run(routes, ids, halves, buf, self.activation_name)
+        for e, expert in batch:
+            if routes is None or expert.jobs is None:
                 rows, slot = torch.where(experts == e)  # [n] each: token index, its top-k position
                 buf[rows, slot] = self.activation(expert, x[rows]) * weights[rows, slot, None]
-                layer_stats.compute_time_s += time.perf_counter() - start
 
     def _host_misses(self, layer: int, misses: list[int], experts: torch.Tensor, weights: torch.Tensor,
                      x: torch.Tensor, buf: torch.Tensor) -> list[int]:

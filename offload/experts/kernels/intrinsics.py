@@ -156,5 +156,6 @@ def _pointer_to(dtype):
 
 # An address (an int64 in a job descriptor) as a typed pointer, for numba.carray: how a worker that never returns to
 # Python (pool.py) reaches the arrays of the job it is handed.
-POINTERS = {name: _pointer_to(getattr(types, name)) for name in ("uint8", "int8", "int16", "uint16", "float32")}
-ptr_uint8, ptr_int8, ptr_int16, ptr_uint16, ptr_float32 = POINTERS.values()
+POINTERS = {name: _pointer_to(getattr(types, name))
+            for name in ("uint8", "int8", "int16", "uint16", "float32", "int64")}
+ptr_uint8, ptr_int8, ptr_int16, ptr_uint16, ptr_float32, ptr_int64 = POINTERS.values()

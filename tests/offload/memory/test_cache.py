@@ -3,6 +3,9 @@ and the budget bound."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -184,6 +187,44 @@ def test_a_layer_step_pins_its_experts_and_takes_resident_ones_first():
     assert handed == [0, 2] and cache.resident == {(0, 0), (0, 2)}
     # a step wider than the cache: each expert handed back makes room for the next
     assert [e for e, _ in cache.step(1, [0, 1, 2])] == [0, 1, 2] and len(cache.resident) == 2
+
+
+def test_a_step_hands_out_in_batches_what_has_landed():
+    """batches() (the fused layer call's) hands out every pinned expert whose bytes are in, in hand-out order, and
+    releases a batch when the next is asked for; synchronous loads land at once, so a step that fits is one batch."""
+    cache, _, _ = make_cache(2, "lru")
+    run(cache, [(0, 0)])
+    with cache.step(0, [1, 0, 2]) as step:  # 2 slots: 0 (resident) and 1 first, 2 once they are handed back
+        assert [[e for e, _ in batch] for batch in step.batches()] == [[0, 1], [2]]
+    cache.check()
+    gates = {e: threading.Event() for e in (1, 2)}
+    cache = ExpertCache(GatedStore(gates), 3, LAYOUT, torch.device("cpu"), make_policy("lru"), Stats(),
+                        async_loads=True)
+    run(cache, [(0, 0)])
+    with cache.step(0, [2, 0, 1]) as step:
+        batches = step.batches()
+        assert [e for e, _ in next(batches)] == [0]  # 1 and 2 are still loading
+        for gate in gates.values():
+            gate.set()
+        while not (cache.landed((0, 1)) and cache.landed((0, 2))):
+            time.sleep(0.001)
+        assert [(e, float(x.gate_proj.weight[0, 0])) for e, x in next(batches)] == [(2, 2.0), (1, 1.0)]
+        assert cache.pinned == {(0, 1), (0, 2)}
+    assert cache.pinned == set()
+    cache.close()
+
+
+class GatedStore(FakeStore):
+    """FakeStore whose fetch of expert e waits for ``gates[e]`` (a load still in flight until the test opens it)."""
+
+    def __init__(self, gates: dict) -> None:
+        super().__init__()
+        self.gates = gates
+
+    def fetch(self, key, scratch):
+        if key[1] in self.gates:
+            self.gates[key[1]].wait(10)
+        return super().fetch(key, scratch)
 
 
 # -- failures: a failed or interrupted load, a step left early, a broken invariant -----------------------------

@@ -146,14 +146,15 @@ def test_a_failed_disk_read_is_an_error_and_later_generations_are_right(fresh_to
         m.cache.check()
 
 
-@pytest.mark.parametrize("point, call", [("activation", 1), ("activation", 23), ("load", 2), ("load", 17),
+@pytest.mark.parametrize("point, call", [("experts", 1), ("experts", 23), ("load", 2), ("load", 17),
                                          ("after_route", 4), ("router", 6), ("wait", 9)])
 def test_an_interrupt_at_any_point_of_a_step_leaves_later_generations_right(fresh_tokens, point, call):
     # Ctrl-C lands on the main thread: in a load when loads are synchronous (no predictor), in a wait for the
     # loader thread when they are not (pregate)
     predictor = "none" if point == "load" else "pregate"
     with offload.from_pretrained("tiny-moe", device="cpu", expert_budget=4, predictor=predictor) as m:
-        targets = {"activation": (m.model, "activation"), "load": (m.cache.mover, "load"),
+        # "experts": the fused layer call (kernels/moe.py), which computes every expert of this float32 model
+        targets = {"experts": (m.model.fused, "run"), "load": (m.cache.mover, "load"),
                    "after_route": (m.model.prefetcher, "after_route"),
                    "router": (m.model.layers[2].router, "select"), "wait": (m.cache, "wait")}
         count = fail_on_call(*targets[point], {call}, KeyboardInterrupt)
