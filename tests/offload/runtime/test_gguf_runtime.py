@@ -64,6 +64,24 @@ def test_budgets_tiers_policies_predictors_and_batching_give_the_resident_tokens
         assert model.stats.total.misses > 0
 
 
+def test_transformers_own_gguf_loader_is_a_second_oracle(gguf_file):
+    """transformers reads the same file (its ``gguf_file=`` path maps the names and config and dequantizes with
+    ggml-org's package): offload with float32 activations computes from the same dequantized values, so logits agree
+    to float32 summation order (1e-4 on logits of scale ~7) and greedy tokens are identical. transformers 5.x maps
+    ``feed_forward_length`` only and ignores ``expert_feed_forward_length``, so the experts' width is passed."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                           dtype=torch.float32, moe_intermediate_size=64).eval()
+    model = offload.from_pretrained(gguf_file, device="cpu", dtype="float32", quant_activations="float32")
+    ids = torch.tensor([model.tokenizer.encode(PROMPTS[0]).ids])
+    with torch.no_grad():
+        reference = hf(ids).logits
+        expected = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    torch.testing.assert_close(model(ids, attention_mask=torch.ones_like(ids)), reference, atol=1e-4, rtol=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[]), expected)
+
+
 def test_offload_info_names_the_types(gguf_file):
     result = CliRunner().invoke(cli_app, ["info", str(gguf_file)])
     assert result.exit_code == 0, result.output
