@@ -103,6 +103,14 @@ class QuantizedTensor:
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """The tensor's values from its byte range: as stored for a plain dtype, float32 for ggml blocks."""
+    raw = read_bytes(info)
+    if info.blocks:
+        return ggml_type(info.encoding).dequantize(raw, info.shape)
+    return raw.view(info.dtype).view(info.shape)
+
+
+def read_bytes(info: TensorInfo) -> torch.Tensor:
+    """The tensor's byte range as it is stored (uint8), checked whole."""
     raw = torch.empty(info.nbytes, dtype=torch.uint8)
     try:
         with open(info.path, "rb") as f:
@@ -114,6 +122,4 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     if got != info.nbytes:
         raise CheckpointError(f"{info.path} is truncated: tensor {info.name!r} ends at byte {info.end} but the file "
                               f"has {os.path.getsize(info.path)}", "the file is truncated or corrupt: re-download it")
-    if info.blocks:
-        return ggml_type(info.encoding).dequantize(raw, info.shape)
-    return raw.view(info.dtype).view(info.shape)
+    return raw

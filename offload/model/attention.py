@@ -111,6 +111,8 @@ class GroupedQueryAttention:
     q/k/v/o biases and q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE)."""
 
     name: ClassVar[str] = "gqa"
+    # projections used only through float_linear: a GGUF file's may stay in their blocks (runtime/assemble.py)
+    block_weights: ClassVar[tuple[str, ...]] = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
     module: ClassVar[str] = "self_attn"
     masking: ClassVar[str] = "causal"
     norms: ClassVar[tuple[str, ...]] = ("q_norm.weight", "k_norm.weight")

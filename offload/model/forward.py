@@ -185,9 +185,12 @@ class MoEModel:
             layer_stats.pruned_mass += float(lw.router.dropped_share(routed).sum())
         for observer in self.route_observers:
             observer(layer, experts, weights)
-        needed = experts.unique(sorted=True).tolist()
         buf = x.new_empty((*experts.shape, x.shape[-1]), dtype=torch.promote_types(x.dtype, weights.dtype))
-        self._run_experts(layer, needed, experts, weights, x, buf, residual)
+        # decode on the CPU: the step's rows sorted by expert once, for one fused kernel call per batch of experts
+        routes = moe.routes(x, experts, weights, self.spec.num_experts) if moe.applies(
+            x, buf, self.activation_name) else None
+        needed = routes.needed() if routes is not None else experts.unique(sorted=True).tolist()
+        self._run_experts(layer, needed, experts, weights, x, buf, residual, routes)
         result = buf.sum(dim=1).to(x.dtype)
         if lw.shared_mlp is not None:
             shared = self.activation(lw.shared_mlp, x)
@@ -196,7 +199,7 @@ class MoEModel:
         return result
 
     def _run_experts(self, layer: int, needed: list[int], experts: torch.Tensor, weights: torch.Tensor,
-                     x: torch.Tensor, buf: torch.Tensor, residual: torch.Tensor) -> None:
+                     x: torch.Tensor, buf: torch.Tensor, residual: torch.Tensor, routes: moe.Routes | None) -> None:
         """Resident experts first while missing ones load; each writes its tokens' cells of ``buf``."""
         distinct = len(needed)
         if self.host_compute is not None:
@@ -206,9 +209,6 @@ class MoEModel:
         layer_stats = self.stats.layer(layer)
         layer_stats.steps += 1
         layer_stats.distinct_experts += distinct
-        # decode on the CPU: the step's rows sorted by expert once, for one fused kernel call per batch of experts
-        routes = moe.routes(x, experts, weights, self.spec.num_experts) if moe.applies(
-            x, buf, self.activation_name) else None
         # pins every expert that fits and queues the missing ones' loads; the pins go however the block ends
         with self.cache.step(layer, needed) as step:
             if self.prefetcher is not None:

@@ -14,8 +14,9 @@ import torch
 
 from offload.checkpoint.families import Family
 from offload.checkpoint.plan import CheckpointPlan
-from offload.checkpoint.tensors import QuantizedTensor, TensorInfo, read_tensor
+from offload.checkpoint.tensors import QuantizedTensor, TensorInfo, read_bytes, read_tensor
 from offload.errors import CheckpointError
+from offload.experts.kernels.linear import GGML_KINDS, BlockLinear
 from offload.experts.layouts import Expert
 from offload.model.attention import attention_class
 from offload.model.forward import DecoderLayer, ExpertSource, MoEModel
@@ -96,13 +97,41 @@ def build_layer(spec: ModelSpec, family: Family, layer: int, get: Callable[[str]
     return out
 
 
+def kept_in_blocks(plan: CheckpointPlan) -> set[str]:
+    """The resident projections of a GGUF file that a kernel computes from their own blocks at decode: lm_head and the
+    attention projections of the pieces that only ever multiply by them (``block_weights``), in a type with a kernel.
+
+    A real Q4_K_M file stores them Q4_K / Q6_K: dequantized to bf16 they would be read at 16 bits a weight every
+    token, 2.5-3.5x llama.cpp's bytes (Qwen3-30B-A3B: 1.2 B of them, more than its active experts' bytes)."""
+    spec, family = plan.spec, plan.family
+    names = {"lm_head.weight"}
+    for layer, piece in enumerate(family.layer_pieces(spec)):
+        attention = attention_class(piece)
+        names |= {f"model.layers.{layer}.{attention.module}.{n}" for n in getattr(attention, "block_weights", ())}
+    return {name for name in names if isinstance(info := plan.dense.get(name), TensorInfo) and info.blocks
+            and info.encoding in GGML_KINDS}
+
+
+def _blocks(info: TensorInfo) -> BlockLinear:
+    """A GGUF matrix as its kernel computes it: rows of blocks as stored (its values checked finite once)."""
+    raw = read_bytes(info)
+    rows, columns = info.shape
+    weight = BlockLinear(raw.view(rows, -1), info.encoding, columns)
+    check_finite(weight.dequantized(torch.float32), info)
+    return weight
+
+
 def build_model(plan: CheckpointPlan, experts: ExpertSource, stats: Stats, dtype: torch.dtype, device: torch.device,
-                progress: ProgressFn | None = None) -> MoEModel:
-    """Load every resident tensor once, in the compute dtype on the device, and assemble the layers."""
+                progress: ProgressFn | None = None, blocks: set[str] = frozenset()) -> MoEModel:
+    """Load every resident tensor once, in the compute dtype on the device (those named in ``blocks`` as their GGUF
+    blocks, kept_in_blocks), and assemble the layers."""
     loader = TensorLoader()
-    dense: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor | BlockLinear] = {}
     for n, (name, info) in enumerate(plan.dense.items()):
-        dense[name] = check_finite(loader(info), info).to(device=device, dtype=dtype)
+        if name in blocks:
+            dense[name] = _blocks(info)
+        else:
+            dense[name] = check_finite(loader(info), info).to(device=device, dtype=dtype)
         if progress:
             progress("dense", n + 1, len(plan.dense))
     spec, family = plan.spec, plan.family

@@ -41,7 +41,7 @@ from offload.memory.transfer import (
     slot_nbytes,
 )
 from offload.model.forward import MoEModel
-from offload.runtime.assemble import ProgressFn, build_model
+from offload.runtime.assemble import ProgressFn, build_model, kept_in_blocks
 from offload.runtime.batch import BatchConfig, Completion, generate_many
 from offload.runtime.config import RuntimeConfig
 from offload.runtime.generate import generate as _generate
@@ -208,7 +208,9 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     host = plan.host_layout(compute_dtype, device, runtime.quant_activations)
     store = _make_store(plan, runtime, host, device, progress)
     cache = _make_cache(plan, runtime, store, slot_layout, device, stats)
-    model = build_model(plan, cache, stats, compute_dtype, device, progress)
+    # a GGUF file's lm_head and attention projections compute from their blocks where its experts do (int8 on the CPU)
+    blocks = kept_in_blocks(plan) if device.type == "cpu" and runtime.quant_activations == "int8" else set()
+    model = build_model(plan, cache, stats, compute_dtype, device, progress, blocks)
     if runtime.predictor != "none" and _can_prefetch(model, runtime):
         model.prefetcher = _make_prefetcher(model, runtime, plan.path)
     if runtime.hybrid != "off":

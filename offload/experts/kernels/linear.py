@@ -56,12 +56,16 @@ def float_job(weight: torch.Tensor) -> np.ndarray | None:
     return jobs.weight_base(_FLOAT_KINDS[weight.dtype], *weight.shape, weight.data_ptr())
 
 
-def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def float_linear(x: torch.Tensor, weight: torch.Tensor | BlockLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) with our GEMV at decode: float32 accumulation, the result in x.dtype.
 
     torch's bf16 matmul rounds the same float32 sums to bf16, so the two differ in the last bit at most where the
-    summation order tips a rounding; float32 weights agree with torch's within ~1e-6 relative.
+    summation order tips a rounding; float32 weights agree with torch's within ~1e-6 relative. ``weight`` may also be
+    a GGUF matrix kept in its blocks (BlockLinear: a resident projection of a GGUF file, computed by its kernel).
     """
+    if isinstance(weight, BlockLinear):
+        out = weight(x)
+        return out if bias is None else out + bias.to(out.dtype)
     if not float_kernel_runs(x, weight):  # a float32 x may meet a bf16 weight (routers score in float32)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     n, k = weight.shape

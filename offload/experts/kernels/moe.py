@@ -42,6 +42,10 @@ class Routes:
     starts: np.ndarray     # int64 [experts]
     counts: np.ndarray     # int64 [experts]
 
+    def needed(self) -> list[int]:
+        """The experts the step routes to, ascending (as torch.unique's order)."""
+        return np.flatnonzero(self.counts).tolist()
+
 
 def routes(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_experts: int) -> Routes:
     """x: [tokens, hidden]; experts, weights: [tokens, k] -> the sorted rows (a few numpy ops and one gather)."""

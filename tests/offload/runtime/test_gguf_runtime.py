@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 import offload
 from cli.main import app as cli_app
+from offload.experts.kernels.linear import BlockLinear
 from tests.gguf_checkpoints import experts_as, write_gguf
+from tests.native import assert_native_close_to_exact
 from tests.offload.checkpoint.test_families_2026 import _make
 from tests.offload.checkpoint.test_gguf_vocab import CORPUS, SPECIALS, _bpe_kv
 from tests.serve_process import start_server, stop_server
@@ -80,6 +82,19 @@ def test_transformers_own_gguf_loader_is_a_second_oracle(gguf_file):
         expected = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
     torch.testing.assert_close(model(ids, attention_mask=torch.ones_like(ids)), reference, atol=1e-4, rtol=0)
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[]), expected)
+
+
+def test_the_files_quantized_lm_head_and_attention_compute_from_their_blocks(gguf_file):
+    """With int8 activations (the CPU's default) the file's Q8_0 lm_head and attention projections stay in their blocks
+    and run on the Q8_0 kernel, as its experts do; with float32 activations they are dequantized at load. The two
+    models agree as every native GGUF model must agree with its exact twin (tests/native.py's tolerances)."""
+    native = offload.from_pretrained(gguf_file, device="cpu")
+    exact = offload.from_pretrained(gguf_file, device="cpu", dtype="float32", quant_activations="float32")
+    attention = native.model.layers[0].attention
+    for weight in (native.model.lm_head, attention.q, attention.k, attention.v, attention.o):
+        assert isinstance(weight, BlockLinear) and weight.kind == "Q8_0"
+    assert isinstance(exact.model.lm_head, torch.Tensor) and isinstance(exact.model.layers[0].attention.q, torch.Tensor)
+    assert_native_close_to_exact(gguf_file, native, exact, [0])
 
 
 def test_offload_info_names_the_types(gguf_file):

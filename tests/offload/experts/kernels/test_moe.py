@@ -129,5 +129,6 @@ def test_routes_sort_each_experts_rows_together():
     r = moe.routes(x, chosen, weights, 5)
     assert r.cells.tolist() == [3, 1, 2, 5, 0, 4]  # expert 0: (1, 1); 1: (0, 1), (1, 0); 2: (2, 1); 3: (0, 0), (2, 0)
     assert r.starts.tolist() == [0, 1, 3, 4, 6] and r.counts.tolist() == [1, 2, 1, 2, 0]
+    assert r.needed() == [0, 1, 2, 3] == chosen.unique().tolist()
     assert r.x[:, 0].tolist() == [1, 0, 1, 2, 0, 2]
     assert np.array_equal(r.weights, np.float32([0.125, 0.25, 0.75, 2.0, 0.5, 1.0]))
