@@ -11,8 +11,8 @@ next kernel call therefore starts on every thread within a microsecond.
 How long to spin: a decode token's gaps between kernel calls (attention, sampling, the next token's embedding) last
 up to a few milliseconds. Spinning ``SPINS`` (~1.3 ms) the worker slept 1.1-1.6 times per token of the bench model
 and each wake-up (condition variable, then the GIL) cost a few hundred microseconds: 56 against 65 tok/s with
-``DECODE_SPINS`` (~10 ms, no sleeps; median of 6 alternating runs, Q4_0 GGUF). So a decode step raises the budget and
-a prefill step lowers it again, giving torch's threads both cores for its GEMMs.
+``DECODE_SPINS`` (~10 ms, no sleeps; median of 6 alternating runs in one process, Q4_0 GGUF, an ad-hoc A/B). So a
+decode step raises the budget and a prefill step lowers it again, giving torch's threads both cores for its GEMMs.
 
 A Python callable can be run too (tests, benchmarks): the worker then leaves numba to call it, and pays the GIL.
 """
