@@ -23,6 +23,7 @@ QUANT_ACTIVATIONS = ("int8", "int16", "float32")  # --quant-activations: what an
 FLOAT_MAX_TOKENS = 16  # above: torch's GEMM (scripts/bench_kernels.py: ours is faster up to 16 tokens here)
 INT_MAX_TOKENS = 16
 ACT_BLOCKS = (256, 128, 64, 32)  # activation quantization block: the largest dividing the weight group
+DEQUANTIZE_ROWS = 8192  # a block matrix above INT_MAX_TOKENS is dequantized this many rows at a time (BlockLinear)
 _FLOAT_KINDS = {torch.bfloat16: jobs.BF16, torch.float16: jobs.F16, torch.float32: jobs.F32}
 _INT_KINDS = {(4, "int8"): jobs.INT4_A8, (4, "int16"): jobs.INT4_A16, (8, "int8"): jobs.INT8_A8,
               (8, "int16"): jobs.INT8_A16}
@@ -153,16 +154,30 @@ class BlockLinear:
                                 self.blocks.data_ptr())
         object.__setattr__(self, "job", base)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """W [N, K] in ``dtype``, exactly as ggml decodes it."""
-        out = torch.empty((self.blocks.shape[0], self.in_features), dtype=torch.float32)
-        rows.dequantize_blocks(self.blocks.numpy(), GGML_KINDS[self.kind][1], out.numpy())
+    def dequantized(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Rows lo..hi of W [N, K] in ``dtype``, exactly as ggml decodes them."""
+        blocks = self.blocks[lo:hi]
+        out = torch.empty((blocks.shape[0], self.in_features), dtype=torch.float32)
+        rows.dequantize_blocks(blocks.numpy(), GGML_KINDS[self.kind][1], out.numpy())
         return out.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > INT_MAX_TOKENS * self.in_features or x.device.type != "cpu" or x.dtype not in _FLOAT_KINDS:
-            return F.linear(x, self.dequantized(x.dtype))
+            return self._dequantized_linear(x)
         return _call(self.job, x.contiguous(), self.blocks.shape[0])
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's GEMM over the weight dequantized DEQUANTIZE_ROWS rows at a time: a resident lm_head of 152k rows
+        (Qwen3's vocabulary) would otherwise need its 1.2 GB float32 copy at every prefill that scores every
+        position."""
+        n = self.blocks.shape[0]
+        if n <= DEQUANTIZE_ROWS:
+            return F.linear(x, self.dequantized(x.dtype))
+        out = x.new_empty((*x.shape[:-1], n))
+        for lo in range(0, n, DEQUANTIZE_ROWS):
+            hi = min(lo + DEQUANTIZE_ROWS, n)
+            out[..., lo:hi] = F.linear(x, self.dequantized(x.dtype, lo, hi))
+        return out
 
 
 @dataclass(frozen=True)

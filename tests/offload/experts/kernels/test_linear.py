@@ -169,6 +169,18 @@ def test_ggml_blocks_match_ggml_orgs_decoding(kind, n, k):
     _check_int8_linear(*_ggml(kind, n, k, seed=k))
 
 
+def test_a_large_block_matrix_is_dequantized_in_row_chunks_above_the_kernels_range(monkeypatch):
+    """Above INT_MAX_TOKENS a BlockLinear dequantizes DEQUANTIZE_ROWS rows at a time (a 152k-row lm_head never needs
+    its whole float32 copy): the same product as the whole dequantized matrix, to float32 summation order."""
+    lin, ref = _ggml("Q4_K", 37, 256, seed=5)
+    x = _w(17, 256, seed=1)
+    whole = lin(x)
+    monkeypatch.setattr(L, "DEQUANTIZE_ROWS", 16)  # 37 rows: chunks of 16, 16 and 5
+    torch.testing.assert_close(lin(x), whole, rtol=1e-6, atol=1e-6 * float(whole.abs().max()))
+    torch.testing.assert_close(lin(x.bfloat16()).float(), R.ref_linear(x.bfloat16().float(), ref).float(),
+                               rtol=0, atol=1e-2 * float(whole.abs().max()))
+
+
 def _check_int8_linear(lin, ref_w: torch.Tensor) -> None:
     """A kernel with int8 activations against its weights' float32 decoding ``ref_w``: the exact dequantization, then
     every token count within int8 activations' 3e-2 (1e-5 above INT_MAX_TOKENS, dequantized), in the input's dtype."""
