@@ -182,7 +182,7 @@ def _moe_up(d, lo, hi):
 @njit(nogil=True)
 def _moe_down(d, lo, hi):
     """Rows lo..hi of every expert's down, each token's times its routing weight into its cell of OUT."""
-    experts, hidden, bf16 = d[EXPERTS], d[HIDDEN], d[DTYPE] == BF16
+    experts, hidden, bf16, bf16_out = d[EXPERTS], d[HIDDEN], d[DTYPE] == BF16, d[OUTKIND] == BF16
     table, starts = carray(ptr_int64(d[TABLE]), (experts, 3, FIELDS)), carray(ptr_int64(d[STARTS]), experts)
     total = d[OUTROWS]  # every (token, top-k place) is one row of the sorted arrays and one cell of OUT
     down = carray(ptr_float32(d[DOWN]), (total, hidden))
@@ -193,7 +193,7 @@ def _moe_down(d, lo, hi):
         for t in range(starts[e], starts[e] + table[e, 2, TOKENS]):
             for j in range(lo, hi):
                 value = _rounded(down[t, j], bf16) * weights[t]
-                if d[OUTKIND] == BF16:
+                if bf16_out:
                     out16[cells[t], j] = intrinsics.f32_to_bf16(value)
                 else:
                     out32[cells[t], j] = value

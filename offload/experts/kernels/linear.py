@@ -69,8 +69,7 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor | BlockLinear, bias: torc
         return out if bias is None else out + bias.to(out.dtype)
     if not float_kernel_runs(x, weight):  # a float32 x may meet a bf16 weight (routers score in float32)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    n, k = weight.shape
-    out = _call(jobs.weight_base(_FLOAT_KINDS[weight.dtype], n, k, weight.data_ptr()), x.contiguous(), n)
+    out = _call(float_job(weight), x.contiguous(), weight.shape[0])
     return out if bias is None else out + bias
 
 
