@@ -199,9 +199,9 @@ def test_a_layer_count_beyond_the_weights_is_refused_before_it_costs_memory(brok
     cfg = json.loads((broken / "config.json").read_text())
     cfg["num_hidden_layers"] = 10_000_000                  # a 24-byte edit: 4+ GB and minutes before the check
     (broken / "config.json").write_text(json.dumps(cfg))
-    with peak_rss() as peak:
+    with peak_rss() as rise:
         expect(CheckpointError, "num_hidden_layers=10000000 but the weights hold 3 layers", broken)
-    assert peak[0] < 1024, f"peak RSS {peak[0]:.0f} MiB"  # this process (torch, tiny models) + ~nothing
+    assert rise[0] < 256, f"RSS rose {rise[0]:.0f} MiB"     # reading a tiny model: tens of MiB
 
 
 def test_nan_in_a_resident_tensor_is_refused_by_name(broken):

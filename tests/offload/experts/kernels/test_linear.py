@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numba
@@ -275,44 +276,45 @@ def test_bf16_outputs_round_to_nearest_even_like_torch():
     assert torch.isnan(torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)[~torch.from_numpy(finite)]).all()
 
 
-_GENERIC = """
-import sys, gguf, numpy as np, torch
-from offload.experts import quant as Q
-from offload.experts.kernels import linear as L
-torch.manual_seed(0)
-out = []
-for bits, group in ((4, 128), (4, 32), (8, None)):
-    q = Q.quantize(torch.randn(96, 256), Q.QuantScheme(bits, group, False))
-    out.append(L.int_linear(q, "int8")(torch.randn(3, 256)).numpy())
-for kind in ("Q8_0", "Q4_0", "MXFP4"):
-    raw = gguf.quants.quantize(torch.randn(96, 256).numpy(), gguf.GGMLQuantizationType[kind])
-    out.append(L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, 256)(torch.randn(3, 256)).numpy())
-blocks = torch.randint(0, 256, (96, 256 // 2), dtype=torch.uint8)  # gpt-oss's MXFP4 layout
-out.append(L.Mxfp4Linear(blocks, torch.randint(120, 130, (96, 8), dtype=torch.uint8))(torch.randn(3, 256)).numpy())
-for kind, size in (("Q4_K", 144), ("Q6_K", 210)):  # random fields; f16 scales set finite
-    raw = np.random.default_rng(0).integers(0, 256, (96, 2, size), dtype=np.uint8)
-    scales = np.full((96, 2, 2), 0.01, np.float16).view(np.uint8)
-    raw[..., 0:4] = scales.reshape(96, 2, 4) if kind == "Q4_K" else raw[..., 0:4]
-    raw[..., 208:210] = scales[..., 0:2] if kind == "Q6_K" else raw[..., 208:210]
-    out.append(L.BlockLinear(torch.from_numpy(raw.reshape(96, -1)), kind, 512)(torch.randn(3, 512)).numpy())
-for dtype in (torch.bfloat16, torch.float16):  # float16: F16C's vcvtph2ps on the host, integer moves without it
-    w = torch.randn(96, 256)
-    w[0, :4] = torch.tensor([1e-6, -3e-5, 65504.0, -2.0**-24])  # subnormal and extreme halves
-    out.append(L.float_linear(torch.randn(2, 256), w.to(dtype)).numpy())
-np.save(sys.argv[1], np.concatenate([o.ravel() for o in out]))
-"""
+def _every_kernel_once() -> np.ndarray:
+    """One small call of every kernel family, concatenated (the portable build's comparison)."""
+    torch.manual_seed(0)
+    out = []
+    for bits, group in ((4, 128), (4, 32), (8, None)):
+        q = Q.quantize(torch.randn(96, 256), Q.QuantScheme(bits, group, False))
+        out.append(L.int_linear(q, "int8")(torch.randn(3, 256)).numpy())
+    for kind in ("Q8_0", "Q4_0", "MXFP4"):
+        raw = gguf.quants.quantize(torch.randn(96, 256).numpy(), gguf.GGMLQuantizationType[kind])
+        out.append(L.BlockLinear(torch.from_numpy(raw).view(torch.uint8), kind, 256)(torch.randn(3, 256)).numpy())
+    blocks = torch.randint(0, 256, (96, 256 // 2), dtype=torch.uint8)  # gpt-oss's MXFP4 layout
+    scales = torch.randint(120, 130, (96, 8), dtype=torch.uint8)
+    out.append(L.Mxfp4Linear(blocks, scales)(torch.randn(3, 256)).numpy())
+    for kind, size in (("Q4_K", 144), ("Q6_K", 210)):  # random fields; f16 scales set finite
+        raw = np.random.default_rng(0).integers(0, 256, (96, 2, size), dtype=np.uint8)
+        half = np.full((96, 2, 2), 0.01, np.float16).view(np.uint8)
+        raw[..., 0:4] = half.reshape(96, 2, 4) if kind == "Q4_K" else raw[..., 0:4]
+        raw[..., 208:210] = half[..., 0:2] if kind == "Q6_K" else raw[..., 208:210]
+        out.append(L.BlockLinear(torch.from_numpy(raw.reshape(96, -1)), kind, 512)(torch.randn(3, 512)).numpy())
+    for dtype in (torch.bfloat16, torch.float16):  # float16: F16C's vcvtph2ps on the host, integer moves without it
+        w = torch.randn(96, 256)
+        w[0, :4] = torch.tensor([1e-6, -3e-5, 65504.0, -2.0**-24])  # subnormal and extreme halves
+        out.append(L.float_linear(torch.randn(2, 256), w.to(dtype)).numpy())
+    return np.concatenate([o.ravel() for o in out])
 
 
-@pytest.mark.slow  # compiles the kernels afresh for another CPU target: ~20 s
+_GENERIC = "import sys, numpy; from tests.offload.experts.kernels.test_linear import _every_kernel_once as f; " \
+           "numpy.save(sys.argv[1], f())"
+
+
+@pytest.mark.slow  # compiles the kernels afresh for another CPU target: 1-3 minutes on 2 busy cores
 def test_portable_build_equals_the_host_build(tmp_path):
     """NUMBA_CPU_NAME=generic compiles the same loops for a baseline x86-64 (SSE2, no AVX2): what a CPU without AVX2
-    runs. Integer sums are exact on both, so only float accumulation order differs: 1e-5 relative."""
-    results = {}
-    for name, env in (("host", {}), ("generic", {"NUMBA_CPU_NAME": "generic"})):
-        out = tmp_path / f"{name}.npy"
-        cache = {"NUMBA_CACHE_DIR": str(tmp_path / f"cache-{name}")}
-        subprocess.run([sys.executable, "-c", _GENERIC, str(out)], check=True, timeout=600,
-                       env={**os.environ, **env, **cache})
-        results[name] = np.load(out)
+    runs; the host's results come from this process's kernels. Integer sums are exact on both, so only float
+    accumulation order differs: 1e-5 relative."""
+    out = tmp_path / "generic.npy"
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-c", _GENERIC, str(out)], check=True, timeout=600, env=env,
+                   cwd=Path(__file__).parents[4])
+    results = {"generic": np.load(out), "host": _every_kernel_once()}
     np.testing.assert_allclose(results["generic"], results["host"], rtol=1e-5,
                                atol=1e-5 * float(np.abs(results["host"]).max()))
