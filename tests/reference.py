@@ -306,6 +306,12 @@ def ref_linear(x, w):
     return x.float() @ w.float().t()
 
 
+def ref_rms_norm(x, weight, eps: float):
+    """RMSNorm in float64, row by row: x / sqrt(mean(x^2) + eps) * weight."""
+    x64 = x.double()
+    return x64 / (x64.pow(2).mean(-1, keepdim=True) + eps).sqrt() * weight.double()
+
+
 def _e2m1(code: int) -> float:
     """An FP4 E2M1 code from its bits: sign, 2 exponent bits (bias 1), 1 mantissa bit; exponent 0 is subnormal."""
     sign = -1.0 if code & 8 else 1.0

@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
+from offload.experts.kernels import dense
 from offload.experts.kernels.linear import float_linear
 from offload.model.deltanet import GatedDeltaNet, GroupedGatedDeltaNet
 from offload.model.kv import KVCache, KVPool, LayerStore
@@ -24,7 +25,10 @@ from offload.spec import ModelSpec, RopeSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back, as the reference implementations do."""
+    """RMSNorm computed in float32 and cast back, as the reference implementations do (a decode step's few rows in
+    one compiled call, kernels/dense.py)."""
+    if dense.rms_norm_runs(x, weight):
+        return dense.rms_norm(x, weight, eps)
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
