@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from offload.checkpoint.tensors import TensorInfo
 from offload.errors import CheckpointError, UnsupportedModelError
@@ -120,8 +120,13 @@ def _read_part(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
 
 
 def _value(field) -> Any:
-    """A metadata field as plain Python (numbers, strings, lists of them): nothing keeps the file mapped."""
-    return field.contents()
+    """A metadata field as plain Python (numbers, strings, lists of them): nothing keeps the file mapped. A float32
+    number becomes the shortest decimal that is the same float32 (1e-06, not 9.999999974752427e-07: the value the
+    converter was given, as a config.json written from it should say)."""
+    value = field.contents()
+    if field.types == [GGUFValueType.FLOAT32]:
+        return float(str(np.float32(value)))
+    return value
 
 
 def _tensor_info(path: Path, size: int, name: str, dims: list[int], raw_type: int, start: int) -> TensorInfo:

@@ -77,6 +77,7 @@ class GgufArch:
     family: Callable[[Meta], str]              # the family adapter's name (deepseek2 is V2 or V3 by its gating)
     config: Callable[[Meta], dict]             # architecture-only config.json fields
     post_norm: str = "ffn_norm"                # GGUF name of post_attention_layernorm
+    permuted_qk: bool = False                  # q/k rows permuted for llama.cpp's rotary (the module docstring)
 
 
 def _llama(m: Meta) -> dict:
@@ -139,7 +140,7 @@ def _fixed(family: str) -> Callable[[Meta], str]:
 
 
 ARCHES: dict[str, GgufArch] = {a.name: a for a in (
-    GgufArch("llama", _fixed("mixtral"), _llama),
+    GgufArch("llama", _fixed("mixtral"), _llama, permuted_qk=True),
     GgufArch("qwen2moe", _fixed("qwen2_moe"), _qwen2moe),
     GgufArch("qwen3moe", _fixed("qwen3_moe"), _qwen3moe),
     GgufArch("olmoe", _fixed("olmoe"), lambda m: {"norm_topk_prob": False}),

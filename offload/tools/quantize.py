@@ -1,4 +1,5 @@
-"""``offload quantize``: a float checkpoint -> a new Hugging Face checkpoint whose experts are quantized.
+"""``offload quantize``: a float checkpoint (or a GGUF file) -> a new Hugging Face checkpoint whose experts are
+quantized.
 
 The output is compressed-tensors ``pack-quantized`` (what llm-compressor writes and vLLM, transformers +
 compressed-tensors and offload all load; Kimi-K2's native int4 is the same format): it stores the plain
@@ -12,6 +13,11 @@ The checkpoint is written to a fresh ``DIR.partial-<pid>-<random>`` and renamed 
 read (the bundled models live inside the installed package), a non-empty ``DIR`` is refused. Every other file of
 the source (tokenizer, generation and chat config, a shipped predictor.safetensors, ...) is copied, and each
 file keeps its source's permission bits.
+
+A GGUF source is written as the Hugging Face checkpoint it was converted from (checkpoint/gguf_hf.py: config.json,
+names, q/k rows and kv_b as transformers has them, tokenizer.json and the chat template), its experts dequantized
+and quantized again: from F16 / BF16 / F32 files that is one rounding, as from safetensors; from a quantized file a
+second one on top of llama.cpp's (a user's choice: the file also runs as it is).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from offload.checkpoint import gguf_hf
+from offload.checkpoint.gguf import is_gguf
+from offload.checkpoint.gguf_hf import HfTensor
 from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
 from offload.checkpoint.safetensors import write_safetensors
 from offload.checkpoint.tensors import TensorInfo
@@ -60,10 +69,12 @@ def _check_paths(plan: CheckpointPlan, out: Path) -> Path:
 
 
 def _check_scheme(plan: CheckpointPlan, scheme: QuantScheme) -> None:
-    if plan.expert_format.float_dtype is None:
+    if is_gguf(plan.path):
+        gguf_hf.check_exportable(plan)  # any ggml type: its experts are dequantized first
+    elif plan.expert_format.float_dtype is None:
         raise ConfigError(f"{plan.path} is already quantized ({plan.expert_format.name})",
                           "quantize a float checkpoint")
-    if plan.storage.fused:  # compressed-tensors quantizes Linear modules: one per expert projection
+    elif plan.storage.fused:  # compressed-tensors quantizes Linear modules: one per expert projection
         raise ConfigError(f"{plan.path} fuses each layer's experts into one tensor ({plan.storage.name})",
                           "quantize a checkpoint with one module per expert (as transformers' save_pretrained writes)")
     for dim in {plan.spec.hidden_size, plan.spec.expert_intermediate_size}:
@@ -77,9 +88,15 @@ def _expert_targets(plan: CheckpointPlan) -> list[str]:
 
 
 def _write_config(plan: CheckpointPlan, tmp: Path, scheme: QuantScheme) -> None:
-    cfg = json.loads((plan.path / "config.json").read_text())
+    gguf = is_gguf(plan.path)
+    cfg = gguf_hf.hf_config(plan.path) if gguf else json.loads((plan.path / "config.json").read_text())
     cfg["quantization_config"] = compressed_tensors_config(scheme, ["lm_head"], tuple(_expert_targets(plan)))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if gguf:
+        tokenizer = gguf_hf.write_tokenizer(plan.metadata, tmp, plan.spec.max_position_embeddings)
+        for written in (tmp / "config.json", *tokenizer):
+            _same_mode(plan.path, written)
+        return
     _same_mode(plan.path / "config.json", tmp / "config.json")
     weights = {t.path for t in plan.tensors.values()}
     for path in plan.path.iterdir():  # tokenizer, generation and chat config, a shipped predictor, ...
@@ -107,24 +124,28 @@ def _save(groups: list[dict[str, torch.Tensor]], path: Path, like: Path) -> None
     _same_mode(like, path)
 
 
-def _expert_of(plan: CheckpointPlan) -> dict[str, object]:
-    """Tensor name -> its expert's key, for the routed experts' tensors."""
-    return {info.name: key for key, tensors in plan.experts.items() for info in tensors}
+def _tensors(plan: CheckpointPlan) -> list[HfTensor]:
+    """What the output holds, in the order it is written: a safetensors source's tensors in file order (each
+    expert's read through safetensors), a GGUF source's as the Hugging Face checkpoint it came from."""
+    if is_gguf(plan.path):
+        return list(gguf_hf.hf_tensors(plan))
+    expert_of = {info.name: key for key, tensors in plan.experts.items() for info in tensors}
+    read = _Reader()
+    return [HfTensor(info.name, info.path, info.nbytes, expert_of.get(info.name), lambda info=info: read(info))
+            for info in sorted(plan.tensors.values(), key=lambda t: (str(t.path), t.start))]
 
 
-def _shards(plan: CheckpointPlan) -> list[list[TensorInfo]]:
-    """The source tensors in file order, cut into shards of about SHARD_BYTES (quantized experts shrink them), never
-    inside an expert (its tensors stay in one file, back to back)."""
-    expert_of = _expert_of(plan)
-    shards: list[list[TensorInfo]] = [[]]
+def _shards(tensors: list[HfTensor]) -> list[list[HfTensor]]:
+    """The tensors cut into shards of about SHARD_BYTES of source bytes (quantized experts shrink them), never inside
+    an expert (its tensors stay in one file, back to back)."""
+    shards: list[list[HfTensor]] = [[]]
     size = 0
-    for info in sorted(plan.tensors.values(), key=lambda t: (str(t.path), t.start)):
-        key = expert_of.get(info.name)
-        if size >= SHARD_BYTES and (key is None or key != expert_of.get(shards[-1][-1].name)):
+    for t in tensors:
+        if size >= SHARD_BYTES and (t.expert is None or t.expert != shards[-1][-1].expert):
             shards.append([])
             size = 0
-        shards[-1].append(info)
-        size += info.nbytes
+        shards[-1].append(t)
+        size += t.nbytes
     return shards
 
 
@@ -140,22 +161,20 @@ class _Reader:
         return self._handles[info.path].get_tensor(info.name)  # type: ignore[attr-defined]
 
 
-def _quantized_shard(shard: list[TensorInfo], expert_of: dict[str, object], scheme: QuantScheme,
-                     clip_search: bool, read: _Reader,
+def _quantized_shard(shard: list[HfTensor], scheme: QuantScheme, clip_search: bool,
                      tick: Callable[[int, int], None]) -> list[dict[str, torch.Tensor]]:
     """One output shard as groups: an expert's projections quantized and packed together, every other tensor as it
     was, alone."""
     groups: dict[object, dict[str, torch.Tensor]] = {}
-    for info in shard:
-        w = read(info)
-        key = expert_of.get(info.name)
-        if key is None:
-            groups[info.name] = {info.name: w}
+    for t in shard:
+        w = t.read()
+        if t.expert is None:
+            groups[t.name] = {t.name: w}
             continue
         q = quant.quantize(w, scheme, scale_dtype=torch.bfloat16, clip_search=clip_search)
         packed = compressed_tensors_pack(q)
-        groups.setdefault(key, {}).update({f"{info.name.removesuffix('.weight')}.{k}": v for k, v in packed.items()})
-        tick(info.nbytes, sum(v.numel() * v.itemsize for v in packed.values()))
+        groups.setdefault(t.expert, {}).update({f"{t.name.removesuffix('.weight')}.{k}": v for k, v in packed.items()})
+        tick(t.nbytes, sum(v.numel() * v.itemsize for v in packed.values()))
     return list(groups.values())
 
 
@@ -168,25 +187,26 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, scheme
     plan = plan_checkpoint(model)
     out = _check_paths(plan, Path(out))
     _check_scheme(plan, scheme)
-    expert_of = _expert_of(plan)
-    shards, read, weight_map = _shards(plan), _Reader(), {}
+    tensors = _tensors(plan)
+    matrices = sum(t.expert is not None for t in tensors)
+    shards, weight_map = _shards(tensors), {}
     counts = [0, 0, 0]  # matrices done, bytes before, bytes after
 
     def tick(before: int, after: int) -> None:
         counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + before, counts[2] + after
         if progress:
-            progress(counts[0], len(expert_of))
+            progress(counts[0], matrices)
 
     with atomic_output(out, directory=True) as tmp:
         _write_config(plan, tmp, scheme)
         for n, shard in enumerate(shards):
             name = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            groups = _quantized_shard(shard, expert_of, scheme, clip_search, read, tick)
-            _save(groups, tmp / name, shard[0].path)
+            groups = _quantized_shard(shard, scheme, clip_search, tick)
+            _save(groups, tmp / name, shard[0].file)
             weight_map |= {tensor: name for group in groups for tensor in group}
         if len(shards) > 1:
             total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            _same_mode(shard[0].path, tmp / "model.safetensors.index.json")
+            _same_mode(shard[0].file, tmp / "model.safetensors.index.json")
     return QuantizeReport(out, scheme, len(plan.experts), counts[1], counts[2])
