@@ -71,6 +71,7 @@ from common import atomic_path, machine_info, main, make_app, write_json, write_
 from timing import max_rss_bytes, rss_bytes, timed
 
 from offload.errors import CheckpointError, ConfigError, OffloadError
+from offload.experts.kernels.warmup import warm
 
 LLAMA_CPP_PIN = "0.3.36"
 INSTALL_COMMAND = (f'CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install '
@@ -597,20 +598,6 @@ def ensure_offload_weights(opts: Options, model: Path, digest: str, formats: lis
 
 
 # -- workers -------------------------------------------------------------------------------------
-def warm_kernels() -> None:
-    """Load offload's numba kernels (from numba's cache) and start its thread pool before a capped worker reads its
-    cgroup's usage: they cost ~100 MB (LLVM and the code; RSS rose 123 MB at the first ``dequantize_blocks``), which
-    the expert budget must leave room for (with the default margin a capped worker was OOM-killed without this)."""
-    import numpy as np
-    import torch
-
-    from offload.experts.kernels import rows
-    from offload.experts.kernels.linear import float_linear
-
-    float_linear(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(64, 32, dtype=torch.bfloat16))  # the pool
-    rows.dequantize_blocks(np.zeros((1, 34), np.uint8), rows.Q8_0, np.empty((1, 32), np.float32))  # prefill's
-
-
 def run_offload(task: dict) -> dict:
     import torch
 
@@ -619,7 +606,7 @@ def run_offload(task: dict) -> dict:
     rss0 = rss_bytes()
     where: dict = {"offload_to": "ram", "expert_budget": "100%"}
     if task["cap"]:
-        warm_kernels()
+        warm()  # the kernels' ~100 MB are in the cgroup's usage before the budget is sized from it
         usage = MemoryCgroup(task["cgroup"][0], Path(task["cgroup"][1])).usage() if task.get("cgroup") else 0
         budget = offload_budget(task["cap_bytes"], usage, task["dense_bytes"], task["kv_bytes"], task["margin_bytes"])
         where = {"offload_to": "disk", "expert_budget": f"{budget}B", "cgroup_usage_before_load_bytes": usage}

@@ -23,6 +23,7 @@ from offload.checkpoint.plan import CheckpointPlan, plan_checkpoint
 from offload.checkpoint.vocab import load_tokenizer
 from offload.errors import BudgetError, ConfigError, DeviceError
 from offload.experts.kernels.pool import use_threads
+from offload.experts.kernels.warmup import warm
 from offload.experts.layouts import SlotLayout
 from offload.hw.calibration import Calibration
 from offload.memory.budget import Placement, fit_budget, is_auto, memory_plan
@@ -198,6 +199,8 @@ def from_pretrained(name_or_path: str | Path, runtime: RuntimeConfig | None = No
     runtime = _runtime_config(runtime, overrides)
     device = resolve_device(runtime.device)
     use_threads(runtime.threads)
+    if device.type == "cpu":
+        warm()  # the kernels load (or compile, once per install) now, not inside the first token
     plan = plan_checkpoint(name_or_path)
     patterns = _read_patterns(plan, runtime)  # refused now if they belong to another checkpoint
     compute_dtype = runtime.dtype or plan.spec.checkpoint_dtype
