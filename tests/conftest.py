@@ -15,6 +15,14 @@ FAMILIES = list(family_configs())
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """Load offload's kernels once in the process that starts the xdist workers (on a fresh clone: compile them,
+    ~90 s), so each worker loads them from numba's cache rather than both compiling them at once."""
+    if not hasattr(config, "workerinput"):
+        from offload.experts.kernels.warmup import warm
+        warm()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
