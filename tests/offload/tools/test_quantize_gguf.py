@@ -19,15 +19,16 @@ from offload.serve.chat import resolve_chat_template
 from offload.tools.quantize import quantize_checkpoint
 from tests.gguf_checkpoints import write_gguf
 from tests.offload.checkpoint.test_families_2026 import _make
+from tests.offload.checkpoint.test_gguf import CHANGES, FAMILIES
 from tests.offload.model.test_forward import _prompts
 from tests.offload.runtime.test_gguf_runtime import PROMPTS, write_tiny_gguf
 
 SCHEME = parse_scheme("int8")  # per output channel: any tiny width
-# Mixtral's q/k rows are permuted in llama-arch files; DeepSeek-V3's kv_b is split into k_b / v_b
-CHANGES = {"deepseek_v3": {"n_group": 1, "topk_group": 1}}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+# Mixtral's q/k rows are permuted in llama-arch files; DeepSeek's kv_b is split into k_b / v_b; Qwen2-MoE's shared
+# expert and its gate, GLM's and DeepSeek's shared experts and leading dense layers, OLMoE's full-width q/k norms
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])
 def test_a_float_gguf_quantizes_to_what_its_source_checkpoint_does(family, tmp_path):
     src = _make(family, tmp_path / "src", **CHANGES.get(family, {}))
     path = tmp_path / f"{family}.gguf"
