@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from offload.experts.kernels import dense
 from offload.spec import RopeSpec
 
 
@@ -99,6 +100,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     then the odd ones, exactly as transformers' ``apply_rotary_pos_emb_interleave`` (q and k alike, so
     their dot products are those of the interleaved rotation).
     """
+    if not interleave and dense.rope_runs(x, cos, sin):  # a decode step: one compiled call, the same bits
+        return dense.rope(x, cos, sin)
     dim = cos.shape[-1]
     rot, rest = (x, None) if dim == x.shape[-1] else (x[..., :dim], x[..., dim:])
     if interleave:

@@ -64,3 +64,36 @@ def test_other_calls_keep_torch_s_ops(case):
         x = torch.randn(64, 2).t()
     assert not dense.rms_norm_runs(x, weight)
     assert torch.equal(attention.rms_norm(x, weight, 1e-5), _torch_rms_norm(x, weight, 1e-5))
+
+
+def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    out = rot * cos + torch.cat((-rot[..., half:], rot[..., :half]), dim=-1) * sin
+    return torch.cat((out, rest), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, tokens, dim", [(1, 1, 64), (3, 1, 64), (2, 5, 32), (1, 16, 16)])
+def test_rope_is_torch_s_bit_for_bit(dtype, batch, tokens, dim):
+    """Each product and the sum round to the compute dtype where torch's ops round: equal, not close. The query
+    is a transposed view, as attention hands it over; dims past ``dim`` (partial rotary) pass through."""
+    torch.manual_seed(batch * 100 + tokens)
+    x = (torch.randn(batch, tokens, 4, 64) * 4).to(dtype).transpose(1, 2)   # [b, heads, t, head_dim], strided
+    angles = torch.randn(batch, 1, tokens, dim // 2) * 3
+    cos, sin = (torch.cat((f(angles), f(angles)), -1).to(dtype) for f in (torch.cos, torch.sin))
+    assert dense.rope_runs(x, cos, sin)
+    assert torch.equal(dense.rope(x, cos, sin), _torch_rope(x, cos, sin))
+    shared = (cos[:1], sin[:1])                                             # one table for every row
+    assert torch.equal(dense.rope(x, *shared), _torch_rope(x, *shared))
+
+
+def test_prefill_and_other_dtypes_keep_torch_s_rope():
+    from offload.model.rope import apply_rope
+
+    x = torch.randn(1, 2, dense.MAX_ROWS + 1, 8)
+    cos, sin = torch.randn(1, 1, dense.MAX_ROWS + 1, 8), torch.randn(1, 1, dense.MAX_ROWS + 1, 8)
+    assert not dense.rope_runs(x, cos, sin) and not dense.rope_runs(x[:, :, :2].half(), cos[:, :, :2].half(),
+                                                                    sin[:, :, :2].half())
+    assert torch.equal(apply_rope(x, cos, sin), _torch_rope(x, cos, sin))
