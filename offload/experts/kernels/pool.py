@@ -49,11 +49,15 @@ def _part(rows, parts, index):
 @njit(cache=True, nogil=True)
 def _serve(ctl, desc, index, parts, seen):
     """A worker's loop: run its part of each posted descriptor job; return the generation seen when idle for
-    ctl[SPIN] pauses, or minus it when the job is a Python callable (the worker runs it in Python)."""
+    ctl[SPIN] pauses, or minus it when the job is a Python callable (the worker runs it in Python). A posted job is
+    always looked at before the budget is: with a budget of 0 the worker would otherwise return at once, find the
+    new generation again in Python and never run the job (the caller then waits forever)."""
     idle = 0
-    while idle < intrinsics.load_acquire(ctl, SPIN):
+    while True:
         now = intrinsics.load_acquire(ctl, GENERATION)
         if now == seen:
+            if idle >= intrinsics.load_acquire(ctl, SPIN):
+                return seen
             intrinsics.cpu_relax()
             idle += 1
             continue
@@ -65,7 +69,6 @@ def _serve(ctl, desc, index, parts, seen):
             jobs.run(desc, lo, hi)
         intrinsics.fetch_add(ctl, DONE, 1)
         idle = 0
-    return seen
 
 
 @njit(cache=True, nogil=True)

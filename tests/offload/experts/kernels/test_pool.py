@@ -57,3 +57,31 @@ def test_sleeping_workers_wake_for_the_next_job():
     seen = []
     pool.run(lambda lo, hi: seen.append(lo), 1000)
     assert sorted(seen) == [0, 512]
+
+
+@pytest.mark.parametrize("spins", [0, 1])
+def test_a_worker_without_a_spin_budget_still_runs_every_job(spins):
+    """With no spin budget a worker goes back to sleep at once; a job posted meanwhile must still run (it once
+    never did: the worker found the new job in Python, returned to numba, left before looking at it, and the
+    caller waited forever). Each job runs in a thread with a deadline, so a hang fails instead of hanging."""
+    import torch
+
+    from offload.experts.kernels import jobs
+
+    pool = P.Pool(2)
+    pool.spin(spins)
+    w, x = torch.randn(256, 64), torch.randn(1, 64)
+    y = torch.empty(1, 256)
+    desc = jobs.weight_base(jobs.F32, 256, 64, w.data_ptr())
+    desc[jobs.TOKENS], desc[jobs.X], desc[jobs.XKIND], desc[jobs.Y], desc[jobs.YKIND] = (
+        1, x.data_ptr(), jobs.F32, y.data_ptr(), jobs.F32)
+
+    def jobs_back_to_back():
+        for _ in range(200):
+            pool.run_job(desc)
+
+    runner = threading.Thread(target=jobs_back_to_back, daemon=True)
+    runner.start()
+    runner.join(120)
+    assert not runner.is_alive(), "the pool hung"
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-5)
