@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +92,6 @@ def _dense(plan: CheckpointPlan, name: str, info: TensorInfo | QuantizedTensor) 
     return read
 
 
-def _expert(info: TensorInfo) -> Callable[[], torch.Tensor]:
-    return lambda: read_tensor(info)
-
-
 def hf_tensors(plan: CheckpointPlan) -> Iterator[HfTensor]:
     """Every tensor the plan uses, by its Hugging Face name, resident ones first, then expert by expert (gate, up,
     down: each expert's tensors adjacent, as offload quantize writes them)."""
@@ -104,7 +101,7 @@ def hf_tensors(plan: CheckpointPlan) -> Iterator[HfTensor]:
     for key, infos in plan.experts.items():
         modules = plan.family.expert_modules(*key)
         for module, info in zip(modules, infos, strict=True):
-            yield HfTensor(f"{module}.weight", info.path, info.nbytes, key, _expert(info))
+            yield HfTensor(f"{module}.weight", info.path, info.nbytes, key, partial(read_tensor, info))
 
 
 def write_tokenizer(metadata: Mapping[str, Any], out: Path, max_positions: int) -> list[Path]:

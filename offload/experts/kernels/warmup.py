@@ -18,9 +18,13 @@ from offload.experts.kernels.pool import ROW_ALIGN
 
 def warm() -> None:
     """One tiny call of each compiled entry point: the job dispatcher through the pool (which starts the pool's
-    threads) and alone (a job too small to split), RMSNorm in both dtypes, and prefill's block dequantizer."""
+    threads) and alone (a job too small to split), RMSNorm and RoPE in both dtypes, and prefill's block
+    dequantizer."""
     for dtype in (torch.bfloat16, torch.float32):
         for rows_ in (4 * ROW_ALIGN, ROW_ALIGN):
             float_linear(torch.zeros(1, 32, dtype=dtype), torch.zeros(rows_, 32, dtype=dtype))
         dense.rms_norm(torch.zeros(1, 32, dtype=dtype), torch.ones(32, dtype=dtype), 1e-6)
+        table = torch.ones(1, 1, 1, 8, dtype=dtype)  # [1, 1, tokens, dim]
+        for x in (torch.zeros(1, 2, 1, 8, dtype=dtype), torch.zeros(1, 1, 2, 8, dtype=dtype).transpose(1, 2)):
+            dense.rope(x, table, table)  # [1, heads, tokens, head dim]: contiguous keys, strided queries
     rows.dequantize_blocks(np.zeros((1, 34), np.uint8), rows.Q8_0, np.empty((1, 32), np.float32))

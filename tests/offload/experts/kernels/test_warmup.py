@@ -11,7 +11,7 @@ CHECK = """
 import offload
 from offload.experts.kernels import dense, jobs, pool, rows
 entry = {"jobs.run": jobs.run, "pool._lead": pool._lead, "pool._serve": pool._serve,
-         "rms_rows": dense._rms_rows, "dequantize_blocks": rows.dequantize_blocks}
+         "rms_rows": dense._rms_rows, "rope_rows": dense._rope_rows, "dequantize_blocks": rows.dequantize_blocks}
 assert not any(f.signatures for f in entry.values())
 offload.from_pretrained("tiny-moe", device="cpu", threads=2)
 missing = [name for name, f in entry.items() if not f.signatures]
