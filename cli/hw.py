@@ -115,6 +115,7 @@ def _calibration_table(c) -> Table:
                                                               "gpu_memory_bandwidth")]
     for label, value, name in rows:
         table.add_row(label, f"{value / 1e9:.1f} GB/s{mark(name)}")
+    table.add_row(f"disk request ({mode}, 4 KiB)", f"{c.disk_request_s * 1e6:.0f} µs{mark('disk_request_s')}")
     table.add_row("host round trip, one token", f"{c.roundtrip_latency_s * 1e6:.0f} µs{mark('roundtrip_latency_s')}")
     for side, name in (("CPU", "layer_overhead_s"), ("GPU", "gpu_layer_overhead_s")):
         table.add_row(f"runtime overhead per layer and token, {side}", f"{getattr(c, name) * 1e3:.2f} ms{mark(name)}")

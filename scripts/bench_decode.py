@@ -357,14 +357,21 @@ def run_ours(opts: Options, name: str, path: Path) -> dict:
     if files:
         DirectReader().drop_cache(files)
     dropper = PageDropper({"checkpoint": files}, opts.drop_ms / 1000) if files else NullDropper()
+    reader = m.cache.store.reader if files else None
+
+    def requests() -> int:  # read requests the disk tier has issued so far
+        return reader.requests if reader is not None else 0
+
     after_prefill = {}
-    clock = TokenClock(on_first=lambda: after_prefill.update(m.stats.total.to_dict()), sync=sync)
+    clock = TokenClock(on_first=lambda: after_prefill.update(m.stats.total.to_dict(), read_requests=requests()),
+                       sync=sync)
     with BusyMeter() as busy, dropper:
         out = m.generate(ids, max_new_tokens=opts.new_tokens, do_sample=False, eos_token_id=[], streamer=clock)
         sync()
     stats = m.stats.to_dict()
     total = stats["total"]
     decode_only = {k: total[k] - after_prefill[k] for k in DECODE_COUNTS}
+    decode_only["read_requests"] = requests() - after_prefill["read_requests"]
     sample = {**clock.result(), "load_model_s": load_s, "num_slots": m.cache.num_slots,
               "expert_format": m.plan.expert_format.name, "slot_nbytes": m.cache.slot_nbytes,
               "total_experts": m.spec.total_experts, "stats": {k: v for k, v in stats.items() if k != "layers"},
@@ -633,6 +640,8 @@ def _cache_row(config: str, ss: list[dict]) -> dict:
                                                    for s in ss if s.get("decode_tokens")])
     row["decode_mib_per_miss"] = median_range([s["decode_cache"]["bytes_loaded"] / s["decode_cache"]["misses"] / 2**20
                                                for s in ss if s["decode_cache"].get("misses")])
+    row["decode_reads_per_miss"] = median_range([s["decode_cache"].get("read_requests", 0) / s["decode_cache"]["misses"]
+                                                 for s in ss if s["decode_cache"].get("misses")])
     row["decode_stalls_per_token"] = median_range([s["decode_cache"].get("stalls", 0) / s["decode_tokens"]
                                                    for s in ss if s.get("decode_tokens")])
     if "+" in config:
@@ -720,18 +729,18 @@ def fmt_range(d: dict, scale: float = 1.0, digits: int = 2) -> str:
 def _config_lines(rows: dict) -> list[str]:
     ref = rows.get(HF_EAGER, {}).get("decode_tokens_per_s", {}).get("median")
     lines = [("| configuration | decode tok/s median [min–max] | vs HF eager | decode hits | decode misses "
-              "| misses / token | MiB per miss | decode GiB loaded | decode stall s | peak RSS GiB "
+              "| misses / token | MiB per miss | reads per miss | decode GiB loaded | decode stall s | peak RSS GiB "
               "| other procs' cores | predicted tok/s | predicted / measured |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in rows.items():
         tps = r["decode_tokens_per_s"]
         rel = f"{tps['median'] / ref:.2f}x" if tps and ref else "n/a"
         cache = [fmt_range(r.get(f"decode_{k}", {}), s, d) for k, s, d in
                  (("hits", 1, 0), ("misses", 1, 0), ("misses_per_token", 1, 2), ("mib_per_miss", 1, 1),
-                  ("bytes_loaded", 2**-30, 2), ("stall_time_s", 1, 2))]
+                  ("reads_per_miss", 1, 2), ("bytes_loaded", 2**-30, 2), ("stall_time_s", 1, 2))]
         predicted = [fmt_range(r.get("predicted_tokens_per_s", {})), fmt_range(r.get("predicted_over_measured", {}))]
         if not is_ours(c):
-            cache, predicted = ["–"] * 6, ["–"] * 2
+            cache, predicted = ["–"] * 7, ["–"] * 2
         lines.append(f"| {c} | {fmt_range(tps)} | {rel} | " + " | ".join(cache) +
                      f" | {fmt_range(r.get('max_rss_bytes', {}), 2**-30)} | "
                      f"{fmt_range(r.get('other_processes_cores', {}))} | " + " | ".join(predicted) + " |")

@@ -26,7 +26,7 @@ from offload.checkpoint.gguf_arch import gguf_source
 from offload.checkpoint.locate import language_config, quantization_config, read_config, resolve_model_dir
 from offload.checkpoint.source import Check, Source, folder_source
 from offload.checkpoint.storage import ExpertStorage, first_tensor, storage_of, stored_nbytes
-from offload.checkpoint.tensors import FLOAT_DTYPES, QuantizedTensor, TensorInfo, check_tensor
+from offload.checkpoint.tensors import FLOAT_DTYPES, QuantizedTensor, TensorInfo, check_tensor, read_runs
 from offload.errors import CheckpointError
 from offload.experts.formats.base import ExpertFormat
 from offload.experts.formats.dense import DenseFormat
@@ -71,6 +71,11 @@ class CheckpointPlan:
         if dtype is not None:
             return self.spec.expert_params * dtype.itemsize
         return round(sum(t.nbytes for infos in self.experts.values() for t in infos) / len(self.experts))
+
+    def reads_per_expert(self) -> float:
+        """Read requests a disk-tier miss issues (the mean over experts): 1 where an expert's tensors lie together,
+        one per tensor where a file stacks each tensor over the experts (GGUF)."""
+        return sum(len(read_runs(infos)) for infos in self.experts.values()) / len(self.experts)
 
     def stored_types(self) -> dict[str, str]:
         """How each group of resident tensors is stored ("attention": "Q8_0", "norms": "F32", ...): a GGUF file's

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -55,6 +55,33 @@ class TensorInfo:
             return self.shape
         rows = math.prod(self.shape[:-1])
         return (*self.shape[:-1], self.nbytes // rows)
+
+
+MERGE_GAP = 1 << 16  # read across a small gap between an expert's tensors rather than issuing two reads
+
+
+@dataclass(frozen=True)
+class ReadRun:
+    """Tensors of one expert that lie (nearly) back to back in one file: one read."""
+
+    path: Path
+    start: int
+    end: int
+    tensors: tuple[tuple[int, TensorInfo], ...]  # (index in the expert's tensor list; info)
+
+
+def read_runs(tensors: Sequence[TensorInfo]) -> list[ReadRun]:
+    """The reads that fetch ``tensors`` (one expert's), in file order: neighbours at most MERGE_GAP apart share one.
+    What a disk miss costs in requests: one for `offload quantize`'s output, one per stacked tensor in a GGUF file."""
+    order = sorted(enumerate(tensors), key=lambda it: (str(it[1].path), it[1].start))
+    runs: list[list[tuple[int, TensorInfo]]] = []
+    for idx, info in order:
+        last = runs[-1][-1][1] if runs else None
+        if last is not None and last.path == info.path and 0 <= info.start - last.end <= MERGE_GAP:
+            runs[-1].append((idx, info))
+        else:
+            runs.append([(idx, info)])
+    return [ReadRun(r[0][1].path, r[0][1].start, r[-1][1].end, tuple(r)) for r in runs]
 
 
 def check_tensor(tensors: Mapping[str, TensorInfo], name: str, shape: tuple[int, ...],

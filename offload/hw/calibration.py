@@ -84,6 +84,8 @@ class Calibration:
 
     host_memory_bandwidth: float = 20e9     # bytes/s read + written (STREAM triad)
     disk_read_bandwidth: float = 1.2e9      # bytes/s, O_DIRECT (page cache bypassed) sequential reads
+    disk_request_s: float = 0.3e-3          # seconds one O_DIRECT read request costs beyond its bytes (4 KiB at
+    #                                         random places: what an expert stored in several pieces pays again)
     cpu_gemv: Rates = field(default_factory=lambda: DEFAULT_CPU_GEMV)  # format -> tokens -> parameters/s
     h2d_bandwidth: float = 25e9             # bytes/s, pinned host -> GPU
     roundtrip_latency_s: float = 30e-6      # one token's hidden state GPU -> host and an output back, synchronised
@@ -101,7 +103,7 @@ class Calibration:
         for name in ("host_memory_bandwidth", "disk_read_bandwidth", "h2d_bandwidth", "gpu_memory_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"calibration: {name} must be > 0, got {getattr(self, name)!r}")
-        if min(self.layer_overhead_s, self.gpu_layer_overhead_s, self.roundtrip_latency_s) < 0:
+        if min(self.layer_overhead_s, self.gpu_layer_overhead_s, self.roundtrip_latency_s, self.disk_request_s) < 0:
             raise ConfigError("calibration: latencies and overheads must be >= 0")
         for name in ("cpu_gemv", "gpu_gemv"):
             rates = getattr(self, name)

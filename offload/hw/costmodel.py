@@ -5,7 +5,8 @@ model code, so the MoE block asks it per miss and tests check its decisions on h
 For one missed expert with ``n`` tokens routed to it this step (FreeToken's and Fiddler's idea; llama.cpp's
 rule that host experts go to the GPU only for batches of >= 32 tokens is the prefill threshold)::
 
-    read  = stored bytes / disk bandwidth        (disk tier: either way reads it first; RAM tier: 0)
+    read  = requests x request latency           (disk tier: either way reads it first; RAM tier: 0)
+            + stored bytes / disk bandwidth
     fetch = read + slot bytes / H2D bandwidth + gpu_expert(n)
     cpu   = read + cpu_expert(n) + round-trip latency + 2 n hidden itemsize / H2D bandwidth
     value = p * (min(fetch(1), cpu(1)) - gpu_expert(1))
@@ -80,14 +81,17 @@ class ExpertCostModel:
     hidden: int
     activation_itemsize: int = 2
     prefill_tokens: int = PREFILL_TOKENS
+    reads: float = 1.0     # read requests a disk-tier miss issues (CheckpointPlan.reads_per_expert)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") or self.tier not in ("ram", "disk"):
             raise ConfigError(f"no cost model for device {self.device!r} and tier {self.tier!r}")
 
     def read_s(self) -> float:
-        """Seconds to bring the expert's bytes into host memory: a disk read for the disk tier, else nothing."""
-        return self.stored_nbytes / self.calibration.disk_read_bandwidth if self.tier == "disk" else 0.0
+        """Seconds to bring the expert's bytes into host memory: its disk reads for the disk tier, else nothing."""
+        if self.tier != "disk":
+            return 0.0
+        return self.reads * self.calibration.disk_request_s + self.stored_nbytes / self.calibration.disk_read_bandwidth
 
     def copy_s(self) -> float:
         """Seconds to put it in a slot once it is in host memory: H2D on CUDA, a memcpy (2 bytes of memory

@@ -13,7 +13,8 @@ One decode token (batch 1), ``a = moe_layers x top_k`` expert uses of which ``m`
                                                                     the triad's bandwidth, which a GEMV
                                                                     reaches only half of on this CPU)
           + (a - m) x expert(1)                                    (hits: compute on the device)
-          + m x miss(1)                                            (fetch: read + copy + compute; hybrid: the
+          + m x miss(1)                                            (fetch: read (requests x latency + bytes
+                                                                    / bandwidth) + copy + compute; hybrid: the
                                                                     cheaper of that and the CPU, hw/costmodel.py)
     stall = m x (miss(1) - expert(1)),   bytes moved = m x the bytes a miss moves into the cache
 
@@ -58,6 +59,7 @@ class ModelSizes:
     cpu_fmt: str                 # ... and of its host copy on the CPU (hybrid's other side)
     itemsize: int = 2            # the compute dtype's bytes (dense weights, the hybrid round trip's hidden states)
     dense_fmt: str = "bfloat16"  # calibration key of the dense weights' GEMVs: the compute dtype
+    reads_per_miss: float = 1.0  # read requests a disk-tier miss issues (a GGUF file's experts: one per tensor)
 
     @property
     def total_experts(self) -> int:
@@ -98,7 +100,7 @@ def token_cost(sizes: ModelSizes, calibration: Calibration, device: str, tier: s
         (c.cpu_expert_s, c.layer_overhead_s)
     dense_s = sizes.num_layers * overhead + gemv(sizes.dense_fmt, sizes.dense_nbytes_per_token // sizes.itemsize, 1)
     m = ExpertCostModel(calibration, device, tier, sizes.params, sizes.slot_nbytes, sizes.stored_nbytes, sizes.fmt,
-                        sizes.cpu_fmt, sizes.hidden, sizes.itemsize)
+                        sizes.cpu_fmt, sizes.hidden, sizes.itemsize, reads=sizes.reads_per_miss)
     hit_s = m.device_expert_s(1)
     on_cpu = device == "cuda" and m.decide(hybrid, 1, reuse) == "cpu"
     miss_s = m.cpu_s(1) if on_cpu else m.fetch_s(1)

@@ -22,7 +22,7 @@ def expert_cost_model(plan: CheckpointPlan, calibration: Calibration, device: st
     return ExpertCostModel(calibration, device, tier, spec.expert_params, slot, plan.expert_nbytes(),
                            fmt.compute_key(dtype, activations, device),
                            cpu_format or fmt.host_compute_key(dtype, activations, device), spec.hidden_size,
-                           dtype.itemsize)
+                           dtype.itemsize, reads=plan.reads_per_expert())
 
 
 class HostCompute:

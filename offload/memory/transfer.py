@@ -20,21 +20,19 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from offload.checkpoint.tensors import TensorInfo
+from offload.checkpoint.tensors import TensorInfo, read_runs
 from offload.experts.layouts import ExpertLayout, Key, Part, SlotLayout
 from offload.registry import lookup
 
 log = logging.getLogger(__name__)
 
 ALIGN = 4096           # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
-MERGE_GAP = 1 << 16    # read across a small gap between an expert's tensors rather than issuing two reads
 
 Progress = Callable[[int, int], None]
 
@@ -64,6 +62,7 @@ class DirectReader:
     def __init__(self, mode: str = "auto") -> None:
         self.mode = mode
         self._fds: dict[Path, tuple[int, str]] = {}
+        self.requests = 0  # read calls issued to the kernel (what a disk pays latency for), for benchmarks
 
     def _open(self, path: Path) -> tuple[int, str]:
         if path in self._fds:
@@ -116,6 +115,7 @@ class DirectReader:
         done = 0
         while done < hi - lo:
             n = os.preadv(fd, [view[done:]], lo + done)
+            self.requests += 1
             if n == 0:
                 break  # end of file inside the last aligned block
             done += n
@@ -142,28 +142,6 @@ class DirectReader:
         self._fds.clear()
 
 
-@dataclass(frozen=True)
-class _Run:
-    """Tensors of one expert that lie (nearly) back to back in one file: one read."""
-
-    path: Path
-    start: int
-    end: int
-    tensors: tuple[tuple[int, TensorInfo], ...]  # (index in the expert's tensor list; info)
-
-
-def _runs(tensors: Sequence[TensorInfo]) -> list[_Run]:
-    order = sorted(enumerate(tensors), key=lambda it: (str(it[1].path), it[1].start))
-    runs: list[list[tuple[int, TensorInfo]]] = []
-    for idx, info in order:
-        last = runs[-1][-1][1] if runs else None
-        if last is not None and last.path == info.path and 0 <= info.start - last.end <= MERGE_GAP:
-            runs[-1].append((idx, info))
-        else:
-            runs.append([(idx, info)])
-    return [_Run(r[0][1].path, r[0][1].start, r[-1][1].end, tuple(r)) for r in runs]
-
-
 # an expert and the parts of its tensors (in the checkpoint format's order) -> its layout (a GGUF file's types, and
 # so its layouts, may differ per layer)
 LayoutOf = Callable[[Key, Sequence[Part]], ExpertLayout]
@@ -181,7 +159,7 @@ class DiskExpertStore:
     def __init__(self, experts: Mapping[Key, Sequence[TensorInfo]], reader: DirectReader, layout_of: LayoutOf) -> None:
         self.reader = reader
         self.layout_of = layout_of
-        self._runs = {key: _runs(tensors) for key, tensors in experts.items()}
+        self._runs = {key: read_runs(tensors) for key, tensors in experts.items()}
         # Every run is read as an aligned span placed at an aligned offset of the destination buffer.
         self.raw_nbytes = max(
             sum(align_up(r.end) - align_down(r.start) for r in runs) for runs in self._runs.values()

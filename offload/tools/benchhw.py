@@ -8,6 +8,7 @@ for the per-layer overhead), which is why they live here, above the runtime, apa
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -56,10 +57,21 @@ def measure_memory_bandwidth(nbytes: int, repeats: int) -> float:
     return 3 * n * 4 / best
 
 
-def measure_disk_bandwidth(directory: Path, nbytes: int, repeats: int, chunk: int = 16 * 2**20) -> tuple[float, str]:
-    """Sequential reads of a temporary file written in ``directory`` (removed after), with the runtime's own
-    reader: (best bytes/s over ``repeats`` passes, the reader's mode). Mode "direct" is O_DIRECT; "fadvise" or
-    "plain" mean the file system refused it (tmpfs), so the figure is nearer the page cache's."""
+@dataclass(frozen=True)
+class DiskRates:
+    """What ``offload bench-hw`` measured of the disk: the reader's sequential rate and what one request costs."""
+
+    bandwidth: float   # bytes/s of 16 MiB reads back to back
+    request_s: float   # seconds of one 4 KiB read at a random place (the latency each extra read of a miss adds)
+    mode: str          # the reader's mode: "direct" (O_DIRECT) or a fallback nearer the page cache's speed
+
+
+def measure_disk(directory: Path, nbytes: int, repeats: int, chunk: int = 16 * 2**20,
+                 requests: int = 64) -> DiskRates:
+    """Reads of a temporary file written in ``directory`` (removed after), with the runtime's own reader: the best
+    sequential bytes/s over ``repeats`` passes, and the median time of ``requests`` single-block reads at random
+    aligned places (page cache dropped first). Mode "direct" is O_DIRECT; "fadvise" or "plain" mean the file system
+    refused it (tmpfs), so the figures are nearer the page cache's."""
 
     chunk = max(ALIGN, chunk - chunk % ALIGN)
     nbytes = max(chunk, nbytes - nbytes % chunk)
@@ -73,7 +85,6 @@ def measure_disk_bandwidth(directory: Path, nbytes: int, repeats: int, chunk: in
                 f.write(block)
             f.flush()
             os.fsync(f.fileno())
-        reader.drop_cache([path])
         buf = aligned_empty(chunk)
         best = float("inf")
         for _ in range(repeats):
@@ -82,7 +93,14 @@ def measure_disk_bandwidth(directory: Path, nbytes: int, repeats: int, chunk: in
             for offset in range(0, nbytes, chunk):
                 reader.read(path, offset, offset + chunk, buf)
             best = min(best, time.perf_counter() - t0)
-        return nbytes / best, reader.mode_of(path)
+        reader.drop_cache([path])
+        places = random.Random(0).sample(range(nbytes // ALIGN), min(requests, nbytes // ALIGN))
+        times = []
+        for place in places:
+            t0 = time.perf_counter()
+            reader.read(path, place * ALIGN, (place + 1) * ALIGN, buf)
+            times.append(time.perf_counter() - t0)
+        return DiskRates(nbytes / best, statistics.median(times), reader.mode_of(path))
     finally:
         reader.close()
         path.unlink(missing_ok=True)
@@ -268,7 +286,8 @@ def calibrate(hidden: int = 1024, intermediate: int = 3584, disk_dir: Path | Non
     step("host memory bandwidth (triad)")
     fields: dict[str, Any] = {"host_memory_bandwidth": measure_memory_bandwidth(sizes.memory_bytes, sizes.repeats)}
     step("disk read bandwidth (O_DIRECT)")
-    fields["disk_read_bandwidth"], mode = measure_disk_bandwidth(disk_dir, sizes.disk_bytes, sizes.repeats)
+    disk = measure_disk(disk_dir, sizes.disk_bytes, sizes.repeats)
+    fields["disk_read_bandwidth"], fields["disk_request_s"], mode = disk.bandwidth, disk.request_s, disk.mode
     notes = [] if mode == "direct" else [f"disk: O_DIRECT was refused in {disk_dir}, read with {mode} (nearer the "
                                          "page cache's speed than the disk's): give --path on the checkpoints' disk"]
     step("CPU expert throughput")

@@ -26,7 +26,7 @@ def model_sizes(plan: CheckpointPlan, device: str, dtype: torch.dtype | None = N
     return ModelSizes(dense, dense - embed, plan.expert_nbytes(), slot, spec.expert_params, spec.num_layers,
                       spec.num_moe_layers, spec.num_experts, spec.top_k, spec.hidden_size,
                       fmt.compute_key(dtype, activations, device), fmt.host_compute_key(dtype, activations, device),
-                      dtype.itemsize, str(dtype).removeprefix("torch."))
+                      dtype.itemsize, str(dtype).removeprefix("torch."), plan.reads_per_expert())
 
 
 def trace_miss_rate(path: str, sizes: ModelSizes) -> MissRate:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from offload.checkpoint.plan import plan_checkpoint
 from offload.errors import ConfigError
 from tests.scripts import ROOT, SCRIPTS, load_script, script_env
 
@@ -91,10 +92,12 @@ def worker_samples(tiny_dir) -> dict[str, dict]:
     return out
 
 
-def test_worker_samples_keep_their_keys(worker_samples) -> None:
+def test_worker_samples_keep_their_keys(worker_samples, tiny_dir) -> None:
     ours, hf = worker_samples["offload-disk-50"], worker_samples["hf-eager"]
     assert set(ours) == OURS_SAMPLE | {"page_cache"} and set(hf) == HF_SAMPLE
-    assert set(ours["decode_cache"]) == set(bench.DECODE_COUNTS)
+    assert set(ours["decode_cache"]) == {*bench.DECODE_COUNTS, "read_requests"}
+    reads = plan_checkpoint(tiny_dir("mixtral", torch.bfloat16)).reads_per_expert()  # each miss pays them all
+    assert ours["decode_cache"]["read_requests"] == ours["decode_cache"]["misses"] * reads
     assert set(ours["page_cache"]) >= {"period_s", "drops", "resident_samples", "checkpoint"}
     assert ours["device"] == hf["device"] == "cpu" and ours["config"] == "offload-disk-50"
     assert len(ours["new_token_ids"]) == len(hf["new_token_ids"]) == 3 and ours["decode_tokens"] == 2
@@ -102,7 +105,7 @@ def test_worker_samples_keep_their_keys(worker_samples) -> None:
 
 
 def _ours(config: str, repeat: int, tps: float, stalls: int) -> dict:
-    cache = {k: 2 for k in bench.DECODE_COUNTS} | {"stalls": stalls, "stall_time_s": stalls / 10}
+    cache = {k: 2 for k in bench.DECODE_COUNTS} | {"stalls": stalls, "stall_time_s": stalls / 10, "read_requests": 6}
     return {"config": config, "repeat": repeat, "decode_tokens_per_s": tps, "decode_tokens": 4, "decode_cache": cache,
             "stats": {"total": {"load_time_s": 0.5}, "predictor_time_s": 0.1, "decode_time_s": 0.4,
                       "prediction": {"1": {"precision": 0.75, "recall": 0.5}}},
@@ -130,7 +133,8 @@ def test_summary_rows_and_ratios_keep_their_keys_and_values() -> None:
     rows = summary["configs"]
     assert list(rows) == CONFIGS
     cache_keys = [f"decode_{k}" for k in bench.DECODE_COUNTS] + [
-        "total_load_time_s", "decode_misses_per_token", "decode_mib_per_miss", "decode_stalls_per_token"]
+        "total_load_time_s", "decode_misses_per_token", "decode_mib_per_miss", "decode_reads_per_miss",
+        "decode_stalls_per_token"]
     model = ["predicted_tokens_per_s", "predicted_over_measured"]
     tail = ["max_rss_bytes", "other_processes_cores", "tokens_match_hf_eager"]
     assert list(rows["offload-ram-100"]) == ["decode_tokens_per_s", "failed", *cache_keys, *model, *tail]
@@ -174,10 +178,10 @@ def test_table_prints_every_config_prefetch_rows_and_targets() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("| configuration | decode tok/s median [min–max] | vs HF eager |")
     assert ("| offload-ram-100 | 20.00 [10.00–30.00] | 2.67x | 2 [2–2] | 2 [2–2] | 0.50 [0.50–0.50] | 0.0 [0.0–0.0] "
-            "| 0.00 [0.00–0.00] | 0.00 [0.00–0.00] | 1.00 [1.00–1.00] | 0.25 [0.25–0.25] | 19.50 [15.00–24.00] "
-            "| 1.15 [0.80–1.50] |") in text
+            "| 3.00 [3.00–3.00] | 0.00 [0.00–0.00] | 0.00 [0.00–0.00] | 1.00 [1.00–1.00] | 0.25 [0.25–0.25] "
+            "| 19.50 [15.00–24.00] | 1.15 [0.80–1.50] |") in text
     assert "| offload-ram-50 | 8.00 [8.00–8.00] | 1.07x |" in text and "| n/a | n/a |\n" in text
-    assert "| hf-eager | 7.50 [5.00–10.00] | 1.00x | – | – | – | – | – | – | 2.00 [2.00–2.00] | 0.50 [0.50–0.50] " \
+    assert "| hf-eager | 7.50 [5.00–10.00] | 1.00x | – | – | – | – | – | – | – | 2.00 [2.00–2.00] | 0.50 [0.50–0.50] " \
            "| – | – |" in text
     assert "| offload-ram-50+pregate | 0.50 [0.50–0.50] | 0.200 [0.200–0.200] | 2 [2–2] / 2 [2–2] / 2 [2–2] " \
            "| 0.75 [0.75–0.75] | 0.50 [0.50–0.50] | 25.0 [25.0–25.0]% |" in text

@@ -253,6 +253,7 @@ def test_a_missing_tensor_is_named_as_the_file_would_hold_it(sources, tmp_path):
 def test_a_miss_is_one_read_per_stacked_tensor_of_the_files_own_bytes(sources, tmp_path):
     """An expert is slice e of each stacked tensor: the disk tier reads exactly those bytes, one read each (O_DIRECT
     widens each to 4 KiB alignment), and the RAM tier holds the same blocks."""
+    from offload.checkpoint.tensors import read_runs
     from offload.memory.transfer import DirectReader, DiskExpertStore, RamExpertStore, aligned_empty
 
     path = tmp_path / "m.gguf"
@@ -260,9 +261,10 @@ def test_a_miss_is_one_read_per_stacked_tensor_of_the_files_own_bytes(sources, t
     plan = plan_checkpoint(path)
     store = DiskExpertStore(plan.experts, DirectReader(), plan.source_layout)
     per_expert = 3 * 256 * 256 // 256 * 144  # three 256x256 matrices of Q4_K: 144 bytes per 256 weights
-    for key, infos in plan.experts.items():
-        runs = store._runs[key]
+    for infos in plan.experts.values():
+        runs = read_runs(infos)
         assert len(runs) == 3 and sum(r.end - r.start for r in runs) == per_expert == sum(i.nbytes for i in infos)
+    assert plan.reads_per_expert() == 3  # what the performance model charges a disk miss of this file
     ram = RamExpertStore(store, list(plan.experts), plan.host_layout(torch.float32, torch.device("cpu"),
                                                                       torch.float32), pin=False)
     scratch = aligned_empty(store.raw_nbytes)

@@ -20,7 +20,7 @@ from offload.stats import HybridStats
 
 def costs(h2d: float = 1e9, cpu_rate: float = 1e9, device: str = "cuda", tier: str = "ram",
           disk: float = 1e9) -> ExpertCostModel:
-    c = Calibration(h2d_bandwidth=h2d, disk_read_bandwidth=disk, roundtrip_latency_s=1e-5,
+    c = Calibration(h2d_bandwidth=h2d, disk_read_bandwidth=disk, roundtrip_latency_s=1e-5, disk_request_s=0.0,
                     host_memory_bandwidth=4e9, cpu_gemv={"bfloat16": {1: cpu_rate, 16: cpu_rate / 10}},
                     gpu_gemv={"bfloat16": {1: 1e11, 64: 1e11}})
     return ExpertCostModel(c, device, tier, params=10**6, slot_nbytes=2 * 10**6, stored_nbytes=2 * 10**6,

@@ -33,7 +33,7 @@ SIZES = ModelSizes(dense_nbytes=5 * 10**6, dense_nbytes_per_token=10**6, stored_
 CAL = Calibration(host_memory_bandwidth=1e9, disk_read_bandwidth=1e8, cpu_gemv={"bfloat16": {1: 1e9}},
                   h2d_bandwidth=1e9, roundtrip_latency_s=1e-5, gpu_memory_bandwidth=1e11,
                   gpu_gemv={"bfloat16": {1: 1e11}}, layer_overhead_s=0.0,
-                  gpu_layer_overhead_s=0.0)
+                  gpu_layer_overhead_s=0.0, disk_request_s=0.0)
 
 
 @pytest.mark.parametrize("device, tier, hybrid, seconds, stall, moved", [
@@ -54,6 +54,17 @@ def test_token_cost_matches_the_hand_computed_prediction(device, tier, hybrid, s
     assert cost.seconds == pytest.approx(seconds) and cost.stall_s == pytest.approx(stall)
     assert cost.bytes_moved == pytest.approx(moved) and cost.tokens_per_s == pytest.approx(1 / seconds)
     assert cost.cpu_experts == (1.5 if (device, tier, hybrid) == ("cuda", "ram", "auto") else 0.0)
+
+
+def test_each_read_request_of_a_disk_miss_adds_the_calibrated_latency():
+    cal = replace(CAL, disk_request_s=1e-3)
+    one = token_cost(SIZES, cal, "cpu", "disk", misses=1.5)
+    assert one.seconds == pytest.approx(0.5e-3 + 0.5e-3 + 1.5 * (1e-3 + 20e-3 + 1e-3))  # latency + bytes + compute
+    three = token_cost(replace(SIZES, reads_per_miss=3), cal, "cpu", "disk", misses=1.5)  # a GGUF expert's 3 tensors
+    assert three.seconds - one.seconds == pytest.approx(1.5 * 2e-3) and three.stall_s - one.stall_s == pytest.approx(
+        1.5 * 2e-3)
+    ram = [token_cost(replace(SIZES, reads_per_miss=r), cal, "cpu", "ram", misses=1.5).seconds for r in (1, 3)]
+    assert ram[0] == ram[1]  # the RAM tier reads nothing
 
 
 def test_every_decoder_layer_adds_the_calibrated_overhead():
@@ -137,3 +148,4 @@ def test_sizes_from_a_checkpoint(tiny_dir):
     half = model_sizes(plan, "cpu", torch.bfloat16)
     assert half.slot_nbytes == plan.expert_nbytes() // 2 and half.fmt == "bfloat16" and half.itemsize == 2
     assert half.dense_fmt == "bfloat16"  # the dense GEMVs run at the compute dtype's calibrated rate
+    assert sizes.reads_per_miss == plan.reads_per_expert() >= 1
