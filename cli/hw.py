@@ -110,6 +110,7 @@ def _calibration_table(c) -> Table:
 
     mode = c.machine.get("disk_read_mode", "direct")
     rows = [("host memory bandwidth (triad)", c.host_memory_bandwidth, "host_memory_bandwidth"),
+            ("host copy, one thread (bytes copied)", c.host_copy_bandwidth, "host_copy_bandwidth"),
             (f"disk read ({mode})", c.disk_read_bandwidth, "disk_read_bandwidth"),
             ("H2D, pinned", c.h2d_bandwidth, "h2d_bandwidth"), ("GPU memory", c.gpu_memory_bandwidth,
                                                               "gpu_memory_bandwidth")]
@@ -119,6 +120,7 @@ def _calibration_table(c) -> Table:
     table.add_row("host round trip, one token", f"{c.roundtrip_latency_s * 1e6:.0f} µs{mark('roundtrip_latency_s')}")
     for side, name in (("CPU", "layer_overhead_s"), ("GPU", "gpu_layer_overhead_s")):
         table.add_row(f"runtime overhead per layer and token, {side}", f"{getattr(c, name) * 1e3:.2f} ms{mark(name)}")
+    table.add_row("cache bookkeeping per miss", f"{c.miss_overhead_s * 1e3:.2f} ms{mark('miss_overhead_s')}")
     params = 3 * c.shape[0] * c.shape[1]
     bytes_per = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5}
     for side, rates in (("CPU", c.cpu_gemv), ("GPU", c.gpu_gemv)):

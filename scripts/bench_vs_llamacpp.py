@@ -797,6 +797,8 @@ def make_tasks(opts: Options, runs: list[Run], setup: Setup, ids: list[int], n_c
                      "margin_bytes": opts.offload_margin_mib * 2**20,
                      "accelerate_max_memory": cap.accelerate_max_memory,
                      "offload_folder": str(opts.work_dir / f"accelerate-offload-{setup.digest[:16]}")}
+            if r.engine == "llama.cpp":  # its repacked weights are anonymous memory a cap cannot page out: it runs
+                task["repack"] = False    # capped only as `--no-repack`, its weights the mmapped file's pages
         setup.tasks[r.name] = task
 
 

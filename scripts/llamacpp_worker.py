@@ -48,10 +48,29 @@ def greedy(llm, ids: list[int], n: int, clock=None, margins: list[float] | None 
     return out
 
 
+def without_repack(llama_cpp) -> None:
+    """llama.cpp's ``--no-repack`` (``use_extra_bufts = false``), which llama-cpp-python's Llama() does not expose:
+    by default its CPU backend copies Q4_0 / Q4_K / IQ4_NL tensors into anonymous memory in an interleaved layout
+    for its AVX2 kernels, which a memory cap cannot page out (no swap here: the cgroup's OOM killer ends it). With
+    no repack every weight stays a page of the mmapped file, which the kernel can drop and read again."""
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+
+
 def run(task: dict) -> dict:
-    """Load the GGUF (default mmap), an untimed warm-up, then the timed greedy run."""
+    """Load the GGUF (default mmap; without the repack where the task says so), an untimed warm-up, then the timed
+    greedy run."""
     import llama_cpp
 
+    if not task.get("repack", True):
+        without_repack(llama_cpp)
     rss0 = rss_bytes()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -63,7 +82,8 @@ def run(task: dict) -> dict:
     sample = timed(lambda clock: greedy(llm, task["ids"], task["new_tokens"], clock, margins), len(task["ids"]))
     return {**sample, "top2_margins": margins, "load_model_s": load_s, "rss_before_load_bytes": rss0,
             "n_ctx": llm.n_ctx(), "n_batch": llm.n_batch, "threads": task["threads"],
-            "llama_cpp_version": llama_cpp.__version__, "loadavg_before": load_before,
+            "llama_cpp_version": llama_cpp.__version__, "repack": task.get("repack", True),
+            "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "rss_after_bytes": rss_bytes()}
 
 

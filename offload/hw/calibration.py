@@ -83,6 +83,7 @@ class Calibration:
     """One machine's measured bandwidths and expert compute rates (defaults where not measured)."""
 
     host_memory_bandwidth: float = 20e9     # bytes/s read + written (STREAM triad)
+    host_copy_bandwidth: float = 11e9       # bytes/s copied by one thread's memcpy (a CPU slot's fill from RAM)
     disk_read_bandwidth: float = 1.2e9      # bytes/s, O_DIRECT (page cache bypassed) sequential reads
     disk_request_s: float = 0.3e-3          # seconds one O_DIRECT read request costs beyond its bytes (4 KiB at
     #                                         random places: what an expert stored in several pieces pays again)
@@ -94,16 +95,20 @@ class Calibration:
     layer_overhead_s: float = 0.6e-3        # per decoder layer and decode token, beyond weight streaming (CPU;
     #                                         tiny-moe's 3-5 ms a token over 5 layers in shared/NOTES.md)
     gpu_layer_overhead_s: float = 0.2e-3    # ... on CUDA (Python, dispatch and ~30 kernel launches a layer)
+    miss_overhead_s: float = 0.4e-3         # per miss beyond moving its bytes: the cache's bookkeeping, the eviction,
+    #                                         a refilled slot's first touches (tiny-moe in the RAM tier, CPU)
     shape: tuple[int, int] = (1024, 3584)   # (hidden, intermediate) of the expert the rates were measured on
     measured: tuple[str, ...] = ()          # the fields measured on this machine; the others are defaults
     machine: Mapping[str, Any] = field(default_factory=dict)  # CPU, cores, GPU, versions, torch threads, load
     version: int = VERSION
 
     def __post_init__(self) -> None:
-        for name in ("host_memory_bandwidth", "disk_read_bandwidth", "h2d_bandwidth", "gpu_memory_bandwidth"):
+        for name in ("host_memory_bandwidth", "host_copy_bandwidth", "disk_read_bandwidth", "h2d_bandwidth",
+                     "gpu_memory_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"calibration: {name} must be > 0, got {getattr(self, name)!r}")
-        if min(self.layer_overhead_s, self.gpu_layer_overhead_s, self.roundtrip_latency_s, self.disk_request_s) < 0:
+        if min(self.layer_overhead_s, self.gpu_layer_overhead_s, self.roundtrip_latency_s, self.disk_request_s,
+               self.miss_overhead_s) < 0:
             raise ConfigError("calibration: latencies and overheads must be >= 0")
         for name in ("cpu_gemv", "gpu_gemv"):
             rates = getattr(self, name)

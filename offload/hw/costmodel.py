@@ -94,12 +94,12 @@ class ExpertCostModel:
         return self.reads * self.calibration.disk_request_s + self.stored_nbytes / self.calibration.disk_read_bandwidth
 
     def copy_s(self) -> float:
-        """Seconds to put it in a slot once it is in host memory: H2D on CUDA, a memcpy (2 bytes of memory
-        traffic a byte) for a CPU slot from the RAM tier; a disk read lands in a CPU slot directly."""
+        """Seconds to put it in a slot once it is in host memory: H2D on CUDA, one thread's memcpy for a CPU slot
+        from the RAM tier (the CPU mover's copy); a disk read lands in a CPU slot directly."""
         c = self.calibration
         if self.device == "cuda":
             return self.slot_nbytes / c.h2d_bandwidth
-        return 2 * self.slot_nbytes / c.host_memory_bandwidth if self.tier == "ram" else 0.0
+        return self.slot_nbytes / c.host_copy_bandwidth if self.tier == "ram" else 0.0
 
     def device_expert_s(self, tokens: int) -> float:
         c = self.calibration

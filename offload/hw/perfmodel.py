@@ -14,7 +14,8 @@ One decode token (batch 1), ``a = moe_layers x top_k`` expert uses of which ``m`
                                                                     reaches only half of on this CPU)
           + (a - m) x expert(1)                                    (hits: compute on the device)
           + m x miss(1)                                            (fetch: read (requests x latency + bytes
-                                                                    / bandwidth) + copy + compute; hybrid: the
+                                                                    / bandwidth) + copy + compute + the cache's
+                                                                    bookkeeping per miss; hybrid: the
                                                                     cheaper of that and the CPU, hw/costmodel.py)
     stall = m x (miss(1) - expert(1)),   bytes moved = m x the bytes a miss moves into the cache
 
@@ -103,7 +104,7 @@ def token_cost(sizes: ModelSizes, calibration: Calibration, device: str, tier: s
                         sizes.cpu_fmt, sizes.hidden, sizes.itemsize, reads=sizes.reads_per_miss)
     hit_s = m.device_expert_s(1)
     on_cpu = device == "cuda" and m.decide(hybrid, 1, reuse) == "cpu"
-    miss_s = m.cpu_s(1) if on_cpu else m.fetch_s(1)
+    miss_s = m.cpu_s(1) if on_cpu else m.fetch_s(1) + c.miss_overhead_s  # a fetch also pays the cache's bookkeeping
     per_miss = sizes.stored_nbytes if tier == "disk" else (0 if on_cpu else sizes.slot_nbytes)
     return TokenCost(dense_s + (sizes.active - misses) * hit_s + misses * miss_s, misses * (miss_s - hit_s),
                      misses * per_miss, dense_s, misses, misses if on_cpu else 0.0)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +65,23 @@ class DiskRates:
     bandwidth: float   # bytes/s of 16 MiB reads back to back
     request_s: float   # seconds of one 4 KiB read at a random place (the latency each extra read of a miss adds)
     mode: str          # the reader's mode: "direct" (O_DIRECT) or a fallback nearer the page cache's speed
+
+
+def measure_copy_bandwidth(nbytes: int, repeats: int, chunk: int = 16 * 2**20) -> float:
+    """Bytes/s one thread copies with the CPU mover's own copy (numpy's memcpy), ``chunk`` at a time between
+    ``nbytes`` of sources and as many of destinations, so that each copy reads and writes RAM (as a slot's fill
+    does): the best pass over ``repeats``."""
+    chunk = min(chunk, nbytes)
+    count = max(2, nbytes // chunk)
+    sources = [np.ones(chunk, dtype=np.uint8) for _ in range(count)]
+    dests = [np.zeros(chunk, dtype=np.uint8) for _ in range(count)]
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        t0 = time.perf_counter()
+        for src, dest in zip(sources, dests, strict=True):
+            np.copyto(dest, src)
+        best = min(best, time.perf_counter() - t0)
+    return count * chunk / best
 
 
 def measure_disk(directory: Path, nbytes: int, repeats: int, chunk: int = 16 * 2**20,
@@ -267,6 +285,36 @@ def measure_layer_overhead(calibration: Calibration, device: str = "cpu", tokens
     return max(per_token - streaming, 0.0) / m.spec.num_layers
 
 
+def measure_miss_overhead(calibration: Calibration, tokens: int = 24, budget: str = "25%") -> float:
+    """Seconds a RAM-tier miss costs beyond its modelled copy (the cache's bookkeeping, the victim's eviction, the
+    first touches of a refilled slot), from tiny-moe decoding on the CPU at ``budget`` against fully cached: the
+    extra time per miss, less the copy the performance model already charges."""
+
+    def per_token(expert_budget: str) -> tuple[float, float, int]:  # (seconds, misses) per token, slot bytes
+        m = from_pretrained("tiny-moe", device="cpu", expert_budget=expert_budget, offload_to="ram")
+        ids = torch.tensor([[1, 2, 3, 4]])
+
+        def run(new: int) -> tuple[float, int]:
+            m.stats.reset()
+            t0 = time.perf_counter()
+            m.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])
+            return time.perf_counter() - t0, m.stats.total.misses
+
+        run(tokens)  # warm-up
+        best = min(((a[0] - b[0]) / tokens, (a[1] - b[1]) / tokens)
+                   for a, b in ((run(tokens + 1), run(1)) for _ in range(3)))
+        slot = m.cache.slot_nbytes
+        m.cache.close()
+        return *best, slot
+
+    full, _, _ = per_token("100%")
+    partial, misses, slot = per_token(budget)
+    if misses <= 0:
+        return 0.0
+    copy = slot / calibration.host_copy_bandwidth  # what ExpertCostModel.copy_s charges a RAM-tier miss
+    return max((partial - full) / misses - copy, 0.0)
+
+
 Progress = Callable[[str], None]
 
 
@@ -285,6 +333,8 @@ def calibrate(hidden: int = 1024, intermediate: int = 3584, disk_dir: Path | Non
     cuda = torch.cuda.is_available() if cuda is None else cuda
     step("host memory bandwidth (triad)")
     fields: dict[str, Any] = {"host_memory_bandwidth": measure_memory_bandwidth(sizes.memory_bytes, sizes.repeats)}
+    step("host copy bandwidth (one thread)")
+    fields["host_copy_bandwidth"] = measure_copy_bandwidth(sizes.memory_bytes, sizes.repeats)
     step("disk read bandwidth (O_DIRECT)")
     disk = measure_disk(disk_dir, sizes.disk_bytes, sizes.repeats)
     fields["disk_read_bandwidth"], fields["disk_request_s"], mode = disk.bandwidth, disk.request_s, disk.mode
@@ -295,6 +345,8 @@ def calibrate(hidden: int = 1024, intermediate: int = 3584, disk_dir: Path | Non
     fields["cpu_gemv"] = {**DEFAULT_CPU_GEMV, **cpu}
     step("the runtime's per-layer overhead (tiny-moe)")
     fields["layer_overhead_s"] = measure_layer_overhead(Calibration(**fields))
+    step("the runtime's cost per miss beyond the copy (tiny-moe)")
+    fields["miss_overhead_s"] = measure_miss_overhead(Calibration(**fields))
     measured = [*fields, *(f"cpu_gemv.{f}" for f in cpu)]
     measured.remove("cpu_gemv")
     if cuda:

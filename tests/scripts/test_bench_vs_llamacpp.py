@@ -267,3 +267,24 @@ def test_the_sentencepiece_tokenizer_and_its_tokenizers_twin_encode_alike(tmp_pa
     for text in texts:  # offload's encode (tokenizer.json, BOS prepended) = SentencePiece's, so either gives the ids
         assert tok.encode(text).ids == [sp.bos_id(), *sp.encode(text)], text
         assert tok.decode(tok.encode(text).ids, skip_special_tokens=True) == text
+
+
+def test_without_repack_turns_off_llama_cpps_extra_buffers_for_every_later_load() -> None:
+    """A capped llama.cpp run loads with use_extra_bufts off (its --no-repack), through the params every Llama()
+    starts from."""
+    from types import SimpleNamespace
+
+    worker = load_script("llamacpp_worker")
+
+    class Params:
+        use_extra_bufts = True
+
+    fake = SimpleNamespace(llama_cpp=SimpleNamespace(llama_model_default_params=Params))
+    worker.without_repack(fake)
+    assert fake.llama_cpp.llama_model_default_params().use_extra_bufts is False
+    assert Params().use_extra_bufts is True  # the original default is wrapped, not edited
+
+
+def test_llama_cpps_model_params_have_the_field_without_repack_sets() -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")  # the [bench] extra's build; CI does not install it
+    assert "use_extra_bufts" in dict(llama_cpp.llama_cpp.llama_model_params._fields_)

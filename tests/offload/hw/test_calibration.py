@@ -18,6 +18,7 @@ from offload.hw.calibration import DEFAULT_CPU_GEMV, FORMATS, VERSION, Calibrati
 from offload.tools.benchhw import (
     BenchSizes,
     calibrate,
+    measure_copy_bandwidth,
     measure_cpu_gemv,
     measure_cuda_transfers,
     measure_disk,
@@ -104,7 +105,7 @@ def test_the_gemv_key_follows_the_slot_layout_each_device_computes_with():
 
 
 def test_memory_and_disk_measurements_return_rates_and_leave_no_file(tmp_path):
-    assert measure_memory_bandwidth(2**20, 1) > 0
+    assert measure_memory_bandwidth(2**20, 1) > 0 and measure_copy_bandwidth(2**20, 1, chunk=2**18) > 0
     disk = measure_disk(tmp_path / "bench", 2**20, 1, chunk=2**18, requests=8)
     assert disk.bandwidth > 0 and disk.request_s > 0 and disk.mode in ("direct", "fadvise", "plain")
     assert list((tmp_path / "bench").iterdir()) == []  # the temporary file is removed
@@ -122,8 +123,9 @@ def test_cpu_gemv_measures_every_format_and_token_count():
 
 def test_calibrate_without_cuda_measures_the_host_and_keeps_gpu_defaults(tmp_path):
     c, notes = calibrate(64, 128, tmp_path, ("bfloat16",), (1,), TINY, cuda=False)
-    assert c.measured == ("host_memory_bandwidth", "disk_read_bandwidth", "disk_request_s", "layer_overhead_s",
-                          "cpu_gemv.bfloat16")
+    assert c.measured == ("host_memory_bandwidth", "host_copy_bandwidth", "disk_read_bandwidth", "disk_request_s",
+                          "layer_overhead_s", "miss_overhead_s", "cpu_gemv.bfloat16")
+    assert c.miss_overhead_s >= 0
     assert c.layer_overhead_s >= 0 and c.gpu_layer_overhead_s == Calibration().gpu_layer_overhead_s
     assert c.shape == (64, 128) and c.gpu_gemv == Calibration().gpu_gemv
     assert c.cpu_gemv["int4"] == DEFAULT_CPU_GEMV["int4"] and set(c.cpu_gemv["bfloat16"]) == {1}

@@ -21,7 +21,8 @@ from offload.stats import HybridStats
 def costs(h2d: float = 1e9, cpu_rate: float = 1e9, device: str = "cuda", tier: str = "ram",
           disk: float = 1e9) -> ExpertCostModel:
     c = Calibration(h2d_bandwidth=h2d, disk_read_bandwidth=disk, roundtrip_latency_s=1e-5, disk_request_s=0.0,
-                    host_memory_bandwidth=4e9, cpu_gemv={"bfloat16": {1: cpu_rate, 16: cpu_rate / 10}},
+                    host_memory_bandwidth=4e9, host_copy_bandwidth=2e9,
+                    cpu_gemv={"bfloat16": {1: cpu_rate, 16: cpu_rate / 10}},
                     gpu_gemv={"bfloat16": {1: 1e11, 64: 1e11}})
     return ExpertCostModel(c, device, tier, params=10**6, slot_nbytes=2 * 10**6, stored_nbytes=2 * 10**6,
                            gpu_format="bfloat16", cpu_format="bfloat16", hidden=100)
@@ -67,7 +68,7 @@ def test_off_always_and_a_host_copy_that_cannot_compute():
 def test_the_disk_tier_reads_either_way_and_a_cpu_device_is_the_degenerate_case():
     disk = costs(h2d=1e9, tier="disk", disk=2e9)  # + 1 ms of disk read on both sides
     assert disk.fetch_s(1) == pytest.approx(3.01e-3) and disk.cpu_s(1) == pytest.approx(2.0104e-3)
-    ram = costs(device="cpu", tier="ram")  # a fetch is a memcpy into a host slot: 2 * 2e6 / 4e9 = 1 ms
+    ram = costs(device="cpu", tier="ram")  # a fetch is one thread's memcpy into a host slot: 2e6 / 2e9 = 1 ms
     assert ram.fetch_s(1) == pytest.approx(2e-3) and ram.cpu_s(1) == pytest.approx(1e-3)
     assert ram.decide("auto", 1, reuse=1.0) == "cpu"  # caching buys nothing the host copy does not already give
     on_disk = costs(device="cpu", tier="disk")  # the read lands in the slot: both ways cost the same

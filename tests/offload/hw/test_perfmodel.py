@@ -30,14 +30,15 @@ from offload.traces.format import TraceHeader, TraceRecord, write_trace
 SIZES = ModelSizes(dense_nbytes=5 * 10**6, dense_nbytes_per_token=10**6, stored_nbytes=2 * 10**6,
                    slot_nbytes=2 * 10**6, params=10**6, num_layers=3, num_moe_layers=2, num_experts=4, top_k=1,
                    hidden=100, fmt="bfloat16", cpu_fmt="bfloat16")
-CAL = Calibration(host_memory_bandwidth=1e9, disk_read_bandwidth=1e8, cpu_gemv={"bfloat16": {1: 1e9}},
+CAL = Calibration(host_memory_bandwidth=1e9, host_copy_bandwidth=5e8, disk_read_bandwidth=1e8,
+                  cpu_gemv={"bfloat16": {1: 1e9}},
                   h2d_bandwidth=1e9, roundtrip_latency_s=1e-5, gpu_memory_bandwidth=1e11,
                   gpu_gemv={"bfloat16": {1: 1e11}}, layer_overhead_s=0.0,
-                  gpu_layer_overhead_s=0.0, disk_request_s=0.0)
+                  gpu_layer_overhead_s=0.0, disk_request_s=0.0, miss_overhead_s=0.0)
 
 
 @pytest.mark.parametrize("device, tier, hybrid, seconds, stall, moved", [
-    # 0.5 ms dense + 0.5 hits x 1 ms + 1.5 misses x (4 ms memcpy of 2e6 bytes at 2 bytes of traffic a byte + 1 ms)
+    # 0.5 ms dense + 0.5 hits x 1 ms + 1.5 misses x (4 ms memcpy of 2e6 bytes at 5e8 B/s + 1 ms)
     ("cpu", "ram", "off", 8.5e-3, 1.5 * 4e-3, 3e6),
     # a miss reads 2e6 bytes at 1e8 B/s (20 ms) into the slot, then computes (1 ms)
     ("cpu", "disk", "off", 0.5e-3 + 0.5e-3 + 1.5 * 21e-3, 1.5 * 20e-3, 3e6),
@@ -65,6 +66,16 @@ def test_each_read_request_of_a_disk_miss_adds_the_calibrated_latency():
         1.5 * 2e-3)
     ram = [token_cost(replace(SIZES, reads_per_miss=r), cal, "cpu", "ram", misses=1.5).seconds for r in (1, 3)]
     assert ram[0] == ram[1]  # the RAM tier reads nothing
+
+
+def test_every_fetched_miss_adds_the_calibrated_bookkeeping_and_a_hit_none():
+    cal = replace(CAL, miss_overhead_s=1e-3)
+    for tier in ("ram", "disk"):
+        base, more = (token_cost(SIZES, c, "cpu", tier, misses=1.5) for c in (CAL, cal))
+        assert more.seconds - base.seconds == pytest.approx(1.5e-3) and more.stall_s - base.stall_s == pytest.approx(
+            1.5e-3)
+        assert token_cost(SIZES, cal, "cpu", tier, misses=0.0).seconds == token_cost(SIZES, CAL, "cpu", tier,
+                                                                                     misses=0.0).seconds
 
 
 def test_every_decoder_layer_adds_the_calibrated_overhead():
