@@ -259,6 +259,24 @@ def measure_gpu_gemv(hidden: int, intermediate: int, formats: Sequence[str], bat
     return rates
 
 
+def _generate(model, new: int, sync: Callable[[], object] = lambda: None) -> tuple[float, int]:
+    """Seconds and cache misses of one greedy generate of ``new`` tokens after a 4-token prompt."""
+    model.stats.reset()
+    sync()
+    t0 = time.perf_counter()
+    model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=new, do_sample=False, eos_token_id=[])
+    sync()
+    return time.perf_counter() - t0, model.stats.total.misses
+
+
+def _per_decode_token(model, tokens: int, sync: Callable[[], object] = lambda: None) -> tuple[float, float]:
+    """Seconds and misses per decode token (``tokens`` more against one, the least time of three pairs) after a
+    warm-up generate."""
+    _generate(model, tokens, sync)
+    pairs = ((_generate(model, tokens + 1, sync), _generate(model, 1, sync)) for _ in range(3))
+    return min(((a[0] - b[0]) / tokens, (a[1] - b[1]) / tokens) for a, b in pairs)
+
+
 def measure_layer_overhead(calibration: Calibration, device: str = "cpu", tokens: int = 24) -> float:
     """Seconds per decoder layer per decode token that weight streaming does not explain (Python, dispatch,
     kernel launches, attention on a short context), from decoding with the bundled tiny-moe fully cached: its
@@ -266,18 +284,7 @@ def measure_layer_overhead(calibration: Calibration, device: str = "cpu", tokens
     it from ``calibration``, is subtracted."""
 
     m = from_pretrained("tiny-moe", device=device, expert_budget="100%", offload_to="ram")
-    ids = torch.tensor([[1, 2, 3, 4]])
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def run(new: int) -> float:
-        sync()
-        t0 = time.perf_counter()
-        m.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])
-        sync()
-        return time.perf_counter() - t0
-
-    run(tokens)  # warm-up: every expert it uses is cached after this
-    per_token = min((run(tokens + 1) - run(1)) / tokens for _ in range(3))
+    per_token, _ = _per_decode_token(m, tokens, torch.cuda.synchronize if device == "cuda" else (lambda: None))
     sizes = model_sizes(m.plan, device)
     streaming = token_cost(sizes, replace(calibration, layer_overhead_s=0.0, gpu_layer_overhead_s=0.0), device,
                            "ram", 0.0).seconds
@@ -289,30 +296,14 @@ def measure_miss_overhead(calibration: Calibration, tokens: int = 24, budget: st
     """Seconds a RAM-tier miss costs beyond its modelled copy (the cache's bookkeeping, the victim's eviction, the
     first touches of a refilled slot), from tiny-moe decoding on the CPU at ``budget`` against fully cached: the
     extra time per miss, less the copy the performance model already charges."""
-
-    def per_token(expert_budget: str) -> tuple[float, float, int]:  # (seconds, misses) per token, slot bytes
-        m = from_pretrained("tiny-moe", device="cpu", expert_budget=expert_budget, offload_to="ram")
-        ids = torch.tensor([[1, 2, 3, 4]])
-
-        def run(new: int) -> tuple[float, int]:
-            m.stats.reset()
-            t0 = time.perf_counter()
-            m.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[])
-            return time.perf_counter() - t0, m.stats.total.misses
-
-        run(tokens)  # warm-up
-        best = min(((a[0] - b[0]) / tokens, (a[1] - b[1]) / tokens)
-                   for a, b in ((run(tokens + 1), run(1)) for _ in range(3)))
-        slot = m.cache.slot_nbytes
-        m.cache.close()
-        return *best, slot
-
-    full, _, _ = per_token("100%")
-    partial, misses, slot = per_token(budget)
-    if misses <= 0:
-        return 0.0
-    copy = slot / calibration.host_copy_bandwidth  # what ExpertCostModel.copy_s charges a RAM-tier miss
-    return max((partial - full) / misses - copy, 0.0)
+    full = from_pretrained("tiny-moe", device="cpu", expert_budget="100%", offload_to="ram")
+    full_s, _ = _per_decode_token(full, tokens)
+    full.cache.close()
+    partial = from_pretrained("tiny-moe", device="cpu", expert_budget=budget, offload_to="ram")
+    partial_s, misses = _per_decode_token(partial, tokens)
+    copy = partial.cache.slot_nbytes / calibration.host_copy_bandwidth  # what ExpertCostModel.copy_s charges
+    partial.cache.close()
+    return max((partial_s - full_s) / misses - copy, 0.0) if misses > 0 else 0.0
 
 
 Progress = Callable[[str], None]
