@@ -227,6 +227,21 @@ class ExpertLayout:
         for have, want in zip(src_layout.matrices, self.matrices, strict=True):
             want.convert_from(have, src, dest)
 
+    def over(self, other: ExpertLayout, tail: int) -> ExpertLayout | None:
+        """This layout laid over ``other``'s bytes where its matrices compute from them as they are (int4 codes as
+        compressed-tensors packs them), with what they derive (float32 scales, mins) from ``tail`` on; None when a
+        matrix cannot. A slot in it is filled by reading ``other``'s bytes straight in and converting only the rest
+        in place (``convert_from(other, slot, slot)``), so a disk miss stays one read and copies no codes."""
+        placed = []
+        for have, want in zip(other.matrices, self.matrices, strict=True):
+            over = getattr(want, "over", None)
+            laid = over(have, tail) if over is not None else None
+            if laid is None:
+                return None
+            placed.append(laid)
+            tail = max(p.end for p in laid.parts)
+        return ExpertLayout(*placed)
+
     def bind(self, buf: torch.Tensor) -> Expert:
         stacked = getattr(self.gate, "stacked", None)  # a format whose gate and up can run as one matrix
         return Expert(*(m.bind(buf) for m in self.matrices), stacked(self.up, buf) if stacked else None)
@@ -250,6 +265,10 @@ class SlotUnion:
     def convert_from(self, src_layout: ExpertLayout, src: torch.Tensor, dest: torch.Tensor) -> None:
         raise TypeError(f"a slot for {len(self.layouts)} layer layouts holds them as they are and converts nothing "
                         "into itself")
+
+    def over(self, other: ExpertLayout, tail: int) -> None:
+        """Nothing to lay over: it holds its layouts' bytes as they are."""
+        return None
 
 
 SlotLayout = ExpertLayout | SlotUnion  # what a cache slot is laid out as

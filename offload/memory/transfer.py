@@ -33,6 +33,7 @@ from offload.registry import lookup
 log = logging.getLogger(__name__)
 
 ALIGN = 4096           # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
+OVER_SLACK = 0.125     # a slot read into and finished in place may be this much larger than a converted one
 
 Progress = Callable[[int, int], None]
 
@@ -276,6 +277,7 @@ class Mover(ABC):
         self.slot_layout = slot_layout  # what bytes are converted into when they are not in it already
         self.device = device
         self.direct = reads_into_slot(store, slot_layout, device)
+        self.over = not self.direct and laid_over_read(store, slot_layout, device)  # read in, finish in place
         self.slot_nbytes = slot_nbytes(store, slot_layout, device)
         self.slots = self._allocate(num_slots)
 
@@ -299,6 +301,10 @@ class Mover(ABC):
             if src.data_ptr() != dest.data_ptr():
                 self._copy(dest[: layout.nbytes], src[: layout.nbytes])
             return layout, layout.nbytes
+        if self.over and src.data_ptr() == dest.data_ptr():  # read into the slot: derive the rest beside the bytes
+            laid = self.slot_layout.over(layout, self.store.raw_nbytes)
+            laid.convert_from(layout, dest, dest)
+            return laid, layout.nbytes
         self.slot_layout.convert_from(layout, src, dest)
         return self.slot_layout, layout.nbytes
 
@@ -310,13 +316,13 @@ class CpuMover(Mover):
     """Slots in aligned host memory; the disk tier reads straight into a slot when no conversion is needed."""
 
     def _allocate(self, num_slots: int) -> torch.Tensor:
-        needs_staging = self.store.raw_nbytes and not self.direct
+        needs_staging = self.store.raw_nbytes and not (self.direct or self.over)
         self._staging = aligned_empty(self.store.raw_nbytes) if needs_staging else None
         return aligned_empty(num_slots * self.slot_nbytes).view(num_slots, self.slot_nbytes)
 
     def load(self, key: Key, slot: int) -> tuple[ExpertLayout, int]:
         dest = self.slots[slot]
-        src, layout = self.store.fetch(key, dest if self.direct else self._staging)
+        src, layout = self.store.fetch(key, dest if self.direct or self.over else self._staging)
         return self._place(src, layout, dest)
 
     def _copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
@@ -381,9 +387,29 @@ def reads_into_slot(store: ExpertStore, slot_layout: SlotLayout, device: torch.d
             and all(slot_layout.holds(native) for native in store.native_formats))
 
 
+def _laid_over(store: ExpertStore, slot_layout: SlotLayout) -> list[ExpertLayout | None]:
+    return [slot_layout.over(native, store.raw_nbytes) for native in store.native_formats]
+
+
+def laid_over_read(store: ExpertStore, slot_layout: SlotLayout, device: torch.device) -> bool:
+    """Whether a fetch lands in a host slot and is finished there: the slot layout computes from the read bytes
+    where they lie (ExpertLayout.over) and derives only the rest after them, converting no codes. Only where that
+    slot is at most OVER_SLACK larger than a converted one: the read also brings the checkpoint's own scales and
+    4 KiB of alignment at each end, which for small experts would cost more slots than the conversion costs time."""
+    if device.type != "cpu" or not store.raw_nbytes:
+        return False
+    laid = _laid_over(store, slot_layout)
+    return all(x is not None for x in laid) and max(x.nbytes for x in laid) <= (1 + OVER_SLACK) * slot_layout.nbytes
+
+
 def slot_nbytes(store: ExpertStore, slot_layout: SlotLayout, device: torch.device) -> int:
-    """A slot holds the slot layout's bytes, or, where reads land in it directly, the aligned raw read."""
-    return max(slot_layout.nbytes, store.raw_nbytes if reads_into_slot(store, slot_layout, device) else 0)
+    """A slot holds the slot layout's bytes, or, where reads land in it directly, the aligned raw read (and what
+    a layout laid over it derives after it)."""
+    if reads_into_slot(store, slot_layout, device):
+        return max(slot_layout.nbytes, store.raw_nbytes)
+    if laid_over_read(store, slot_layout, device):
+        return max(slot_layout.nbytes, *(laid.nbytes for laid in _laid_over(store, slot_layout)))
+    return slot_layout.nbytes
 
 
 def make_mover(store: ExpertStore, num_slots: int, slot_layout: SlotLayout, device: torch.device) -> Mover:

@@ -148,8 +148,15 @@ class PackedMatrix(StoredMatrix):
                                          self.weight_shape.view(buf), zp, bits=self.bits,
                                          group_size=self.group_size, symmetric=self.symmetric)
 
+    @property
+    def plain_part(self) -> Part:
+        """The packed words as the plain packing's bytes [out, in * bits / 8] (little-endian words: the first code
+        in the low bits), where they lie."""
+        rows, words = self.weight_packed.shape
+        return Part(self.weight_packed.offset, torch.uint8, (rows, words * 4))
+
     def plain(self, buf: torch.Tensor) -> torch.Tensor:
-        return self.weight_packed.view(buf).view(torch.uint8)
+        return self.plain_part.view(buf)
 
     def scales_zeros(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         zp = self.weight_zero_point.view(buf) if self.weight_zero_point is not None else None

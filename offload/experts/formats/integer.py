@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
@@ -64,6 +64,10 @@ def _copy(dst: Part, buf: torch.Tensor, value: torch.Tensor) -> None:
     dst.view(buf).copy_(value.reshape(dst.shape))
 
 
+def _align64(offset: int) -> int:
+    return -(-offset // 64) * 64
+
+
 @dataclass(frozen=True)
 class KernelMatrix:
     """What the CPU kernels compute from (kernels/linear.py IntLinear): the codes as the checkpoint packs them
@@ -89,6 +93,15 @@ class KernelMatrix:
     def bind(self, buf: torch.Tensor) -> Linear:
         return IntLinear(self.codes.view(buf), self.scales.view(buf), self.mins.view(buf), self.activations)
 
+    def over(self, src: Matrix, tail: int) -> KernelMatrix | None:
+        """This matrix computing from ``src``'s codes where they lie, when the checkpoint stores them as the kernel
+        reads them (compressed-tensors' int4 words are plain nibbles); scales and mins go from ``tail`` on."""
+        codes = getattr(src, "plain_part", None)
+        if codes is None or codes.dtype != self.codes.dtype or codes.shape != self.codes.shape:
+            return None  # int8's codes flip sign; GPTQ packs along the inputs
+        scales = self.scales.at(_align64(tail))
+        return replace(self, codes=codes, scales=scales, mins=self.mins.at(_align64(scales.end)))
+
     def convert_from(self, src: Matrix, src_buf: torch.Tensor, buf: torch.Tensor) -> None:
         if isinstance(src, KernelMatrix):
             for have, want in zip(src.parts, self.parts, strict=True):
@@ -104,7 +117,7 @@ class KernelMatrix:
         if codes.dtype == torch.int8:  # int8: signed codes, so the zero point moves by 128 too
             np.bitwise_xor(plain.contiguous().numpy(), np.uint8(0x80), out=codes.view(torch.uint8).numpy())
             zeros = zeros - 128
-        else:
+        elif codes.data_ptr() != plain.data_ptr():  # laid over the read codes (``over``): nothing to copy
             codes.copy_(plain)
         _copy(self.scales, buf, scales)
         torch.mul(scales, zeros, out=self.mins.view(buf))

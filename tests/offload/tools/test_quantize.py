@@ -216,3 +216,33 @@ def test_each_expert_is_one_byte_range_and_a_disk_miss_one_read(source, tmp_path
     model.generate(torch.tensor([[5, 17, 33, 60, 8]]), max_new_tokens=4)
     misses = model.stats.total.misses
     assert misses > 4 and model.cache.store.reader.requests == misses  # one read request (preadv) per miss
+
+
+def test_an_int4_disk_miss_is_read_into_its_slot_and_only_the_scales_are_derived(tmp_path):
+    """Experts large enough that the read's own scales and 4 KiB alignment cost under OVER_SLACK: the slot computes
+    from the codes where the read put them (no staging buffer, no code copied), and every budget and tier gives the
+    tokens of the RAM tier, whose slots hold converted copies."""
+    import transformers
+
+    from offload.memory.transfer import OVER_SLACK
+
+    src = tmp_path / "src"
+    config = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=512,
+                                         num_experts=4, num_experts_per_tok=2, initializer_range=0.2,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=0, norm_topk_prob=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(src)
+    quantize_checkpoint(src, tmp_path / "q", parse_scheme("int4-g128-asym"))
+    ids = torch.tensor([[5, 17, 33, 60, 8, 41]])
+    ram = offload.from_pretrained(tmp_path / "q", device="cpu", expert_budget="100%", offload_to="ram")
+    assert not ram.cache.mover.over  # the RAM tier holds converted experts: a miss is one copy
+    reference = ram.generate(ids, max_new_tokens=NEW_TOKENS)
+    converted = ram.cache.mover.slot_layout.nbytes
+    for budget in ("100%", 2):
+        disk = offload.from_pretrained(tmp_path / "q", device="cpu", expert_budget=budget, offload_to="disk")
+        mover = disk.cache.mover
+        assert mover.over and not mover.direct and mover._staging is None
+        assert converted < disk.cache.slot_nbytes <= (1 + OVER_SLACK) * converted
+        assert torch.equal(disk.generate(ids, max_new_tokens=NEW_TOKENS), reference)
+        assert disk.stats.total.misses > 0 and mover.store.reader.requests == disk.stats.total.misses
