@@ -4,8 +4,9 @@ Both store int4 / int8 codes with per-group scales (and zero points) and unpack 
 cache slot holds is the same for both: on the CPU, the codes exactly as packed (plain nibbles for int4) beside
 float32 scales and mins, which offload's kernels compute from (kernels/rows.py), else a portable layout that
 dequantizes per matmul. A miss copies the codes (int8: a sign flip) and converts only the per-group scales and
-zero points; the RAM tier holds experts already converted, so its misses are one memcpy. Nothing in the layout
-depends on the CPU.
+zero points; a disk miss of compressed-tensors int4 reads the codes straight into the slot, where the kernels use
+them (KernelMatrix.over), and derives only the scales beside them. The RAM tier holds experts already converted,
+so its misses are one memcpy. Nothing in the layout depends on the CPU.
 """
 
 from __future__ import annotations
