@@ -267,3 +267,18 @@ def write_fp8(src: Path, out: Path, block: tuple[int, int] = (16, 16), targets=F
     _write(out, tensors, {"quant_method": "fp8", "fmt": fmt, "activation_scheme": "dynamic",
                           "weight_block_size": list(block)})
     return dequantized
+
+
+def tiny_qwen3_moe(out: Path, hidden: int = 64, intermediate: int = 64) -> Path:
+    """A float32 Qwen3-MoE of 2 layers x 4 experts (top-2) saved by transformers at ``out``: ``hidden`` x
+    ``intermediate`` experts (64 x 64 takes int4 groups of 32), seeded."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=2 * hidden,
+                                         moe_intermediate_size=intermediate, num_experts=4, num_experts_per_tok=2,
+                                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                         norm_topk_prob=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(out)
+    return out

@@ -22,7 +22,7 @@ from offload.errors import ConfigError
 from offload.experts.quant import parse_scheme
 from offload.tools.quantize import quantize_checkpoint
 from tests.offload.model.test_forward import _min_gap, _prompts
-from tests.quant_checkpoints import write_dequantized
+from tests.quant_checkpoints import tiny_qwen3_moe, write_dequantized
 from tests.reference import ref_compressed_tensors_dequantize
 
 NEW_TOKENS = 8
@@ -31,15 +31,7 @@ NEW_TOKENS = 8
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A tiny float Qwen3-MoE whose expert matrices take int4 groups of 32 (64 x 64)."""
-    import transformers
-
-    out = tmp_path_factory.mktemp("src") / "model"
-    config = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=64,
-                                         num_experts=4, num_experts_per_tok=2, initializer_range=0.2,
-                                         bos_token_id=1, eos_token_id=2, pad_token_id=0, norm_topk_prob=True)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(out)
+    out = tiny_qwen3_moe(tmp_path_factory.mktemp("src") / "model")
     (out / "notes.txt").write_text("copied as is")
     return out
 
@@ -222,17 +214,9 @@ def test_an_int4_disk_miss_is_read_into_its_slot_and_only_the_scales_are_derived
     """Experts large enough that the read's own scales and 4 KiB alignment cost under OVER_SLACK: the slot computes
     from the codes where the read put them (no staging buffer, no code copied), and every budget and tier gives the
     tokens of the RAM tier, whose slots hold converted copies."""
-    import transformers
-
     from offload.memory.transfer import OVER_SLACK
 
-    src = tmp_path / "src"
-    config = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=512,
-                                         num_experts=4, num_experts_per_tok=2, initializer_range=0.2,
-                                         bos_token_id=1, eos_token_id=2, pad_token_id=0, norm_topk_prob=True)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(src)
+    src = tiny_qwen3_moe(tmp_path / "src", hidden=256, intermediate=512)
     quantize_checkpoint(src, tmp_path / "q", parse_scheme("int4-g128-asym"))
     ids = torch.tensor([[5, 17, 33, 60, 8, 41]])
     ram = offload.from_pretrained(tmp_path / "q", device="cpu", expert_budget="100%", offload_to="ram")

@@ -24,7 +24,7 @@ from offload.errors import BudgetError, CheckpointError, UnsupportedModelError
 from offload.experts.formats.integer import DequantMatrix, KernelMatrix
 from tests import reference
 from tests.offload.model.test_forward import _min_gap, _prompts
-from tests.quant_checkpoints import write_compressed_tensors, write_dequantized, write_gptq
+from tests.quant_checkpoints import tiny_qwen3_moe, write_compressed_tensors, write_dequantized, write_gptq
 
 NEW_TOKENS = 8
 FORMATS = {"gptq": write_gptq, "compressed-tensors": write_compressed_tensors}
@@ -83,16 +83,7 @@ def test_tokens_and_logits_equal_transformers_on_the_dequantized_weights(quantiz
 @pytest.fixture(scope="module")
 def kernel_sized(tmp_path_factory):
     """A tiny Qwen3-MoE whose expert matrices meet torch's CPU kernels' constraints (64 x 64, groups of 32)."""
-    import transformers
-
-    out = tmp_path_factory.mktemp("kernel-sized")
-    config = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=64,
-                                         num_experts=4, num_experts_per_tok=2, initializer_range=0.2,
-                                         bos_token_id=1, eos_token_id=2, pad_token_id=0, norm_topk_prob=True)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(out)
-    return out
+    return tiny_qwen3_moe(tmp_path_factory.mktemp("kernel-sized"))
 
 
 # int8 activations: up to 1/254 relative per input, ~1% of the output's scale at most here; int16: 256x finer
